@@ -1,0 +1,64 @@
+// Fused elementwise steps of the stack recurrences on the CPU, one pass each, parallel over rows m.
+// Shapes: per-sample tensors [M, w]; R-quantities [M, K, w] (contiguous).
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include "stack.h"
+
+namespace hessext {
+
+struct CpuElementwise {
+  // z -> a = tanh(z) in place (ATen's vectorised tanh); d = 1 - a^2.
+  static void tanh_forward(at::Tensor& z, at::Tensor& d) {
+    z.tanh_();
+    const int64_t n = z.numel();
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tanh_forward_cpu", [&] {
+      const scalar_t* pa = z.data_ptr<scalar_t>();
+      scalar_t* pd = d.data_ptr<scalar_t>();
+      at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) pd[j] = scalar_t(1) - pa[j] * pa[j];
+      });
+    });
+  }
+
+  // Rz -> Ra = d * Rz in place, d broadcast over k.
+  static void r_forward_tanh(at::Tensor Rz, const at::Tensor& d) {
+    const int64_t M = Rz.size(0), K = Rz.size(1), w = Rz.size(2);
+    AT_DISPATCH_FLOATING_TYPES(Rz.scalar_type(), "r_forward_tanh_cpu", [&] {
+      scalar_t* r = Rz.data_ptr<scalar_t>();
+      const scalar_t* pd = d.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            scalar_t* row = r + (m * K + k) * w;
+            for (int64_t j = 0; j < w; ++j) row[j] *= pd[m * w + j];
+          }
+      });
+    });
+  }
+
+  // Re -> Rdelta = d * Re - 2 a e Ra in place (the tanh residual term), d, a, e broadcast over k.
+  static void r_backward_tanh(at::Tensor Re, const at::Tensor& d, const at::Tensor& a, const at::Tensor& e,
+                              const at::Tensor& Ra) {
+    const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
+    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_backward_tanh_cpu", [&] {
+      scalar_t* r = Re.data_ptr<scalar_t>();
+      const scalar_t *pd = d.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(),
+                     *pra = Ra.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            scalar_t* row = r + (m * K + k) * w;
+            const scalar_t* rarow = pra + (m * K + k) * w;
+            for (int64_t j = 0; j < w; ++j) {
+              const int64_t mj = m * w + j;
+              row[j] = pd[mj] * row[j] - scalar_t(2) * pa[mj] * pe[mj] * rarow[j];
+            }
+          }
+      });
+    });
+  }
+};
+
+}  // namespace hessext

@@ -1,0 +1,87 @@
+// CPU kernels of hessext::hvp. Narrow stacks: one batched forward pass (ATen GEMMs, vectorised
+// tanh), then the fused per-sample recurrence of fused.h with the K vectors innermost, samples
+// split over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM
+// recurrence of hvp.h with the CPU elementwise steps.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/elementwise_cpu.h"
+#include "hvp.h"
+
+namespace hessext {
+namespace {
+
+// Threads worth using for `work` multiply-adds: about 256k per thread, at most the pool.
+int64_t threads_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (int64_t(1) << 18)));
+}
+
+template <typename T>
+std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, int64_t K) {
+  const fused::Net<T> net = make_net<T>(s);
+  const SlotLayout layout(s);
+  const Forward f = forward<CpuElementwise>(s);
+  std::vector<at::Tensor> vt;  // each vector slot as [numel, K] (for K = 1 the given layout)
+  for (const auto& v : vectors) vt.push_back(K == 1 ? v.contiguous() : v.reshape({K, -1}).t().contiguous());
+  const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
+  const int64_t nt = threads_for(M * K * P);
+  at::Tensor acc = at::zeros({nt, P * K}, s.x.options());  // slot j at offset[j] * K, as [numel, K]
+  const T* y = s.y.data_ptr<T>();
+  const T* V[fused::kMaxLayers];
+  const T* vb[fused::kMaxLayers];
+  for (int64_t l = 0; l < L; ++l) {
+    V[l] = vt[s.slot_W[l]].data_ptr<T>();
+    vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
+  }
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t U = net.off[net.L + 1];
+    std::vector<T> scratch(4 * U + (U + 2 * net.maxw) * K);
+    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *Ra = e + U, *r0 = Ra + U * K,
+      *r1 = r0 + net.maxw * K;
+    T* HW[fused::kMaxLayers];
+    T* Hb[fused::kMaxLayers];
+    for (int64_t t = t0; t < t1; ++t) {
+      T* out = acc.data_ptr<T>() + t * P * K;
+      for (int64_t l = 0; l < L; ++l) {
+        HW[l] = out + layout.offset[s.slot_W[l]] * K;
+        Hb[l] = s.slot_b[l] >= 0 ? out + layout.offset[s.slot_b[l]] * K : nullptr;
+      }
+      for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
+        for (int64_t l = 0; l <= L; ++l) {
+          const int64_t n = net.n[l];
+          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
+          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
+        }
+        fused::backward(net, a, d, y + m * C, delta, e);
+        if (K == 1)
+          fused::hvp_sample<T, 1>(net, 1, a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+        else
+          fused::hvp_sample<T>(net, static_cast<int>(K), a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+      }
+    }
+  });
+  const at::Tensor total = nt == 1 ? acc[0] : acc.sum(0);
+  const auto shapes = s.slot_shapes({K});
+  std::vector<at::Tensor> result;
+  for (int64_t j = 0; j < s.num_slots; ++j) {
+    const at::Tensor slot = total.narrow(0, layout.offset[j] * K, layout.numel[j] * K);
+    result.push_back(K == 1 ? slot.view(shapes[j]) : slot.view({layout.numel[j], K}).t().reshape(shapes[j]));
+  }
+  return result;
+}
+
+std::vector<at::Tensor> hvp_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+                                const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                                double scale, at::TensorList vectors) {
+  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const int64_t K = s.check_vectors(vectors);
+  if (!PathChoice::fused(s, K)) return hvp<CpuElementwise>(s, vectors);
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
+                                    [&] { return hvp_fused_cpu<scalar_t>(s, vectors, K); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hessext, CPU, m) { m.impl("hvp", &hvp_cpu); }
+
+}  // namespace hessext

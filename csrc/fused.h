@@ -1,0 +1,167 @@
+// Per-sample recurrences for narrow stacks, written once for the CPU loops and the CUDA kernels
+// (host/device functions on raw pointers). Indices as in stack.h: one sample, layer l maps a_l
+// (width n_l) to z_l (width n_{l+1}); W_l row-major [o, i].
+//
+// Per-sample scratch holds one value per unit of every layer, layer l at offset off[l]:
+//   a     activations a_0..a_L (a_L the output), d = phi'(z) where a tanh produced a,
+//   delta dLoss/dz_{l-1} at off[l] (so delta_l, of width n_{l+1}, sits at off[l+1]),
+//   e     dLoss/da_l at off[l].
+// and Ra (R-activations, same layout with K values per unit) and two rows of [max n, K].
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define HX_HD __host__ __device__ __forceinline__
+#else
+#define HX_HD inline
+#endif
+
+namespace hessext {
+namespace fused {
+
+constexpr int kMaxLayers = 16;
+
+template <typename T>
+struct Net {
+  int L;
+  int n[kMaxLayers + 1];    // widths n_0..n_L
+  int off[kMaxLayers + 2];  // scratch offsets, off[L+1] = total units
+  int maxw;
+  const T* W[kMaxLayers];
+  const T* b[kMaxLayers];   // nullptr: no bias
+  bool tanh[kMaxLayers];    // tanh after layer l (never after the last)
+  T scale;
+};
+
+// Forward: z_l = W_l a_l + b_l;  a_{l+1} = tanh(z_l), d_{l+1} = 1 - a_{l+1}^2  (or a_{l+1} = z_l).
+template <typename T>
+HX_HD void forward(const Net<T>& net, const T* x, T* a, T* d) {
+  for (int j = 0; j < net.n[0]; ++j) a[j] = x[j];
+  for (int l = 0; l < net.L; ++l) {
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* in = a + net.off[l];
+    T* out = a + net.off[l + 1];
+    for (int o = 0; o < no; ++o) {
+      const T* w = net.W[l] + o * ni;
+      T acc = net.b[l] ? net.b[l][o] : T(0);
+      for (int i = 0; i < ni; ++i) acc += w[i] * in[i];
+      if (net.tanh[l]) {
+        acc = tanh(acc);
+        d[net.off[l + 1] + o] = T(1) - acc * acc;
+      }
+      out[o] = acc;
+    }
+  }
+}
+
+// Backward through the activations: delta_{L-1} = 2 scale (a_L - y);  e_l = W_l^T delta_l;
+// delta_{l-1} = d_l * e_l (or e_l).
+template <typename T>
+HX_HD void backward(const Net<T>& net, const T* a, const T* d, const T* y, T* delta, T* e) {
+  const int L = net.L;
+  for (int c = 0; c < net.n[L]; ++c) delta[net.off[L] + c] = T(2) * net.scale * (a[net.off[L] + c] - y[c]);
+  for (int l = L - 1; l >= 1; --l) {
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* dl = delta + net.off[l + 1];
+    T* el = e + net.off[l];
+    for (int i = 0; i < ni; ++i) el[i] = T(0);
+    for (int o = 0; o < no; ++o) {
+      const T* w = net.W[l] + o * ni;
+      const T g = dl[o];
+      for (int i = 0; i < ni; ++i) el[i] += g * w[i];
+    }
+    T* dprev = delta + net.off[l];
+    for (int i = 0; i < ni; ++i) dprev[i] = net.tanh[l - 1] ? d[net.off[l] + i] * el[i] : el[i];
+  }
+}
+
+// K vectors (V_l, vb_l) for one sample, accumulated into HW_l and Hb_l (recurrence in hvp.h):
+//   Rz_l = W_l Ra_l + V_l a_l + vb_l;  Ra_{l+1} = d_{l+1} Rz_l;  Rdelta_{L-1} = 2 scale Rz_{L-1}
+//   HW_l += Rdelta_l a_l^T + delta_l Ra_l^T;  Hb_l += Rdelta_l
+//   Re_l = W_l^T Rdelta_l + V_l^T delta_l;  Rdelta_{l-1} = d_l Re_l - 2 a_l e_l Ra_l (tanh)
+// The vector index k is innermost everywhere, so each inner loop runs over K contiguous values:
+// V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Ra: [units, K]; r0, r1: [max n, K].
+// KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
+template <typename T, int KC = 0>
+HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, const T* delta, const T* e,
+                      const T* const* V, const T* const* vb, T* Ra, T* r0, T* r1, T* const* HW, T* const* Hb) {
+  const int L = net.L;
+  const int K = KC > 0 ? KC : K_runtime;
+  for (int l = 0; l < L; ++l) {
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* in = a + net.off[l];
+    const T* rin = Ra + net.off[l] * K;
+    for (int o = 0; o < no; ++o) {
+      T* __restrict__ rz = Ra + (net.off[l + 1] + o) * K;
+      for (int k = 0; k < K; ++k) rz[k] = vb[l] ? vb[l][o * K + k] : T(0);
+      for (int i = 0; i < ni; ++i) {
+        const T* __restrict__ v = V[l] + (o * ni + i) * K;
+        const T ai = in[i];
+        for (int k = 0; k < K; ++k) rz[k] += v[k] * ai;
+        if (l > 0) {
+          const T w = net.W[l][o * ni + i];
+          const T* __restrict__ ri = rin + i * K;
+          for (int k = 0; k < K; ++k) rz[k] += w * ri[k];
+        }
+      }
+      if (net.tanh[l]) {
+        const T dd = d[net.off[l + 1] + o];
+        for (int k = 0; k < K; ++k) rz[k] *= dd;
+      }
+    }
+  }
+  T* rd = r0;
+  T* re = r1;
+  const T two_scale = T(2) * net.scale;
+  for (int j = 0; j < net.n[L] * K; ++j) rd[j] = two_scale * Ra[net.off[L] * K + j];
+  for (int l = L - 1; l >= 0; --l) {
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* in = a + net.off[l];
+    const T* rin = Ra + net.off[l] * K;
+    const T* dl = delta + net.off[l + 1];
+    for (int o = 0; o < no; ++o) {
+      const T* __restrict__ r = rd + o * K;
+      const T g = dl[o];
+      for (int i = 0; i < ni; ++i) {
+        T* __restrict__ hw = HW[l] + (o * ni + i) * K;
+        const T ai = in[i];
+        if (l > 0) {
+          const T* __restrict__ ri = rin + i * K;
+          for (int k = 0; k < K; ++k) hw[k] += r[k] * ai + g * ri[k];
+        } else {
+          for (int k = 0; k < K; ++k) hw[k] += r[k] * ai;
+        }
+      }
+      if (Hb[l]) {
+        T* __restrict__ hb = Hb[l] + o * K;
+        for (int k = 0; k < K; ++k) hb[k] += r[k];
+      }
+    }
+    if (l == 0) break;
+    for (int j = 0; j < ni * K; ++j) re[j] = T(0);
+    for (int o = 0; o < no; ++o) {
+      const T* __restrict__ r = rd + o * K;
+      const T g = dl[o];
+      for (int i = 0; i < ni; ++i) {
+        const T w = net.W[l][o * ni + i];
+        const T* __restrict__ v = V[l] + (o * ni + i) * K;
+        T* __restrict__ ro = re + i * K;
+        for (int k = 0; k < K; ++k) ro[k] += r[k] * w + g * v[k];
+      }
+    }
+    if (net.tanh[l - 1]) {
+      for (int i = 0; i < ni; ++i) {
+        const T dd = d[net.off[l] + i], c = T(2) * in[i] * e[net.off[l] + i];
+        T* __restrict__ ro = re + i * K;
+        const T* __restrict__ ri = rin + i * K;
+        for (int k = 0; k < K; ++k) ro[k] = dd * ro[k] - c * ri[k];
+      }
+    }
+    T* t = rd;
+    rd = re;
+    re = t;
+  }
+}
+
+}  // namespace fused
+}  // namespace hessext

@@ -1,0 +1,52 @@
+// Every hessext op schema, in one place, and the pybind11 module that reports build facts.
+// Kernels register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
+// Common arguments (see stack.h): inputs [M, n_0], targets [M, C], weights W_l [n_{l+1}, n_l],
+// biases b_l [n_{l+1}] or None, activations (0 identity, 1 tanh) after each hidden layer, scale
+// of the MSE sum; parameter lists are in stack order W_0, b_0, W_1, ...
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include "stack.h"
+#ifdef WITH_CUDA
+#include <cuda.h>
+#endif
+
+TORCH_LIBRARY(hessext, m) {
+  m.def(
+      "hvp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float scale, Tensor[] vectors) -> Tensor[]");
+}
+
+namespace {
+bool with_cuda() {
+#ifdef WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hessext native kernels; the ops live in torch.ops.hessext";
+  m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  m.def("cuda_version", &cuda_version, "CUDA_VERSION the extension was built with, -1 without CUDA");
+  m.def(
+      "set_fused_limits",
+      [](int64_t max_width, int64_t max_work) {
+        const auto old = std::make_pair(hessext::PathChoice::max_width(), hessext::PathChoice::max_work());
+        hessext::PathChoice::max_width() = max_width;
+        hessext::PathChoice::max_work() = max_work;
+        return old;
+      },
+      "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
+  m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
+}

@@ -1,0 +1,221 @@
+// The description of a Linear/activation stack with an MSE loss, shared by the CPU and CUDA kernels.
+//
+// Indices: m sample rows (M of them), i layer input, o layer output, k vector (K of them), c output.
+// Layer l = 0..L-1 maps a_l: [M, n_l] to z_l = a_l W_l^T + b_l: [M, n_{l+1}], W_l: [o, i], b_l: [o].
+// Hidden layers are followed by an activation: a_{l+1} = phi_l(z_l), phi = tanh or identity, and
+// d_{l+1} = phi_l'(z_l) (for tanh 1 - a^2). The output is z_{L-1} = a_L: [M, C].
+// Loss: scale * sum_{m,c} (a_L - y)^2 with scale = 1/(M*C) for reduction "mean", 1 for "sum".
+//
+// Parameters travel as one list in "stack order": W_0, b_0 (if present), W_1, b_1, ...
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+#include <vector>
+
+#include "checks.h"
+
+namespace hessext {
+
+enum class Act : int64_t { Identity = 0, Tanh = 1 };
+
+struct Stack {
+  at::Tensor x, y;                      // a_0 = x: [M, n_0], y: [M, C], both contiguous
+  std::vector<at::Tensor> W;            // W[l]: [n_{l+1}, n_l]
+  std::vector<at::Tensor> b;            // b[l]: [n_{l+1}] or undefined
+  std::vector<Act> act;                 // act[l] follows layer l, l < L-1
+  std::vector<int64_t> slot_W, slot_b;  // positions in the stack-order parameter list, -1: no bias
+  double scale;
+  int64_t L, M, num_slots;
+
+  Stack(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+        const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+        double loss_scale)
+      : scale(loss_scale), L(static_cast<int64_t>(weights.size())), M(inputs.size(0)), num_slots(0) {
+    TORCH_CHECK_VALUE(L >= 1, "weights must hold at least one Linear weight");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "biases must have one entry per layer (",
+                      L, "), got ", biases.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(activations.size()) == L - 1,
+                      "activations must have one entry per hidden layer (", L - 1, "), got ",
+                      activations.size());
+    const at::Tensor& W0 = weights[0];
+    CHECK_FLOATING(W0);
+    CHECK_DIM(inputs, 2);
+    CHECK_SAME_DTYPE(inputs, W0);
+    CHECK_SAME_DEVICE(inputs, W0);
+    TORCH_CHECK_VALUE(M > 0, "inputs must hold at least one sample, got shape ", inputs.sizes());
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor& w = weights[l];
+      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == (l == 0 ? inputs.size(1) : weights[l - 1].size(0)),
+                        "weights[", l, "] must be [out, ", (l == 0 ? inputs.size(1) : weights[l - 1].size(0)),
+                        "], got ", w.sizes());
+      TORCH_CHECK_TYPE(w.scalar_type() == W0.scalar_type() && w.device() == W0.device(), "weights[", l,
+                       "] must match weights[0] in dtype and device");
+      W.push_back(w.contiguous());
+      slot_W.push_back(num_slots++);
+      c10::optional<at::Tensor> bl = biases[l];
+      if (bl.has_value() && bl->defined()) {
+        TORCH_CHECK_VALUE(bl->sizes() == at::IntArrayRef({w.size(0)}), "biases[", l, "] must be [",
+                          w.size(0), "], got ", bl->sizes());
+        TORCH_CHECK_TYPE(bl->scalar_type() == W0.scalar_type() && bl->device() == W0.device(), "biases[",
+                         l, "] must match weights[0] in dtype and device");
+        b.push_back(bl->contiguous());
+        slot_b.push_back(num_slots++);
+      } else {
+        b.emplace_back();
+        slot_b.push_back(-1);
+      }
+      if (l < L - 1) {
+        TORCH_CHECK_VALUE(activations[l] == 0 || activations[l] == 1, "activations[", l,
+                          "] must be 0 (identity) or 1 (tanh), got ", activations[l]);
+        act.push_back(static_cast<Act>(activations[l]));
+      }
+    }
+    CHECK_SAME_DTYPE(targets, W0);
+    CHECK_SAME_DEVICE(targets, W0);
+    CHECK_SHAPE(targets, M, W.back().size(0));
+    x = inputs.contiguous();
+    y = targets.contiguous();
+  }
+
+  int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
+  bool tanh_after(int64_t l) const { return l < L - 1 && act[l] == Act::Tanh; }
+
+  // Shapes of the parameter list in stack order, each with `lead` prepended.
+  std::vector<std::vector<int64_t>> slot_shapes(std::vector<int64_t> lead) const {
+    std::vector<std::vector<int64_t>> shapes(num_slots);
+    for (int64_t l = 0; l < L; ++l) {
+      shapes[slot_W[l]] = lead;
+      shapes[slot_W[l]].insert(shapes[slot_W[l]].end(), {W[l].size(0), W[l].size(1)});
+      if (slot_b[l] >= 0) {
+        shapes[slot_b[l]] = lead;
+        shapes[slot_b[l]].push_back(W[l].size(0));
+      }
+    }
+    return shapes;
+  }
+
+  // vectors: the stack-order list, each [K, *param shape], same dtype and device. Returns K.
+  int64_t check_vectors(at::TensorList vectors) const {
+    TORCH_CHECK_VALUE(static_cast<int64_t>(vectors.size()) == num_slots, "vectors must hold ", num_slots,
+                      " tensors (one per parameter), got ", vectors.size());
+    TORCH_CHECK_VALUE(vectors[0].dim() >= 1 && vectors[0].size(0) >= 1,
+                      "vectors[0] must have a leading dimension K >= 1");
+    const int64_t K = vectors[0].size(0);
+    const auto shapes = slot_shapes({K});
+    for (int64_t j = 0; j < num_slots; ++j) {
+      TORCH_CHECK_VALUE(vectors[j].sizes() == at::IntArrayRef(shapes[j]), "vectors[", j, "] must have shape ",
+                        at::IntArrayRef(shapes[j]), ", got ", vectors[j].sizes());
+      TORCH_CHECK_TYPE(vectors[j].scalar_type() == x.scalar_type() && vectors[j].device() == x.device(),
+                       "vectors[", j, "] must match inputs in dtype and device");
+    }
+    return K;
+  }
+};
+
+// Forward pass, computed once and shared by every vector:
+//   z_l = a_l W_l^T + b_l;  a_{l+1} = tanh(z_l), d_{l+1} = 1 - a_{l+1}^2  (or a_{l+1} = z_l).
+struct Forward {
+  std::vector<at::Tensor> a;  // a[0..L], a[L] the network output
+  std::vector<at::Tensor> d;  // d[l] for l where a tanh produced a[l], else undefined
+};
+
+template <class E>
+Forward forward(const Stack& s) {
+  Forward f;
+  f.a.push_back(s.x);
+  f.d.emplace_back();
+  for (int64_t l = 0; l < s.L; ++l) {
+    at::Tensor z = s.b[l].defined() ? at::addmm(s.b[l], f.a[l], s.W[l].t()) : at::mm(f.a[l], s.W[l].t());
+    at::Tensor d;
+    if (s.tanh_after(l)) {
+      d = at::empty_like(z);
+      E::tanh_forward(z, d);
+    }
+    f.a.push_back(z);
+    f.d.push_back(d);
+  }
+  return f;
+}
+
+// Backward pass of the loss through the activations (no parameter gradients):
+//   delta_{L-1} = 2 scale (a_L - y);  e_l = delta_l W_l;  delta_{l-1} = d_l * e_l (or e_l).
+// delta_l = dLoss/dz_l: [M, n_{l+1}];  e_l = dLoss/da_l: [M, n_l] for l >= 1.
+struct Backward {
+  std::vector<at::Tensor> delta, e;
+};
+
+inline Backward backward(const Stack& s, const Forward& f) {
+  Backward g;
+  g.delta.resize(s.L);
+  g.e.resize(s.L);
+  g.delta[s.L - 1] = (f.a[s.L] - s.y).mul_(2.0 * s.scale);
+  for (int64_t l = s.L - 1; l >= 1; --l) {
+    g.e[l] = at::mm(g.delta[l], s.W[l]);
+    g.delta[l - 1] = f.d[l].defined() ? g.e[l] * f.d[l] : g.e[l];
+  }
+  return g;
+}
+
+}  // namespace hessext
+
+#include "fused.h"
+
+namespace hessext {
+
+// Which CPU/CUDA path serves a call: the fused per-sample kernels (fused.h) while the stack is
+// narrow and the work small, else the GEMM recurrences. The limit is adjustable (tests force both).
+struct PathChoice {
+  static int64_t& max_width() {
+    static int64_t w = 64;
+    return w;
+  }
+  static int64_t& max_work() {  // sample x vector x parameter products
+    static int64_t work = int64_t(1) << 22;
+    return work;
+  }
+  static bool fused(const Stack& s, int64_t K) {
+    if (s.L > fused::kMaxLayers) return false;
+    int64_t P = 0, w = 0;
+    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel();
+    return w <= max_width() && s.M * K * P <= max_work();
+  }
+};
+
+template <typename T>
+fused::Net<T> make_net(const Stack& s) {
+  fused::Net<T> net{};
+  net.L = static_cast<int>(s.L);
+  net.scale = static_cast<T>(s.scale);
+  net.off[0] = 0;
+  net.maxw = 0;
+  for (int l = 0; l <= s.L; ++l) {
+    net.n[l] = static_cast<int>(s.width(l));
+    net.off[l + 1] = net.off[l] + net.n[l];
+    net.maxw = std::max(net.maxw, net.n[l]);
+  }
+  for (int l = 0; l < s.L; ++l) {
+    net.W[l] = s.W[l].data_ptr<T>();
+    net.b[l] = s.b[l].defined() ? s.b[l].data_ptr<T>() : nullptr;
+    net.tanh[l] = s.tanh_after(l);
+  }
+  return net;
+}
+
+// Offsets and sizes of the stack-order parameters in one flat buffer of all of them.
+struct SlotLayout {
+  std::vector<int64_t> offset, numel;
+  int64_t total = 0;
+  explicit SlotLayout(const Stack& s) : offset(s.num_slots), numel(s.num_slots) {
+    for (int64_t l = 0; l < s.L; ++l) {
+      numel[s.slot_W[l]] = s.W[l].numel();
+      if (s.slot_b[l] >= 0) numel[s.slot_b[l]] = s.W[l].size(0);
+    }
+    for (int64_t j = 0; j < s.num_slots; ++j) {
+      offset[j] = total;
+      total += numel[j];
+    }
+  }
+};
+
+}  // namespace hessext

@@ -1,0 +1,66 @@
+"""Load the native module: the ahead-of-time build hessext._C, else a JIT build of csrc/ with ninja,
+else None with one warning (every call then takes the torch.func fallback).
+
+Loading is lazy (first native call) and happens once; `status()` says what happened."""
+import os
+import threading
+import warnings
+
+from hessext import _build
+
+_lock = threading.Lock()
+_state = {"tried": False, "module": None, "source": None, "error": None}
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    cuda = _build.want_cuda()
+    if not os.path.isdir(_build.CSRC):
+        raise ImportError(f"the sources are not installed beside the package (looked in {_build.CSRC})")
+    warnings.warn("hessext: hessext._C is not built; compiling csrc/ now (one time, about a minute)")
+    return load(
+        name="hessext_jit",
+        sources=_build.sources(cuda),
+        extra_include_paths=[_build.CSRC],
+        extra_cflags=_build.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
+        extra_cuda_cflags=_build.NVCC_FLAGS + ["-DWITH_CUDA"],
+    )
+
+
+def load():
+    """The native module, or None when neither the prebuilt module nor a JIT build is usable."""
+    if _state["tried"]:
+        return _state["module"]
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        errors = []
+        try:
+            from hessext import _C
+
+            _state.update(module=_C, source="prebuilt (hessext._C)")
+        except ImportError as exc:
+            errors.append(f"hessext._C: {exc}")
+            if os.environ.get("HESSEXT_NO_JIT", "0") != "1":
+                try:
+                    _state.update(module=_jit_build(), source="JIT build of csrc/")
+                except Exception as jit_exc:  # a failed compiler run must not break the fallback
+                    errors.append(f"JIT build: {jit_exc}")
+            else:
+                errors.append("JIT build disabled by HESSEXT_NO_JIT=1")
+        if _state["module"] is None:
+            _state["error"] = "; ".join(errors)
+            warnings.warn(f"hessext: native kernels unavailable, using torch.func ({_state['error']})")
+        _state["tried"] = True
+        return _state["module"]
+
+
+def status():
+    """dict: loaded (bool), source, error, with_cuda, cuda_version, torch_version (of the build)."""
+    module = load()
+    info = {"loaded": module is not None, "source": _state["source"], "error": _state["error"]}
+    if module is not None:
+        info.update(with_cuda=module.with_cuda(), cuda_version=module.cuda_version(),
+                    torch_version=module.torch_version())
+    return info

@@ -1,0 +1,151 @@
+"""Validate the user's arguments and convert between their formats and the kernels' layout.
+
+Every check runs before any kernel and raises a ValueError/TypeError that names the argument
+(`inputs`, `targets`, `params`, `vectors`) and says what was expected."""
+from collections.abc import Mapping
+
+import torch
+
+
+def _describe(t):
+    return f"{tuple(t.shape)} {t.dtype} on {t.device}"
+
+
+def check_params(plan, params):
+    """The parameter tensors (detached) in named_parameters() order: the module's own, or `params`."""
+    own = plan.parameters()
+    if params is None:
+        return [t.detach() for t in own]
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params must be a dict name -> tensor like dict(model.named_parameters()), "
+                        f"got {type(params).__name__}")
+    names = plan.param_names
+    missing = [n for n in names if n not in params]
+    extra = [n for n in params if n not in names]
+    if missing or extra:
+        raise ValueError(f"params must have exactly the model's parameter names {names}; "
+                         f"missing {missing}, unexpected {extra}")
+    tensors = []
+    for name, ref in zip(names, own):
+        t = params[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"params['{name}'] must be a tensor, got {type(t).__name__}")
+        if t.shape != ref.shape:
+            raise ValueError(f"params['{name}'] must have shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+        if t.dtype != ref.dtype or t.device != ref.device:
+            raise TypeError(f"params['{name}'] must be {ref.dtype} on {ref.device} like the model, got {_describe(t)}")
+        tensors.append(t.detach())
+    return tensors
+
+
+def check_batch(inputs, targets, ref, native):
+    """inputs: floating, the parameters' dtype and device, at least one sample; targets: a tensor on
+    the same device (and, for the native MSE, of the same dtype)."""
+    for name, t in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on {ref.device} like the model's parameters, got {t.device}")
+    if not inputs.is_floating_point() or inputs.dtype != ref.dtype:
+        raise TypeError(f"inputs must have dtype {ref.dtype} like the model's parameters, got {inputs.dtype}")
+    if inputs.dim() == 0 or inputs.numel() == 0:
+        raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
+    if native and targets.dtype != ref.dtype:
+        raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters, got {targets.dtype}")
+
+
+def native_batch(plan, inputs, targets):
+    """(x [M, n_0], y [M, C], scale of the squared-error sum) for the native kernels."""
+    try:
+        x = plan.stack.pre(inputs)
+    except RuntimeError as exc:
+        raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input ops: {exc}")
+    n0 = plan.in_features
+    if x.dim() == 0 or x.shape[-1] != n0:
+        raise ValueError(f"inputs must have {n0} features (the in_features of Linear "
+                         f"'{plan.stack.layers[0].name}'), got shape {tuple(inputs.shape)}")
+    out_shape, C = plan.output_shape(tuple(x.shape))
+    if tuple(targets.shape) != out_shape:
+        raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "
+                         f"got {tuple(targets.shape)}")
+    dims = plan.loss.dims
+    if dims is not None and {d % max(len(out_shape), 1) for d in dims} != set(range(len(out_shape))):
+        raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
+                         f"it does not return a scalar")
+    M = x.numel() // n0
+    scale = 1.0 / (M * C) if plan.loss.reduction == "mean" else 1.0
+    return x.detach().reshape(M, n0), targets.detach().reshape(M, C), scale
+
+
+def pack_vectors(vectors, names, params):
+    """The user's vectors as a list (named_parameters() order) of [K, *p.shape] tensors, and a
+    function that puts per-parameter results [K, *p.shape] back in the user's format.
+
+    Accepted: a dict name -> tensor, a list/tuple in named_parameters() order, or a flat tensor [P];
+    each with an optional leading batch dimension K (dict/list entries [K, *shape], flat [K, P])."""
+    ref = params[0]
+    if isinstance(vectors, torch.Tensor):
+        P = sum(p.numel() for p in params)
+        if vectors.dim() not in (1, 2) or vectors.shape[-1] != P or vectors.numel() == 0:
+            raise ValueError(f"vectors as a flat tensor must have shape [{P}] or [K, {P}] "
+                             f"(P = number of parameters), got {tuple(vectors.shape)}")
+        _check_like(vectors, ref, "vectors")
+        batched = vectors.dim() == 2
+        flat = vectors if batched else vectors.unsqueeze(0)
+        K = flat.shape[0]
+        entries = [c.reshape((K,) + p.shape) for c, p in zip(flat.split([p.numel() for p in params], 1), params)]
+
+        def restore(out):
+            result = torch.cat([o.reshape(K, -1) for o in out], 1)
+            return result if batched else result[0]
+
+        return entries, restore
+    if isinstance(vectors, Mapping):
+        missing = [n for n in names if n not in vectors]
+        extra = [n for n in vectors if n not in names]
+        if missing or extra:
+            raise ValueError(f"vectors must have exactly the model's parameter names {names}; "
+                             f"missing {missing}, unexpected {extra}")
+        labels = [f"vectors['{n}']" for n in names]
+        items = [vectors[n] for n in names]
+    elif isinstance(vectors, (list, tuple)):
+        if len(vectors) != len(names):
+            raise ValueError(f"vectors must hold {len(names)} tensors, one per parameter in "
+                             f"named_parameters() order {names}, got {len(vectors)}")
+        labels = [f"vectors[{j}]" for j in range(len(names))]
+        items = list(vectors)
+    else:
+        raise TypeError(f"vectors must be a dict name -> tensor, a list/tuple of tensors or a flat tensor, "
+                        f"got {type(vectors).__name__}")
+    for label, t in zip(labels, items):
+        _check_like(t, ref, label)
+    first, p0 = items[0], params[0]
+    batched = first.shape != p0.shape
+    if batched and (first.dim() != p0.dim() + 1 or first.shape[1:] != p0.shape or first.shape[0] == 0):
+        raise ValueError(f"{labels[0]} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
+                         f"got {tuple(first.shape)}")
+    K = first.shape[0] if batched else 1
+    entries = []
+    for label, t, p in zip(labels, items, params):
+        want = ((K,) if batched else ()) + tuple(p.shape)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{label} must have shape {want} (like {labels[0]}{', batched' if batched else ''}), "
+                             f"got {tuple(t.shape)}")
+        entries.append(t if batched else t.unsqueeze(0))
+
+    def restore(out):
+        out = out if batched else [o[0] for o in out]
+        if isinstance(vectors, Mapping):
+            return dict(zip(names, out))
+        return type(vectors)(out) if isinstance(vectors, tuple) else list(out)
+
+    return entries, restore
+
+
+def _check_like(t, ref, label):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{label} must have dtype {ref.dtype} like the model's parameters, got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{label} must be on {ref.device} like the model's parameters, got {t.device}")

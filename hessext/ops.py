@@ -1,0 +1,29 @@
+"""Thin wrappers over torch.ops.hessext.*, each with its fake (meta) implementation beside it so the
+ops trace under torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h."""
+import torch
+
+from hessext import _native
+
+_registered = False
+
+
+def available():
+    """Whether the native ops are loaded (loading them on first use)."""
+    global _registered
+    if _native.load() is None:
+        return False
+    if not _registered:
+        _register_fakes()
+        _registered = True
+    return True
+
+
+def hvp(inputs, targets, weights, biases, activations, scale, vectors):
+    """[K, *p.shape] per parameter (stack order): K Hessian-vector products."""
+    return torch.ops.hessext.hvp(inputs, targets, weights, biases, activations, scale, vectors)
+
+
+def _register_fakes():
+    @torch.library.register_fake("hessext::hvp")
+    def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+        return [torch.empty_like(v) for v in vectors]

@@ -1,0 +1,36 @@
+"""Build hessext._C with torch.utils.cpp_extension and ninja: a CppExtension on a CPU-only torch, a
+CUDAExtension when torch has CUDA and sees a GPU, or when HESSEXT_FORCE_CUDA=1 (the CUDA sources then
+compile with no GPU present)."""
+import importlib.util
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+_spec = importlib.util.spec_from_file_location(
+    "hessext_build", os.path.join(os.path.dirname(os.path.abspath(__file__)), "hessext", "_build.py")
+)
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
+
+
+def extension():
+    cuda = build.want_cuda()
+    kwargs = dict(include_dirs=[build.CSRC], extra_compile_args={"cxx": build.CXX_FLAGS})
+    if cuda:
+        kwargs["extra_compile_args"]["nvcc"] = build.NVCC_FLAGS
+        return CUDAExtension("hessext._C", build.sources(True), define_macros=[("WITH_CUDA", None)], **kwargs)
+    return CppExtension("hessext._C", build.sources(False), **kwargs)
+
+
+setup(
+    name="hessext",
+    version="0.1.0",
+    description="Fast exact second-order derivatives (HVPs, Hessian diagonals, Hessians) for PyTorch MLPs",
+    packages=find_packages(include=["hessext", "hessext.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch", "numpy"],
+    extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch"]},
+)
