@@ -80,6 +80,9 @@ def _module_kind(module):
 
 def capture_model(model: nn.Module) -> Stack:
     """Trace `model` and describe it as a Linear/Tanh stack; raises Unsupported with the reason."""
+    if type(model) is nn.Linear:  # a lone Linear is traced through its own forward, so say it directly
+        layer = Linear("", "weight", "bias" if model.bias is not None else None)
+        return Stack((layer,), (), lambda t: t, lambda t: t)
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:
@@ -100,7 +103,8 @@ def capture_model(model: nn.Module) -> Stack:
             if node.args[0] is not current:
                 raise Unsupported("the model's output is not the end of a single chain of layers")
             break
-        if not node.args or node.args[0] is not current or len(node.users) > 1:
+        others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if not node.args or node.args[0] is not current or len(current.users) > 1 or others:
             raise Unsupported(f"'{node.name}' is not part of a single chain of layers (branches or skips)")
         kind = _module_kind(modules[node.target]) if node.op == "call_module" else None
         if kind is None and node.op != "call_module":
@@ -121,7 +125,7 @@ def capture_model(model: nn.Module) -> Stack:
             module = modules[node.target]
             if any(layer.name == node.target for layer in layers):
                 raise Unsupported(f"Linear '{node.target}' is used twice (shared weights)")
-            prefix = node.target + "."
+            prefix = node.target + "." if node.target else ""
             layers.append(Linear(node.target, prefix + "weight", prefix + "bias" if module.bias is not None else None))
             pending_act = None
         elif kind == "shape":
@@ -197,8 +201,9 @@ def capture_loss(loss_fn) -> MSE:
         raise not_mse
     out, tgt = inputs
     if len(nodes) == 1 and nodes[0].target is F.mse_loss and nodes[0].args[:2] == (out, tgt):
-        reduction = nodes[0].kwargs.get("reduction", "mean")
-        if reduction not in ("mean", "sum") or len(nodes[0].args) > 2 or set(nodes[0].kwargs) - {"reduction"}:
+        kwargs = {k: v for k, v in nodes[0].kwargs.items() if v is not None}  # fx records the defaults
+        reduction = kwargs.get("reduction", "mean")
+        if reduction not in ("mean", "sum") or len(nodes[0].args) > 2 or set(kwargs) - {"reduction"}:
             raise not_mse
         return MSE(reduction, None)
     if len(nodes) != 3:

@@ -1,0 +1,25 @@
+"""`python -m hessext.info`: what was built (CPU/CUDA, torch and CUDA versions) and whether the
+native path is usable, and why not."""
+import platform
+
+import torch
+
+from hessext import _native
+
+
+def report():
+    lines = [f"hessext on Python {platform.python_version()}, torch {torch.__version__} "
+             f"(CUDA {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()})"]
+    status = _native.status()
+    if status["loaded"]:
+        cuda = f"CUDA {status['cuda_version']}" if status["with_cuda"] else "CPU only"
+        lines.append(f"native kernels: usable, {status['source']}, built against torch {status['torch_version']}, {cuda}")
+        names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("hessext::"))
+        lines.append(f"ops: {', '.join(names)}")
+    else:
+        lines.append(f"native kernels: unavailable, every call uses torch.func ({status['error']})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,66 @@
+"""What the capture recognises as a native stack, and the reasons it gives when it does not."""
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hessext
+from cases import SeedOneModel, seed_one_loss
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2, bias=False)
+
+    def forward(self, x):
+        return self.b(self.a(x.flatten(1)).tanh())
+
+
+class Skip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) + x)
+
+
+@pytest.mark.parametrize("model,loss_fn", [
+    (SeedOneModel(), seed_one_loss),
+    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss()),
+    (nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Linear(3, 2)), F.mse_loss),
+    (Functional(), functools.partial(F.mse_loss, reduction="sum")),
+    (nn.Linear(3, 2), lambda out, tgt: ((tgt - out) ** 2).sum()),
+    (nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.0), nn.Linear(3, 1)), lambda o, t: F.mse_loss(o, t, reduction="sum")),
+], ids=["seed1", "sequential", "flatten-input", "functional-tanh", "lone-linear", "dropout0-lambda"])
+def test_native_models(model, loss_fn):
+    plan = hessext.plan(model, loss_fn)
+    assert plan.backend == "native", plan.reason
+    assert plan.reason is None
+
+
+@pytest.mark.parametrize("model,loss_fn,reason", [
+    (nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), nn.MSELoss(), r"ReLU.*no native kernel"),
+    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss(), r"loss 'CrossEntropyLoss'"),
+    (nn.Sequential(nn.Linear(2, 3), nn.Tanh()), nn.MSELoss(), r"ends in an activation"),
+    (Skip(), nn.MSELoss(), r"single chain"),
+    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss(reduction="none"), r"does not return a scalar"),
+    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), lambda o, t: (o - t).abs().mean(), r"no native kernel \(native: MSE"),
+], ids=["relu", "cross-entropy", "final-tanh", "skip", "reduction-none", "l1"])
+def test_fallback_reasons(model, loss_fn, reason):
+    plan = hessext.plan(model, loss_fn)
+    assert plan.backend == "torch.func"
+    assert plan.reason is not None
+    import re
+    assert re.search(reason, plan.reason), plan.reason
+
+
+def test_plan_is_cached_per_model_and_loss():
+    model, loss = SeedOneModel(), nn.MSELoss()
+    assert hessext.plan(model, loss) is hessext.plan(model, loss)
+    assert hessext.plan(model, nn.MSELoss()) is not hessext.plan(model, loss)
