@@ -30,13 +30,13 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
     if native:
         x, y, scale = native_batch(plan, inputs, targets)
         weights, biases = _stack_args(plan, tensors)
-        with torch.no_grad():
+        with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
             out = ops.hvp(x, y, weights, biases, plan.activations, scale, [vecs[j] for j in plan.stack_order])
         named = [None] * len(out)
         for slot, j in enumerate(plan.stack_order):
             named[j] = out[slot]
     else:
-        params_dict = dict(zip(plan.param_names, tensors))
+        params_dict = {n: t.detach() for n, t in zip(plan.param_names, tensors)}
         result = fallback.hvp(model, loss_fn, inputs, targets, params_dict, dict(zip(plan.param_names, vecs)))
         named = [result[n].detach() for n in plan.param_names]
     return restore(named)

@@ -12,10 +12,10 @@ def _describe(t):
 
 
 def check_params(plan, params):
-    """The parameter tensors (detached) in named_parameters() order: the module's own, or `params`."""
+    """The parameter tensors in named_parameters() order: the module's own, or `params`."""
     own = plan.parameters()
     if params is None:
-        return [t.detach() for t in own]
+        return own
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict name -> tensor like dict(model.named_parameters()), "
                         f"got {type(params).__name__}")
@@ -34,7 +34,7 @@ def check_params(plan, params):
             raise ValueError(f"params['{name}'] must have shape {tuple(ref.shape)}, got {tuple(t.shape)}")
         if t.dtype != ref.dtype or t.device != ref.device:
             raise TypeError(f"params['{name}'] must be {ref.dtype} on {ref.device} like the model, got {_describe(t)}")
-        tensors.append(t.detach())
+        tensors.append(t)
     return tensors
 
 
@@ -74,7 +74,9 @@ def native_batch(plan, inputs, targets):
                          f"it does not return a scalar")
     M = x.numel() // n0
     scale = 1.0 / (M * C) if plan.loss.reduction == "mean" else 1.0
-    return x.detach().reshape(M, n0), targets.detach().reshape(M, C), scale
+    x = x if x.dim() == 2 else x.reshape(M, n0)
+    y = targets if targets.dim() == 2 and targets.shape[1] == C else targets.reshape(M, C)
+    return x, y, scale
 
 
 def pack_vectors(vectors, names, params):

@@ -1,0 +1,94 @@
+"""Shared benchmark helpers: the configurations, medians with torch.utils.benchmark.Timer, the
+environment record, and the JSON + markdown writers for benchmarks/results/."""
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import torch
+import torch.nn as nn
+from torch.utils.benchmark import Timer
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def mlp(widths, act=nn.Tanh):
+    layers = []
+    for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(i, o))
+        if j < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class SeedOne(nn.Module):
+    """Seed 1's Linear(1,16)-Tanh-Linear(16,1) with a squeezed output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.af = nn.Linear(1, 16), nn.Linear(16, 1), nn.Tanh()
+
+    def forward(self, x):
+        return self.fc2(self.af(self.fc1(x))).squeeze(-1)
+
+
+def config(name, dtype=torch.float64, device="cpu", seed=0):
+    """(label, model, inputs, targets) for a named configuration: "a" seed 1 N=100, "b"
+    [2,50,50,50,1] N=1024, "c" [784,256,256,10] N=256, "b4096" [2,50,50,50,1] N=4096,
+    "d" [10,64,64,1] N=256."""
+    torch.manual_seed(seed)
+    table = {
+        "a": ("seed 1 [1,16,1], N=100", SeedOne, 100, 1, (100,)),
+        "b": ("[2,50,50,50,1], N=1024", lambda: mlp([2, 50, 50, 50, 1]), 1024, 2, (1024, 1)),
+        "c": ("[784,256,256,10], N=256", lambda: mlp([784, 256, 256, 10]), 256, 784, (256, 10)),
+        "d": ("[10,64,64,1], N=256", lambda: mlp([10, 64, 64, 1]), 256, 10, (256, 1)),
+    }
+    label, make, n, d, yshape = table[name]
+    model = make().to(dtype=dtype, device=device)
+    x = torch.randn(n, d, dtype=dtype, device=device)
+    y = torch.randn(yshape, dtype=dtype, device=device)
+    return label, model, x, y
+
+
+def median_s(fn, min_run_time=1.0):
+    """Median seconds of fn() (warm-up first; Timer synchronises CUDA)."""
+    fn()
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median
+
+
+def environment():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(RESULTS)).stdout.strip()
+    except OSError:
+        commit = None
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "python": platform.python_version(), "git_commit": commit}
+
+
+def write(name, env, rows, columns, notes=()):
+    """rows: list of dicts; columns: [(key, header, format)]. Writes results/<name>.json and .md."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+        json.dump({"environment": env, "rows": rows}, f, indent=2)
+    lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} threads), torch {env['torch']}, "
+             f"commit {env['git_commit']}. Medians of torch.utils.benchmark.Timer.", ""]
+    lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[k]) if row.get(k) is not None else "n/a"
+                                       for k, _, fmt in columns) + " |")
+    lines += [""] + list(notes)
+    with open(os.path.join(RESULTS, name + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
