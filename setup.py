@@ -31,6 +31,6 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch"]},
+    install_requires=["torch", "numpy", "tqdm"],
+    extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch", "matplotlib"], "examples": ["matplotlib"]},
 )

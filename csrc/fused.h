@@ -82,7 +82,8 @@ HX_HD void backward(const Net<T>& net, const T* a, const T* d, const T* y, T* de
 // The vector index k is innermost everywhere, so each inner loop runs over K contiguous values:
 // V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Ra: [units, K]; r0, r1: [max n, K].
 // KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
-template <typename T, int KC = 0>
+// GGN drops every delta term: the GGN-vector product J^T (2 scale) J v (delta, e unused).
+template <typename T, int KC = 0, bool GGN = false>
 HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, const T* delta, const T* e,
                       const T* const* V, const T* const* vb, T* Ra, T* r0, T* r1, T* const* HW, T* const* Hb) {
   const int L = net.L;
@@ -118,14 +119,14 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
     const int ni = net.n[l], no = net.n[l + 1];
     const T* in = a + net.off[l];
     const T* rin = Ra + net.off[l] * K;
-    const T* dl = delta + net.off[l + 1];
+    const T* dl = GGN ? nullptr : delta + net.off[l + 1];
     for (int o = 0; o < no; ++o) {
       const T* __restrict__ r = rd + o * K;
-      const T g = dl[o];
+      const T g = GGN ? T(0) : dl[o];
       for (int i = 0; i < ni; ++i) {
         T* __restrict__ hw = HW[l] + (o * ni + i) * K;
         const T ai = in[i];
-        if (l > 0) {
+        if (l > 0 && !GGN) {
           const T* __restrict__ ri = rin + i * K;
           for (int k = 0; k < K; ++k) hw[k] += r[k] * ai + g * ri[k];
         } else {
@@ -141,15 +142,25 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
     for (int j = 0; j < ni * K; ++j) re[j] = T(0);
     for (int o = 0; o < no; ++o) {
       const T* __restrict__ r = rd + o * K;
-      const T g = dl[o];
+      const T g = GGN ? T(0) : dl[o];
       for (int i = 0; i < ni; ++i) {
         const T w = net.W[l][o * ni + i];
         const T* __restrict__ v = V[l] + (o * ni + i) * K;
         T* __restrict__ ro = re + i * K;
-        for (int k = 0; k < K; ++k) ro[k] += r[k] * w + g * v[k];
+        if (GGN) {
+          for (int k = 0; k < K; ++k) ro[k] += r[k] * w;
+        } else {
+          for (int k = 0; k < K; ++k) ro[k] += r[k] * w + g * v[k];
+        }
       }
     }
-    if (net.tanh[l - 1]) {
+    if (GGN && net.tanh[l - 1]) {
+      for (int i = 0; i < ni; ++i) {
+        const T dd = d[net.off[l] + i];
+        T* __restrict__ ro = re + i * K;
+        for (int k = 0; k < K; ++k) ro[k] *= dd;
+      }
+    } else if (net.tanh[l - 1]) {
       for (int i = 0; i < ni; ++i) {
         const T dd = d[net.off[l] + i], c = T(2) * in[i] * e[net.off[l] + i];
         T* __restrict__ ro = re + i * K;

@@ -12,9 +12,19 @@
 #endif
 
 TORCH_LIBRARY(hessext, m) {
+  // K Hessian-vector products; vectors[j]: [K, *shape of parameter j]; returns the same shapes.
   m.def(
       "hvp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "float scale, Tensor[] vectors) -> Tensor[]");
+  // K GGN-vector products J^T (2 scale) J v, same layout as hvp.
+  m.def(
+      "ggn_vp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float scale, Tensor[] vectors) -> Tensor[]");
+  // Exact diagonal of the Hessian (ggn=False) or GGN (ggn=True) per parameter, [*shape] or, with
+  // per_sample, [M, *shape] (the diagonal of each sample's term of the loss).
+  m.def(
+      "diag(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float scale, bool ggn, bool per_sample) -> Tensor[]");
 }
 
 namespace {

@@ -12,6 +12,10 @@
 //               Rdelta_{l-1} = d_l * Re_l + phi''(z_{l-1}) Rz_{l-1} e_l
 //                            = d_l * Re_l - 2 a_l e_l Ra_l       (tanh residual term: phi'' = -2 a d)
 //
+// GGN-vector products (ggn = true) are the same recurrence with every term that involves delta
+// dropped: (Gv)_{W_l} = Rdelta_l^T a_l, Re_l = Rdelta_l W_l, Rdelta_{l-1} = d_l * Re_l (the
+// linearised network, J^T (2 scale) J v).
+//
 // Cost for K vectors: the forward and delta pass once, then per layer at most four GEMMs of
 // M x (K n_l) x n_{l+1} (two for the first layer); the elementwise work is one fused pass per
 // R-forward and R-backward step (E::r_forward_tanh, E::r_backward_tanh).
@@ -21,10 +25,10 @@
 namespace hessext {
 
 template <class E>
-std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors) {
+std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
   const int64_t K = s.check_vectors(vectors), M = s.M, L = s.L;
   const Forward f = forward<E>(s);
-  const Backward g = backward(s, f);
+  const Backward g = ggn ? Backward{} : backward(s, f);
 
   std::vector<at::Tensor> V(L), Vb(L);
   for (int64_t l = 0; l < L; ++l) {
@@ -50,13 +54,19 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors) {
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     at::Tensor HW = at::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
-    if (l > 0) HW.add_(at::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
+    if (l > 0 && !ggn) HW.add_(at::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
     out[s.slot_W[l]] = HW;
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0);
     if (l == 0) break;
-    at::Tensor Re = at::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));  // [M, K*i]
-    Re.view({M * K, i}).addmm_(Rdelta.view({M * K, o}), s.W[l]);
-    if (f.d[l].defined()) E::r_backward_tanh(Re.view({M, K, i}), f.d[l], f.a[l], g.e[l], Ra[l]);
+    at::Tensor Re;  // [M, K*i]
+    if (ggn) {
+      Re = at::mm(Rdelta.view({M * K, o}), s.W[l]);
+      if (f.d[l].defined()) E::r_forward_tanh(Re.view({M, K, i}), f.d[l]);
+    } else {
+      Re = at::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
+      Re.view({M * K, i}).addmm_(Rdelta.view({M * K, o}), s.W[l]);
+      if (f.d[l].defined()) E::r_backward_tanh(Re.view({M, K, i}), f.d[l], f.a[l], g.e[l], Ra[l]);
+    }
     Rdelta = Re.view({M, K, i});
   }
   return out;

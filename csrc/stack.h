@@ -141,7 +141,7 @@ Forward forward(const Stack& s) {
 //   delta_{L-1} = 2 scale (a_L - y);  e_l = delta_l W_l;  delta_{l-1} = d_l * e_l (or e_l).
 // delta_l = dLoss/dz_l: [M, n_{l+1}];  e_l = dLoss/da_l: [M, n_l] for l >= 1.
 struct Backward {
-  std::vector<at::Tensor> delta, e;
+  std::vector<at::Tensor> delta, e;  // empty where not needed (GGN quantities)
 };
 
 inline Backward backward(const Stack& s, const Forward& f) {

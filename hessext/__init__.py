@@ -2,8 +2,9 @@
 
 Native C++ kernels serve MLPs of Linear and Tanh layers with an MSE loss; any other model or loss
 goes through torch.func with the same API and the same answers."""
-from hessext.curvature import hvp
+from hessext import optim
+from hessext.curvature import ggn_diag, ggn_vp, hessian_diag, hutchinson_diag, hvp
 from hessext.plan import Plan, plan
 
-__all__ = ["hvp", "plan", "Plan"]
+__all__ = ["hvp", "ggn_vp", "hessian_diag", "ggn_diag", "hutchinson_diag", "plan", "Plan", "optim"]
 __version__ = "0.1.0"

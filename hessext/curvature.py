@@ -13,6 +13,42 @@ def _stack_args(plan, tensors):
     return weights, biases
 
 
+def _from_stack_order(plan, out):
+    """Per-parameter results in stack order -> named_parameters() order."""
+    named = [None] * len(out)
+    for slot, j in enumerate(plan.stack_order):
+        named[j] = out[slot]
+    return named
+
+
+def _prepare(model, loss_fn, inputs, targets, params, backend):
+    plan, native = resolve(model, loss_fn, backend)
+    tensors = check_params(plan, params)
+    check_batch(inputs, targets, tensors[0], native)
+    return plan, native, tensors
+
+
+def _native_call(op, plan, tensors, inputs, targets, *extra):
+    x, y, scale = native_batch(plan, inputs, targets)
+    weights, biases = _stack_args(plan, tensors)
+    with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
+        return _from_stack_order(plan, op(x, y, weights, biases, plan.activations, scale, *extra))
+
+
+def _fallback_params(plan, tensors):
+    return {n: t.detach() for n, t in zip(plan.param_names, tensors)}
+
+
+def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend):
+    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
+    vecs, restore = pack_vectors(vectors, plan.param_names, tensors)
+    if native:
+        return restore(_native_call(native_op, plan, tensors, inputs, targets, [vecs[j] for j in plan.stack_order]))
+    result = fallback_op(model, loss_fn, inputs, targets, _fallback_params(plan, tensors),
+                         dict(zip(plan.param_names, vecs)))
+    return restore([result[n].detach() for n in plan.param_names])
+
+
 def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):
     """Hessian-vector products of `loss_fn(model(inputs), targets)` with respect to the parameters.
 
@@ -23,20 +59,65 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
     backend: "auto" (native when `hessext.plan(model, loss_fn)` allows, else torch.func),
     "native" (error if not possible) or "torch.func".
     Leaves no .grad and no graph behind."""
-    plan, native = resolve(model, loss_fn, backend)
-    tensors = check_params(plan, params)
-    check_batch(inputs, targets, tensors[0], native)
-    vecs, restore = pack_vectors(vectors, plan.param_names, tensors)
+    return _products(ops.hvp, fallback.hvp, model, loss_fn, inputs, targets, vectors, params, backend)
+
+
+def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):
+    """Generalised Gauss-Newton-vector products J^T H_out J v (J: the Jacobian of the model output in
+    the parameters, H_out: the Hessian of the loss in the output). Formats as in `hvp`."""
+    return _products(ops.ggn_vp, fallback.ggn_vp, model, loss_fn, inputs, targets, vectors, params, backend)
+
+
+def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample):
+    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
     if native:
-        x, y, scale = native_batch(plan, inputs, targets)
-        weights, biases = _stack_args(plan, tensors)
-        with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
-            out = ops.hvp(x, y, weights, biases, plan.activations, scale, [vecs[j] for j in plan.stack_order])
-        named = [None] * len(out)
-        for slot, j in enumerate(plan.stack_order):
-            named[j] = out[slot]
-    else:
-        params_dict = {n: t.detach() for n, t in zip(plan.param_names, tensors)}
-        result = fallback.hvp(model, loss_fn, inputs, targets, params_dict, dict(zip(plan.param_names, vecs)))
-        named = [result[n].detach() for n in plan.param_names]
-    return restore(named)
+        return dict(zip(plan.param_names, _native_call(ops.diag, plan, tensors, inputs, targets, ggn, per_sample)))
+    if per_sample:
+        raise ValueError(f"per_sample=True needs the native path (a loss that is a sum over samples); "
+                         f"this model and loss take torch.func: {plan.reason}")
+    p = _fallback_params(plan, tensors)
+    op = fallback.ggn_vp if ggn else fallback.hvp
+    out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v), p,
+                              "GGN diagonal" if ggn else "Hessian diagonal")
+    return {n: t.detach() for n, t in out.items()}
+
+
+def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False):
+    """The exact diagonal of the Hessian of the loss in every parameter, as a dict name -> tensor shaped
+    like the parameter, including tanh's second-derivative (residual) terms; not an estimate.
+    per_sample=True: a leading dimension M (the rows of the batch), the diagonal of each sample's
+    term of the loss (they sum to the full diagonal). Native for Linear/Tanh/MSE stacks; otherwise
+    exact through P torch.func HVPs (refused beyond fallback.MAX_BASIS_PRODUCTS parameters)."""
+    return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample)
+
+
+def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False):
+    """The exact diagonal of the generalised Gauss-Newton matrix J^T H_out J; as `hessian_diag`."""
+    return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample)
+
+
+def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None,
+                    backend="auto", batch=64):
+    """An unbiased estimate of the Hessian diagonal for any model: the mean of v * (H v) over `samples`
+    Rademacher vectors v (entries +1 or -1 with probability 1/2), drawn from `generator` (a CPU
+    torch.Generator, for reproducibility) and applied `batch` at a time. Dict name -> tensor."""
+    if not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    plan, _, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
+    ref = tensors[0]
+    P = sum(t.numel() for t in tensors)
+    total = torch.zeros(P, dtype=ref.dtype, device=ref.device)
+    for start in range(0, samples, batch):
+        k = min(batch, samples - start)
+        v = rademacher((k, P), generator).to(dtype=ref.dtype, device=ref.device)
+        total += (v * hvp(model, loss_fn, inputs, targets, v, params=params, backend=backend)).sum(0)
+    total /= samples
+    sizes = [t.numel() for t in tensors]
+    return {n: c.reshape(t.shape) for n, c, t in zip(plan.param_names, total.split(sizes), tensors)}
+
+
+def rademacher(shape, generator=None):
+    """A float tensor of independent +1/-1 entries, each with probability 1/2."""
+    return torch.randint(0, 2, shape, generator=generator).mul_(2).sub_(1).to(torch.get_default_dtype())

@@ -23,7 +23,31 @@ def hvp(inputs, targets, weights, biases, activations, scale, vectors):
     return torch.ops.hessext.hvp(inputs, targets, weights, biases, activations, scale, vectors)
 
 
+def ggn_vp(inputs, targets, weights, biases, activations, scale, vectors):
+    """[K, *p.shape] per parameter (stack order): K GGN-vector products."""
+    return torch.ops.hessext.ggn_vp(inputs, targets, weights, biases, activations, scale, vectors)
+
+
+def diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
+    """Per parameter (stack order) the exact Hessian/GGN diagonal, [*p.shape] or [M, *p.shape]."""
+    return torch.ops.hessext.diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample)
+
+
 def _register_fakes():
     @torch.library.register_fake("hessext::hvp")
     def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
         return [torch.empty_like(v) for v in vectors]
+
+    @torch.library.register_fake("hessext::ggn_vp")
+    def _ggn_vp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+        return [torch.empty_like(v) for v in vectors]
+
+    @torch.library.register_fake("hessext::diag")
+    def _diag_fake(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
+        lead = (inputs.shape[0],) if per_sample else ()
+        shapes = []
+        for w, b in zip(weights, biases):
+            shapes.append(lead + tuple(w.shape))
+            if b is not None:
+                shapes.append(lead + tuple(b.shape))
+        return [inputs.new_empty(shape) for shape in shapes]

@@ -93,3 +93,47 @@ def assert_close(actual, expected, rtol, what=""):
         raise AssertionError(f"{what}: max error {worst:.3e} at {where} (actual {actual[where].item():.6e}, "
                              f"expected {expected[where].item():.6e}), allowed {rtol:.1e} x {scale:.3e}")
 
+
+
+def flat_params(model):
+    """({name: detached float64 tensor}, names, sizes) of a model."""
+    params = {k: p.detach().double() for k, p in model.named_parameters()}
+    return params, list(params), [p.numel() for p in params.values()]
+
+
+def reference_hessian(model, loss_fn, x, y):
+    """The dense float64 Hessian [P, P] by torch.func, in named_parameters() order."""
+    import copy
+
+    from hessext import fallback
+
+    m64 = copy.deepcopy(model).double()
+    params, names, sizes = flat_params(m64)
+    P = sum(sizes)
+    eye = torch.eye(P, dtype=torch.float64)
+    basis = dict(zip(names, [c.reshape((P,) + params[n].shape) for c, n in zip(eye.split(sizes, 1), names)]))
+    x64 = x.double() if x.is_floating_point() else x
+    y64 = y.double() if y.is_floating_point() else y
+    out = fallback.hvp(m64, loss_fn, x64, y64, params, basis)
+    return torch.cat([out[n].reshape(P, -1) for n in names], 1)
+
+
+def reference_ggn(model, loss_fn, x, y):
+    """The dense float64 GGN J^T H_out J [P, P] by torch.func (J by jacrev, H_out by hessian)."""
+    import copy
+
+    from torch.func import functional_call, hessian, jacrev
+
+    m64 = copy.deepcopy(model).double()
+    params, names, sizes = flat_params(m64)
+    x64 = x.double() if x.is_floating_point() else x
+    y64 = y.double() if y.is_floating_point() else y
+    out = functional_call(m64, params, (x64,))
+    J = jacrev(lambda p: functional_call(m64, p, (x64,)))(params)
+    J = torch.cat([J[n].reshape(out.numel(), -1) for n in names], 1)
+    H_out = hessian(lambda o: loss_fn(o, y64))(out.detach()).reshape(out.numel(), out.numel())
+    return J.T @ H_out @ J
+
+
+def as_dict_flat(result, names):
+    return torch.cat([result[n].double().reshape(-1) for n in names])

@@ -1,4 +1,4 @@
-// CPU kernels of hessext::hvp. Narrow stacks: one batched forward pass (ATen GEMMs, vectorised
+// CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms). Narrow stacks: one batched forward pass (ATen GEMMs, vectorised
 // tanh), then the fused per-sample recurrence of fused.h with the K vectors innermost, samples
 // split over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM
 // recurrence of hvp.h with the CPU elementwise steps.
@@ -16,7 +16,7 @@ int64_t threads_for(int64_t work) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (int64_t(1) << 18)));
 }
 
-template <typename T>
+template <typename T, bool GGN>
 std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, int64_t K) {
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
@@ -52,11 +52,11 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
           std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
           if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
         }
-        fused::backward(net, a, d, y + m * C, delta, e);
+        if (!GGN) fused::backward(net, a, d, y + m * C, delta, e);
         if (K == 1)
-          fused::hvp_sample<T, 1>(net, 1, a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+          fused::hvp_sample<T, 1, GGN>(net, 1, a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
         else
-          fused::hvp_sample<T>(net, static_cast<int>(K), a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+          fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
       }
     }
   });
@@ -70,18 +70,22 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
   return result;
 }
 
-std::vector<at::Tensor> hvp_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                double scale, at::TensorList vectors) {
+template <bool GGN>
+std::vector<at::Tensor> products_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+                                     const c10::List<c10::optional<at::Tensor>>& biases,
+                                     at::IntArrayRef activations, double scale, at::TensorList vectors) {
   const Stack s(inputs, targets, weights, biases, activations, scale);
   const int64_t K = s.check_vectors(vectors);
-  if (!PathChoice::fused(s, K)) return hvp<CpuElementwise>(s, vectors);
+  if (!PathChoice::fused(s, K)) return hvp<CpuElementwise>(s, vectors, GGN);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
-                                    [&] { return hvp_fused_cpu<scalar_t>(s, vectors, K); });
+                                    [&] { return hvp_fused_cpu<scalar_t, GGN>(s, vectors, K); });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hessext, CPU, m) { m.impl("hvp", &hvp_cpu); }
+TORCH_LIBRARY_IMPL(hessext, CPU, m) {
+  m.impl("hvp", &products_cpu<false>);
+  m.impl("ggn_vp", &products_cpu<true>);
+}
 
 }  // namespace hessext

@@ -1,0 +1,72 @@
+// Exact diagonals of the Hessian (or of the GGN) of an MSE loss through a Linear/tanh stack, by
+// back-propagating each sample's pre-activation Hessian G_l = d^2 loss_m / dz_l^2 in factored form.
+// Indices as in stack.h; per sample m:
+//
+//   G_{L-1} = 2 scale I_C
+//   G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}),   D_l = diag(d_l),
+//   R_{l-1} = phi''(z_{l-1}) e_l = -2 a_l d_l e_l        (tanh's residual term; 0 for the GGN)
+//   diag(H)_{W_l}[o, i] = sum_m G_l[m, o, o] a_l[m, i]^2,  diag(H)_{b_l}[o] = sum_m G_l[m, o, o]
+//
+// G_l is kept as F sigma F^T + diag(R_l): F [n_{l+1}, M, Q] dense signed factor columns (sigma = +-1
+// per sample and column), R_l the pending diagonal. One step down:
+//   dense part   F <- d_l * (W_l^T F)                            one GEMM n_l x n_{l+1} x (M Q)
+//   diag(G_{l-1}) = sum_q sigma F^2 + d_l^2 (R_l @ W_l^.2) + R_{l-1}  (W^.2 elementwise square;
+//                                                                    one GEMM M x n_{l+1} x n_l)
+//   R_l turns into factor columns d_l[m,i] W_l[o,i] sqrt|R_l[m,o]| with signs sign(R_l) only when G
+//   must travel further down (l-1 > 0); they are built elementwise, never by a GEMM.
+// Cost: per layer one GEMM of n_l x n_{l+1} x M Q_l, Q_l = C + sum of the widths of the tanh
+// layers above l that feed a further step; plus O(M n_l n_{l+1}) elementwise and small GEMMs.
+#pragma once
+#include <cmath>
+
+#include "stack.h"
+
+namespace hessext {
+
+template <class E>
+std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
+  const int64_t M = s.M, L = s.L, C = s.width(L);
+  const Forward f = forward<E>(s);
+  const Backward g = ggn ? Backward{} : backward(s, f);
+  const auto opts = s.x.options();
+
+  // G_{L-1} = 2 scale I_C: factor sqrt(2 scale) I_C for every sample, no pending diagonal.
+  at::Tensor F = (at::eye(C, opts) * std::sqrt(2.0 * s.scale)).unsqueeze(1).expand({C, M, C});
+  at::Tensor sigma;  // [M, Q] or undefined (all +1)
+  at::Tensor R;      // pending diagonal [M, n_{l+1}] or undefined
+  at::Tensor dG = at::full({M, C}, 2.0 * s.scale, opts);  // diag(G_l): [M, n_{l+1}]
+
+  std::vector<at::Tensor> out(s.num_slots);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const at::Tensor a2 = f.a[l].square();  // [M, n_l]
+    out[s.slot_W[l]] = per_sample ? dG.unsqueeze(2) * a2.unsqueeze(1) : at::mm(dG.t(), a2);
+    if (s.slot_b[l] >= 0) out[s.slot_b[l]] = per_sample ? dG : dG.sum(0);
+    if (l == 0) break;
+
+    const int64_t i = s.width(l), o = s.width(l + 1), Q = F.size(2);
+    const at::Tensor& d = f.d[l];  // [M, i] or undefined (identity)
+    at::Tensor Fn = at::mm(s.W[l].t(), F.reshape({o, M * Q})).view({i, M, Q});
+    if (d.defined()) Fn.mul_(d.t().unsqueeze(2));
+    at::Tensor F2 = Fn.square();
+    if (sigma.defined()) F2.mul_(sigma.unsqueeze(0));
+    at::Tensor dGn = F2.sum(2).t().contiguous();  // [M, i]
+    if (R.defined()) {
+      at::Tensor through = at::mm(R, s.W[l].square());  // [M, i]: sum_o R[m,o] W[o,i]^2
+      dGn.add_(d.defined() ? through.mul_(d.square()) : through);
+      if (l - 1 > 0) {  // G_{l-1} travels further: R_l becomes dense factor columns
+        at::Tensor Fr = s.W[l].t().unsqueeze(1) * R.abs().sqrt().unsqueeze(0);  // [i, M, o]
+        if (d.defined()) Fr.mul_(d.t().unsqueeze(2));
+        at::Tensor sig_old = sigma.defined() ? sigma : at::ones({M, Q}, opts);
+        sigma = at::cat({sig_old, R.sign()}, 1);
+        Fn = at::cat({Fn, Fr}, 2);
+      }
+    }
+    R = (!ggn && d.defined()) ? (f.a[l] * d * g.e[l]).mul_(-2.0) : at::Tensor();
+    if (R.defined()) dGn.add_(R);
+    F = Fn;
+    dG = dGn;
+  }
+  return out;
+}
+
+}  // namespace hessext

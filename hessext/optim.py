@@ -1,0 +1,114 @@
+"""Optimizers preconditioned by the Hessian diagonal, following torch.optim.Optimizer conventions
+(param groups, state_dict, step). Each is bound to a model and loss: `step(inputs, targets)`
+computes the loss, its gradient (autograd) and the diagonal (hessext), updates, and returns the loss.
+
+The diagonal comes from `estimator`: "exact" (hessext.hessian_diag: native where the model allows),
+"ggn" (hessext.ggn_diag, positive semi-definite) or "hutchinson" (hessext.hutchinson_diag with
+`samples` Rademacher vectors from `generator`)."""
+import torch
+
+from hessext import curvature
+
+ESTIMATORS = ("exact", "ggn", "hutchinson")
+
+
+class _DiagonalOptimizer(torch.optim.Optimizer):
+    def __init__(self, model, loss_fn, params, defaults, estimator, samples, generator):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.model, self.loss_fn = model, loss_fn
+        self.estimator, self.samples, self.generator = estimator, samples, generator
+        self._names = {p: name for name, p in model.named_parameters()}
+        unknown = [p for g in self.param_groups for p in g["params"] if p not in self._names]
+        if unknown:
+            raise ValueError(f"params must be parameters of the model; {len(unknown)} are not")
+
+    def _loss_and_grad(self, inputs, targets):
+        params = [p for g in self.param_groups for p in g["params"]]
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(inputs), targets)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
+
+    def _diagonal(self, inputs, targets):
+        if self.estimator == "hutchinson":
+            d = curvature.hutchinson_diag(self.model, self.loss_fn, inputs, targets, samples=self.samples,
+                                          generator=self.generator)
+        elif self.estimator == "ggn":
+            d = curvature.ggn_diag(self.model, self.loss_fn, inputs, targets)
+        else:
+            d = curvature.hessian_diag(self.model, self.loss_fn, inputs, targets)
+        return {p: d[name] for p, name in self._names.items()}
+
+
+class AdaHessian(_DiagonalOptimizer):
+    """AdaHessian (Yao et al., 2021) on the Hessian diagonal D:
+        m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) D^2,
+        p <- p - lr (m / (1 - b1^t)) / ((v / (1 - b2^t))^(k/2) + eps) - lr wd p   (k = hessian_power)."""
+
+    def __init__(self, model, loss_fn, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                 hessian_power=1.0, estimator="exact", samples=1, generator=None, params=None):
+        if not 0.0 < hessian_power <= 1.0:
+            raise ValueError(f"hessian_power must be in (0, 1], got {hessian_power}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
+        super().__init__(model, loss_fn, params, defaults, estimator, samples, generator)
+
+    @torch.no_grad()
+    def step(self, inputs, targets):
+        loss, grads = self._loss_and_grad(inputs, targets)
+        diag = self._diagonal(inputs, targets)
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
+                state["exp_hessian_diag_sq"].mul_(b2).addcmul_(diag[p], diag[p], value=1 - b2)
+                denom = (state["exp_hessian_diag_sq"] / (1 - b2 ** t)).pow_(group["hessian_power"] / 2).add_(group["eps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+        return loss
+
+
+class Sophia(_DiagonalOptimizer):
+    """Sophia (Liu et al., 2023), clipped and diagonal-preconditioned:
+        m = b1 m + (1 - b1) g;  every `update_every` steps (first step included) h = b2 h + (1 - b2) D;
+        p <- p - lr wd p;  p <- p - lr clip(m / max(rho h, eps), -1, 1)."""
+
+    def __init__(self, model, loss_fn, *, lr=1e-2, betas=(0.965, 0.99), rho=0.04, eps=1e-12, weight_decay=0.0,
+                 update_every=10, estimator="hutchinson", samples=1, generator=None, params=None):
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, update_every=update_every)
+        super().__init__(model, loss_fn, params, defaults, estimator, samples, generator)
+
+    @torch.no_grad()
+    def step(self, inputs, targets):
+        loss, grads = self._loss_and_grad(inputs, targets)
+        first = next(iter(grads))
+        t = self.state[first]["step"] + 1 if self.state[first] else 1
+        diag = self._diagonal(inputs, targets) if (t - 1) % self.defaults["update_every"] == 0 else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["hessian"] = torch.zeros_like(p)
+                state["step"] += 1
+                state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
+                if diag is not None:
+                    state["hessian"].mul_(b2).add_(diag[p], alpha=1 - b2)
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                ratio = state["exp_avg"] / (group["rho"] * state["hessian"]).clamp_min(group["eps"])
+                p.add_(ratio.clamp_(-1.0, 1.0), alpha=-group["lr"])
+        return loss

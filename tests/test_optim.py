@@ -1,0 +1,89 @@
+"""AdaHessian and Sophia: one step on a quadratic with a known diagonal Hessian, and state_dict."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hessext
+from hessext.optim import AdaHessian, Sophia
+
+
+def quadratic():
+    """Linear(d, 1) + MSE(mean) on X = diag(s): H = 2/N diag(s^2), gradient known in closed form."""
+    d = 5
+    torch.manual_seed(0)
+    model = nn.Linear(d, 1, bias=False).double()
+    s = torch.arange(1.0, d + 1, dtype=torch.float64)
+    x = torch.diag(s)
+    y = torch.randn(d, 1, dtype=torch.float64)
+    w = model.weight.detach().clone()[0]
+    grad = 2.0 / d * (x @ w - y[:, 0]) * s        # d/dw mean((x w - y)^2)
+    hdiag = 2.0 / d * s ** 2
+    return model, x, y, w, grad, hdiag
+
+
+@pytest.mark.parametrize("estimator", ["exact", "ggn", "hutchinson"])
+def test_adahessian_first_step(estimator):
+    model, x, y, w, g, h = quadratic()
+    opt = AdaHessian(model, nn.MSELoss(), lr=0.3, eps=1e-4, estimator=estimator, samples=2,
+                     generator=torch.Generator().manual_seed(0))
+    opt.step(x, y)
+    # bias-corrected: m_hat = g, v_hat = h^2 -> w - lr g / (|h| + eps) (Hutchinson is exact: H is diagonal)
+    expected = w - 0.3 * g / (h.abs() + 1e-4)
+    assert torch.allclose(model.weight.detach()[0], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_sophia_first_steps_clip():
+    model, x, y, w, g, h = quadratic()
+    lr, rho, b1, b2, wd = 0.05, 0.04, 0.965, 0.99, 0.1
+    opt = Sophia(model, nn.MSELoss(), lr=lr, rho=rho, betas=(b1, b2), weight_decay=wd, estimator="exact",
+                 update_every=2)
+    opt.step(x, y)
+    m = (1 - b1) * g
+    hh = (1 - b2) * h
+    expected = w * (1 - lr * wd) - lr * (m / torch.clamp(rho * hh, min=1e-12)).clamp(-1, 1)
+    assert torch.allclose(model.weight.detach()[0], expected, rtol=1e-12, atol=1e-14)
+    # second step: no new diagonal (update_every=2), gradient at the new point
+    w1 = expected
+    g1 = 2.0 / 5 * (x @ w1 - y[:, 0]) * torch.arange(1.0, 6, dtype=torch.float64)
+    opt.step(x, y)
+    m = b1 * m + (1 - b1) * g1
+    expected = w1 * (1 - lr * wd) - lr * (m / torch.clamp(rho * hh, min=1e-12)).clamp(-1, 1)
+    assert torch.allclose(model.weight.detach()[0], expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [AdaHessian, Sophia])
+def test_state_dict_round_trip(cls):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    x = torch.linspace(-2, 2, 32, dtype=torch.float64)[:, None]
+    y = torch.sin(2 * x)
+    opt = cls(net, nn.MSELoss(), lr=0.01)
+    for _ in range(3):
+        opt.step(x, y)
+    twin = copy.deepcopy(net)
+    opt2 = cls(twin, nn.MSELoss(), lr=0.5)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["lr"] == 0.01
+    for _ in range(2):
+        opt.step(x, y)
+        opt2.step(x, y)
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_param_groups_and_bad_arguments():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    opt = AdaHessian(net, nn.MSELoss(), params=[{"params": net[0].parameters(), "lr": 0.1},
+                                                {"params": net[2].parameters()}], lr=0.01)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
+    frozen = [p.detach().clone() for p in net[2].parameters()]
+    opt_one = AdaHessian(net, nn.MSELoss(), params=net[0].parameters(), lr=0.1)
+    opt_one.step(torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, net[2].parameters()))
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        AdaHessian(net, nn.MSELoss(), estimator="magic")
+    with pytest.raises(ValueError, match="params must be parameters of the model"):
+        Sophia(net, nn.MSELoss(), params=[nn.Parameter(torch.zeros(2))])
+    assert hessext.optim.ESTIMATORS == ("exact", "ggn", "hutchinson")
