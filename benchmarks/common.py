@@ -22,6 +22,11 @@ def mlp(widths, act=nn.Tanh):
     return nn.Sequential(*layers)
 
 
+def sequential_seed_one():
+    """Seed 1's architecture as an nn.Sequential (for peers that need one), output [N, 1]."""
+    return mlp([1, 16, 1])
+
+
 class SeedOne(nn.Module):
     """Seed 1's Linear(1,16)-Tanh-Linear(16,1) with a squeezed output."""
 

@@ -8,7 +8,7 @@
 //   diag(H)_{W_l}[o, i] = sum_m G_l[m, o, o] a_l[m, i]^2,  diag(H)_{b_l}[o] = sum_m G_l[m, o, o]
 //
 // G_l is kept as F sigma F^T + diag(R_l): F [n_{l+1}, M, Q] dense signed factor columns (sigma = +-1
-// per sample and column), R_l the pending diagonal. One step down:
+// per sample and column, in blocks), R_l the pending diagonal. One step down:
 //   dense part   F <- d_l * (W_l^T F)                            one GEMM n_l x n_{l+1} x (M Q)
 //   diag(G_{l-1}) = sum_q sigma F^2 + d_l^2 (R_l @ W_l^.2) + R_{l-1}  (W^.2 elementwise square;
 //                                                                    one GEMM M x n_{l+1} x n_l)
@@ -23,6 +23,13 @@
 
 namespace hessext {
 
+// G_l's dense factor is kept as blocks (no concatenation): the C-block from the loss (all signs +1)
+// and one block per residual term that had to travel (signs sign(R)).
+struct FactorBlock {
+  at::Tensor F;      // [n_{l+1}, M, Q_b]
+  at::Tensor sigma;  // [M, Q_b] or undefined (all +1)
+};
+
 template <class E>
 std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
   const int64_t M = s.M, L = s.L, C = s.width(L);
@@ -31,9 +38,8 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
   const auto opts = s.x.options();
 
   // G_{L-1} = 2 scale I_C: factor sqrt(2 scale) I_C for every sample, no pending diagonal.
-  at::Tensor F = (at::eye(C, opts) * std::sqrt(2.0 * s.scale)).unsqueeze(1).expand({C, M, C});
-  at::Tensor sigma;  // [M, Q] or undefined (all +1)
-  at::Tensor R;      // pending diagonal [M, n_{l+1}] or undefined
+  std::vector<FactorBlock> blocks{{(at::eye(C, opts) * std::sqrt(2.0 * s.scale)).unsqueeze(1).expand({C, M, C}), {}}};
+  at::Tensor R;                                            // pending diagonal [M, n_{l+1}] or undefined
   at::Tensor dG = at::full({M, C}, 2.0 * s.scale, opts);  // diag(G_l): [M, n_{l+1}]
 
   std::vector<at::Tensor> out(s.num_slots);
@@ -43,27 +49,19 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = per_sample ? dG : dG.sum(0);
     if (l == 0) break;
 
-    const int64_t i = s.width(l), o = s.width(l + 1), Q = F.size(2);
+    const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor& d = f.d[l];  // [M, i] or undefined (identity)
-    at::Tensor Fn = at::mm(s.W[l].t(), F.reshape({o, M * Q})).view({i, M, Q});
-    if (d.defined()) Fn.mul_(d.t().unsqueeze(2));
-    at::Tensor F2 = Fn.square();
-    if (sigma.defined()) F2.mul_(sigma.unsqueeze(0));
-    at::Tensor dGn = F2.sum(2).t().contiguous();  // [M, i]
-    if (R.defined()) {
-      at::Tensor through = at::mm(R, s.W[l].square());  // [M, i]: sum_o R[m,o] W[o,i]^2
-      dGn.add_(d.defined() ? through.mul_(d.square()) : through);
-      if (l - 1 > 0) {  // G_{l-1} travels further: R_l becomes dense factor columns
-        at::Tensor Fr = s.W[l].t().unsqueeze(1) * R.abs().sqrt().unsqueeze(0);  // [i, M, o]
-        if (d.defined()) Fr.mul_(d.t().unsqueeze(2));
-        at::Tensor sig_old = sigma.defined() ? sigma : at::ones({M, Q}, opts);
-        sigma = at::cat({sig_old, R.sign()}, 1);
-        Fn = at::cat({Fn, Fr}, 2);
-      }
+    at::Tensor dGn = R.defined() ? at::mm(R, s.W[l].square()) : at::zeros({M, i}, opts);
+    if (R.defined() && d.defined()) dGn.mul_(d.square());
+    for (auto& b : blocks) {  // F <- d * (W^T F), dG += sum_q sigma F^2, one GEMM and one fused pass
+      const int64_t Q = b.F.size(2);
+      b.F = at::mm(s.W[l].t(), b.F.reshape({o, M * Q})).view({i, M, Q});
+      E::scale_square_sum(b.F, d, b.sigma, dGn);
     }
+    if (R.defined() && l - 1 > 0)  // G_{l-1} travels further: R_l becomes a block of factor columns
+      blocks.push_back({E::residual_factor(s.W[l], R, d), R.sign()});
     R = (!ggn && d.defined()) ? (f.a[l] * d * g.e[l]).mul_(-2.0) : at::Tensor();
     if (R.defined()) dGn.add_(R);
-    F = Fn;
     dG = dGn;
   }
   return out;

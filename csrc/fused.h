@@ -174,5 +174,52 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
   }
 }
 
+// Exact Hessian (or GGN) diagonal for one sample, accumulated into HW_l [o, i] and Hb_l [o]
+// (recurrence in diag.h, with each sample's G_l held whole, [n_{l+1}, n_{l+1}] row-major):
+//   G_{L-1} = 2 scale I;  HW_l += G_l[o, o] a_l[i]^2;  Hb_l += G_l[o, o]
+//   T = G_l W_l;  G_{l-1} = D_l W_l^T T D_l + diag(R_{l-1}),  R_{l-1} = -2 a_l d_l e_l (0 for the GGN)
+// The last step (to G_0) forms only its diagonal. Scratch: G, Gn of max n^2, T of max n^2.
+template <typename T>
+HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, const T* e, T* G, T* Gn, T* Tm,
+                       T* const* HW, T* const* Hb) {
+  const int L = net.L, C = net.n[L];
+  for (int p = 0; p < C * C; ++p) G[p] = T(0);
+  for (int c = 0; c < C; ++c) G[c * C + c] = T(2) * net.scale;
+  for (int l = L - 1; l >= 0; --l) {
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* in = a + net.off[l];
+    for (int o = 0; o < no; ++o) {
+      const T g = G[o * no + o];
+      T* hw = HW[l] + o * ni;
+      for (int i = 0; i < ni; ++i) hw[i] += g * in[i] * in[i];
+      if (Hb[l]) Hb[l][o] += g;
+    }
+    if (l == 0) break;
+    const T* W = net.W[l];
+    for (int o = 0; o < no; ++o)  // Tm = G W: [o, i]
+      for (int i = 0; i < ni; ++i) {
+        T acc = T(0);
+        for (int q = 0; q < no; ++q) acc += G[o * no + q] * W[q * ni + i];
+        Tm[o * ni + i] = acc;
+      }
+    const bool tanh = net.tanh[l - 1];
+    const T* dd = d + net.off[l];
+    const T* el = e + net.off[l];
+    const bool last = (l - 1 == 0);
+    for (int i = 0; i < ni; ++i)
+      for (int j = last ? i : 0; j < (last ? i + 1 : ni); ++j) {
+        T acc = T(0);
+        for (int o = 0; o < no; ++o) acc += W[o * ni + i] * Tm[o * ni + j];
+        if (tanh) acc *= dd[i] * dd[j];
+        if (i == j && tanh && !ggn) acc -= T(2) * in[i] * dd[i] * el[i];
+        Gn[i * ni + j] = acc;
+      }
+    if (last)  // keep only the diagonal, in the row-major positions the next round reads
+      for (int i = 0; i < ni; ++i) G[i * ni + i] = Gn[i * ni + i];
+    else
+      for (int p = 0; p < ni * ni; ++p) G[p] = Gn[p];
+  }
+}
+
 }  // namespace fused
 }  // namespace hessext

@@ -173,6 +173,14 @@ struct PathChoice {
     static int64_t work = int64_t(1) << 22;
     return work;
   }
+  // The fused diagonal holds each sample's whole pre-activation Hessian: cost M * sum n_{l+1}^2 n_l.
+  static bool fused_diag(const Stack& s) {
+    if (s.L > fused::kMaxLayers) return false;
+    int64_t work = 0, w = 0;
+    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    for (int64_t l = 0; l < s.L; ++l) work += s.width(l + 1) * s.width(l + 1) * s.width(l);
+    return w <= max_width() && s.M * work <= max_work();
+  }
   static bool fused(const Stack& s, int64_t K) {
     if (s.L > fused::kMaxLayers) return false;
     int64_t P = 0, w = 0;

@@ -25,18 +25,18 @@ def stack_case(case, dtype=torch.float64, device="cpu", max_width=20):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(10))
-def test_hessian_diag_matches_torch_func(case, dtype, device):
+def test_hessian_diag_matches_torch_func(case, dtype, device, path):
     label, model, x, y, loss_fn = stack_case(case, dtype, device)
     names = [n for n, _ in model.named_parameters()]
     got = hessext.hessian_diag(model, loss_fn, x, y, backend="native")
     assert list(got) == names and all(got[n].shape == p.shape and got[n].dtype == dtype
                                       for n, p in model.named_parameters())
     H = reference_hessian(model.cpu(), loss_fn, x.cpu(), y.cpu())
-    assert_close(as_dict_flat(got, names), torch.diagonal(H), RTOL[dtype], label)
+    assert_close(as_dict_flat(got, names), torch.diagonal(H), RTOL[dtype], f"{label} {path}")
 
 
 @pytest.mark.parametrize("case", range(6))
-def test_per_sample_diagonals(case):
+def test_per_sample_diagonals(case, path):
     label, model, x, y, loss_fn = stack_case(case)
     names = [n for n, _ in model.named_parameters()]
     full = hessext.hessian_diag(model, loss_fn, x, y)
@@ -57,7 +57,7 @@ def test_per_sample_diagonals(case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(8))
-def test_ggn_diag_and_products_match_jt_h_j(case, dtype):
+def test_ggn_diag_and_products_match_jt_h_j(case, dtype, path):
     label, model, x, y, loss_fn = stack_case(case, dtype)
     names = [n for n, _ in model.named_parameters()]
     G = reference_ggn(model, loss_fn, x, y)
@@ -66,14 +66,6 @@ def test_ggn_diag_and_products_match_jt_h_j(case, dtype):
     V = torch.randn(3, G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(case))
     got = hessext.ggn_vp(model, loss_fn, x, y, V.to(dtype), backend="native")
     assert_close(got, V @ G, RTOL[dtype], f"ggn_vp {label}")
-
-
-@pytest.fixture(params=["fused", "gemm"])
-def path(request):
-    native = hessext._native.load()
-    old = native.set_fused_limits(10**9, 10**15) if request.param == "fused" else native.set_fused_limits(0, 0)
-    yield request.param
-    native.set_fused_limits(*old)
 
 
 def test_ggn_vp_both_paths_and_fallback(path):

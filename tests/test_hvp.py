@@ -37,15 +37,6 @@ def num_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(params=["fused", "gemm"])
-def path(request):
-    """Run the native CPU kernel through both of its paths (fused per-sample loops, GEMMs)."""
-    native = hessext._native.load()
-    old = native.set_fused_limits(10**9, 10**15) if request.param == "fused" else native.set_fused_limits(0, 0)
-    yield request.param
-    native.set_fused_limits(*old)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(12))

@@ -1,4 +1,7 @@
-// CPU kernel of hessext::diag: exact Hessian or GGN diagonals (diag.h) with the CPU elementwise steps.
+// CPU kernel of hessext::diag: exact Hessian or GGN diagonals. Narrow stacks with little work: one
+// batched forward pass, then the fused per-sample recurrence (fused.h), samples split over threads.
+// Otherwise the factored GEMM recurrence of diag.h with the CPU elementwise steps.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
@@ -7,11 +10,52 @@
 namespace hessext {
 namespace {
 
+template <typename T>
+std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample) {
+  const fused::Net<T> net = make_net<T>(s);
+  const SlotLayout layout(s);
+  const Forward f = forward<CpuElementwise>(s);
+  const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P / (int64_t(1) << 16)));
+  at::Tensor acc = at::zeros({per_sample ? M : nt, P}, s.x.options());
+  const T* y = s.y.data_ptr<T>();
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
+    std::vector<T> scratch(4 * U + 3 * W2);
+    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *Gn = G + W2, *Tm = Gn + W2;
+    T* HW[fused::kMaxLayers];
+    T* Hb[fused::kMaxLayers];
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
+        T* out = acc.data_ptr<T>() + (per_sample ? m : t) * P;
+        for (int64_t l = 0; l < L; ++l) {
+          HW[l] = out + layout.offset[s.slot_W[l]];
+          Hb[l] = s.slot_b[l] >= 0 ? out + layout.offset[s.slot_b[l]] : nullptr;
+        }
+        for (int64_t l = 0; l <= L; ++l) {
+          const int64_t n = net.n[l];
+          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
+          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
+        }
+        if (!ggn) fused::backward(net, a, d, y + m * C, delta, e);
+        fused::diag_sample(net, ggn, a, d, e, G, Gn, Tm, HW, Hb);
+      }
+  });
+  const at::Tensor total = per_sample ? acc : (nt == 1 ? acc[0] : acc.sum(0));
+  const auto shapes = s.slot_shapes(per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
+  std::vector<at::Tensor> result;
+  for (int64_t j = 0; j < s.num_slots; ++j)  // each output in its own storage
+    result.push_back(total.narrow(-1, layout.offset[j], layout.numel[j]).reshape(shapes[j]).clone());
+  return result;
+}
+
 std::vector<at::Tensor> diag_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
                                  const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                  double scale, bool ggn, bool per_sample) {
   const Stack s(inputs, targets, weights, biases, activations, scale);
-  return diag<CpuElementwise>(s, ggn, per_sample);
+  if (!PathChoice::fused_diag(s)) return diag<CpuElementwise>(s, ggn, per_sample);
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "diag_fused_cpu",
+                                    [&] { return diag_fused_cpu<scalar_t>(s, ggn, per_sample); });
 }
 
 }  // namespace

@@ -59,6 +59,61 @@ struct CpuElementwise {
       });
     });
   }
+
+  // F [i, M, Q] -> d * F in place (d [M, i], undefined: identity), and dG[m, i] += sum_q sigma[m, q] F^2
+  // (sigma [M, Q], undefined: all +1).
+  static void scale_square_sum(at::Tensor& F, const at::Tensor& d, const at::Tensor& sigma, at::Tensor& dG) {
+    const int64_t I = F.size(0), M = F.size(1), Q = F.size(2);
+    AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "scale_square_sum_cpu", [&] {
+      scalar_t* pf = F.data_ptr<scalar_t>();
+      scalar_t* pg = dG.data_ptr<scalar_t>();
+      const scalar_t* pd = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* ps = sigma.defined() ? sigma.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, I, std::max<int64_t>(1, 16384 / (M * Q)), [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          for (int64_t m = 0; m < M; ++m) {
+            scalar_t* row = pf + (i * M + m) * Q;
+            const scalar_t dd = pd ? pd[m * I + i] : scalar_t(1);
+            scalar_t acc = 0;
+            if (ps) {
+              const scalar_t* srow = ps + m * Q;
+              for (int64_t q = 0; q < Q; ++q) {
+                row[q] *= dd;
+                acc += srow[q] * row[q] * row[q];
+              }
+            } else {
+              for (int64_t q = 0; q < Q; ++q) {
+                row[q] *= dd;
+                acc += row[q] * row[q];
+              }
+            }
+            pg[m * I + i] += acc;
+          }
+      });
+    });
+  }
+
+  // The factor columns of D W^T diag(R) W D: F[i, m, o] = d[m, i] W[o, i] sqrt|R[m, o]|, [I, M, O].
+  static at::Tensor residual_factor(const at::Tensor& W, const at::Tensor& R, const at::Tensor& d) {
+    const int64_t O = W.size(0), I = W.size(1), M = R.size(0);
+    at::Tensor F = at::empty({I, M, O}, R.options());
+    const at::Tensor root = R.abs().sqrt();
+    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "residual_factor_cpu", [&] {
+      scalar_t* pf = F.data_ptr<scalar_t>();
+      const scalar_t *pw = W.data_ptr<scalar_t>(), *pr = root.data_ptr<scalar_t>();
+      const scalar_t* pd = d.defined() ? d.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, I, std::max<int64_t>(1, 16384 / (M * O)), [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i)
+          for (int64_t m = 0; m < M; ++m) {
+            const scalar_t dd = pd ? pd[m * I + i] : scalar_t(1);
+            scalar_t* row = pf + (i * M + m) * O;
+            const scalar_t* rrow = pr + m * O;
+            for (int64_t o = 0; o < O; ++o) row[o] = dd * pw[o * I + i] * rrow[o];
+          }
+      });
+    });
+    return F;
+  }
 };
 
 }  // namespace hessext
