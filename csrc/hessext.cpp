@@ -25,6 +25,15 @@ TORCH_LIBRARY(hessext, m) {
   m.def(
       "diag(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "float scale, bool ggn, bool per_sample) -> Tensor[]");
+  // The dense Hessian in stack order: [H] with H [P, P], or (layer_blocks) one [P_l, P_l] per layer.
+  m.def(
+      "hessian(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float scale, bool layer_blocks) -> Tensor[]");
+  // mode 0: the Laplacian of each model output in the inputs, [M, C] (targets unused);
+  // mode 1 / 2: the Hessian of the loss in each sample's input row, diagonal [M, d] / full [M, d, d].
+  m.def(
+      "input_derivatives(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
+      "int[] activations, float scale, int mode) -> Tensor");
 }
 
 namespace {

@@ -28,11 +28,17 @@ def _prepare(model, loss_fn, inputs, targets, params, backend):
     return plan, native, tensors
 
 
-def _native_call(op, plan, tensors, inputs, targets, *extra):
+def _native_raw(op, plan, tensors, inputs, targets, *extra):
+    """The native op's own output for this batch."""
     x, y, scale = native_batch(plan, inputs, targets)
     weights, biases = _stack_args(plan, tensors)
     with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
-        return _from_stack_order(plan, op(x, y, weights, biases, plan.activations, scale, *extra))
+        return op(x, y, weights, biases, plan.activations, scale, *extra)
+
+
+def _native_call(op, plan, tensors, inputs, targets, *extra):
+    """A native op with per-parameter outputs, in named_parameters() order."""
+    return _from_stack_order(plan, _native_raw(op, plan, tensors, inputs, targets, *extra))
 
 
 def _fallback_params(plan, tensors):

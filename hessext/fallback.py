@@ -47,24 +47,24 @@ def ggn_vp(model, loss_fn, inputs, targets, params, vectors):
         return vmap(one)(vectors)
 
 
-def basis_diag(product, params, desc):
-    """The diagonal of the symmetric operator `product` (dict of [K, *shape] -> same) from products
-    with basis vectors, chunked; a tqdm progress bar when there are many chunks."""
+def _basis_products(product, params, desc):
+    """Products of the symmetric operator `product` (dict of [K, *shape] -> same) with every basis
+    vector, chunked: yields (j0, j1, rows [j1 - j0, P]); a tqdm progress bar when there are many
+    chunks. Refused up front beyond MAX_BASIS_PRODUCTS parameters."""
     names = list(params)
     sizes = [params[n].numel() for n in names]
     P = sum(sizes)
+    ref = params[names[0]]
     if P > MAX_BASIS_PRODUCTS:
         raise ValueError(f"an exact {desc} through torch.func needs {P} products (one per parameter) of about "
-                         f"{P * P * params[names[0]].element_size():,} bytes of basis vectors in total; refused "
+                         f"{P * P * ref.element_size():,} bytes of basis vectors in total; refused "
                          f"(limit {MAX_BASIS_PRODUCTS}). Use hessext.hutchinson_diag for an estimate.")
-    ref = params[names[0]]
     chunk = max(1, min(P, CHUNK_BYTES // max(1, P * ref.element_size())))
     starts = range(0, P, chunk)
     if len(starts) > 8:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=f"{desc} (torch.func, {P} products)", unit="chunk")
-    diag = torch.empty(P, dtype=ref.dtype, device=ref.device)
     offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
     for j0 in starts:
         j1 = min(P, j0 + chunk)
@@ -73,6 +73,25 @@ def basis_diag(product, params, desc):
         vectors = {n: basis[:, offsets[k]:offsets[k + 1]].reshape((j1 - j0,) + params[n].shape)
                    for k, n in enumerate(names)}
         out = product(vectors)
-        flat = torch.cat([out[n].reshape(j1 - j0, -1) for n in names], 1)
-        diag[j0:j1] = flat[torch.arange(j1 - j0), torch.arange(j0, j1)]
-    return {n: diag[offsets[k]:offsets[k + 1]].reshape(params[n].shape) for k, n in enumerate(names)}
+        yield j0, j1, torch.cat([out[n].reshape(j1 - j0, -1) for n in names], 1)
+
+
+def basis_diag(product, params, desc):
+    """The diagonal of `product` (see _basis_products) as a dict name -> tensor."""
+    names = list(params)
+    sizes = [params[n].numel() for n in names]
+    ref = params[names[0]]
+    diag = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
+    for j0, j1, rows in _basis_products(product, params, desc):
+        diag[j0:j1] = rows[torch.arange(j1 - j0), torch.arange(j0, j1)]
+    return {n: part.reshape(params[n].shape) for n, part in zip(names, diag.split(sizes))}
+
+
+def basis_matrix(product, params, desc):
+    """The dense matrix [P, P] of `product` (see _basis_products), rows in params' order."""
+    ref = next(iter(params.values()))
+    P = sum(p.numel() for p in params.values())
+    H = torch.empty(P, P, dtype=ref.dtype, device=ref.device)
+    for j0, j1, rows in _basis_products(product, params, desc):
+        H[j0:j1] = rows
+    return H

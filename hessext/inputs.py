@@ -54,8 +54,8 @@ def check_batch(inputs, targets, ref, native):
         raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters, got {targets.dtype}")
 
 
-def native_batch(plan, inputs, targets):
-    """(x [M, n_0], y [M, C], scale of the squared-error sum) for the native kernels."""
+def native_inputs(plan, inputs):
+    """(x [M, n_0], the model's output shape for these inputs, C) for the native kernels."""
     try:
         x = plan.stack.pre(inputs)
     except RuntimeError as exc:
@@ -65,6 +65,14 @@ def native_batch(plan, inputs, targets):
         raise ValueError(f"inputs must have {n0} features (the in_features of Linear "
                          f"'{plan.stack.layers[0].name}'), got shape {tuple(inputs.shape)}")
     out_shape, C = plan.output_shape(tuple(x.shape))
+    M = x.numel() // n0
+    return (x if x.dim() == 2 else x.reshape(M, n0)), out_shape, C
+
+
+def native_batch(plan, inputs, targets):
+    """(x [M, n_0], y [M, C], scale of the squared-error sum) for the native kernels."""
+    x, out_shape, C = native_inputs(plan, inputs)
+    M = x.shape[0]
     if tuple(targets.shape) != out_shape:
         raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "
                          f"got {tuple(targets.shape)}")
@@ -72,9 +80,7 @@ def native_batch(plan, inputs, targets):
     if dims is not None and {d % max(len(out_shape), 1) for d in dims} != set(range(len(out_shape))):
         raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
                          f"it does not return a scalar")
-    M = x.numel() // n0
     scale = 1.0 / (M * C) if plan.loss.reduction == "mean" else 1.0
-    x = x if x.dim() == 2 else x.reshape(M, n0)
     y = targets if targets.dim() == 2 and targets.shape[1] == C else targets.reshape(M, C)
     return x, y, scale
 

@@ -33,6 +33,16 @@ def diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
     return torch.ops.hessext.diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample)
 
 
+def hessian(inputs, targets, weights, biases, activations, scale, layer_blocks):
+    """[H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks."""
+    return torch.ops.hessext.hessian(inputs, targets, weights, biases, activations, scale, layer_blocks)
+
+
+def input_derivatives(inputs, targets, weights, biases, activations, scale, mode):
+    """mode 0: Laplacians [M, C]; 1: input-Hessian diagonals [M, d]; 2: input Hessians [M, d, d]."""
+    return torch.ops.hessext.input_derivatives(inputs, targets, weights, biases, activations, scale, mode)
+
+
 def _register_fakes():
     @torch.library.register_fake("hessext::hvp")
     def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
@@ -51,3 +61,15 @@ def _register_fakes():
             if b is not None:
                 shapes.append(lead + tuple(b.shape))
         return [inputs.new_empty(shape) for shape in shapes]
+
+    @torch.library.register_fake("hessext::hessian")
+    def _hessian_fake(inputs, targets, weights, biases, activations, scale, layer_blocks):
+        sizes = [w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, biases)]
+        shapes = [(n, n) for n in sizes] if layer_blocks else [(sum(sizes), sum(sizes))]
+        return [inputs.new_empty(shape) for shape in shapes]
+
+    @torch.library.register_fake("hessext::input_derivatives")
+    def _input_derivatives_fake(inputs, targets, weights, biases, activations, scale, mode):
+        M, d = inputs.shape
+        shape = {0: (M, weights[-1].shape[0]), 1: (M, d), 2: (M, d, d)}[mode]
+        return inputs.new_empty(shape)

@@ -114,6 +114,34 @@ struct CpuElementwise {
     });
     return F;
   }
+
+  // One tanh step of the input jets (jets.h) in place on z [o, M, 1 + d + q]: second-order channels
+  // first (they need Jz), then J, then the value. sum_channel: one channel, sum_i Jz[i]^2.
+  static void jet_tanh(at::Tensor& z, int64_t d, bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
+    const int64_t rows = z.size(0) * z.size(1), cols = z.size(2);
+    const at::Tensor a = z.select(2, 0).tanh();  // ATen's vectorised tanh, [o, M]
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_tanh_cpu", [&] {
+      scalar_t* pz = z.data_ptr<scalar_t>();
+      const scalar_t* pa = a.data_ptr<scalar_t>();
+      at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / cols), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          scalar_t* row = pz + r * cols;
+          const scalar_t av = pa[r], dd = scalar_t(1) - av * av, p2 = scalar_t(-2) * av * dd;
+          scalar_t* J = row + 1;
+          scalar_t* S = row + 1 + d;
+          if (sum_channel) {
+            scalar_t acc = 0;
+            for (int64_t i = 0; i < d; ++i) acc += J[i] * J[i];
+            S[0] = dd * S[0] + p2 * acc;
+          } else {
+            for (size_t k = 0; k < pairs.size(); ++k) S[k] = dd * S[k] + p2 * J[pairs[k].first] * J[pairs[k].second];
+          }
+          for (int64_t i = 0; i < d; ++i) J[i] *= dd;
+          row[0] = av;
+        }
+      });
+    });
+  }
 };
 
 }  // namespace hessext

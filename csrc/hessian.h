@@ -1,0 +1,168 @@
+// Dense Hessians of an MSE loss through a Linear/tanh stack, from the structure of the stack rather
+// than from P Hessian-vector products. Indices as in stack.h; for a layer with a bias its input is
+// augmented, abar_l = [a_l, 1], so that W_l and b_l form one block [o, ibar].
+//
+// Per sample m, with G_l = d^2 loss_m / dz_l^2 (the pre-activation Hessian of diag.h, held whole),
+// A_{l,k} = da_l/dz_k (k < l: A_{l,l-1} = D_l, A_{l,k-1} = A_{l,k} W_k D_k) and J_{l,k} = W_l A_{l,k}:
+//
+//   H_{ll}[(o,i),(p,j)] = sum_m G_l[o,p] abar_l[i] abar_l[j]                          (Kronecker term)
+//   H_{lk}[(o,i),(p,j)] = sum_m abar_k[j] ( (G_l J_{l,k})[o,p] abar_l[i]             (k < l: GGN-like
+//                                         + delta_l[o] Abar_{l,k}[i,p] )              + bilinear cross term)
+//
+// (Abar's bias row is zero.) Each block is one GEMM over the samples, T^T abar_k with
+// T[m, (o,i,p)] built per chunk of samples; the blocks with k > l are the mirrored transposes, so
+// the result is exactly symmetric. Cost: M * sum_{k<=l} P_l P_k multiply-adds, about half of M P^2,
+// plus O(M n^3) for the G_l and A_{l,k}.
+#pragma once
+#include "stack.h"
+
+namespace hessext {
+
+// G_l for samples [m0, m1): G[l]: [mc, n_{l+1}, n_{l+1}], from G_{L-1} = 2 scale I by
+// G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}), R_{l-1} = -2 a_l d_l e_l (tanh).
+inline std::vector<at::Tensor> pre_activation_hessians(const Stack& s, const Forward& f, const Backward& g,
+                                                       int64_t m0, int64_t m1) {
+  const int64_t L = s.L, mc = m1 - m0, C = s.width(L);
+  std::vector<at::Tensor> G(L);
+  G[L - 1] = (at::eye(C, s.x.options()) * (2.0 * s.scale)).expand({mc, C, C});
+  for (int64_t l = L - 1; l >= 1; --l) {
+    at::Tensor next = at::matmul(s.W[l].t(), at::matmul(G[l], s.W[l]));  // [mc, i, i]
+    const at::Tensor& d = f.d[l];
+    if (d.defined()) {
+      const at::Tensor dc = d.narrow(0, m0, mc);
+      next.mul_(dc.unsqueeze(2) * dc.unsqueeze(1));
+      const at::Tensor R = (f.a[l].narrow(0, m0, mc) * dc * g.e[l].narrow(0, m0, mc)).mul_(-2.0);
+      next.diagonal(0, 1, 2).add_(R);
+    }
+    G[l - 1] = next;
+  }
+  return G;
+}
+
+// abar_l for samples [m0, m1): [mc, n_l (+1 with a bias)].
+inline at::Tensor augmented_input(const Stack& s, const Forward& f, int64_t l, int64_t m0, int64_t mc) {
+  const at::Tensor a = f.a[l].narrow(0, m0, mc);
+  return s.b[l].defined() ? at::cat({a, at::ones({mc, 1}, a.options())}, 1) : a;
+}
+
+// Parameter offsets in the stack-order flat layout: W_l at woff[l] ([o, i] row-major), b_l at boff[l].
+struct FlatOffsets {
+  std::vector<int64_t> woff, boff;
+  int64_t total = 0;
+  explicit FlatOffsets(const Stack& s, bool per_layer) {
+    for (int64_t l = 0; l < s.L; ++l) {
+      if (per_layer) total = 0;
+      woff.push_back(total);
+      total += s.W[l].numel();
+      boff.push_back(s.b[l].defined() ? total : -1);
+      if (s.b[l].defined()) total += s.W[l].size(0);
+    }
+  }
+};
+
+// Adds a block [o, ibar, p, jbar] (rows: layer l, columns: layer k) into H at the parameter offsets.
+inline void add_block(at::Tensor& H, const at::Tensor& block, const Stack& s, int64_t l, int64_t k, int64_t rw,
+                      int64_t rb, int64_t cw, int64_t cb) {
+  const int64_t o = s.W[l].size(0), i = s.W[l].size(1), p = s.W[k].size(0), j = s.W[k].size(1);
+  auto sub = [&](int64_t r0, int64_t nr0, int64_t nr1, int64_t c0, int64_t nc0, int64_t nc1) {
+    return H.narrow(0, r0, nr0 * nr1).narrow(1, c0, nc0 * nc1).view({nr0, nr1, nc0, nc1});
+  };
+  sub(rw, o, i, cw, p, j).add_(block.narrow(1, 0, i).narrow(3, 0, j));
+  if (cb >= 0) sub(rw, o, i, cb, p, 1).add_(block.narrow(1, 0, i).narrow(3, j, 1));
+  if (rb >= 0) sub(rb, o, 1, cw, p, j).add_(block.narrow(1, i, 1).narrow(3, 0, j));
+  if (rb >= 0 && cb >= 0) sub(rb, o, 1, cb, p, 1).add_(block.narrow(1, i, 1).narrow(3, j, 1));
+}
+
+// The dense Hessian in stack order: one [P, P] matrix, or (layer_only) one [P_l, P_l] per layer.
+template <class E>
+std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_elems) {
+  const int64_t M = s.M, L = s.L;
+  const Forward f = forward<E>(s);
+  const Backward g = backward(s, f);
+  const FlatOffsets off(s, layer_only);
+  std::vector<at::Tensor> H;
+  if (layer_only) {
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
+      H.push_back(at::zeros({Pl, Pl}, s.x.options()));
+    }
+  } else {
+    H.push_back(at::zeros({off.total, off.total}, s.x.options()));
+  }
+  // samples per chunk: T holds mc * o * ibar * p elements
+  int64_t widest = 1;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k <= l; ++k) widest = std::max(widest, s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0));
+  const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
+
+  for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
+    const int64_t mc = std::min(mc_max, M - m0);
+    const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, m0, mc + m0);
+    std::vector<at::Tensor> abar(L);
+    for (int64_t l = 0; l < L; ++l) abar[l] = augmented_input(s, f, l, m0, mc);
+    for (int64_t l = 0; l < L; ++l) {
+      at::Tensor& Hl = H[layer_only ? l : 0];
+      const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = abar[l].size(1);
+      // k = l: T[m, o, ibar, p] = G_l[m, o, p] abar_l[m, ibar]
+      at::Tensor T = G[l].unsqueeze(2) * abar[l].unsqueeze(1).unsqueeze(3);
+      add_block(Hl, at::mm(T.view({mc, -1}).t(), abar[l]).view({o, ib, o, ib}), s, l, l, off.woff[l], off.boff[l],
+                off.woff[l], off.boff[l]);
+      if (layer_only || l == 0) continue;
+      const at::Tensor GW = at::matmul(G[l], s.W[l]);  // [mc, o, n_l]
+      const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
+      at::Tensor A = f.d[l].defined() ? at::diag_embed(f.d[l].narrow(0, m0, mc))
+                                      : at::eye(n, s.x.options()).expand({mc, n, n});  // A_{l,l-1}
+      for (int64_t k = l - 1; k >= 0; --k) {
+        const int64_t p = s.W[k].size(0), jb = abar[k].size(1);
+        at::Tensor Tk = at::matmul(GW, A).unsqueeze(2) * abar[l].unsqueeze(1).unsqueeze(3);  // [mc, o, ibar, p]
+        Tk.narrow(2, 0, n).add_(delta.unsqueeze(2).unsqueeze(3) * A.unsqueeze(1));
+        add_block(Hl, at::mm(Tk.view({mc, -1}).t(), abar[k]).view({o, ib, p, jb}), s, l, k, off.woff[l],
+                  off.boff[l], off.woff[k], off.boff[k]);
+        if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k
+          A = at::matmul(A, s.W[k]);
+          if (f.d[k].defined()) A.mul_(f.d[k].narrow(0, m0, mc).unsqueeze(1));
+        }
+      }
+    }
+  }
+  // Exact symmetry: the diagonal blocks are averaged with their transposes, the blocks above the
+  // diagonal are the transposes of those below.
+  if (layer_only) {
+    for (auto& Hl : H) Hl.copy_((Hl + Hl.t()) * 0.5);
+    return H;
+  }
+  int64_t r0 = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
+    at::Tensor block = H[0].narrow(0, r0, Pl).narrow(1, r0, Pl);
+    block.copy_((block + block.t()) * 0.5);
+    if (r0 > 0) H[0].narrow(0, 0, r0).narrow(1, r0, Pl).copy_(H[0].narrow(0, r0, Pl).narrow(1, 0, r0).t());
+    r0 += Pl;
+  }
+  return H;
+}
+
+// The input Hessian of the loss per sample, W_0^T G_0 W_0 ([M, d, d], or its diagonal [M, d]), by the
+// backward recurrence: for wide inputs, where the jets of jets.h would carry too many channels.
+template <class E>
+at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_elems) {
+  const int64_t M = s.M, d = s.width(0);
+  const Forward f = forward<E>(s);
+  const Backward g = backward(s, f);
+  int64_t widest = d * d;
+  for (int64_t l = 0; l <= s.L; ++l) widest = std::max(widest, s.width(l) * s.width(l));
+  const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
+  at::Tensor out = diagonal ? at::empty({M, d}, s.x.options()) : at::empty({M, d, d}, s.x.options());
+  for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
+    const int64_t mc = std::min(mc_max, M - m0);
+    const at::Tensor G0 = pre_activation_hessians(s, f, g, m0, m0 + mc)[0];
+    if (diagonal) {  // diag(W^T G W)[i] = sum_o W[o, i] (G W)[o, i]
+      out.narrow(0, m0, mc).copy_((at::matmul(G0, s.W[0]) * s.W[0]).sum(1));
+    } else {
+      out.narrow(0, m0, mc).copy_(at::matmul(s.W[0].t(), at::matmul(G0, s.W[0])));
+    }
+  }
+  return out;
+}
+
+}  // namespace hessext

@@ -1,0 +1,76 @@
+// Second derivatives with respect to the inputs, in one forward-mode pass ("jets"). Indices as in
+// stack.h; d input features; per sample and unit the pass carries the value, the first derivatives
+// J = da/dx [d] and q second-order channels S, each a (sum of) d^2 a / dx_i dx_j:
+//   Laplacian: q = 1, S = sum_i d^2/dx_i^2;  diagonal: q = d, (i, i);  full: q = d(d+1)/2, (i <= j).
+//
+//   Linear     z = W a + b,  Jz = W Ja,  Sz = W Sa                 (one GEMM over all 1+d+q columns)
+//   tanh       a = tanh(z),  Ja = d Jz,  Sa[(i,j)] = d Sz[(i,j)] + phi''(z) Jz[i] Jz[j],  phi'' = -2 a d
+//   start      a_0 = x, J = I_d, S = 0
+//
+// The Laplacian of the model output is S at the output. The input Hessian of the loss
+// scale * sum_c (z_c - y_c)^2 is 2 scale sum_c (Jz[c,i] Jz[c,j] + (z_c - y_c) Sz[c,(i,j)]).
+// Cost: M * sum_l n_l n_{l+1} (1 + d + q) multiply-adds, a few forward passes for small d.
+// Layout: unit-major [n, M, 1 + d + q], so each Linear is one GEMM W @ [n, M (1+d+q)].
+#pragma once
+#include "stack.h"
+
+namespace hessext {
+
+enum class JetMode : int64_t { Laplacian = 0, Diagonal = 1, Full = 2 };
+
+inline int64_t jet_channels(JetMode mode, int64_t d) {
+  return mode == JetMode::Laplacian ? 1 : (mode == JetMode::Diagonal ? d : d * (d + 1) / 2);
+}
+
+// The (i, j) pair of each second-order channel (Laplacian: a single summed channel, pairs unused).
+inline std::vector<std::pair<int64_t, int64_t>> jet_pairs(JetMode mode, int64_t d) {
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = (mode == JetMode::Full ? i : 0); j < d; ++j)
+      if (mode == JetMode::Full || (mode == JetMode::Diagonal && i == j)) pairs.emplace_back(i, j);
+  return pairs;
+}
+
+// The jet at the network output: [C, M, 1 + d + q].
+template <class E>
+at::Tensor output_jet(const Stack& s, JetMode mode) {
+  const int64_t M = s.M, d = s.width(0), q = jet_channels(mode, d), cols = 1 + d + q;
+  const auto pairs = jet_pairs(mode, d);
+  at::Tensor jet = at::zeros({d, M, cols}, s.x.options());
+  jet.select(2, 0).copy_(s.x.t());
+  jet.narrow(2, 1, d).copy_(at::eye(d, s.x.options()).unsqueeze(1).expand({d, M, d}));
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t o = s.W[l].size(0), n = s.width(l);
+    at::Tensor z = at::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
+    if (s.b[l].defined()) z.select(2, 0).add_(s.b[l].unsqueeze(1));
+    if (s.tanh_after(l)) E::jet_tanh(z, d, mode == JetMode::Laplacian, pairs);
+    jet = z;
+  }
+  return jet;
+}
+
+// mode Laplacian: the Laplacian of each output, [M, C]. Diagonal/Full: the input Hessian of the
+// loss per sample, [M, d] or [M, d, d].
+template <class E>
+at::Tensor input_derivatives(const Stack& s, JetMode mode) {
+  const int64_t M = s.M, d = s.width(0), C = s.width(s.L);
+  const at::Tensor jet = output_jet<E>(s, mode);  // [C, M, 1 + d + q]
+  if (mode == JetMode::Laplacian) return jet.select(2, 1 + d).t().contiguous();
+  const at::Tensor r = (jet.select(2, 0) - s.y.t()).mul_(2.0 * s.scale);  // [C, M]: 2 scale (z - y)
+  const at::Tensor J = jet.narrow(2, 1, d);                                // [C, M, d]
+  const at::Tensor S = jet.narrow(2, 1 + d, jet.size(2) - 1 - d);           // [C, M, q]
+  const at::Tensor curvature = (r.unsqueeze(2) * S).sum(0);                // [M, q]
+  if (mode == JetMode::Diagonal) return (J.square().sum(0) * (2.0 * s.scale)).add_(curvature);
+  at::Tensor H = at::einsum("cmi,cmj->mij", {J, J}).mul_(2.0 * s.scale);  // [M, d, d]
+  int64_t k = 0;
+  for (const auto& ij : jet_pairs(mode, d)) {
+    const at::Tensor c = curvature.select(1, k++);
+    H.select(1, ij.first).select(1, ij.second).add_(c);
+    if (ij.first != ij.second) H.select(1, ij.second).select(1, ij.first).add_(c);
+  }
+  (void)M;
+  (void)C;
+  return H;
+}
+
+}  // namespace hessext

@@ -1,0 +1,182 @@
+"""Full weight Hessians (dict, matrix, block-diagonal), input Hessians and Laplacians against
+float64 torch.func, exact symmetry, consistency with hvp and hessian_diag, memory refusal."""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import hessian as func_hessian, jacfwd, jacrev, vmap
+
+import hessext
+from cases import (DTYPES, RTOL, SeedOneModel, as_dict_flat, assert_close, build_stack, random_batch, random_stack,
+                   reference_hessian, seed_one_loss, seed_two_model)
+
+
+def case_model(case, dtype=torch.float64, max_width=12):
+    rng = random.Random(200 + case)
+    widths, biases, acts = random_stack(rng, max_width=max_width)
+    model = build_stack(widths, biases, acts, dtype, seed=case)
+    n = rng.choice([1, rng.randint(2, 120)])
+    x, y = random_batch(widths[0], widths[-1], n, dtype, seed=case)
+    return f"{widths} bias={biases} acts={acts} N={n}", model, x, y, nn.MSELoss(reduction=rng.choice(["mean", "sum"]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(10))
+def test_dense_hessian_matches_torch_func(case, dtype):
+    label, model, x, y, loss = case_model(case, dtype)
+    H = hessext.hessian(model, loss, x, y, output="matrix", backend="native")
+    ref = reference_hessian(model, loss, x, y)
+    assert H.dtype == dtype and H.shape == ref.shape
+    assert_close(H, ref, RTOL[dtype], label)
+    assert torch.equal(H, H.T), "the Hessian must be exactly symmetric"
+    # hessian @ v == hvp(v), diag(hessian) == hessian_diag
+    V = torch.randn(3, H.shape[0], dtype=dtype, generator=torch.Generator().manual_seed(case))
+    assert_close(V @ H, hessext.hvp(model, loss, x, y, V), RTOL[dtype] * 10, f"H v {label}")
+    names = [n for n, _ in model.named_parameters()]
+    assert_close(torch.diagonal(H), as_dict_flat(hessext.hessian_diag(model, loss, x, y), names), RTOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_dict_layout_and_layer_blocks(case):
+    label, model, x, y, loss = case_model(case)
+    params = dict(model.named_parameters())
+    names = list(params)
+    H = hessext.hessian(model, loss, x, y, output="matrix")
+    D = hessext.hessian(model, loss, x, y)
+    starts = torch.tensor([0] + [p.numel() for p in params.values()]).cumsum(0).tolist()
+    for a, na in enumerate(names):
+        assert list(D[na]) == names
+        for b, nb in enumerate(names):
+            assert D[na][nb].shape == params[na].shape + params[nb].shape
+            assert torch.equal(D[na][nb].reshape(params[na].numel(), -1), H[starts[a]:starts[a + 1], starts[b]:starts[b + 1]])
+    layer_mats = hessext.hessian(model, loss, x, y, output="matrix", blocks="layer")
+    layer_dict = hessext.hessian(model, loss, x, y, blocks="layer")
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert len(layer_mats) == len(linears)
+    r0 = 0
+    for lin, mat in zip(linears, layer_mats):
+        n = sum(p.numel() for p in lin.parameters())
+        assert_close(mat, H[r0:r0 + n, r0:r0 + n], 1e-12, f"layer block {label}")
+        assert torch.equal(mat, mat.T)
+        r0 += n
+    for na in names:  # only same-layer pairs
+        assert set(layer_dict[na]) == {nb for nb in names if nb.split(".")[0] == na.split(".")[0]}
+
+
+def test_seed_one_dict_like_torch_func():
+    """Seed 1's code prints hess[key][key].shape: (16, 1, 16, 1) for fc1.weight."""
+    torch.manual_seed(0)
+    net = SeedOneModel().double()
+    inputs, targets = torch.randn(100, 1, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    hess = hessext.hessian(net, seed_one_loss, inputs, targets)
+    key = list(dict(net.named_parameters()))[0]
+    assert hess[key][key].shape == (16, 1, 16, 1)
+    params = dict(net.named_parameters())
+
+    def compute_loss(p):
+        return seed_one_loss(torch.func.functional_call(net, p, (inputs,)), targets)
+
+    ref = func_hessian(compute_loss)(params)
+    for a in params:
+        for b in params:
+            assert_close(hess[a][b], ref[a][b], 1e-12, f"{a},{b}")
+
+
+def test_parameter_order_differs_from_stack_order():
+    class Reordered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc2 = nn.Linear(5, 2)
+            self.fc1 = nn.Linear(3, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    model = Reordered().double()
+    x, y = random_batch(3, 2, 11)
+    H = hessext.hessian(model, nn.MSELoss(), x, y, output="matrix")
+    assert_close(H, reference_hessian(model, nn.MSELoss(), x, y), 1e-12, "reordered")
+    blocks = hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", blocks="layer")
+    assert_close(blocks[0], H[:12, :12], 1e-12, "fc2 block (first in named order)")
+
+
+def test_fallback_hessian_seed_two():
+    model = seed_two_model().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
+    H = hessext.hessian(model, nn.NLLLoss(), x, y, output="matrix")
+    assert_close(H, reference_hessian(model, nn.NLLLoss(), x, y), 1e-12, "fallback")
+    assert torch.equal(H, H.T)
+    layer = hessext.hessian(model, nn.NLLLoss(), x, y, output="matrix", blocks="layer")
+    assert_close(layer[1], H[48:, 48:], 1e-12, "fallback layer block")
+
+
+def test_memory_refusal_names_the_bytes():
+    model = build_stack([10, 64, 64, 1], [True, True, True], ["tanh", "tanh"])
+    x, y = random_batch(10, 1, 4)
+    with pytest.raises(ValueError, match=r"of 4929 parameters would need 194,360,328 bytes.*blocks='layer'.*hessext.hvp"):
+        hessext.hessian(model, nn.MSELoss(), x, y, max_bytes=10**6)
+    assert len(hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", blocks="layer", max_bytes=10**8)) == 3
+    with pytest.raises(ValueError, match="output must be one of"):
+        hessext.hessian(model, nn.MSELoss(), x, y, output="list")
+    with pytest.raises(ValueError, match="blocks must be one of"):
+        hessext.hessian(model, nn.MSELoss(), x, y, blocks="diag")
+    with pytest.raises(ValueError, match=r"input_hessian .* would need"):
+        hessext.input_hessian(model, nn.MSELoss(), x, y, max_bytes=100)
+
+
+def input_reference(model, loss, x, y):
+    Hx = func_hessian(lambda xx: loss(model(xx), y))(x)
+    return torch.stack([Hx[n, :, n, :] for n in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(8))
+def test_input_hessian_and_laplacian(case, dtype):
+    label, model, x, y, loss = case_model(case, dtype)
+    m64, x64, y64 = build_stack(*random_stack(random.Random(200 + case), max_width=12), seed=case), x.double(), y.double()
+    ref = input_reference(m64, loss, x64, y64)
+    got = hessext.input_hessian(model, loss, x, y, backend="native")
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert_close(got, ref, RTOL[dtype], f"input Hessian {label}")
+    assert_close(hessext.input_hessian(model, loss, x, y, diagonal=True), torch.diagonal(ref, dim1=1, dim2=2),
+                 RTOL[dtype], f"input Hessian diagonal {label}")
+    out_h = vmap(jacfwd(jacrev(lambda xm: m64(xm[None])[0])))(x64)  # [N, C, d, d]
+    assert_close(hessext.laplacian(model, x, backend="native"), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1),
+                 RTOL[dtype], f"Laplacian {label}")
+
+
+def test_wide_input_uses_backward_recurrence():
+    """d = 40 > the hidden widths: the input Hessian comes from the backward recurrence."""
+    model = build_stack([40, 6, 5, 2], [True, True, False], ["tanh", "tanh"])
+    x, y = random_batch(40, 2, 7)
+    ref = input_reference(model, nn.MSELoss(), x, y)
+    assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y), ref, 1e-10, "full")
+    assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y, diagonal=True),
+                 torch.diagonal(ref, dim1=1, dim2=2), 1e-10, "diagonal")
+
+
+def test_seed_two_input_hessian_and_laplacian_fallback():
+    """Seed 2 wants the Hessian of the NLL with respect to the input."""
+    model = seed_two_model().double()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
+    ref = input_reference(model, nn.NLLLoss(), x, y)
+    got = hessext.input_hessian(model, nn.NLLLoss(), x, y)
+    assert got.shape == (4, 5, 5)
+    assert_close(got, ref, 1e-12, "seed 2 input Hessian")
+    out_h = vmap(jacfwd(jacrev(lambda xm: model(xm[None])[0])))(x)
+    assert_close(hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), 1e-12, "seed 2 Laplacian")
+
+
+def test_seed_one_laplacian_shape_and_op_fakes():
+    net = SeedOneModel().double()
+    x = torch.randn(7, 1, dtype=torch.float64)
+    assert hessext.laplacian(net, x).shape == (7,)
+    lin = build_stack([3, 4, 2], [True, False], ["tanh"])
+    xs, ys = random_batch(3, 2, 5)
+    W, b = [lin[0].weight.detach(), lin[2].weight.detach()], [lin[0].bias.detach(), None]
+    utils = ("test_schema", "test_faketensor")
+    for layer_blocks in (False, True):
+        torch.library.opcheck(torch.ops.hessext.hessian.default, (xs, ys, W, b, [1], 0.1, layer_blocks), test_utils=utils)
+    for mode in (0, 1, 2):
+        torch.library.opcheck(torch.ops.hessext.input_derivatives.default, (xs, ys, W, b, [1], 0.1, mode), test_utils=utils)
