@@ -67,7 +67,8 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
     _check_memory(f"hessext.hessian(blocks={blocks!r}) of {sum(sizes)} parameters",
                   sum(n * n for n in group_sizes) * ref.element_size(), ref, max_bytes,
-                  "use blocks='layer' for the block-diagonal Hessian, or hessext.hvp for products")
+                  ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
+                  + "hessext.hvp for products")
     if native:
         mats = _native_raw(ops.hessian, plan, tensors, inputs, targets, blocks == "layer")
         order = [plan.stack_order] if blocks == "full" else groups  # stack order within each matrix
