@@ -69,13 +69,20 @@ def plan(model, loss_fn):
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     per_model = _cache.setdefault(model, {})
-    key = id(loss_fn)
+    key = _loss_key(loss_fn)
     entry = per_model.get(key)
-    if entry is None or entry.loss_fn is not loss_fn:
+    if entry is None or (not isinstance(key, tuple) and entry.loss_fn is not loss_fn):
         if len(per_model) >= _CACHE_PER_MODEL:
             per_model.pop(next(iter(per_model)))
         entry = per_model[key] = Plan(model, loss_fn)
     return entry
+
+
+def _loss_key(loss_fn):
+    """Cache key of a loss: nn.MSELoss by its reduction (users build a new one per call), else identity."""
+    if type(loss_fn) is torch.nn.MSELoss:
+        return ("nn.MSELoss", loss_fn.reduction)
+    return id(loss_fn)
 
 
 def resolve(model, loss_fn, backend):

@@ -63,4 +63,7 @@ def test_fallback_reasons(model, loss_fn, reason):
 def test_plan_is_cached_per_model_and_loss():
     model, loss = SeedOneModel(), nn.MSELoss()
     assert hessext.plan(model, loss) is hessext.plan(model, loss)
-    assert hessext.plan(model, nn.MSELoss()) is not hessext.plan(model, loss)
+    assert hessext.plan(model, nn.MSELoss()) is hessext.plan(model, loss)  # built per call: no re-trace
+    assert hessext.plan(model, nn.MSELoss(reduction="sum")) is not hessext.plan(model, loss)
+    f = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
+    assert hessext.plan(model, f) is hessext.plan(model, f)

@@ -1,0 +1,457 @@
+"""`python -m hessext.bench` (or `hessext-bench`): compare second-order methods on your hardware.
+
+Each method is first checked against a float64 reference (a wrong answer is reported, not timed),
+then timed with torch.utils.benchmark.Timer (warm-up, CUDA synchronised): median and interquartile
+range, peak memory (CUDA max-allocated; process RSS on the CPU), and ratios to hessext and to one
+plain gradient. Output: a table in the terminal, a JSON file with the environment, and PNG plots
+(time against width and against batch size) when matplotlib is installed.
+
+    python -m hessext.bench --quantities hvp,diagonal --preset seed1 --batch 100,1000
+    python -m hessext.bench --widths 784,256,256,10 --device cuda --dtype float32 --out r.json --plot r.png"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.utils.benchmark import Timer
+
+import hessext
+
+QUANTITIES = ("hvp", "hvp-batched", "ggn_vp", "diagonal", "hessian", "input-hessian", "laplacian")
+METHODS = ("hessext", "double-backward", "torch.func", "torch.compile", "backpack", "curvlinops")
+PRESETS = {"seed1": [1, 16, 1], "pinn": [2, 50, 50, 50, 1], "mnist": [784, 256, 256, 10]}
+DENSE_LIMIT = 3000  # parameters up to which dense references and dense peers are run
+RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
+
+
+class Skip(Exception):
+    """A method that cannot run here; the message is the note shown instead of a time."""
+
+
+@dataclass
+class Problem:
+    widths: list
+    batch: int
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    v: dict            # one vector, dict name -> tensor
+    V: dict            # K vectors, dict name -> [K, *shape]
+
+    @property
+    def params(self):
+        return {k: p.detach() for k, p in self.model.named_parameters()}
+
+    @property
+    def P(self):
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def mse(out, target):
+    """The explicit MSE every method sees (torch.func's jvp(grad) fails on F.mse_loss)."""
+    return ((out - target) ** 2).mean()
+
+
+def make_problem(widths, batch, device, dtype, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(i, o))
+        if j < len(widths) - 2:
+            layers.append(nn.Tanh())
+    torch.manual_seed(seed)
+    model = nn.Sequential(*layers).to(device=device, dtype=dtype)
+    x = torch.randn(batch, widths[0], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    y = torch.randn(batch, widths[-1], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+         for n, p in model.named_parameters()}
+    V = {n: torch.randn((k,) + p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+         for n, p in model.named_parameters()}
+    return Problem(list(widths), batch, model, x, y, v, V)
+
+
+def as_float64(pb):
+    import copy
+
+    to64 = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    return Problem(pb.widths, pb.batch, copy.deepcopy(pb.model).to(torch.float64), to64(pb.x), to64(pb.y),
+                   {n: to64(t) for n, t in pb.v.items()}, {n: to64(t) for n, t in pb.V.items()})
+
+
+def flat(result):
+    """Any method's result as one float64 tensor."""
+    if isinstance(result, torch.Tensor):
+        return result.detach().to(torch.float64).reshape(-1)
+    items = result.values() if isinstance(result, dict) else result
+    return torch.cat([flat(t) for t in items])
+
+
+# ---- the methods: builder(problem) -> zero-argument callable ---------------------------------------
+
+def _loss_of(pb):
+    return lambda p: mse(functional_call(pb.model, p, (pb.x,)), pb.y)
+
+
+def _func_hvp(pb, batched):
+    f, params = _loss_of(pb), pb.params
+    one = lambda u: jvp(grad(f), (params,), (u,))[1]  # noqa: E731
+    return (lambda: vmap(one)(pb.V)) if batched else (lambda: one(pb.v))
+
+
+def _double_backward_hvp(pb, batched):
+    plist = list(pb.model.parameters())
+
+    def run():
+        g = torch.autograd.grad(mse(pb.model(pb.x), pb.y), plist, create_graph=True)
+        vs = list((pb.V if batched else pb.v).values())
+        return torch.autograd.grad(g, plist, grad_outputs=vs, is_grads_batched=batched)
+
+    return run
+
+
+def _func_ggn_vp(pb):
+    params = pb.params
+    out_fn = lambda p: functional_call(pb.model, p, (pb.x,))  # noqa: E731
+
+    def run():
+        out, out_vjp = vjp(out_fn, params)
+        Jv = jvp(out_fn, (params,), (pb.v,))[1]
+        _, loss_hvp = vjp(grad(lambda o: mse(o, pb.y)), out)
+        return out_vjp(loss_hvp(Jv)[0])[0]
+
+    return run
+
+
+def _func_flat_hessian(pb):
+    params = pb.params
+    shapes = [(n, p.shape, p.numel()) for n, p in params.items()]
+    theta = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def f(t):
+        split, start = {}, 0
+        for n, shape, k in shapes:
+            split[n] = t[start:start + k].reshape(shape)
+            start += k
+        return mse(functional_call(pb.model, split, (pb.x,)), pb.y)
+
+    return lambda: hessian(f)(theta)
+
+
+def _dense_only(pb, what):
+    if pb.P > DENSE_LIMIT:
+        raise Skip(f"{what} is dense in P = {pb.P} > {DENSE_LIMIT} parameters")
+
+
+def _backpack_diag(pb):
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import DiagHessian
+    except ImportError:
+        raise Skip("BackPACK not installed (pip install backpack-for-pytorch)")
+    import copy
+
+    model, loss = extend(copy.deepcopy(pb.model)), extend(nn.MSELoss())
+
+    def run():
+        model.zero_grad()
+        with backpack(DiagHessian()):
+            loss(model(pb.x), pb.y).backward()
+        return [p.diag_h for p in model.parameters()]
+
+    return run
+
+
+def _curvlinops(pb, kind):
+    try:
+        import curvlinops
+    except ImportError:
+        raise Skip("curvlinops not installed (pip install curvlinops-for-pytorch)")
+    cls = {"hvp": curvlinops.HessianLinearOperator, "ggn_vp": curvlinops.GGNLinearOperator}[kind]
+    op = cls(pb.model, nn.MSELoss(), list(pb.model.parameters()), [(pb.x, pb.y)], check_deterministic=False)
+    v = torch.cat([t.reshape(-1) for t in pb.v.values()]).cpu().numpy()
+    return lambda: torch.as_tensor(op @ v)
+
+
+def _sample_loss(pb):
+    n_out = pb.y.numel()
+    return lambda xm, ym: ((pb.model(xm[None]) - ym[None]) ** 2).sum() / n_out
+
+
+def _compiled(build):
+    def builder(pb):
+        fn = build(pb)
+        return torch.compile(fn)
+
+    return builder
+
+
+def _func_builders():
+    return {
+        "hvp": lambda pb: _func_hvp(pb, False),
+        "hvp-batched": lambda pb: _func_hvp(pb, True),
+        "ggn_vp": _func_ggn_vp,
+        "diagonal": lambda pb: (_dense_only(pb, "torch.func's Hessian"), (lambda h=_func_flat_hessian(pb): torch.diagonal(h())))[1],
+        "hessian": lambda pb: (_dense_only(pb, "torch.func's Hessian"), _func_flat_hessian(pb))[1],
+        "input-hessian": lambda pb: (lambda: vmap(hessian(_sample_loss(pb)))(pb.x, pb.y)),
+        "laplacian": lambda pb: (lambda: torch.diagonal(vmap(jacfwd(jacrev(lambda xm: pb.model(xm[None])[0])))(pb.x),
+                                                        dim1=-2, dim2=-1).sum(-1)),
+    }
+
+
+def builders():
+    """quantity -> method -> builder(problem) -> callable (raising Skip where it does not apply)."""
+    func = _func_builders()
+    na = lambda what: (lambda pb: (_ for _ in ()).throw(Skip(f"no {what} for this quantity")))  # noqa: E731
+    table = {
+        "hvp": {"hessext": lambda pb: (lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.v)),
+                "double-backward": lambda pb: _double_backward_hvp(pb, False),
+                "curvlinops": lambda pb: _curvlinops(pb, "hvp")},
+        "hvp-batched": {"hessext": lambda pb: (lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.V)),
+                        "double-backward": lambda pb: _double_backward_hvp(pb, True)},
+        "ggn_vp": {"hessext": lambda pb: (lambda: hessext.ggn_vp(pb.model, mse, pb.x, pb.y, pb.v)),
+                   "curvlinops": lambda pb: _curvlinops(pb, "ggn_vp")},
+        "diagonal": {"hessext": lambda pb: (lambda: hessext.hessian_diag(pb.model, mse, pb.x, pb.y)),
+                     "backpack": _backpack_diag},
+        "hessian": {"hessext": lambda pb: (lambda: hessext.hessian(pb.model, mse, pb.x, pb.y, output="matrix"))},
+        "input-hessian": {"hessext": lambda pb: (lambda: hessext.input_hessian(pb.model, mse, pb.x, pb.y))},
+        "laplacian": {"hessext": lambda pb: (lambda: hessext.laplacian(pb.model, pb.x))},
+    }
+    for q in QUANTITIES:
+        table[q]["torch.func"] = func[q]
+        table[q]["torch.compile"] = _compiled(func[q])
+        for m in METHODS:
+            table[q].setdefault(m, na(m))
+    return table
+
+
+# ---- the reference ------------------------------------------------------------------------------
+
+def reference(quantity, pb, seed=0):
+    """(float64 reference values, index into the method's flat result or None for all of it)."""
+    p64 = as_float64(pb)
+    f = lambda v: hessext.hvp(p64.model, mse, p64.x, p64.y, v, backend="torch.func")  # noqa: E731
+    if quantity == "hvp":
+        return flat(f(p64.v)), None
+    if quantity == "hvp-batched":
+        return flat(f(p64.V)), None
+    if quantity == "ggn_vp":
+        return flat(hessext.ggn_vp(p64.model, mse, p64.x, p64.y, p64.v, backend="torch.func")), None
+    if quantity in ("diagonal", "hessian"):
+        P = pb.P
+        rows = torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:min(P, 24)]
+        basis = torch.zeros(len(rows), P, dtype=torch.float64, device=pb.x.device)
+        basis[torch.arange(len(rows)), rows.to(basis.device)] = 1
+        H_rows = f(basis)  # [r, P]: rows of the Hessian
+        if quantity == "diagonal":
+            return H_rows[torch.arange(len(rows)), rows.to(H_rows.device)], rows
+        return H_rows.reshape(-1), (rows[:, None] * P + torch.arange(P)).reshape(-1)
+    if quantity == "input-hessian":
+        return flat(hessext.input_hessian(p64.model, mse, p64.x, p64.y, backend="torch.func")), None
+    return flat(hessext.laplacian(p64.model, p64.x, backend="torch.func")), None
+
+
+def check(result, ref, index, dtype):
+    """(ok, relative error) of a method's result against the reference."""
+    got = flat(result)
+    if index is not None:
+        got = got[index.to(got.device)]
+    if got.shape != ref.shape:
+        return False, float("inf")
+    err = ((got - ref.to(got.device)).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
+    return err <= RTOL[dtype], err
+
+
+# ---- timing and memory --------------------------------------------------------------------------
+
+def rss_mb():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
+def measure(fn, device, min_run_time):
+    """(median s, interquartile range s, peak memory MB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
+    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median, m.iqr, peak
+
+
+def environment(device):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "git_commit": commit, "hessext_native": hessext.plan(
+                nn.Linear(1, 1), nn.MSELoss()).backend == "native"}
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def run(quantities, architectures, batches, methods, device="cpu", dtype=torch.float64, k=16, min_run_time=0.2,
+        extra_methods=None, progress=True):
+    """Benchmark every (quantity, architecture, batch, method); returns the JSON-ready report."""
+    device = torch.device(device)
+    table = builders()
+    for q, extra in (extra_methods or {}).items():
+        table[q].update(extra)
+    jobs = [(q, w, n) for q in quantities for w in architectures for n in batches]
+    bar = jobs
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(jobs, desc="hessext.bench", unit="case", file=sys.stderr)
+    rows, notes = [], []
+    for q, widths, n in bar:
+        pb = make_problem(widths, n, device, dtype, k)
+        ref, index = reference(q, pb)
+        plist = list(pb.model.parameters())
+        grad_time = measure(lambda: torch.autograd.grad(mse(pb.model(pb.x), pb.y), plist), device, min_run_time)[0]
+        case = {"quantity": q, "widths": widths, "batch": n, "P": pb.P, "gradient_s": grad_time, "methods": {}}
+        names = list(methods) + [m for m in (extra_methods or {}).get(q, {}) if m not in methods]
+        for name in names:
+            entry = {"status": "ok"}
+            try:
+                fn = table[q][name](pb)
+                ok, err = check(fn(), ref, index, dtype)  # also the warm-up (and compilation)
+                entry["rel_error"] = err
+                if not ok:
+                    entry["status"] = "wrong"
+                    notes.append(f"{q} {widths} N={n}: {name} is wrong (relative error {err:.2e}); not timed")
+                else:
+                    if name == "torch.compile":
+                        import time
+
+                        start = time.perf_counter()
+                        fn = table[q][name](pb)
+                        fn()
+                        entry["compile_s"] = time.perf_counter() - start
+                    entry["median_s"], entry["iqr_s"], entry["peak_mb"] = measure(fn, device, min_run_time)
+            except Skip as exc:
+                entry = {"status": "skipped", "note": str(exc)}
+                notes.append(f"{q}: {name} skipped: {exc}")
+            except Exception as exc:  # a peer that fails on this input is reported, not fatal
+                entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                notes.append(f"{q} {widths} N={n}: {name} failed: {entry['note']}")
+            case["methods"][name] = entry
+        base = case["methods"].get("hessext", {}).get("median_s")
+        for entry in case["methods"].values():
+            if "median_s" in entry:
+                entry["x_gradient"] = entry["median_s"] / grad_time
+                entry["x_hessext"] = entry["median_s"] / base if base else None
+        rows.append(case)
+    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "k": k,
+            "cases": rows, "notes": sorted(set(notes))}
+
+
+def format_table(report):
+    lines = [f"{'quantity':14s} {'widths':22s} {'N':>6s} {'method':16s} {'median':>11s} {'iqr':>10s} "
+             f"{'x hessext':>10s} {'x grad':>8s} {'peak MB':>9s}"]
+    for case in report["cases"]:
+        for name, e in case["methods"].items():
+            if "median_s" in e:
+                cols = (f"{e['median_s'] * 1e3:9.3f}ms {e['iqr_s'] * 1e3:8.3f}ms "
+                        f"{(e['x_hessext'] or float('nan')):9.2f}x {e['x_gradient']:7.2f}x "
+                        f"{(e['peak_mb'] or float('nan')):9.1f}")
+            else:
+                cols = f"{e['status']}: {e.get('note', '')}"[:60]
+            lines.append(f"{case['quantity']:14s} {','.join(map(str, case['widths'])):22s} {case['batch']:6d} "
+                         f"{name:16s} {cols}")
+    return "\n".join(lines + [""] + [f"note: {n}" for n in report["notes"]])
+
+
+def plot(report, path):
+    """Time against width and against batch size, log scale, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quantities = sorted({c["quantity"] for c in report["cases"]}, key=QUANTITIES.index)
+    fig, axes = plt.subplots(len(quantities), 2, figsize=(11, 3.6 * len(quantities)), squeeze=False)
+    for row, q in enumerate(quantities):
+        cases = [c for c in report["cases"] if c["quantity"] == q]
+        for col, (xkey, xlabel) in enumerate(((lambda c: max(c["widths"]), "largest width"),
+                                               (lambda c: c["batch"], "batch size"))):
+            ax = axes[row][col]
+            methods = sorted({m for c in cases for m, e in c["methods"].items() if "median_s" in e})
+            for m in methods:
+                pts = sorted((xkey(c), c["methods"][m]["median_s"]) for c in cases if "median_s" in c["methods"].get(m, {}))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=m)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("median time (ms)")
+            ax.set_title(f"{q} ({report['dtype']}, {report['environment']['device']})", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ints(text):
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="hessext-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quantities", default="hvp,diagonal", help=f"comma-separated from {','.join(QUANTITIES)}")
+    parser.add_argument("--widths", action="append", type=_ints, help="an architecture, e.g. 784,256,256,10 (repeatable)")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="a named architecture (repeatable)")
+    parser.add_argument("--batch", type=_ints, default=[100], help="comma-separated batch sizes")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--k", type=int, default=16, help="vectors for hvp-batched")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", default="hessext-bench.json", help="JSON report path")
+    parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    args = parser.parse_args(argv)
+    quantities = [q for q in args.quantities.split(",") if q]
+    methods = [m for m in args.methods.split(",") if m]
+    for q in quantities:
+        if q not in QUANTITIES:
+            parser.error(f"--quantities: {q!r} is not one of {QUANTITIES}")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"--methods: {m!r} is not one of {METHODS}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["seed1"]]
+    report = run(quantities, archs, args.batch, methods, args.device, getattr(torch, args.dtype), args.k,
+                 args.min_run_time)
+    print(format_table(report))
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    main()
