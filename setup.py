@@ -32,5 +32,6 @@ setup(
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm"],
+    entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},
     extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch", "matplotlib"], "examples": ["matplotlib"]},
 )

@@ -15,6 +15,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -318,46 +320,51 @@ def run(quantities, architectures, batches, methods, device="cpu", dtype=torch.f
 
         bar = tqdm(jobs, desc="hessext.bench", unit="case", file=sys.stderr)
     rows, notes = [], []
-    for q, widths, n in bar:
-        pb = make_problem(widths, n, device, dtype, k)
-        ref, index = reference(q, pb)
-        plist = list(pb.model.parameters())
-        grad_time = measure(lambda: torch.autograd.grad(mse(pb.model(pb.x), pb.y), plist), device, min_run_time)[0]
-        case = {"quantity": q, "widths": widths, "batch": n, "P": pb.P, "gradient_s": grad_time, "methods": {}}
-        names = list(methods) + [m for m in (extra_methods or {}).get(q, {}) if m not in methods]
-        for name in names:
-            entry = {"status": "ok"}
-            try:
-                fn = table[q][name](pb)
-                ok, err = check(fn(), ref, index, dtype)  # also the warm-up (and compilation)
-                entry["rel_error"] = err
-                if not ok:
-                    entry["status"] = "wrong"
-                    notes.append(f"{q} {widths} N={n}: {name} is wrong (relative error {err:.2e}); not timed")
-                else:
-                    if name == "torch.compile":
-                        import time
-
-                        start = time.perf_counter()
-                        fn = table[q][name](pb)
-                        fn()
-                        entry["compile_s"] = time.perf_counter() - start
-                    entry["median_s"], entry["iqr_s"], entry["peak_mb"] = measure(fn, device, min_run_time)
-            except Skip as exc:
-                entry = {"status": "skipped", "note": str(exc)}
-                notes.append(f"{q}: {name} skipped: {exc}")
-            except Exception as exc:  # a peer that fails on this input is reported, not fatal
-                entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                notes.append(f"{q} {widths} N={n}: {name} failed: {entry['note']}")
-            case["methods"][name] = entry
-        base = case["methods"].get("hessext", {}).get("median_s")
-        for entry in case["methods"].values():
-            if "median_s" in entry:
-                entry["x_gradient"] = entry["median_s"] / grad_time
-                entry["x_hessext"] = entry["median_s"] / base if base else None
-        rows.append(case)
+    with warnings.catch_warnings():  # peers' own deprecation and hook warnings would bury the table
+        warnings.simplefilter("ignore")
+        for q, widths, n in bar:
+            rows.append(_run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min_run_time, notes))
     return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "k": k,
             "cases": rows, "notes": sorted(set(notes))}
+
+
+def _run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min_run_time, notes):
+    """One (quantity, architecture, batch): every method checked, then timed."""
+    pb = make_problem(widths, n, device, dtype, k)
+    ref, index = reference(q, pb)
+    plist = list(pb.model.parameters())
+    grad_time = measure(lambda: torch.autograd.grad(mse(pb.model(pb.x), pb.y), plist), device, min_run_time)[0]
+    case = {"quantity": q, "widths": widths, "batch": n, "P": pb.P, "gradient_s": grad_time, "methods": {}}
+    names = list(methods) + [m for m in (extra_methods or {}).get(q, {}) if m not in methods]
+    for name in names:
+        entry = {"status": "ok"}
+        try:
+            fn = table[q][name](pb)
+            start = time.perf_counter()
+            result = fn()  # the check's call is also the warm-up, and compiles torch.compile's graph
+            first_call = time.perf_counter() - start
+            ok, err = check(result, ref, index, dtype)
+            entry["rel_error"] = err
+            if not ok:
+                entry["status"] = "wrong"
+                notes.append(f"{q} {widths} N={n}: {name} is wrong (relative error {err:.2e}); not timed")
+            else:
+                if name == "torch.compile":
+                    entry["compile_s"] = first_call  # reported apart, never in the median
+                entry["median_s"], entry["iqr_s"], entry["peak_mb"] = measure(fn, device, min_run_time)
+        except Skip as exc:
+            entry = {"status": "skipped", "note": str(exc)}
+            notes.append(f"{q}: {name} skipped: {exc}")
+        except Exception as exc:  # a peer that fails on this input is reported, not fatal
+            entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            notes.append(f"{q} {widths} N={n}: {name} failed: {entry['note']}")
+        case["methods"][name] = entry
+    base = case["methods"].get("hessext", {}).get("median_s")
+    for entry in case["methods"].values():
+        if "median_s" in entry:
+            entry["x_gradient"] = entry["median_s"] / grad_time
+            entry["x_hessext"] = entry["median_s"] / base if base else None
+    return case
 
 
 def format_table(report):
@@ -374,6 +381,24 @@ def format_table(report):
             lines.append(f"{case['quantity']:14s} {','.join(map(str, case['widths'])):22s} {case['batch']:6d} "
                          f"{name:16s} {cols}")
     return "\n".join(lines + [""] + [f"note: {n}" for n in report["notes"]])
+
+
+def markdown(report):
+    """The report as a markdown table (one row per case and method)."""
+    env = report["environment"]
+    lines = [f"Measured {env['date']} on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+             f"{report['dtype']}, commit {env['git_commit']}; hessext.bench, medians.", "",
+             "| quantity | widths | N | method | median (ms) | x hessext | x gradient | note |", "|---|---|---|---|---|---|---|---|"]
+    for case in report["cases"]:
+        for name, e in case["methods"].items():
+            if e["status"] == "skipped":
+                continue
+            timed = "median_s" in e
+            note = f"compile {e['compile_s']:.1f} s" if "compile_s" in e else e.get("note", e["status"] if not timed else "")
+            lines.append(f"| {case['quantity']} | {','.join(map(str, case['widths']))} | {case['batch']} | {name} | "
+                         + (f"{e['median_s'] * 1e3:.3f} | {e['x_hessext']:.2f} | {e['x_gradient']:.2f}" if timed else "n/a | | ")
+                         + f" | {note} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in report["notes"] if "for this quantity" not in n]) + "\n"
 
 
 def plot(report, path):
@@ -425,6 +450,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="hessext-bench.json", help="JSON report path")
     parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
+    parser.add_argument("--md", default=None, help="markdown table path")
     args = parser.parse_args(argv)
     quantities = [q for q in args.quantities.split(",") if q]
     methods = [m for m in args.methods.split(",") if m]
@@ -445,6 +471,10 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {args.out}")
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(report))
+        print(f"wrote {args.md}")
     if args.plot:
         try:
             plot(report, args.plot)
