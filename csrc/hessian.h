@@ -14,9 +14,13 @@
 // the result is exactly symmetric. Cost: M * sum_{k<=l} P_l P_k multiply-adds, about half of M P^2,
 // plus O(M n^3) for the G_l and A_{l,k}.
 #pragma once
+#include "jets.h"
 #include "stack.h"
 
 namespace hessext {
+
+// Elements of the per-chunk work tensors (T of the block GEMMs, the G_l of a chunk of samples).
+constexpr int64_t kHessianChunkElems = int64_t(1) << 24;
 
 // G_l for samples [m0, m1): G[l]: [mc, n_{l+1}, n_{l+1}], from G_{L-1} = 2 scale I by
 // G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}), R_{l-1} = -2 a_l d_l e_l (tanh).
@@ -163,6 +167,24 @@ at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_e
     }
   }
   return out;
+}
+
+// Laplacians (mode 0) and input Hessians (1: diagonal, 2: full) by whichever method costs less:
+// the jets of jets.h, M sum_l n_l n_{l+1} (1+d+q), or the backward recurrence, M (sum n^3 + n_1^2 d).
+template <class E>
+at::Tensor input_derivatives_any(const Stack& s, int64_t mode, int64_t chunk_elems) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (Laplacian), 1 (diagonal) or 2 (full), got ", mode);
+  const JetMode jm = static_cast<JetMode>(mode);
+  if (jm != JetMode::Laplacian) {
+    const int64_t d = s.width(0), q = jet_channels(jm, d);
+    int64_t jets = 0, back = s.width(1) * s.width(1) * d;
+    for (int64_t l = 0; l < s.L; ++l) {
+      jets += s.width(l) * s.width(l + 1) * (1 + d + q);
+      if (l > 0) back += 2 * s.width(l) * s.width(l + 1) * s.width(l + 1);
+    }
+    if (back < jets) return input_hessian_backward<E>(s, jm == JetMode::Diagonal, chunk_elems);
+  }
+  return input_derivatives<E>(s, jm);
 }
 
 }  // namespace hessext

@@ -181,12 +181,15 @@ struct PathChoice {
     for (int64_t l = 0; l < s.L; ++l) work += s.width(l + 1) * s.width(l + 1) * s.width(l);
     return w <= max_width() && s.M * work <= max_work();
   }
+  // The fused HVP runs its M K P multiply-adds in per-sample loops, the GEMM path pays a fixed ATen
+  // cost per layer and then runs at BLAS speed: fused while M K P <= L max_work / 256 (measured
+  // crossover on the CPU about 10^4 per layer: seed 1 at K = 1 stays fused, [2,50,50,50,1] does not).
   static bool fused(const Stack& s, int64_t K) {
     if (s.L > fused::kMaxLayers) return false;
     int64_t P = 0, w = 0;
     for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
     for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel();
-    return w <= max_width() && s.M * K * P <= max_work();
+    return w <= max_width() && s.M * K * P <= s.L * (max_work() / 256);
   }
 };
 
@@ -223,6 +226,17 @@ struct SlotLayout {
       offset[j] = total;
       total += numel[j];
     }
+  }
+  // The per-slot [K, *shape] outputs (each in its own storage; outputs never alias) of a flat
+  // [P * K] buffer holding slot j at offset[j] * K as [numel, K].
+  std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, int64_t K) const {
+    const auto shapes = s.slot_shapes({K});
+    std::vector<at::Tensor> out;
+    for (int64_t j = 0; j < s.num_slots; ++j) {
+      const at::Tensor slot = flat.narrow(0, offset[j] * K, numel[j] * K).view({numel[j], K});
+      out.push_back(at::empty(shapes[j], flat.options()).view({K, numel[j]}).copy_(slot.t()).view(shapes[j]));
+    }
+    return out;
   }
 };
 

@@ -25,5 +25,5 @@ def sources(cuda):
     return files
 
 
-CXX_FLAGS = ["-O3", "-std=c++17"]
-NVCC_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+NVCC_FLAGS = ["-O3"]

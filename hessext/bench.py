@@ -316,9 +316,12 @@ def run(quantities, architectures, batches, methods, device="cpu", dtype=torch.f
     jobs = [(q, w, n) for q in quantities for w in architectures for n in batches]
     bar = jobs
     if progress:
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(jobs, desc="hessext.bench", unit="case", file=sys.stderr)
+            bar = tqdm(jobs, desc="hessext.bench", unit="case", file=sys.stderr)
+        except ImportError:  # the bar is a nicety
+            pass
     rows, notes = [], []
     with warnings.catch_warnings():  # peers' own deprecation and hook warnings would bury the table
         warnings.simplefilter("ignore")
@@ -356,7 +359,7 @@ def _run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min
             entry = {"status": "skipped", "note": str(exc)}
             notes.append(f"{q}: {name} skipped: {exc}")
         except Exception as exc:  # a peer that fails on this input is reported, not fatal
-            entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
             notes.append(f"{q} {widths} N={n}: {name} failed: {entry['note']}")
         case["methods"][name] = entry
     base = case["methods"].get("hessext", {}).get("median_s")
@@ -402,24 +405,29 @@ def markdown(report):
 
 
 def plot(report, path):
-    """Time against width and against batch size, log scale, one line per method."""
+    """Time against width (at the largest batch) and against batch size (for the widest
+    architecture), log scale, one line per method, one colour per method throughout."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     quantities = sorted({c["quantity"] for c in report["cases"]}, key=QUANTITIES.index)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(len(quantities), 2, figsize=(11, 3.6 * len(quantities)), squeeze=False)
     for row, q in enumerate(quantities):
         cases = [c for c in report["cases"] if c["quantity"] == q]
-        for col, (xkey, xlabel) in enumerate(((lambda c: max(c["widths"]), "largest width"),
-                                               (lambda c: c["batch"], "batch size"))):
+        widest = max(cases, key=lambda c: c["P"])["widths"]
+        largest = max(c["batch"] for c in cases)
+        panels = ((lambda c: max(c["widths"]), f"largest width (N = {largest})", lambda c: c["batch"] == largest),
+                  (lambda c: c["batch"], f"batch size ({','.join(map(str, widest))})", lambda c: c["widths"] == widest))
+        for col, (xkey, xlabel, keep) in enumerate(panels):
             ax = axes[row][col]
-            methods = sorted({m for c in cases for m, e in c["methods"].items() if "median_s" in e})
-            for m in methods:
-                pts = sorted((xkey(c), c["methods"][m]["median_s"]) for c in cases if "median_s" in c["methods"].get(m, {}))
+            chosen = [c for c in cases if keep(c)]
+            for m in METHODS + tuple(sorted({m for c in chosen for m in c["methods"]} - set(METHODS))):
+                pts = sorted((xkey(c), c["methods"][m]["median_s"]) for c in chosen if "median_s" in c["methods"].get(m, {}))
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=m)
+                    ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=m, color=colors.get(m))
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)

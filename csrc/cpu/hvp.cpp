@@ -60,14 +60,7 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
       }
     }
   });
-  const at::Tensor total = nt == 1 ? acc[0] : acc.sum(0);
-  const auto shapes = s.slot_shapes({K});
-  std::vector<at::Tensor> result;
-  for (int64_t j = 0; j < s.num_slots; ++j) {  // each output in its own storage (outputs never alias)
-    const at::Tensor slot = total.narrow(0, layout.offset[j] * K, layout.numel[j] * K).view({layout.numel[j], K});
-    result.push_back(at::empty(shapes[j], total.options()).view({K, layout.numel[j]}).copy_(slot.t()).view(shapes[j]));
-  }
-  return result;
+  return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, K);
 }
 
 template <bool GGN>

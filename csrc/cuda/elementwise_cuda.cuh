@@ -1,0 +1,169 @@
+// Fused elementwise steps of the stack recurrences on the GPU: the same steps as
+// cpu/elementwise_cpu.h, one kernel launch each on the current stream, one thread per element or row.
+#pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include "stack.h"
+
+namespace hessext {
+namespace cuda_detail {
+
+constexpr int kThreads = 256;
+inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 16)); }
+
+#define HX_GRID_LOOP(j, n) for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < (n); j += int64_t(gridDim.x) * blockDim.x)
+
+template <typename T>
+__global__ void tanh_forward_kernel(T* z, T* d, int64_t n) {
+  HX_GRID_LOOP(j, n) {
+    const T a = tanh(z[j]);
+    z[j] = a;
+    d[j] = T(1) - a * a;
+  }
+}
+
+// r [M, K, w] *= d [M, w]
+template <typename T>
+__global__ void r_forward_tanh_kernel(T* r, const T* d, int64_t M, int64_t K, int64_t w) {
+  HX_GRID_LOOP(j, M * K * w) {
+    const int64_t m = j / (K * w), c = j % w;
+    r[j] *= d[m * w + c];
+  }
+}
+
+// r [M, K, w] <- d r - 2 a e Ra
+template <typename T>
+__global__ void r_backward_tanh_kernel(T* r, const T* d, const T* a, const T* e, const T* Ra, int64_t M, int64_t K,
+                                       int64_t w) {
+  HX_GRID_LOOP(j, M * K * w) {
+    const int64_t mc = (j / (K * w)) * w + j % w;
+    r[j] = d[mc] * r[j] - T(2) * a[mc] * e[mc] * Ra[j];
+  }
+}
+
+// F [I, M, Q] *= d[m, i]; dG[m, i] += sum_q sigma F^2 (one thread per (i, m) row)
+template <typename T>
+__global__ void scale_square_sum_kernel(T* F, const T* d, const T* sigma, T* dG, int64_t I, int64_t M, int64_t Q) {
+  HX_GRID_LOOP(row, I * M) {
+    const int64_t i = row / M, m = row % M;
+    T* f = F + row * Q;
+    const T dd = d ? d[m * I + i] : T(1);
+    T acc = 0;
+    for (int64_t q = 0; q < Q; ++q) {
+      f[q] *= dd;
+      acc += (sigma ? sigma[m * Q + q] : T(1)) * f[q] * f[q];
+    }
+    dG[m * I + i] += acc;
+  }
+}
+
+// F[i, m, o] = d[m, i] W[o, i] root[m, o]
+template <typename T>
+__global__ void residual_factor_kernel(T* F, const T* W, const T* root, const T* d, int64_t I, int64_t M, int64_t O) {
+  HX_GRID_LOOP(j, I * M * O) {
+    const int64_t i = j / (M * O), m = (j / O) % M, o = j % O;
+    F[j] = (d ? d[m * I + i] : T(1)) * W[o * I + i] * root[m * O + o];
+  }
+}
+
+// One tanh step of the input jets on z [o, M, 1 + d + q] (see jets.h); mode: 0 sum channel,
+// 1 diagonal channels (i, i), 2 full channels (i <= j, row-major).
+template <typename T>
+__global__ void jet_tanh_kernel(T* z, const T* a, int64_t rows, int64_t cols, int64_t d, int mode) {
+  HX_GRID_LOOP(r, rows) {
+    T* row = z + r * cols;
+    const T av = a[r], dd = T(1) - av * av, p2 = T(-2) * av * dd;
+    T* J = row + 1;
+    T* S = row + 1 + d;
+    if (mode == 0) {
+      T acc = 0;
+      for (int64_t i = 0; i < d; ++i) acc += J[i] * J[i];
+      S[0] = dd * S[0] + p2 * acc;
+    } else if (mode == 1) {
+      for (int64_t i = 0; i < d; ++i) S[i] = dd * S[i] + p2 * J[i] * J[i];
+    } else {
+      int64_t k = 0;
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = i; j < d; ++j, ++k) S[k] = dd * S[k] + p2 * J[i] * J[j];
+    }
+    for (int64_t i = 0; i < d; ++i) J[i] *= dd;
+    row[0] = av;
+  }
+}
+
+}  // namespace cuda_detail
+
+struct CudaElementwise {
+  static void tanh_forward(at::Tensor& z, at::Tensor& d) {
+    const int64_t n = z.numel();
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tanh_forward_cuda", [&] {
+      cuda_detail::tanh_forward_kernel<scalar_t><<<cuda_detail::blocks_for(n), cuda_detail::kThreads, 0,
+                                                   at::cuda::getCurrentCUDAStream()>>>(z.data_ptr<scalar_t>(),
+                                                                                       d.data_ptr<scalar_t>(), n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void r_forward_tanh(at::Tensor Rz, const at::Tensor& d) {
+    const int64_t M = Rz.size(0), K = Rz.size(1), w = Rz.size(2);
+    AT_DISPATCH_FLOATING_TYPES(Rz.scalar_type(), "r_forward_tanh_cuda", [&] {
+      cuda_detail::r_forward_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
+                                                     at::cuda::getCurrentCUDAStream()>>>(
+          Rz.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), M, K, w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void r_backward_tanh(at::Tensor Re, const at::Tensor& d, const at::Tensor& a, const at::Tensor& e,
+                              const at::Tensor& Ra) {
+    const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
+    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_backward_tanh_cuda", [&] {
+      cuda_detail::r_backward_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
+                                                      at::cuda::getCurrentCUDAStream()>>>(
+          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+          Ra.data_ptr<scalar_t>(), M, K, w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void scale_square_sum(at::Tensor& F, const at::Tensor& d, const at::Tensor& sigma, at::Tensor& dG) {
+    const int64_t I = F.size(0), M = F.size(1), Q = F.size(2);
+    AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "scale_square_sum_cuda", [&] {
+      cuda_detail::scale_square_sum_kernel<scalar_t><<<cuda_detail::blocks_for(I * M), cuda_detail::kThreads, 0,
+                                                       at::cuda::getCurrentCUDAStream()>>>(
+          F.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr,
+          sigma.defined() ? sigma.data_ptr<scalar_t>() : nullptr, dG.data_ptr<scalar_t>(), I, M, Q);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static at::Tensor residual_factor(const at::Tensor& W, const at::Tensor& R, const at::Tensor& d) {
+    const int64_t O = W.size(0), I = W.size(1), M = R.size(0);
+    at::Tensor F = at::empty({I, M, O}, R.options());
+    const at::Tensor root = R.abs().sqrt();
+    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "residual_factor_cuda", [&] {
+      cuda_detail::residual_factor_kernel<scalar_t><<<cuda_detail::blocks_for(I * M * O), cuda_detail::kThreads, 0,
+                                                      at::cuda::getCurrentCUDAStream()>>>(
+          F.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), root.data_ptr<scalar_t>(),
+          d.defined() ? d.data_ptr<scalar_t>() : nullptr, I, M, O);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return F;
+  }
+
+  static void jet_tanh(at::Tensor& z, int64_t d, bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
+    const int64_t rows = z.size(0) * z.size(1), cols = z.size(2);
+    const int mode = sum_channel ? 0 : (static_cast<int64_t>(pairs.size()) == d ? 1 : 2);
+    const at::Tensor a = z.select(2, 0).tanh();
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_tanh_cuda", [&] {
+      cuda_detail::jet_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(rows), cuda_detail::kThreads, 0,
+                                               at::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, cols, d, mode);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+};
+
+}  // namespace hessext

@@ -1,0 +1,35 @@
+// CUDA kernels of hessext::hessian and hessext::input_derivatives: the structured recurrences of
+// hessian.h and jets.h (cuBLAS through ATen) with the fused elementwise kernels.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/elementwise_cuda.cuh"
+#include "hessian.h"
+
+namespace hessext {
+namespace {
+
+std::vector<at::Tensor> hessian_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+                                     const c10::List<c10::optional<at::Tensor>>& biases,
+                                     at::IntArrayRef activations, double scale, bool layer_blocks) {
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const Stack s(inputs, targets, weights, biases, activations, scale);
+  return hessian<CudaElementwise>(s, layer_blocks, kHessianChunkElems);
+}
+
+at::Tensor input_derivatives_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+                                  const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
+                                  double scale, int64_t mode) {
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const Stack s(inputs, targets, weights, biases, activations, scale);
+  return input_derivatives_any<CudaElementwise>(s, mode, kHessianChunkElems);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hessext, CUDA, m) {
+  m.impl("hessian", &hessian_cuda);
+  m.impl("input_derivatives", &input_derivatives_cuda);
+}
+
+}  // namespace hessext

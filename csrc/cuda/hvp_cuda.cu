@@ -1,0 +1,87 @@
+// CUDA kernels of hessext::hvp and hessext::ggn_vp. Narrow stacks: one launch, one thread per
+// sample running the whole per-sample recurrence of fused.h (forward, backward, R-forward,
+// R-backward for all K vectors) into its own row of a [M, P * K] buffer, summed over samples
+// afterwards (deterministic, no atomics). Wide stacks: the GEMM recurrence of hvp.h (cuBLAS through
+// ATen, the K vectors batched into single products) with the fused elementwise kernels.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/elementwise_cuda.cuh"
+#include "hvp.h"
+
+namespace hessext {
+namespace {
+
+template <typename T>
+struct VectorPtrs {
+  const T* V[fused::kMaxLayers];   // [o, i, K]
+  const T* vb[fused::kMaxLayers];  // [o, K] or nullptr
+  int64_t offW[fused::kMaxLayers], offb[fused::kMaxLayers];  // slot offsets (times K in the row), -1: none
+};
+
+template <typename T, bool GGN>
+__global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, const T* x, const T* y, T* scratch,
+                                 int64_t per_sample, T* out, int64_t M, int64_t PK) {
+  const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (m >= M) return;
+  const int U = net.off[net.L + 1];
+  T* a = scratch + m * per_sample;
+  T *d = a + U, *delta = d + U, *e = delta + U, *Ra = e + U, *r0 = Ra + U * K, *r1 = r0 + net.maxw * K;
+  fused::forward(net, x + m * net.n[0], a, d);
+  if (!GGN) fused::backward(net, a, d, y + m * net.n[net.L], delta, e);
+  T* HW[fused::kMaxLayers];
+  T* Hb[fused::kMaxLayers];
+  T* row = out + m * PK;
+  for (int l = 0; l < net.L; ++l) {
+    HW[l] = row + vp.offW[l] * K;
+    Hb[l] = vp.offb[l] >= 0 ? row + vp.offb[l] * K : nullptr;
+  }
+  fused::hvp_sample<T, 0, GGN>(net, K, a, d, delta, e, vp.V, vp.vb, Ra, r0, r1, HW, Hb);
+}
+
+template <typename T, bool GGN>
+std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, int64_t K) {
+  const fused::Net<T> net = make_net<T>(s);
+  const SlotLayout layout(s);
+  std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
+  for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
+  VectorPtrs<T> vp{};
+  for (int64_t l = 0; l < s.L; ++l) {
+    vp.V[l] = vt[s.slot_W[l]].data_ptr<T>();
+    vp.vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
+    vp.offW[l] = layout.offset[s.slot_W[l]];
+    vp.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
+  }
+  const int64_t M = s.M, U = net.off[net.L + 1], per = 4 * U + (U + 2 * net.maxw) * K, PK = layout.total * K;
+  at::Tensor scratch = at::empty({M * per}, s.x.options());
+  at::Tensor out = at::zeros({M, PK}, s.x.options());
+  constexpr int threads = 128;
+  hvp_fused_kernel<T, GGN><<<static_cast<int>((M + threads - 1) / threads), threads, 0,
+                             at::cuda::getCurrentCUDAStream()>>>(net, vp, static_cast<int>(K), s.x.data_ptr<T>(),
+                                                                 s.y.data_ptr<T>(), scratch.data_ptr<T>(), per,
+                                                                 out.data_ptr<T>(), M, PK);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return layout.unpack(out.sum(0), s, K);
+}
+
+template <bool GGN>
+std::vector<at::Tensor> products_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
+                                      const c10::List<c10::optional<at::Tensor>>& biases,
+                                      at::IntArrayRef activations, double scale, at::TensorList vectors) {
+  const c10::cuda::CUDAGuard guard(inputs.device());
+  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const int64_t K = s.check_vectors(vectors);
+  if (!PathChoice::fused(s, K)) return hvp<CudaElementwise>(s, vectors, GGN);
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cuda",
+                                    [&] { return hvp_fused_cuda<scalar_t, GGN>(s, vectors, K); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hessext, CUDA, m) {
+  m.impl("hvp", &products_cuda<false>);
+  m.impl("ggn_vp", &products_cuda<true>);
+}
+
+}  // namespace hessext
