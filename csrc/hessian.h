@@ -10,9 +10,10 @@
 //                                         + delta_l[o] Abar_{l,k}[i,p] )              + bilinear cross term)
 //
 // (Abar's bias row is zero.) Each block is one GEMM over the samples, T^T abar_k with
-// T[m, (o,i,p)] built per chunk of samples; the blocks with k > l are the mirrored transposes, so
-// the result is exactly symmetric. Cost: M * sum_{k<=l} P_l P_k multiply-adds, about half of M P^2,
-// plus O(M n^3) for the G_l and A_{l,k}.
+// T[m, (o,i,p)] built per chunk of samples (in one reused workspace) and accumulated per block pair
+// across the chunks; the blocks with k > l are the mirrored transposes, so the result is exactly
+// symmetric. Cost: M * sum_{k<=l} P_l P_k multiply-adds, about half of M P^2, plus O(M n^3) for the
+// G_l and A_{l,k}. Memory: H plus the block accumulators (about 1.5 P^2) and the workspace.
 #pragma once
 #include "jets.h"
 #include "stack.h"
@@ -99,18 +100,30 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     for (int64_t k = 0; k <= l; ++k) widest = std::max(widest, s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0));
   const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
 
+  // One accumulator per block pair (k <= l) in the GEMM's natural layout [(o, ibar, p), jbar], extended
+  // in place by every chunk (addmm_, beta = 1) and scattered into H once; one reused workspace for T.
+  std::vector<at::Tensor> acc;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k <= l; ++k) {
+      const bool wanted = k == l || !layer_only;
+      const int64_t rows = s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0);
+      acc.push_back(wanted ? at::zeros({rows, s.W[k].size(1) + 1}, s.x.options()) : at::Tensor());
+    }
+  auto pair = [](int64_t l, int64_t k) { return l * (l + 1) / 2 + k; };
+  at::Tensor work = at::empty({mc_max * widest}, s.x.options());
+
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
     const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, m0, mc + m0);
     std::vector<at::Tensor> abar(L);
     for (int64_t l = 0; l < L; ++l) abar[l] = augmented_input(s, f, l, m0, mc);
     for (int64_t l = 0; l < L; ++l) {
-      at::Tensor& Hl = H[layer_only ? l : 0];
       const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = abar[l].size(1);
       // k = l: T[m, o, ibar, p] = G_l[m, o, p] abar_l[m, ibar]
-      at::Tensor T = G[l].unsqueeze(2) * abar[l].unsqueeze(1).unsqueeze(3);
-      add_block(Hl, at::mm(T.view({mc, -1}).t(), abar[l]).view({o, ib, o, ib}), s, l, l, off.woff[l], off.boff[l],
-                off.woff[l], off.boff[l]);
+      at::Tensor T = work.narrow(0, 0, mc * o * ib * o).view({mc, o, ib, o});
+      at::mul_out(T, G[l].unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
+      at::Tensor& all = acc[pair(l, l)];
+      all.narrow(0, 0, o * ib * o).narrow(1, 0, ib).addmm_(T.view({mc, -1}).t(), abar[l]);
       if (layer_only || l == 0) continue;
       const at::Tensor GW = at::matmul(G[l], s.W[l]);  // [mc, o, n_l]
       const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
@@ -118,10 +131,10 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
                                       : at::eye(n, s.x.options()).expand({mc, n, n});  // A_{l,l-1}
       for (int64_t k = l - 1; k >= 0; --k) {
         const int64_t p = s.W[k].size(0), jb = abar[k].size(1);
-        at::Tensor Tk = at::matmul(GW, A).unsqueeze(2) * abar[l].unsqueeze(1).unsqueeze(3);  // [mc, o, ibar, p]
+        at::Tensor Tk = work.narrow(0, 0, mc * o * ib * p).view({mc, o, ib, p});
+        at::mul_out(Tk, at::matmul(GW, A).unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
         Tk.narrow(2, 0, n).add_(delta.unsqueeze(2).unsqueeze(3) * A.unsqueeze(1));
-        add_block(Hl, at::mm(Tk.view({mc, -1}).t(), abar[k]).view({o, ib, p, jb}), s, l, k, off.woff[l],
-                  off.boff[l], off.woff[k], off.boff[k]);
+        acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).addmm_(Tk.view({mc, -1}).t(), abar[k]);
         if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k
           A = at::matmul(A, s.W[k]);
           if (f.d[k].defined()) A.mul_(f.d[k].narrow(0, m0, mc).unsqueeze(1));
@@ -129,6 +142,14 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
       }
     }
   }
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k <= l; ++k) {
+      if (!acc[pair(l, k)].defined()) continue;
+      const int64_t o = s.W[l].size(0), ib = s.W[l].size(1) + (s.b[l].defined() ? 1 : 0);
+      const int64_t p = s.W[k].size(0), jb = s.W[k].size(1) + (s.b[k].defined() ? 1 : 0);
+      const at::Tensor block = acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).reshape({o, ib, p, jb});
+      add_block(H[layer_only ? l : 0], block, s, l, k, off.woff[l], off.boff[l], off.woff[k], off.boff[k]);
+    }
   // Exact symmetry: the diagonal blocks are averaged with their transposes, the blocks above the
   // diagonal are the transposes of those below.
   if (layer_only) {

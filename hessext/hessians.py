@@ -65,8 +65,10 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     sizes = [t.numel() for t in tensors]
     groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan, tensors)
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
+    # the result, plus (native) the block accumulators: the lower triangle of blocks, or the layer blocks again
+    extra = sum(n * n for n in group_sizes) // (2 if blocks == "full" else 1) if native else 0
     _check_memory(f"hessext.hessian(blocks={blocks!r}) of {sum(sizes)} parameters",
-                  sum(n * n for n in group_sizes) * ref.element_size(), ref, max_bytes,
+                  (sum(n * n for n in group_sizes) + extra) * ref.element_size(), ref, max_bytes,
                   ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
                   + "hessext.hvp for products")
     if native:
