@@ -56,6 +56,23 @@ def config(name, dtype=torch.float64, device="cpu", seed=0):
     return label, model, x, y
 
 
+def flat_loss(model, loss_fn, x, y):
+    """(f, theta): the loss as a function of the flat parameter vector, for torch.func.hessian."""
+    from torch.func import functional_call
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    shapes = [(n, p.shape, p.numel()) for n, p in params.items()]
+
+    def f(flat):
+        split, start = {}, 0
+        for n, shape, k in shapes:
+            split[n] = flat[start:start + k].reshape(shape)
+            start += k
+        return loss_fn(functional_call(model, split, (x,)), y)
+
+    return f, torch.cat([p.reshape(-1) for p in params.values()])
+
+
 def median_s(fn, min_run_time=1.0):
     """Median seconds of fn() (warm-up first; Timer synchronises CUDA)."""
     fn()

@@ -8,10 +8,10 @@ import copy
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call, hessian
+from torch.func import hessian
 
 import hessext
-from common import config, environment, median_s, mlp, write
+from common import config, environment, flat_loss, median_s, mlp, write
 
 TORCH_FUNC_MAX_P = 2000
 
@@ -55,15 +55,7 @@ def run(name):
     row = {"config": label, "P": P, "max_rel_err_vs_backpack": err}
     t = {"hessext": median_s(ours), "backpack": median_s(bp), "gradient": median_s(gradient)}
     if P <= TORCH_FUNC_MAX_P:
-        flat = torch.cat([p.reshape(-1) for p in params.values()])
-        shapes = [(n, p.shape, p.numel()) for n, p in params.items()]
-
-        def f(theta):
-            split, start = {}, 0
-            for n, shape, k in shapes:
-                split[n] = theta[start:start + k].reshape(shape)
-                start += k
-            return loss_fn(functional_call(model, split, (x,)), y)
+        f, flat = flat_loss(model, loss_fn, x, y)
 
         def torch_func():
             return torch.diagonal(hessian(f)(flat))

@@ -10,10 +10,10 @@ jacfwd(jacrev) of the model output, and of torch.func.hessian of each sample's l
 import time
 
 import torch
-from torch.func import functional_call, hessian, jacfwd, jacrev, vmap
+from torch.func import hessian, jacfwd, jacrev, vmap
 
 import hessext
-from common import config, environment, median_s, write
+from common import config, environment, flat_loss, median_s, write
 
 
 def mse(out, target):
@@ -25,20 +25,6 @@ def once_s(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def flat_loss(model, x, y):
-    params = {k: p.detach() for k, p in model.named_parameters()}
-    shapes = [(n, p.shape, p.numel()) for n, p in params.items()]
-
-    def f(theta):
-        split, start = {}, 0
-        for n, shape, k in shapes:
-            split[n] = theta[start:start + k].reshape(shape)
-            start += k
-        return mse(functional_call(model, split, (x,)), y)
-
-    return f, torch.cat([p.reshape(-1) for p in params.values()])
 
 
 def row_by_row(model, x, y):
@@ -56,7 +42,7 @@ def row_by_row(model, x, y):
 
 def weights_row(name):
     label, model, x, y = config(name)
-    f, theta = flat_loss(model, x, y)
+    f, theta = flat_loss(model, mse, x, y)
     ours = lambda: hessext.hessian(model, mse, x, y, output="matrix")  # noqa: E731
     theirs = lambda: hessian(f)(theta)  # noqa: E731
     loop = lambda: row_by_row(model, x, y)  # noqa: E731

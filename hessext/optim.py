@@ -31,6 +31,15 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 
+    def _state(self, p, *buffers):
+        """The per-parameter state, created on first use: a step count and zeroed buffers."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            for name in buffers:
+                state[name] = torch.zeros_like(p)
+        return state
+
     def _diagonal(self, inputs, targets):
         if self.estimator == "hutchinson":
             d = curvature.hutchinson_diag(self.model, self.loss_fn, inputs, targets, samples=self.samples,
@@ -61,11 +70,7 @@ class AdaHessian(_DiagonalOptimizer):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+                state = self._state(p, "exp_avg", "exp_hessian_diag_sq")
                 state["step"] += 1
                 t = state["step"]
                 state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
@@ -98,11 +103,7 @@ class Sophia(_DiagonalOptimizer):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["hessian"] = torch.zeros_like(p)
+                state = self._state(p, "exp_avg", "hessian")
                 state["step"] += 1
                 state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
                 if diag is not None:

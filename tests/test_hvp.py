@@ -220,19 +220,8 @@ def test_leading_dimensions_and_shape_ops():
     assert_close(got, ref, 1e-10, "leading dims")
 
 
-def test_op_registration_and_fake():
-    """The op's schema and fake (meta) implementation are consistent (torch.library.opcheck)."""
-    model = build_stack([3, 4, 2], [True, False], ["tanh"])
-    x, y = random_batch(3, 2, 5)
-    W = [model[0].weight.detach(), model[2].weight.detach()]
-    b = [model[0].bias.detach(), None]
-    V = [torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
-         torch.randn(2, 2, 4, dtype=torch.float64)]
-    torch.library.opcheck(torch.ops.hessext.hvp.default, (x, y, W, b, [1], 0.1, V),
-                          test_utils=("test_schema", "test_faketensor"))
-
-
-def test_op_registration_ggn_vp_and_diag():
+def test_op_registration_and_fakes():
+    """Each op's schema and fake (meta) implementation are consistent (torch.library.opcheck)."""
     model = build_stack([3, 4, 2], [True, False], ["tanh"])
     x, y = random_batch(3, 2, 5)
     W = [model[0].weight.detach(), model[2].weight.detach()]
@@ -240,7 +229,8 @@ def test_op_registration_ggn_vp_and_diag():
     V = [torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
          torch.randn(2, 2, 4, dtype=torch.float64)]
     utils = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.hessext.ggn_vp.default, (x, y, W, b, [1], 0.1, V), test_utils=utils)
+    for op in (torch.ops.hessext.hvp.default, torch.ops.hessext.ggn_vp.default):
+        torch.library.opcheck(op, (x, y, W, b, [1], 0.1, V), test_utils=utils)
     for ggn in (False, True):
         for per_sample in (False, True):
             torch.library.opcheck(torch.ops.hessext.diag.default, (x, y, W, b, [1], 0.1, ggn, per_sample),
