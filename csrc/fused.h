@@ -221,5 +221,104 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
   }
 }
 
+// The dense Hessian contribution of one sample (hessian.h's decomposition with the sample's G_l and
+// A_{l,k} held whole), added to the blocks k <= l of H [P, P] (stack order; the caller mirrors).
+//   G_{L-1} = 2 scale I;  G_{l-1} = D_l W_l^T G_l W_l D_l + diag(-2 a_l d_l e_l)
+//   H_ll[(o,i),(p,j)] += G_l[o,p] abar_l[i] abar_l[j]
+//   H_lk[(o,i),(p,j)] += ((G_l W_l A)[o,p] abar_l[i] + delta_l[o] A[i,p]) abar_k[j],
+//   A = A_{l,k}: A_{l,l-1} = D_l, A_{l,k-1} = A_{l,k} W_k D_k;  abar = [a, 1] with a bias (A's bias row 0)
+// Scratch: G of L max n^2, and GW, A, An, B of max n^2 each. woff/boff: parameter offsets (-1: no bias).
+template <typename T>
+HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* delta, const T* e, T* G, T* GW, T* A,
+                          T* An, T* B, const int64_t* woff, const int64_t* boff, int64_t P, T* H) {
+  const int L = net.L, W2 = net.maxw * net.maxw;
+  {
+    const int C = net.n[L];
+    T* GL = G + (L - 1) * W2;
+    for (int p = 0; p < C * C; ++p) GL[p] = T(0);
+    for (int c = 0; c < C; ++c) GL[c * C + c] = T(2) * net.scale;
+  }
+  for (int l = L - 1; l >= 1; --l) {  // G_{l-1} from G_l
+    const int ni = net.n[l], no = net.n[l + 1];
+    const T* Gl = G + l * W2;
+    T* Gp = G + (l - 1) * W2;
+    const T* W = net.W[l];
+    for (int o = 0; o < no; ++o)
+      for (int i = 0; i < ni; ++i) {
+        T acc = T(0);
+        for (int q = 0; q < no; ++q) acc += Gl[o * no + q] * W[q * ni + i];
+        GW[o * ni + i] = acc;
+      }
+    const bool tanh = net.tanh[l - 1];
+    const T* dd = d + net.off[l];
+    for (int i = 0; i < ni; ++i)
+      for (int j = 0; j < ni; ++j) {
+        T acc = T(0);
+        for (int o = 0; o < no; ++o) acc += W[o * ni + i] * GW[o * ni + j];
+        if (tanh) acc *= dd[i] * dd[j];
+        if (i == j && tanh) acc -= T(2) * a[net.off[l] + i] * dd[i] * e[net.off[l] + i];
+        Gp[i * ni + j] = acc;
+      }
+  }
+  for (int l = 0; l < L; ++l) {
+    const int ni = net.n[l], no = net.n[l + 1], ib = ni + (boff[l] >= 0 ? 1 : 0);
+    const T* al = a + net.off[l];
+    const T* Gl = G + l * W2;
+    auto row = [&](int o, int i) { return i < ni ? woff[l] + int64_t(o) * ni + i : boff[l] + o; };
+    for (int o = 0; o < no; ++o)  // H_ll
+      for (int i = 0; i < ib; ++i) {
+        T* h = H + row(o, i) * P;
+        const T ai = i < ni ? al[i] : T(1);
+        for (int p = 0; p < no; ++p) {
+          const T g = Gl[o * no + p] * ai;
+          T* __restrict__ hw = h + woff[l] + int64_t(p) * ni;
+          for (int j = 0; j < ni; ++j) hw[j] += g * al[j];
+          if (boff[l] >= 0) h[boff[l] + p] += g;
+        }
+      }
+    if (l == 0) continue;
+    const T* W = net.W[l];
+    for (int o = 0; o < no; ++o)  // GW = G_l W_l [o, n_l]
+      for (int i = 0; i < ni; ++i) {
+        T acc = T(0);
+        for (int q = 0; q < no; ++q) acc += Gl[o * no + q] * W[q * ni + i];
+        GW[o * ni + i] = acc;
+      }
+    for (int i = 0; i < ni; ++i)  // A = A_{l,l-1} = D_l
+      for (int p = 0; p < ni; ++p) A[i * ni + p] = i == p ? (net.tanh[l - 1] ? d[net.off[l] + i] : T(1)) : T(0);
+    const T* dl = delta + net.off[l + 1];
+    for (int k = l - 1; k >= 0; --k) {
+      const int nk = net.n[k], np = net.n[k + 1];
+      const T* ak = a + net.off[k];
+      for (int o = 0; o < no; ++o)  // B = GW A [o, np]
+        for (int p = 0; p < np; ++p) {
+          T acc = T(0);
+          for (int i = 0; i < ni; ++i) acc += GW[o * ni + i] * A[i * np + p];
+          B[o * np + p] = acc;
+        }
+      for (int o = 0; o < no; ++o)
+        for (int i = 0; i < ib; ++i) {
+          T* h = H + row(o, i) * P;
+          const T ai = i < ni ? al[i] : T(1);
+          for (int p = 0; p < np; ++p) {
+            const T c = B[o * np + p] * ai + (i < ni ? dl[o] * A[i * np + p] : T(0));
+            T* __restrict__ hw = h + woff[k] + int64_t(p) * nk;
+            for (int j = 0; j < nk; ++j) hw[j] += c * ak[j];
+            if (boff[k] >= 0) h[boff[k] + p] += c;
+          }
+        }
+      if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k: [n_l, n_k]
+        for (int i = 0; i < ni; ++i)
+          for (int q = 0; q < nk; ++q) {
+            T acc = T(0);
+            for (int p = 0; p < np; ++p) acc += A[i * np + p] * net.W[k][p * nk + q];
+            An[i * nk + q] = net.tanh[k - 1] ? acc * d[net.off[k] + q] : acc;
+          }
+        for (int j = 0; j < ni * nk; ++j) A[j] = An[j];
+      }
+    }
+  }
+}
+
 }  // namespace fused
 }  // namespace hessext

@@ -78,6 +78,19 @@ inline void add_block(at::Tensor& H, const at::Tensor& block, const Stack& s, in
   if (rb >= 0 && cb >= 0) sub(rb, o, 1, cb, p, 1).add_(block.narrow(1, i, 1).narrow(3, j, 1));
 }
 
+// Exact symmetry for a Hessian whose blocks k <= l are filled (stack order): each diagonal block is
+// averaged with its transpose, each block above the diagonal is the transpose of the one below.
+inline void symmetrize_from_lower(at::Tensor& H, const Stack& s) {
+  int64_t r0 = 0;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
+    at::Tensor block = H.narrow(0, r0, Pl).narrow(1, r0, Pl);
+    block.copy_((block + block.t()) * 0.5);
+    if (r0 > 0) H.narrow(0, 0, r0).narrow(1, r0, Pl).copy_(H.narrow(0, r0, Pl).narrow(1, 0, r0).t());
+    r0 += Pl;
+  }
+}
+
 // The dense Hessian in stack order: one [P, P] matrix, or (layer_only) one [P_l, P_l] per layer.
 template <class E>
 std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_elems) {
@@ -150,20 +163,11 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
       const at::Tensor block = acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).reshape({o, ib, p, jb});
       add_block(H[layer_only ? l : 0], block, s, l, k, off.woff[l], off.boff[l], off.woff[k], off.boff[k]);
     }
-  // Exact symmetry: the diagonal blocks are averaged with their transposes, the blocks above the
-  // diagonal are the transposes of those below.
-  if (layer_only) {
+  if (layer_only) {  // exact symmetry
     for (auto& Hl : H) Hl.copy_((Hl + Hl.t()) * 0.5);
     return H;
   }
-  int64_t r0 = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
-    at::Tensor block = H[0].narrow(0, r0, Pl).narrow(1, r0, Pl);
-    block.copy_((block + block.t()) * 0.5);
-    if (r0 > 0) H[0].narrow(0, 0, r0).narrow(1, r0, Pl).copy_(H[0].narrow(0, r0, Pl).narrow(1, 0, r0).t());
-    r0 += Pl;
-  }
+  symmetrize_from_lower(H[0], s);
   return H;
 }
 

@@ -184,6 +184,14 @@ struct PathChoice {
   // The fused HVP runs its M K P multiply-adds in per-sample loops, the GEMM path pays a fixed ATen
   // cost per layer and then runs at BLAS speed: fused while M K P <= L max_work / 256 (measured
   // crossover on the CPU about 10^4 per layer: seed 1 at K = 1 stays fused, [2,50,50,50,1] does not).
+  // The fused dense Hessian adds P^2 products per sample in scalar loops: for small M P^2.
+  static bool fused_hessian(const Stack& s) {
+    if (s.L > fused::kMaxLayers) return false;
+    int64_t P = 0, w = 0;
+    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
+    return w <= max_width() && s.M * P * P <= max_work() / 4;
+  }
   static bool fused(const Stack& s, int64_t K) {
     if (s.L > fused::kMaxLayers) return false;
     int64_t P = 0, w = 0;

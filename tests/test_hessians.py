@@ -23,8 +23,9 @@ def case_model(case, dtype=torch.float64, max_width=12):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(10))
-def test_dense_hessian_matches_torch_func(case, dtype):
+def test_dense_hessian_matches_torch_func(case, dtype, path):
     label, model, x, y, loss = case_model(case, dtype)
+    label = f"{label} {path}"
     H = hessext.hessian(model, loss, x, y, output="matrix", backend="native")
     ref = reference_hessian(model, loss, x, y)
     assert H.dtype == dtype and H.shape == ref.shape

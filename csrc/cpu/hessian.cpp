@@ -1,6 +1,7 @@
 // CPU kernels of hessext::hessian (dense and block-diagonal weight Hessians, hessian.h) and
 // hessext::input_derivatives (Laplacians and input Hessians: jets.h, or the backward recurrence of
 // hessian.h when the input is wide).
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
@@ -9,11 +10,45 @@
 namespace hessext {
 namespace {
 
+// Narrow stacks, small M P^2: one batched forward pass, then fused::hessian_sample per sample, samples
+// split over threads with one [P, P] accumulator each; then the mirror and symmetrisation of hessian.h.
+template <typename T>
+at::Tensor hessian_fused_cpu(const Stack& s) {
+  const fused::Net<T> net = make_net<T>(s);
+  const FlatOffsets off(s, false);
+  const Forward f = forward<CpuElementwise>(s);
+  const int64_t M = s.M, C = s.width(s.L), P = off.total, L = s.L;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P * P / (int64_t(1) << 16)));
+  at::Tensor acc = at::zeros({nt, P, P}, s.x.options());
+  const T* y = s.y.data_ptr<T>();
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
+    std::vector<T> scratch(4 * U + (L + 4) * W2);
+    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *GW = G + L * W2, *A = GW + W2,
+      *An = A + W2, *B = An + W2;
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
+        for (int64_t l = 0; l <= L; ++l) {
+          const int64_t n = net.n[l];
+          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
+          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
+        }
+        fused::backward(net, a, d, y + m * C, delta, e);
+        fused::hessian_sample(net, a, d, delta, e, G, GW, A, An, B, off.woff.data(), off.boff.data(), P,
+                              acc.data_ptr<T>() + t * P * P);
+      }
+  });
+  at::Tensor H = nt == 1 ? acc[0] : acc.sum(0);
+  symmetrize_from_lower(H, s);
+  return H;
+}
+
 std::vector<at::Tensor> hessian_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
                                     const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
                                     double scale, bool layer_blocks) {
   const Stack s(inputs, targets, weights, biases, activations, scale);
-  return hessian<CpuElementwise>(s, layer_blocks, kHessianChunkElems);
+  if (layer_blocks || !PathChoice::fused_hessian(s)) return hessian<CpuElementwise>(s, layer_blocks, kHessianChunkElems);
+  return {AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hessian_fused_cpu", [&] { return hessian_fused_cpu<scalar_t>(s); })};
 }
 
 at::Tensor input_derivatives_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
