@@ -1,0 +1,44 @@
+"""Loading the native module: build facts, and the torch.func fallback (with one warning) when
+neither the prebuilt module nor a JIT build is available."""
+import os
+import subprocess
+import sys
+
+import hessext
+from hessext import _native
+
+
+def test_build_facts():
+    status = _native.status()
+    assert status["loaded"] and status["error"] is None
+    assert status["with_cuda"] in (True, False)
+    assert status["torch_version"]
+    assert "native kernels: usable" in __import__("hessext.info").info.report()
+
+
+def test_missing_native_module_warns_once_and_falls_back():
+    code = """
+import sys, warnings
+sys.modules["hessext._C"] = None          # the prebuilt module is missing
+import torch, torch.nn as nn, hessext
+m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+v = torch.randn(2, 26, dtype=torch.float64)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    plan = hessext.plan(m, nn.MSELoss())
+    a = hessext.hvp(m, nn.MSELoss(), x, y, v)
+    b = hessext.hvp(m, nn.MSELoss(), x, y, v)
+print(plan.backend, "|", plan.reason)
+print(sum("native kernels unavailable" in str(w.message) for w in caught), "warning")
+print(float((a - b).abs().max()))
+"""
+    env = dict(os.environ, HESSEXT_NO_JIT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("torch.func | the native module is unavailable")
+    assert "HESSEXT_NO_JIT" in lines[0]
+    assert lines[1] == "1 warning"
+    assert float(lines[2]) == 0.0
+    assert hessext.plan(__import__("torch").nn.Linear(2, 2), __import__("torch").nn.MSELoss()).backend == "native"
