@@ -194,13 +194,26 @@ def _compiled(build):
     return builder
 
 
+def _func_dense(pb, diagonal):
+    _dense_only(pb, "torch.func's Hessian")
+    full = _func_flat_hessian(pb)
+    return (lambda: torch.diagonal(full())) if diagonal else full
+
+
+def _not_applicable(method):
+    def builder(pb):
+        raise Skip(f"no {method} for this quantity")
+
+    return builder
+
+
 def _func_builders():
     return {
         "hvp": lambda pb: _func_hvp(pb, False),
         "hvp-batched": lambda pb: _func_hvp(pb, True),
         "ggn_vp": _func_ggn_vp,
-        "diagonal": lambda pb: (_dense_only(pb, "torch.func's Hessian"), (lambda h=_func_flat_hessian(pb): torch.diagonal(h())))[1],
-        "hessian": lambda pb: (_dense_only(pb, "torch.func's Hessian"), _func_flat_hessian(pb))[1],
+        "diagonal": lambda pb: _func_dense(pb, True),
+        "hessian": lambda pb: _func_dense(pb, False),
         "input-hessian": lambda pb: (lambda: vmap(hessian(_sample_loss(pb)))(pb.x, pb.y)),
         "laplacian": lambda pb: (lambda: torch.diagonal(vmap(jacfwd(jacrev(lambda xm: pb.model(xm[None])[0])))(pb.x),
                                                         dim1=-2, dim2=-1).sum(-1)),
@@ -210,7 +223,6 @@ def _func_builders():
 def builders():
     """quantity -> method -> builder(problem) -> callable (raising Skip where it does not apply)."""
     func = _func_builders()
-    na = lambda what: (lambda pb: (_ for _ in ()).throw(Skip(f"no {what} for this quantity")))  # noqa: E731
     table = {
         "hvp": {"hessext": lambda pb: (lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.v)),
                 "double-backward": lambda pb: _double_backward_hvp(pb, False),
@@ -229,7 +241,7 @@ def builders():
         table[q]["torch.func"] = func[q]
         table[q]["torch.compile"] = _compiled(func[q])
         for m in METHODS:
-            table[q].setdefault(m, na(m))
+            table[q].setdefault(m, _not_applicable(m))
     return table
 
 

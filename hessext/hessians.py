@@ -37,7 +37,7 @@ def _check_memory(what, nbytes, ref, max_bytes, hint):
                          f"on {ref.device}; {hint}")
 
 
-def _layers(plan, tensors):
+def _layers(plan):
     """Groups of parameter positions (named order), one per layer: the Linear layers of a native stack,
     else the parameters of each module."""
     if plan.stack is not None:
@@ -65,7 +65,7 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
     ref = tensors[0]
     sizes = [t.numel() for t in tensors]
-    groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan, tensors)
+    groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan)
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
     # the result, plus (native) the block accumulators: the lower triangle of blocks, or the layer blocks again
     extra = sum(n * n for n in group_sizes) // (2 if blocks == "full" else 1) if native else 0

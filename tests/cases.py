@@ -1,7 +1,5 @@
 """Shared test cases: random Linear/Tanh stacks, the two seed models, devices and dtypes, and a
 comparison that reports the largest error and where it is."""
-import random
-
 import torch
 import torch.nn as nn
 
