@@ -235,6 +235,12 @@ struct SlotLayout {
       total += numel[j];
     }
   }
+  // Slot j's accumulator for thread t: the output tensors themselves when there is one thread and
+  // one column (the [numel, 1] layout is the output's own), else thread t's part of the buffer.
+  template <typename T>
+  T* slot_ptr(int64_t j, int64_t t, int64_t K, const std::vector<at::Tensor>& direct, const at::Tensor& acc) const {
+    return direct.empty() ? acc.data_ptr<T>() + t * total * K + offset[j] * K : direct[j].data_ptr<T>();
+  }
   // The per-slot [K, *shape] outputs (each in its own storage; outputs never alias) of a flat
   // [P * K] buffer holding slot j at offset[j] * K as [numel, K].
   std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, int64_t K) const {

@@ -17,7 +17,13 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   const Forward f = forward<CpuElementwise>(s);
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P / (int64_t(1) << 16)));
-  at::Tensor acc = at::zeros({per_sample ? M : nt, P}, s.x.options());
+  std::vector<at::Tensor> direct;  // one thread, summed: accumulate straight into the outputs
+  at::Tensor acc;
+  if (nt == 1 && !per_sample) {
+    for (const auto& shape : s.slot_shapes({})) direct.push_back(at::zeros(shape, s.x.options()));
+  } else {
+    acc = at::zeros({per_sample ? M : nt, P}, s.x.options());
+  }
   const T* y = s.y.data_ptr<T>();
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
@@ -27,10 +33,10 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
     T* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        T* out = acc.data_ptr<T>() + (per_sample ? m : t) * P;
+        const int64_t row = per_sample ? m : t;
         for (int64_t l = 0; l < L; ++l) {
-          HW[l] = out + layout.offset[s.slot_W[l]];
-          Hb[l] = s.slot_b[l] >= 0 ? out + layout.offset[s.slot_b[l]] : nullptr;
+          HW[l] = layout.slot_ptr<T>(s.slot_W[l], row, 1, direct, acc);
+          Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<T>(s.slot_b[l], row, 1, direct, acc) : nullptr;
         }
         for (int64_t l = 0; l <= L; ++l) {
           const int64_t n = net.n[l];
@@ -41,6 +47,7 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
         fused::diag_sample(net, ggn, a, d, e, G, Gn, Tm, HW, Hb);
       }
   });
+  if (!direct.empty()) return direct;
   const at::Tensor total = per_sample ? acc : (nt == 1 ? acc[0] : acc.sum(0));
   const auto shapes = s.slot_shapes(per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
   std::vector<at::Tensor> result;

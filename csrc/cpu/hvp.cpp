@@ -25,7 +25,13 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
   for (const auto& v : vectors) vt.push_back(K == 1 ? v.contiguous() : v.reshape({K, -1}).t().contiguous());
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
   const int64_t nt = threads_for(M * K * P);
-  at::Tensor acc = at::zeros({nt, P * K}, s.x.options());  // slot j at offset[j] * K, as [numel, K]
+  std::vector<at::Tensor> direct;  // one thread, one vector: accumulate straight into the outputs
+  at::Tensor acc;                  // else: slot j at offset[j] * K, as [numel, K], per thread
+  if (nt == 1 && K == 1) {
+    for (const auto& shape : s.slot_shapes({K})) direct.push_back(at::zeros(shape, s.x.options()));
+  } else {
+    acc = at::zeros({nt, P * K}, s.x.options());
+  }
   const T* y = s.y.data_ptr<T>();
   const T* V[fused::kMaxLayers];
   const T* vb[fused::kMaxLayers];
@@ -41,10 +47,9 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
     T* HW[fused::kMaxLayers];
     T* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t) {
-      T* out = acc.data_ptr<T>() + t * P * K;
       for (int64_t l = 0; l < L; ++l) {
-        HW[l] = out + layout.offset[s.slot_W[l]] * K;
-        Hb[l] = s.slot_b[l] >= 0 ? out + layout.offset[s.slot_b[l]] * K : nullptr;
+        HW[l] = layout.slot_ptr<T>(s.slot_W[l], t, K, direct, acc);
+        Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<T>(s.slot_b[l], t, K, direct, acc) : nullptr;
       }
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
         for (int64_t l = 0; l <= L; ++l) {
@@ -60,6 +65,7 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
       }
     }
   });
+  if (!direct.empty()) return direct;
   return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, K);
 }
 
