@@ -1,21 +1,19 @@
 """Thin wrappers over torch.ops.hessext.*, each with its fake (meta) implementation beside it so the
-ops trace under torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h."""
+ops trace under torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h.
+The fakes are registered once the native library has loaded (`available()`)."""
 import torch
 
 from hessext import _native
 
-_registered = False
+_FAKES = {}
 
 
-def available():
-    """Whether the native ops are loaded (loading them on first use)."""
-    global _registered
-    if _native.load() is None:
-        return False
-    if not _registered:
-        _register_fakes()
-        _registered = True
-    return True
+def _fake(name):
+    def register(fn):
+        _FAKES[name] = fn
+        return fn
+
+    return register
 
 
 def hvp(inputs, targets, weights, biases, activations, scale, vectors):
@@ -23,9 +21,19 @@ def hvp(inputs, targets, weights, biases, activations, scale, vectors):
     return torch.ops.hessext.hvp(inputs, targets, weights, biases, activations, scale, vectors)
 
 
+@_fake("hessext::hvp")
+def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+    return [torch.empty_like(v) for v in vectors]
+
+
 def ggn_vp(inputs, targets, weights, biases, activations, scale, vectors):
     """[K, *p.shape] per parameter (stack order): K GGN-vector products."""
     return torch.ops.hessext.ggn_vp(inputs, targets, weights, biases, activations, scale, vectors)
+
+
+@_fake("hessext::ggn_vp")
+def _ggn_vp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+    return [torch.empty_like(v) for v in vectors]
 
 
 def diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
@@ -33,9 +41,27 @@ def diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
     return torch.ops.hessext.diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample)
 
 
+@_fake("hessext::diag")
+def _diag_fake(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
+    lead = (inputs.shape[0],) if per_sample else ()
+    shapes = []
+    for w, b in zip(weights, biases):
+        shapes.append(lead + tuple(w.shape))
+        if b is not None:
+            shapes.append(lead + tuple(b.shape))
+    return [inputs.new_empty(shape) for shape in shapes]
+
+
 def hessian(inputs, targets, weights, biases, activations, scale, layer_blocks):
     """[H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks."""
     return torch.ops.hessext.hessian(inputs, targets, weights, biases, activations, scale, layer_blocks)
+
+
+@_fake("hessext::hessian")
+def _hessian_fake(inputs, targets, weights, biases, activations, scale, layer_blocks):
+    sizes = [w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, biases)]
+    shapes = [(n, n) for n in sizes] if layer_blocks else [(sum(sizes), sum(sizes))]
+    return [inputs.new_empty(shape) for shape in shapes]
 
 
 def input_derivatives(inputs, targets, weights, biases, activations, scale, mode):
@@ -43,33 +69,23 @@ def input_derivatives(inputs, targets, weights, biases, activations, scale, mode
     return torch.ops.hessext.input_derivatives(inputs, targets, weights, biases, activations, scale, mode)
 
 
-def _register_fakes():
-    @torch.library.register_fake("hessext::hvp")
-    def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
-        return [torch.empty_like(v) for v in vectors]
+@_fake("hessext::input_derivatives")
+def _input_derivatives_fake(inputs, targets, weights, biases, activations, scale, mode):
+    M, d = inputs.shape
+    shape = {0: (M, weights[-1].shape[0]), 1: (M, d), 2: (M, d, d)}[mode]
+    return inputs.new_empty(shape)
 
-    @torch.library.register_fake("hessext::ggn_vp")
-    def _ggn_vp_fake(inputs, targets, weights, biases, activations, scale, vectors):
-        return [torch.empty_like(v) for v in vectors]
 
-    @torch.library.register_fake("hessext::diag")
-    def _diag_fake(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
-        lead = (inputs.shape[0],) if per_sample else ()
-        shapes = []
-        for w, b in zip(weights, biases):
-            shapes.append(lead + tuple(w.shape))
-            if b is not None:
-                shapes.append(lead + tuple(b.shape))
-        return [inputs.new_empty(shape) for shape in shapes]
+_registered = False
 
-    @torch.library.register_fake("hessext::hessian")
-    def _hessian_fake(inputs, targets, weights, biases, activations, scale, layer_blocks):
-        sizes = [w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, biases)]
-        shapes = [(n, n) for n in sizes] if layer_blocks else [(sum(sizes), sum(sizes))]
-        return [inputs.new_empty(shape) for shape in shapes]
 
-    @torch.library.register_fake("hessext::input_derivatives")
-    def _input_derivatives_fake(inputs, targets, weights, biases, activations, scale, mode):
-        M, d = inputs.shape
-        shape = {0: (M, weights[-1].shape[0]), 1: (M, d), 2: (M, d, d)}[mode]
-        return inputs.new_empty(shape)
+def available():
+    """Whether the native ops are loaded (loading them, and registering the fakes, on first use)."""
+    global _registered
+    if _native.load() is None:
+        return False
+    if not _registered:
+        for name, fn in _FAKES.items():
+            torch.library.register_fake(name)(fn)
+        _registered = True
+    return True
