@@ -235,3 +235,19 @@ def test_op_registration_and_fakes():
         for per_sample in (False, True):
             torch.library.opcheck(torch.ops.hessext.diag.default, (x, y, W, b, [1], 0.1, ggn, per_sample),
                                   test_utils=utils)
+
+
+def test_op_under_torch_compile_fullgraph():
+    """The op traces (through its fake) inside a compiled graph, and the public call compiles too."""
+    model = build_stack([3, 4, 2], [True, True], ["tanh"])
+    x, y = random_batch(3, 2, 5)
+    assert hessext.ops.available()
+    W = [model[0].weight.detach(), model[2].weight.detach()]
+    b = [model[0].bias.detach(), model[2].bias.detach()]
+    V = [torch.randn((2,) + p.shape, dtype=torch.float64) for p in model.parameters()]
+    compiled = torch.compile(lambda V: [2 * t for t in torch.ops.hessext.hvp(x, y, W, b, [1], 0.1, V)], fullgraph=True)
+    for got, want in zip(compiled(V), torch.ops.hessext.hvp(x, y, W, b, [1], 0.1, V)):
+        assert_close(got, 2 * want, 1e-15, "compiled op")
+    Vf = torch.randn(2, num_params(model), dtype=torch.float64)
+    api = torch.compile(lambda V: hessext.hvp(model, nn.MSELoss(), x, y, V))
+    assert_close(api(Vf), hessext.hvp(model, nn.MSELoss(), x, y, Vf), 1e-15, "compiled hessext.hvp")
