@@ -97,7 +97,7 @@ def pack_vectors(vectors, names, params):
         if vectors.dim() not in (1, 2) or vectors.shape[-1] != P or vectors.numel() == 0:
             raise ValueError(f"vectors as a flat tensor must have shape [{P}] or [K, {P}] "
                              f"(P = number of parameters), got {tuple(vectors.shape)}")
-        _check_like(vectors, ref, "vectors")
+        _check_like(vectors, ref, lambda _: "vectors", 0)
         batched = vectors.dim() == 2
         flat = vectors if batched else vectors.unsqueeze(0)
         K = flat.shape[0]
@@ -109,35 +109,39 @@ def pack_vectors(vectors, names, params):
 
         return entries, restore
     if isinstance(vectors, Mapping):
-        missing = [n for n in names if n not in vectors]
-        extra = [n for n in vectors if n not in names]
-        if missing or extra:
+        if len(vectors) != len(names) or any(n not in vectors for n in names):
+            missing = [n for n in names if n not in vectors]
+            extra = [n for n in vectors if n not in names]
             raise ValueError(f"vectors must have exactly the model's parameter names {names}; "
                              f"missing {missing}, unexpected {extra}")
-        labels = [f"vectors['{n}']" for n in names]
         items = [vectors[n] for n in names]
+
+        def label(j):
+            return f"vectors['{names[j]}']"
     elif isinstance(vectors, (list, tuple)):
         if len(vectors) != len(names):
             raise ValueError(f"vectors must hold {len(names)} tensors, one per parameter in "
                              f"named_parameters() order {names}, got {len(vectors)}")
-        labels = [f"vectors[{j}]" for j in range(len(names))]
         items = list(vectors)
+
+        def label(j):
+            return f"vectors[{j}]"
     else:
         raise TypeError(f"vectors must be a dict name -> tensor, a list/tuple of tensors or a flat tensor, "
                         f"got {type(vectors).__name__}")
-    for label, t in zip(labels, items):
-        _check_like(t, ref, label)
+    for j, t in enumerate(items):
+        _check_like(t, ref, label, j)
     first, p0 = items[0], params[0]
     batched = first.shape != p0.shape
     if batched and (first.dim() != p0.dim() + 1 or first.shape[1:] != p0.shape or first.shape[0] == 0):
-        raise ValueError(f"{labels[0]} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
+        raise ValueError(f"{label(0)} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
                          f"got {tuple(first.shape)}")
     K = first.shape[0] if batched else 1
     entries = []
-    for label, t, p in zip(labels, items, params):
-        want = ((K,) if batched else ()) + tuple(p.shape)
-        if tuple(t.shape) != want:
-            raise ValueError(f"{label} must have shape {want} (like {labels[0]}{', batched' if batched else ''}), "
+    for j, (t, p) in enumerate(zip(items, params)):
+        if (t.shape[1:] if batched else t.shape) != p.shape or (batched and t.shape[0] != K):
+            want = ((K,) if batched else ()) + tuple(p.shape)
+            raise ValueError(f"{label(j)} must have shape {want} (like {label(0)}{', batched' if batched else ''}), "
                              f"got {tuple(t.shape)}")
         entries.append(t if batched else t.unsqueeze(0))
 
@@ -150,10 +154,11 @@ def pack_vectors(vectors, names, params):
     return entries, restore
 
 
-def _check_like(t, ref, label):
+def _check_like(t, ref, label, j):
+    """t is a tensor with ref's dtype and device; label(j) names it in the error."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"{label(j)} must be a tensor, got {type(t).__name__}")
     if t.dtype != ref.dtype:
-        raise TypeError(f"{label} must have dtype {ref.dtype} like the model's parameters, got {t.dtype}")
+        raise TypeError(f"{label(j)} must have dtype {ref.dtype} like the model's parameters, got {t.dtype}")
     if t.device != ref.device:
-        raise ValueError(f"{label} must be on {ref.device} like the model's parameters, got {t.device}")
+        raise ValueError(f"{label(j)} must be on {ref.device} like the model's parameters, got {t.device}")
