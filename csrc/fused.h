@@ -174,6 +174,17 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
   }
 }
 
+// out [no, ni] = G [no, no] @ W [no, ni] (row-major).
+template <typename T>
+HX_HD void g_times_w(const T* G, const T* W, int no, int ni, T* out) {
+  for (int o = 0; o < no; ++o)
+    for (int i = 0; i < ni; ++i) {
+      T acc = T(0);
+      for (int q = 0; q < no; ++q) acc += G[o * no + q] * W[q * ni + i];
+      out[o * ni + i] = acc;
+    }
+}
+
 // Exact Hessian (or GGN) diagonal for one sample, accumulated into HW_l [o, i] and Hb_l [o]
 // (recurrence in diag.h, with each sample's G_l held whole, [n_{l+1}, n_{l+1}] row-major):
 //   G_{L-1} = 2 scale I;  HW_l += G_l[o, o] a_l[i]^2;  Hb_l += G_l[o, o]
@@ -196,12 +207,7 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
     }
     if (l == 0) break;
     const T* W = net.W[l];
-    for (int o = 0; o < no; ++o)  // Tm = G W: [o, i]
-      for (int i = 0; i < ni; ++i) {
-        T acc = T(0);
-        for (int q = 0; q < no; ++q) acc += G[o * no + q] * W[q * ni + i];
-        Tm[o * ni + i] = acc;
-      }
+    g_times_w(G, W, no, ni, Tm);  // Tm = G W: [o, i]
     const bool tanh = net.tanh[l - 1];
     const T* dd = d + net.off[l];
     const T* el = e + net.off[l];
@@ -227,9 +233,10 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
 //   H_ll[(o,i),(p,j)] += G_l[o,p] abar_l[i] abar_l[j]
 //   H_lk[(o,i),(p,j)] += ((G_l W_l A)[o,p] abar_l[i] + delta_l[o] A[i,p]) abar_k[j],
 //   A = A_{l,k}: A_{l,l-1} = D_l, A_{l,k-1} = A_{l,k} W_k D_k;  abar = [a, 1] with a bias (A's bias row 0)
-// Scratch: G of L max n^2, and GW, A, An, B of max n^2 each. woff/boff: parameter offsets (-1: no bias).
+// Scratch: G and GW (= G_l W_l, formed once in the recurrence and reused by the cross blocks) of
+// L max n^2 each, and A, An, B of max n^2 each. woff/boff: parameter offsets (-1: no bias).
 template <typename T>
-HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* delta, const T* e, T* G, T* GW, T* A,
+HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* delta, const T* e, T* G, T* GWs, T* A,
                           T* An, T* B, const int64_t* woff, const int64_t* boff, int64_t P, T* H) {
   const int L = net.L, W2 = net.maxw * net.maxw;
   {
@@ -240,15 +247,10 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* de
   }
   for (int l = L - 1; l >= 1; --l) {  // G_{l-1} from G_l
     const int ni = net.n[l], no = net.n[l + 1];
-    const T* Gl = G + l * W2;
     T* Gp = G + (l - 1) * W2;
     const T* W = net.W[l];
-    for (int o = 0; o < no; ++o)
-      for (int i = 0; i < ni; ++i) {
-        T acc = T(0);
-        for (int q = 0; q < no; ++q) acc += Gl[o * no + q] * W[q * ni + i];
-        GW[o * ni + i] = acc;
-      }
+    T* GW = GWs + l * W2;
+    g_times_w(G + l * W2, W, no, ni, GW);
     const bool tanh = net.tanh[l - 1];
     const T* dd = d + net.off[l];
     for (int i = 0; i < ni; ++i)
@@ -277,13 +279,7 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* de
         }
       }
     if (l == 0) continue;
-    const T* W = net.W[l];
-    for (int o = 0; o < no; ++o)  // GW = G_l W_l [o, n_l]
-      for (int i = 0; i < ni; ++i) {
-        T acc = T(0);
-        for (int q = 0; q < no; ++q) acc += Gl[o * no + q] * W[q * ni + i];
-        GW[o * ni + i] = acc;
-      }
+    const T* GW = GWs + l * W2;  // G_l W_l [o, n_l], from the recurrence
     for (int i = 0; i < ni; ++i)  // A = A_{l,l-1} = D_l
       for (int p = 0; p < ni; ++p) A[i * ni + p] = i == p ? (net.tanh[l - 1] ? d[net.off[l] + i] : T(1)) : T(0);
     const T* dl = delta + net.off[l + 1];

@@ -241,6 +241,13 @@ struct SlotLayout {
   T* slot_ptr(int64_t j, int64_t t, int64_t K, const std::vector<at::Tensor>& direct, const at::Tensor& acc) const {
     return direct.empty() ? acc.data_ptr<T>() + t * total * K + offset[j] * K : direct[j].data_ptr<T>();
   }
+  // The per-slot [*lead, *shape] outputs (each in its own storage) of a [*lead, P] buffer in slot order.
+  std::vector<at::Tensor> split_rows(const at::Tensor& rows, const Stack& s, std::vector<int64_t> lead) const {
+    const auto shapes = s.slot_shapes(lead);
+    std::vector<at::Tensor> out;
+    for (int64_t j = 0; j < s.num_slots; ++j) out.push_back(rows.narrow(-1, offset[j], numel[j]).reshape(shapes[j]).clone());
+    return out;
+  }
   // The per-slot [K, *shape] outputs (each in its own storage; outputs never alias) of a flat
   // [P * K] buffer holding slot j at offset[j] * K as [numel, K].
   std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, int64_t K) const {

@@ -160,7 +160,7 @@ def laplacian(model, inputs, *, params=None, backend="auto"):
     forward-mode pass carrying value, first and unmixed second derivatives through the stack."""
     plan, native = resolve(model, _MODEL_ONLY, backend)
     tensors = check_params(plan, params)
-    check_batch(inputs, inputs, tensors[0], False)
+    check_batch(inputs, None, tensors[0], False)
     if native:
         x, out_shape, C = native_inputs(plan, inputs)
         weights, biases = _stack_args(plan, tensors)

@@ -39,9 +39,9 @@ def check_params(plan, params):
 
 
 def check_batch(inputs, targets, ref, native):
-    """inputs: floating, the parameters' dtype and device, at least one sample; targets: a tensor on
-    the same device (and, for the native MSE, of the same dtype)."""
-    for name, t in (("inputs", inputs), ("targets", targets)):
+    """inputs: floating, the parameters' dtype and device, at least one sample; targets (None for
+    model-only quantities): a tensor on the same device (and, for the native MSE, of the same dtype)."""
+    for name, t in (("inputs", inputs), ("targets", targets)) if targets is not None else (("inputs", inputs),):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != ref.device:
@@ -50,7 +50,7 @@ def check_batch(inputs, targets, ref, native):
         raise TypeError(f"inputs must have dtype {ref.dtype} like the model's parameters, got {inputs.dtype}")
     if inputs.dim() == 0 or inputs.numel() == 0:
         raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
-    if native and targets.dtype != ref.dtype:
+    if native and targets is not None and targets.dtype != ref.dtype:
         raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters, got {targets.dtype}")
 
 

@@ -49,11 +49,7 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   });
   if (!direct.empty()) return direct;
   const at::Tensor total = per_sample ? acc : (nt == 1 ? acc[0] : acc.sum(0));
-  const auto shapes = s.slot_shapes(per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
-  std::vector<at::Tensor> result;
-  for (int64_t j = 0; j < s.num_slots; ++j)  // each output in its own storage
-    result.push_back(total.narrow(-1, layout.offset[j], layout.numel[j]).reshape(shapes[j]).clone());
-  return result;
+  return layout.split_rows(total, s, per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
 }
 
 std::vector<at::Tensor> diag_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,

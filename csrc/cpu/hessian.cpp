@@ -23,9 +23,9 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
   const T* y = s.y.data_ptr<T>();
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
-    std::vector<T> scratch(4 * U + (L + 4) * W2);
-    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *GW = G + L * W2, *A = GW + W2,
-      *An = A + W2, *B = An + W2;
+    std::vector<T> scratch(4 * U + (2 * L + 3) * W2);
+    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *GWs = G + L * W2,
+      *A = GWs + L * W2, *An = A + W2, *B = An + W2;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
         for (int64_t l = 0; l <= L; ++l) {
@@ -34,7 +34,7 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
           if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
         }
         fused::backward(net, a, d, y + m * C, delta, e);
-        fused::hessian_sample(net, a, d, delta, e, G, GW, A, An, B, off.woff.data(), off.boff.data(), P,
+        fused::hessian_sample(net, a, d, delta, e, G, GWs, A, An, B, off.woff.data(), off.boff.data(), P,
                               acc.data_ptr<T>() + t * P * P);
       }
   });

@@ -56,11 +56,7 @@ std::vector<at::Tensor> diag_fused_cuda(const Stack& s, bool ggn, bool per_sampl
       net, so, ggn, s.x.data_ptr<T>(), s.y.data_ptr<T>(), scratch.data_ptr<T>(), per, out.data_ptr<T>(), M, P);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor total = per_sample ? out : out.sum(0);
-  const auto shapes = s.slot_shapes(per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
-  std::vector<at::Tensor> result;
-  for (int64_t j = 0; j < s.num_slots; ++j)
-    result.push_back(total.narrow(-1, layout.offset[j], layout.numel[j]).reshape(shapes[j]).clone());
-  return result;
+  return layout.split_rows(total, s, per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
 }
 
 std::vector<at::Tensor> diag_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
