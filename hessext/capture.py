@@ -1,14 +1,21 @@
 """nn.Module + loss -> a stack description the native kernels accept, or the reason it is not one.
 
-The model is traced with torch.fx (never guessed from attribute names). Accepted: a single input
-tensor, optional shape-only ops on it, Linear layers (bias or not) separated by Tanh or by nothing
-(Identity, inactive Dropout), then optional shape-only ops on the output (seed 1 ends in
-`x.squeeze(-1)`). Shape-only ops keep the row-major order of the elements, so that the MSE over the
-reshaped output equals the MSE over the [M, C] output of the last Linear.
+The model is traced at the level of the functions it actually calls (`F.linear`, `torch.tanh`,
+`F.dropout`, shape methods): `model(proxy)` runs through the ordinary `nn.Module.__call__`, and
+only the torch functions that see a `torch.fx.Proxy` are recorded. Nothing global is patched
+(torch.fx.symbolic_trace patches `nn.Module.__call__` for every thread), and a subclass with its own
+`forward`, a monkeypatched `forward` or an attribute that `forward` branches on is captured as what
+it computes, never assumed from a type. Modules with hooks are refused before tracing (the fallback
+runs them).
 
-The loss: nn.MSELoss, F.mse_loss (or a functools.partial of it), or a function whose traced graph
-is mean/sum of (out - target)**2, like seed 1's `torch.mean((outputs - targets)**2, dim=0)`."""
-import functools
+Accepted: a single input tensor, optional shape-only ops on it, `F.linear` layers (bias or not)
+separated by tanh or by nothing (identity, inactive dropout), then optional shape-only ops on the
+output (seed 1 ends in `x.squeeze(-1)`). Shape-only ops keep the row-major order of the elements,
+so the MSE over the reshaped output equals the MSE over the [M, C] output of the last Linear.
+
+The loss: a traced graph that is `c * F.mse_loss(out, target)` (reduction mean or sum) or
+`c * mean/sum((out - target)**2)`, c an optional constant factor (`0.5 * ...`, `... / 2`)."""
+import math
 import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -19,10 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IDENTITY, TANH = 0, 1
+NATIVE_DTYPES = (torch.float32, torch.float64)
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 _SHAPE_METHODS = {"squeeze", "unsqueeze", "flatten", "view", "reshape", "contiguous"}
 _SHAPE_FUNCTIONS = {torch.squeeze, torch.unsqueeze, torch.flatten, torch.reshape}
 _TANH_FUNCTIONS = {torch.tanh, F.tanh}
+_LINEAR_FUNCTIONS = {F.linear}
+_REDUCTIONS = {"mean", "sum"}
 
 
 class Unsupported(Exception):
@@ -31,7 +42,7 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Linear:
-    name: str            # qualified module name, e.g. "fc1" or "0"
+    name: str            # qualified module name, e.g. "fc1" or "0" ("" for a lone Linear)
     weight: str          # parameter names as in model.named_parameters()
     bias: Optional[str]
 
@@ -42,12 +53,69 @@ class Stack:
     activations: Tuple[int, ...]      # after each hidden layer: IDENTITY or TANH
     pre: Callable                     # shape-only ops on the input (a function of one tensor)
     post: Callable                    # shape-only ops on the output
+    pre_is_identity: bool             # no ops on the input: each input row is one sample's features
 
 
 @dataclass(frozen=True)
 class MSE:
     reduction: str                    # "mean" or "sum"
     dims: Optional[Tuple[int, ...]]   # dims reduced; None: all of them
+    factor: float = 1.0               # constant factor in front of the mean/sum
+
+
+class _Recorder(torch.fx.Tracer):
+    """Records the torch functions that a callable applies to Proxy arguments. Parameters become
+    get_attr nodes named as in `named_parameters()`; any other tensor, or a module, passed to a torch
+    function is refused (it would be baked in as a constant)."""
+
+    def __init__(self, param_names):
+        super().__init__(autowrap_modules=())
+        self._param_names = param_names  # id(parameter) -> name
+
+    def record(self, fn, nargs):
+        self.root = nn.Module()
+        self.graph = torch.fx.Graph()
+        self.tensor_attrs = {}
+        self.submodule_paths = None
+        args = [self.create_proxy("placeholder", f"input{j}", (), {}) for j in range(nargs)]
+        out = fn(*args)
+        self.create_node("output", "output", (self.create_arg(out),), {})
+        return self.graph
+
+    def create_arg(self, a):
+        if isinstance(a, torch.Tensor):
+            name = self._param_names.get(id(a))
+            if name is None or not isinstance(a, nn.Parameter):
+                raise Unsupported("forward uses a tensor that is not one of the model's parameters "
+                                  f"(shape {tuple(a.shape)}): a buffer, a constant or a reparametrised weight")
+            return self.create_node("get_attr", name, (), {})
+        if isinstance(a, nn.Module):
+            raise Unsupported(f"forward passes the module {type(a).__name__} to a function")
+        return super().create_arg(a)
+
+
+def hooks_of(named_modules):
+    """The first '<kind> hook on <where>' found among (name, module) pairs and the global hooks, or None."""
+    from torch.nn.modules import module as torch_module
+
+    for kind in ("forward", "forward_pre", "backward", "backward_pre"):
+        if getattr(torch_module, f"_global_{kind}_hooks"):
+            return f"a global module {kind.replace('_', '-')} hook is registered"
+    for name, m in named_modules:
+        for attr in HOOK_DICTS:
+            if m.__dict__.get(attr):
+                kind = attr[1:-1].replace("_", "-")
+                return f"a {kind} is registered on {'the loss' if name is None else repr(name) if name else 'the model'}"
+    return None
+
+
+def _trace(fn, nargs, param_names, what):
+    try:
+        return _Recorder(param_names).record(fn, nargs)
+    except Unsupported:
+        raise
+    except Exception as exc:
+        raise Unsupported(f"{what} cannot be traced as a chain of torch functions ({type(exc).__name__}: {exc})")
 
 
 def _shape_op(node):
@@ -63,81 +131,98 @@ def _shape_op(node):
 
 
 def _compose(fns):
-    return functools.reduce(lambda f, g: (lambda t: g(f(t))), fns, lambda t: t)
+    def apply(t):
+        for fn in fns:
+            t = fn(t)
+        return t
+
+    return apply
 
 
-def _module_kind(module):
-    if type(module) is nn.Linear:
+def _kind(node):
+    """'linear', 'tanh', 'identity', 'shape' or None (no native kernel) for a call node."""
+    target = node.target
+    if node.op == "call_function" and target in _LINEAR_FUNCTIONS:
         return "linear"
-    if type(module) is nn.Tanh:
+    if (node.op == "call_function" and target in _TANH_FUNCTIONS) or (node.op == "call_method" and target == "tanh"):
         return "tanh"
-    if type(module) is nn.Identity or (type(module) is nn.Dropout and (module.p == 0 or not module.training)):
-        return "identity"
-    if type(module) is nn.Flatten:
+    if node.op == "call_function" and target is F.dropout:
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+        return "identity" if (p == 0 or not training) else "active-dropout"
+    if _shape_op(node) is not None:
         return "shape"
     return None
 
 
+def _describe(node):
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+
+
 def capture_model(model: nn.Module) -> Stack:
     """Trace `model` and describe it as a Linear/Tanh stack; raises Unsupported with the reason."""
-    if type(model) is nn.Linear:  # a lone Linear is traced through its own forward, so say it directly
-        layer = Linear("", "weight", "bias" if model.bias is not None else None)
-        return Stack((layer,), (), lambda t: t, lambda t: t)
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:
-        raise Unsupported(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc})")
-    modules = dict(model.named_modules())
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise Unsupported(f"{type(model).__name__}.forward takes {len(placeholders)} inputs, not one tensor")
+    named = list(model.named_parameters(remove_duplicate=False))
+    param_names, seen = {}, {}
+    for name, p in named:
+        if id(p) in seen:
+            raise Unsupported(f"parameters '{seen[id(p)]}' and '{name}' are the same tensor (tied weights)")
+        seen[id(p)] = param_names[id(p)] = name
+    dtypes = {p.dtype for _, p in named}
+    if dtypes - set(NATIVE_DTYPES):
+        raise Unsupported(f"the parameters are {sorted(map(str, dtypes))}: the native kernels serve float32 and float64")
+    hook = hooks_of(model.named_modules())
+    if hook:
+        raise Unsupported(f"{hook} (hooks run only through torch)")
+    graph = _trace(model, 1, param_names, type(model).__name__)
     layers, acts, pre, post = [], [], [], []
     pending_act = None
-    current = placeholders[0]
+    where = "the input"
+    current = next(n for n in graph.nodes if n.op == "placeholder")
     for node in graph.nodes:
         if node.op in ("placeholder", "get_attr"):
-            if node.op == "get_attr":
-                raise Unsupported(f"the model reads attribute '{node.target}' directly in forward")
             continue
         if node.op == "output":
             if node.args[0] is not current:
                 raise Unsupported("the model's output is not the end of a single chain of layers")
             break
-        others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        others = [a for a in list(node.args[1:]) + list(node.kwargs.values())
+                  if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
         if not node.args or node.args[0] is not current or len(current.users) > 1 or others:
-            raise Unsupported(f"'{node.name}' is not part of a single chain of layers (branches or skips)")
-        kind = _module_kind(modules[node.target]) if node.op == "call_module" else None
-        if kind is None and node.op != "call_module":
-            if node.target in _TANH_FUNCTIONS or (node.op == "call_method" and node.target == "tanh"):
-                kind = "tanh"
-            elif _shape_op(node) is not None:
-                kind = "shape"
+            raise Unsupported(f"'{_describe(node)}' after {where} is not part of a single chain of layers "
+                              "(branches or skips)")
+        kind = _kind(node)
         if kind is None:
-            what = type(modules[node.target]).__name__ if node.op == "call_module" else str(node.target)
-            raise Unsupported(f"layer '{node.name}' ({what}) has no native kernel (native: Linear, Tanh)")
+            raise Unsupported(f"'{_describe(node)}' after {where} has no native kernel (native: Linear, Tanh, "
+                              "Identity, inactive Dropout, shape ops)")
+        if kind == "active-dropout":
+            raise Unsupported(f"Dropout after {where} is active (training mode, p > 0)")
         if kind == "linear":
+            weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+                raise Unsupported(f"a linear after {where} has no parameter as its weight")
             if post:
-                raise Unsupported(f"shape op before Linear '{node.target}' in the middle of the stack")
+                raise Unsupported(f"shape op before Linear '{weight.target}' in the middle of the stack")
             if layers:
                 acts.append(pending_act if pending_act is not None else IDENTITY)
             elif pending_act is not None:
-                raise Unsupported(f"an activation before the first Linear ('{node.name}')")
-            module = modules[node.target]
-            if any(layer.name == node.target for layer in layers):
-                raise Unsupported(f"Linear '{node.target}' is used twice (shared weights)")
-            prefix = node.target + "." if node.target else ""
-            layers.append(Linear(node.target, prefix + "weight", prefix + "bias" if module.bias is not None else None))
+                raise Unsupported(f"an activation before the first Linear ('{weight.target}')")
+            names = [weight.target] + ([bias.target] if isinstance(bias, torch.fx.Node) else [])
+            if any(n in (layer.weight, layer.bias) for layer in layers for n in names):
+                raise Unsupported(f"parameter '{weight.target}' is used by two layers (shared weights)")
+            layer_name = weight.target.rpartition(".")[0]
+            layers.append(Linear(layer_name, weight.target, bias.target if isinstance(bias, torch.fx.Node) else None))
+            where = f"Linear '{layer_name}'" if layer_name else "the Linear"
             pending_act = None
         elif kind == "shape":
-            fn = (lambda m: (lambda t: m(t)))(modules[node.target]) if node.op == "call_module" else _shape_op(node)
-            (post if layers else pre).append(fn)
+            (post if layers else pre).append(_shape_op(node))
             if layers and pending_act is not None:
-                raise Unsupported(f"an activation after the last Linear ('{node.name}')")
-        elif kind in ("tanh", "identity"):
+                raise Unsupported(f"an activation after the last Linear ({where})")
+        else:  # tanh or identity
             if not layers or post:
-                raise Unsupported(f"'{node.name}' must stand between two Linear layers")
+                raise Unsupported(f"'{_describe(node)}' must stand between two Linear layers")
             if pending_act is not None and kind == "tanh":
-                raise Unsupported(f"two activations in a row at '{node.name}'")
+                raise Unsupported(f"two activations in a row after {where}")
             if kind == "tanh":
                 pending_act = TANH
         current = node
@@ -146,16 +231,16 @@ def capture_model(model: nn.Module) -> Stack:
     if pending_act is not None:
         raise Unsupported("the model ends in an activation after its last Linear")
     used = {p for layer in layers for p in (layer.weight, layer.bias) if p}
-    unused = [name for name, _ in model.named_parameters() if name not in used]
+    unused = [name for name, _ in named if name not in used]
     if unused:
         raise Unsupported(f"parameters {unused} are not weights of the traced Linear layers")
-    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post))
+    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post), not pre)
 
 
 def _reduction_of(node):
     """(reduction, dims) of a mean/sum node, or None."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    if name not in ("mean", "sum") or node.op not in ("call_method", "call_function"):
+    if name not in _REDUCTIONS or node.op not in ("call_method", "call_function"):
         return None
     if node.kwargs.get("keepdim") or (len(node.args) > 2 and node.args[2]) or node.kwargs.get("dtype"):
         return None
@@ -176,41 +261,61 @@ def _is_square_of(node, inner):
     return (op, target) in (("call_function", torch.square), ("call_method", "square")) and args[0] is inner
 
 
-def capture_loss(loss_fn) -> MSE:
-    """Describe `loss_fn` as an MSE; raises Unsupported with the reason."""
-    if isinstance(loss_fn, nn.MSELoss):
-        if loss_fn.reduction not in ("mean", "sum"):
-            raise Unsupported(f"nn.MSELoss(reduction='{loss_fn.reduction}') does not return a scalar")
-        return MSE(loss_fn.reduction, None)
-    if loss_fn is F.mse_loss:
-        return MSE("mean", None)
-    if isinstance(loss_fn, functools.partial) and loss_fn.func is F.mse_loss and not loss_fn.args:
-        reduction = loss_fn.keywords.get("reduction", "mean")
-        if set(loss_fn.keywords) - {"reduction"} or reduction not in ("mean", "sum"):
-            raise Unsupported(f"F.mse_loss with {loss_fn.keywords} is not a scalar MSE")
-        return MSE(reduction, None)
-    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-    try:
-        graph = torch.fx.symbolic_trace(loss_fn).graph
-    except Exception as exc:
-        raise Unsupported(f"loss '{name}' has no native kernel (native: MSE), and torch.fx cannot trace it ({exc})")
-    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
-    inputs = [n for n in graph.nodes if n.op == "placeholder"]
-    not_mse = Unsupported(f"loss '{name}' has no native kernel (native: MSE, mean or sum)")
-    if len(inputs) != 2:
-        raise not_mse
-    out, tgt = inputs
+def _constant(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _factor(node, inner):
+    """The constant c when node is c * inner, inner * c or inner / c; else None."""
+    if node.op != "call_function" or inner not in node.args or node.kwargs:
+        return None
+    other = node.args[1] if node.args[0] is inner else node.args[0]
+    if not _constant(other):
+        return None
+    if node.target in (operator.mul, torch.mul):
+        return float(other)
+    if node.target in (operator.truediv, torch.div) and node.args[0] is inner and other != 0:
+        return 1.0 / other
+    return None
+
+
+def _mse_of(nodes, out, tgt):
+    """(reduction, dims) when `nodes` are F.mse_loss(out, tgt) or mean/sum((out - tgt)**2)."""
     if len(nodes) == 1 and nodes[0].target is F.mse_loss and nodes[0].args[:2] == (out, tgt):
         kwargs = {k: v for k, v in nodes[0].kwargs.items() if v is not None}  # fx records the defaults
         reduction = kwargs.get("reduction", "mean")
-        if reduction not in ("mean", "sum") or len(nodes[0].args) > 2 or set(kwargs) - {"reduction"}:
-            raise not_mse
-        return MSE(reduction, None)
+        if reduction not in _REDUCTIONS or len(nodes[0].args) > 2 or set(kwargs) - {"reduction"}:
+            return None
+        return reduction, None
     if len(nodes) != 3:
-        raise not_mse
+        return None
     diff, square, reduce = nodes
     is_diff = diff.op == "call_function" and diff.target in (operator.sub, torch.sub) and set(diff.args) == {out, tgt}
     red = _reduction_of(reduce) if reduce.args and reduce.args[0] is square else None
-    if not (is_diff and not diff.kwargs and _is_square_of(square, diff) and red):
-        raise not_mse
-    return MSE(*red)
+    if is_diff and not diff.kwargs and _is_square_of(square, diff) and red:
+        return red
+    return None
+
+
+def capture_loss(loss_fn) -> MSE:
+    """Describe `loss_fn` as a (scaled) MSE; raises Unsupported with the reason."""
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    if isinstance(loss_fn, nn.Module):
+        hook = hooks_of([(None, m) for m in loss_fn.modules()])
+        if hook:
+            raise Unsupported(f"{hook} (hooks run only through torch)")
+        if getattr(loss_fn, "reduction", "mean") == "none":
+            raise Unsupported(f"{type(loss_fn).__name__}(reduction='none') does not return a scalar")
+    graph = _trace(loss_fn, 2, {}, f"loss '{name}'")
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    out, tgt = [n for n in graph.nodes if n.op == "placeholder"]
+    result = next(n for n in graph.nodes if n.op == "output").args[0]
+    factor, red = 1.0, None
+    if nodes and result is nodes[-1]:
+        c = _factor(nodes[-1], nodes[-2]) if len(nodes) >= 2 else None
+        if c is not None:
+            factor, nodes = c, nodes[:-1]
+        red = _mse_of(nodes, out, tgt)
+    if red is None:
+        raise Unsupported(f"loss '{name}' has no native kernel (native: MSE, mean or sum, times a constant)")
+    return MSE(red[0], red[1], factor)

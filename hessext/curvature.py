@@ -3,7 +3,7 @@ one native op or the torch.func fallback -> results shaped like the user's input
 import torch
 
 from hessext import fallback, ops
-from hessext.inputs import check_batch, check_params, native_batch, pack_vectors
+from hessext.inputs import check_batch, check_params, finite, native_batch, pack_vectors, transformed
 from hessext.plan import resolve
 
 
@@ -21,38 +21,70 @@ def _from_stack_order(plan, out):
     return named
 
 
-def _prepare(model, loss_fn, inputs, targets, params, backend):
+class Call:
+    """One call's route: the plan, the parameter tensors, whether the kernels serve it, and whether
+    torch.func transforms the arguments (then the fallback runs without detaching, so that the
+    result can be differentiated or batched further)."""
+
+    __slots__ = ("plan", "tensors", "native", "traced", "backend")
+
+    def __init__(self, plan, tensors, native, backend):
+        self.plan, self.tensors, self.native, self.backend = plan, tensors, native, backend
+        self.traced = False
+
+    def check_traced(self, tensors):
+        """Leave the native path when torch.func transforms any of `tensors`."""
+        if transformed(*tensors):
+            if self.backend == "native":
+                raise ValueError("backend='native' cannot run under a torch.func transform (grad, vjp, jvp, vmap): "
+                                 "the kernels have no derivative of their own; use backend='auto' (torch.func then)")
+            self.traced, self.native = True, False
+
+    def fallback_params(self):
+        names = self.plan.param_names
+        return dict(zip(names, self.tensors if self.traced else [t.detach() for t in self.tensors]))
+
+    def result(self, t):
+        return t if self.traced else t.detach()
+
+
+def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True):
+    """Plan, argument checks and the native/fallback decision for one call. The native path is
+    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's) and
+    never under a torch.func transform (the kernels have no derivative of their own)."""
     plan, native = resolve(model, loss_fn, backend)
     tensors = check_params(plan, params)
-    check_batch(inputs, targets, tensors[0], native)
-    return plan, native, tensors
+    check_batch(inputs, targets, tensors[0], native, targets_needed)
+    batch = (inputs, targets) if targets_needed else (inputs,)
+    call = Call(plan, tensors, native, backend)
+    call.check_traced(batch + tuple(tensors))
+    if call.native and not finite(*batch):
+        call.native = False
+    return call
 
 
-def _native_raw(op, plan, tensors, inputs, targets, *extra):
+def _native_raw(op, call, inputs, targets, *extra):
     """The native op's own output for this batch."""
-    x, y, scale = native_batch(plan, inputs, targets)
-    weights, biases = _stack_args(plan, tensors)
+    x, y, scale = native_batch(call.plan, inputs, targets, call.tensors)
+    weights, biases = _stack_args(call.plan, call.tensors)
     with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
-        return op(x, y, weights, biases, plan.activations, scale, *extra)
+        return op(x, y, weights, biases, call.plan.activations, scale, *extra)
 
 
-def _native_call(op, plan, tensors, inputs, targets, *extra):
+def _native_call(op, call, inputs, targets, *extra):
     """A native op with per-parameter outputs, in named_parameters() order."""
-    return _from_stack_order(plan, _native_raw(op, plan, tensors, inputs, targets, *extra))
-
-
-def _fallback_params(plan, tensors):
-    return {n: t.detach() for n, t in zip(plan.param_names, tensors)}
+    return _from_stack_order(call.plan, _native_raw(op, call, inputs, targets, *extra))
 
 
 def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend):
-    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
-    vecs, restore = pack_vectors(vectors, plan.param_names, tensors)
-    if native:
-        return restore(_native_call(native_op, plan, tensors, inputs, targets, [vecs[j] for j in plan.stack_order]))
-    result = fallback_op(model, loss_fn, inputs, targets, _fallback_params(plan, tensors),
-                         dict(zip(plan.param_names, vecs)))
-    return restore([result[n].detach() for n in plan.param_names])
+    call = route(model, loss_fn, inputs, targets, params, backend)
+    plan = call.plan
+    vecs, restore = pack_vectors(vectors, plan.param_names, call.tensors)
+    call.check_traced(vecs)
+    if call.native:
+        return restore(_native_call(native_op, call, inputs, targets, [vecs[j] for j in plan.stack_order]))
+    result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), dict(zip(plan.param_names, vecs)))
+    return restore([call.result(result[n]) for n in plan.param_names])
 
 
 def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):
@@ -75,17 +107,18 @@ def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="au
 
 
 def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample):
-    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
-    if native:
-        return dict(zip(plan.param_names, _native_call(ops.diag, plan, tensors, inputs, targets, ggn, per_sample)))
+    call = route(model, loss_fn, inputs, targets, params, backend)
+    plan = call.plan
+    if call.native:
+        return dict(zip(plan.param_names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
     if per_sample:
         raise ValueError(f"per_sample=True needs the native path (a loss that is a sum over samples); "
                          f"this model and loss take torch.func: {plan.reason}")
-    p = _fallback_params(plan, tensors)
+    p = call.fallback_params()
     op = fallback.ggn_vp if ggn else fallback.hvp
     out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v), p,
                               "GGN diagonal" if ggn else "Hessian diagonal")
-    return {n: t.detach() for n, t in out.items()}
+    return {n: call.result(t) for n, t in out.items()}
 
 
 def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False):
@@ -107,11 +140,14 @@ def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=N
     """An unbiased estimate of the Hessian diagonal for any model: the mean of v * (H v) over `samples`
     Rademacher vectors v (entries +1 or -1 with probability 1/2), drawn from `generator` (a CPU
     torch.Generator, for reproducibility) and applied `batch` at a time. Dict name -> tensor."""
-    if not isinstance(samples, int) or samples < 1:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive int (vectors per product call), got {batch!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    plan, _, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
+    call = route(model, loss_fn, inputs, targets, params, backend)
+    plan, tensors = call.plan, call.tensors
     ref = tensors[0]
     P = sum(t.numel() for t in tensors)
     total = torch.zeros(P, dtype=ref.dtype, device=ref.device)

@@ -8,9 +8,8 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from hessext import fallback, ops
-from hessext.curvature import _fallback_params, _native_raw, _prepare, _stack_args
-from hessext.inputs import check_batch, check_params, native_inputs
-from hessext.plan import resolve
+from hessext.curvature import _native_raw, _stack_args, route
+from hessext.inputs import check_samples, native_inputs, rows_are_samples
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
@@ -62,7 +61,8 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if blocks not in BLOCKS:
         raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
-    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
+    call = route(model, loss_fn, inputs, targets, params, backend)
+    plan, native, tensors = call.plan, call.native, call.tensors
     ref = tensors[0]
     sizes = [t.numel() for t in tensors]
     groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan)
@@ -74,10 +74,10 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
                   ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
                   + "hessext.hvp for products")
     if native:
-        mats = _native_raw(ops.hessian, plan, tensors, inputs, targets, blocks == "layer")
+        mats = _native_raw(ops.hessian, call, inputs, targets, blocks == "layer")
         order = [plan.stack_order] if blocks == "full" else groups  # stack order within each matrix
     else:
-        mats = [_fallback_block(model, loss_fn, inputs, targets, plan, tensors, g) for g in groups]
+        mats = [_fallback_block(model, loss_fn, inputs, targets, call, g) for g in groups]
         order = groups
     if blocks == "layer":  # layers listed in the order their parameters appear in named_parameters()
         mats, order = zip(*sorted(zip(mats, order), key=lambda pair: min(pair[1])))
@@ -104,10 +104,10 @@ def _to_named_order(matrix, sizes, order):
     return matrix.index_select(0, index).index_select(1, index)
 
 
-def _fallback_block(model, loss_fn, inputs, targets, plan, tensors, group):
+def _fallback_block(model, loss_fn, inputs, targets, call, group):
     """Rows/columns `group` of the Hessian through torch.func HVPs with basis vectors, symmetrised."""
-    p = _fallback_params(plan, tensors)
-    names = [plan.param_names[j] for j in group]
+    p = call.fallback_params()
+    names = [call.plan.param_names[j] for j in group]
     sub = {n: p[n] for n in names}
 
     def product(vectors):
@@ -125,31 +125,33 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     """For each sample n, the Hessian of the loss with respect to that sample's input row: [N, d, d]
     (the diagonal blocks of torch.func's [N, d, N, d]; the others are zero), or its diagonal [N, d]
     with diagonal=True. d is the number of input features per sample (inputs [N, *features])."""
-    plan, native, tensors = _prepare(model, loss_fn, inputs, targets, params, backend)
+    call = route(model, loss_fn, inputs, targets, params, backend)
+    check_samples(inputs, "input_hessian")
     N = inputs.shape[0]
     d = inputs[0].numel()
     _check_memory(f"hessext.input_hessian of {N} samples x {d} features", N * d * (1 if diagonal else d) *
                   inputs.element_size(), inputs, max_bytes, "use diagonal=True, or fewer samples at a time")
-    if native and inputs.dim() == 2:
-        return _native_raw(ops.input_derivatives, plan, tensors, inputs, targets, 1 if diagonal else 2)
-    return _input_hessian_fallback(model, loss_fn, inputs, targets, _fallback_params(plan, tensors), diagonal)
+    if call.native and rows_are_samples(inputs, native_inputs(call.plan, inputs, call.tensors)[0]):
+        return _native_raw(ops.input_derivatives, call, inputs, targets, 1 if diagonal else 2)
+    return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal)
 
 
-def _input_hessian_fallback(model, loss_fn, inputs, targets, params, diagonal):
+def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
     """d HVPs in the inputs, each along one feature direction in every sample at once (samples are
     independent, so each product holds one column of every sample's block)."""
     N, shape = inputs.shape[0], inputs.shape[1:]
     d = inputs[0].numel()
+    params = call.fallback_params()
 
     def f(x):
         return loss_fn(functional_call(model, params, (x,)), targets)
 
-    x = inputs.detach()
+    x = call.result(inputs)
     with torch.enable_grad():
         _, vjp_fn = vjp(grad(f), x)
         basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d, 1) + shape).expand((d, N) + shape)
         cols = vmap(vjp_fn)(basis)[0].reshape(d, N, d)  # [j, n, i] = H_n[i, j]
-    H = cols.permute(1, 2, 0).detach()
+    H = call.result(cols.permute(1, 2, 0))
     H = (H + H.transpose(1, 2)) / 2
     return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
 
@@ -158,16 +160,16 @@ def laplacian(model, inputs, *, params=None, backend="auto"):
     """For each sample and each output, the sum of the unmixed second derivatives of the model output
     with respect to that sample's inputs: shaped like the model output ([N, C]). Native: one
     forward-mode pass carrying value, first and unmixed second derivatives through the stack."""
-    plan, native = resolve(model, _MODEL_ONLY, backend)
-    tensors = check_params(plan, params)
-    check_batch(inputs, None, tensors[0], False)
-    if native:
-        x, out_shape, C = native_inputs(plan, inputs)
-        weights, biases = _stack_args(plan, tensors)
-        with torch.no_grad():
-            y = x.new_zeros(()).expand(x.shape[0], C)
-            return ops.input_derivatives(x, y, weights, biases, plan.activations, 1.0, 0).reshape(out_shape)
-    p = _fallback_params(plan, tensors)
+    call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
+    check_samples(inputs, "laplacian")
+    if call.native:
+        x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
+        if rows_are_samples(inputs, x):
+            weights, biases = _stack_args(call.plan, call.tensors)
+            with torch.no_grad():
+                y = x.new_zeros(()).expand(x.shape[0], C)
+                return ops.input_derivatives(x, y, weights, biases, call.plan.activations, 1.0, 0).reshape(out_shape)
+    p = call.fallback_params()
     N, shape = inputs.shape[0], inputs.shape[1:]
     d = inputs[0].numel()
 
@@ -175,7 +177,7 @@ def laplacian(model, inputs, *, params=None, backend="auto"):
         return functional_call(model, p, (x,))
 
     def second(v):  # d^2/dt^2 model(x + t v) at t = 0, v one feature direction in every sample
-        return jvp(lambda x: jvp(out_fn, (x,), (v,))[1], (inputs.detach(),), (v,))[1]
+        return jvp(lambda x: jvp(out_fn, (x,), (v,))[1], (call.result(inputs),), (v,))[1]
 
     basis = torch.eye(d, dtype=inputs.dtype, device=inputs.device).reshape((d, 1) + shape).expand((d, N) + shape)
-    return vmap(second)(basis).sum(0).detach()
+    return call.result(vmap(second)(basis).sum(0))

@@ -2,6 +2,7 @@
 
 Every check runs before any kernel and raises a ValueError/TypeError that names the argument
 (`inputs`, `targets`, `params`, `vectors`) and says what was expected."""
+import math
 from collections.abc import Mapping
 
 import torch
@@ -14,6 +15,8 @@ def _describe(t):
 def check_params(plan, params):
     """The parameter tensors in named_parameters() order: the module's own, or `params`."""
     own = plan.parameters()
+    if not own:
+        raise ValueError("model has no parameters: there is no Hessian with respect to its weights")
     if params is None:
         return own
     if not isinstance(params, Mapping):
@@ -38,10 +41,12 @@ def check_params(plan, params):
     return tensors
 
 
-def check_batch(inputs, targets, ref, native):
-    """inputs: floating, the parameters' dtype and device, at least one sample; targets (None for
-    model-only quantities): a tensor on the same device (and, for the native MSE, of the same dtype)."""
-    for name, t in (("inputs", inputs), ("targets", targets)) if targets is not None else (("inputs", inputs),):
+def check_batch(inputs, targets, ref, native, targets_needed=True):
+    """inputs: floating, the parameters' dtype and device, at least one sample; targets: a tensor on
+    the same device (and, for the native MSE, of the same dtype), or None for model-only quantities
+    (targets_needed=False)."""
+    checked = (("inputs", inputs), ("targets", targets)) if targets_needed else (("inputs", inputs),)
+    for name, t in checked:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != ref.device:
@@ -50,28 +55,55 @@ def check_batch(inputs, targets, ref, native):
         raise TypeError(f"inputs must have dtype {ref.dtype} like the model's parameters, got {inputs.dtype}")
     if inputs.dim() == 0 or inputs.numel() == 0:
         raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
-    if native and targets is not None and targets.dtype != ref.dtype:
+    if native and targets_needed and targets.dtype != ref.dtype:
         raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters, got {targets.dtype}")
 
 
-def native_inputs(plan, inputs):
+def check_samples(inputs, what):
+    """Per-sample quantities need a leading batch dimension: inputs [N, *features]."""
+    if inputs.dim() < 2:
+        raise ValueError(f"{what} needs inputs with a batch dimension [N, *features], got shape "
+                         f"{tuple(inputs.shape)}; for one sample pass inputs.unsqueeze(0)")
+
+
+def transformed(*tensors):
+    """Whether any tensor is being differentiated or batched by torch.func (grad, vjp, jvp, vmap)."""
+    return any(_is_wrapped(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def finite(*tensors):
+    """Whether every entry is finite: a NaN or an infinity makes the sum non-finite (so does an
+    overflowing sum, which only sends the call to the fallback)."""
+    return math.isfinite(sum(float(t.sum()) for t in tensors))
+
+
+def native_inputs(plan, inputs, tensors):
     """(x [M, n_0], the model's output shape for these inputs, C) for the native kernels."""
     try:
         x = plan.stack.pre(inputs)
     except RuntimeError as exc:
         raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input ops: {exc}")
-    n0 = plan.in_features
+    n0 = tensors[plan.weight_pos[0]].shape[1]
     if x.dim() == 0 or x.shape[-1] != n0:
         raise ValueError(f"inputs must have {n0} features (the in_features of Linear "
                          f"'{plan.stack.layers[0].name}'), got shape {tuple(inputs.shape)}")
-    out_shape, C = plan.output_shape(tuple(x.shape))
+    C = tensors[plan.weight_pos[-1]].shape[0]
+    out_shape = plan.output_shape(tuple(x.shape), C)
     M = x.numel() // n0
     return (x if x.dim() == 2 else x.reshape(M, n0)), out_shape, C
 
 
-def native_batch(plan, inputs, targets):
+def rows_are_samples(inputs, x):
+    """Whether the kernels' rows x [M, n_0] are the samples inputs[n] flattened (no regrouping)."""
+    return x.shape[0] == inputs.shape[0] and x.shape[1] == inputs[0].numel()
+
+
+def native_batch(plan, inputs, targets, tensors):
     """(x [M, n_0], y [M, C], scale of the squared-error sum) for the native kernels."""
-    x, out_shape, C = native_inputs(plan, inputs)
+    x, out_shape, C = native_inputs(plan, inputs, tensors)
     M = x.shape[0]
     if tuple(targets.shape) != out_shape:
         raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "
@@ -80,7 +112,7 @@ def native_batch(plan, inputs, targets):
     if dims is not None and {d % max(len(out_shape), 1) for d in dims} != set(range(len(out_shape))):
         raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
                          f"it does not return a scalar")
-    scale = 1.0 / (M * C) if plan.loss.reduction == "mean" else 1.0
+    scale = plan.loss.factor / (M * C) if plan.loss.reduction == "mean" else plan.loss.factor
     y = targets if targets.dim() == 2 and targets.shape[1] == C else targets.reshape(M, C)
     return x, y, scale
 

@@ -1,29 +1,32 @@
-"""Decide once per (model, loss) whether the native kernels serve it, and cache the decision.
+"""Decide per (model, loss) whether the native kernels serve it, cache the decision, and check on
+every call that it still describes the model and loss as they are now.
 
 `plan(model, loss_fn)` returns a Plan: `backend` is "native" or "torch.func" and `reason` says, in
-words, what keeps it off the native path (None when native)."""
+words, what keeps it off the native path (None when native). The cache holds each model weakly (a
+model passed to hessext is freed like any other) and re-captures when `guard.ModelState` or the
+loss key says the model or loss changed; captures run under a lock and patch nothing global."""
+import threading
 import weakref
 from typing import Optional
 
 import torch
 
-from hessext import capture, ops
+from hessext import capture, guard, ops
 
 BACKENDS = ("auto", "native", "torch.func")
 _CACHE_PER_MODEL = 8
-_cache = weakref.WeakKeyDictionary()
+_cache = weakref.WeakKeyDictionary()   # model -> _Entry
+_lock = threading.RLock()
 
 
 class Plan:
-    """The captured stack (or the reason there is none) for one model and loss."""
+    """The captured stack (or the reason there is none) for one model and loss, as they were when
+    this plan was made; `plan()` hands out only plans whose capture still matches."""
 
-    def __init__(self, model, loss_fn):
-        self.model, self.loss_fn = model, loss_fn
+    def __init__(self, model, loss_fn, state):
         self.param_names = [name for name, _ in model.named_parameters()]
-        modules = dict(model.named_modules())
-        self._slots = [(modules[name.rpartition(".")[0]], name.rpartition(".")[2]) for name in self.param_names]
+        self._params = state.params
         self.stack = self.loss = None
-        self._shapes = {}
         try:
             self.stack = capture.capture_model(model)
             self.loss = capture.capture_loss(loss_fn)
@@ -43,46 +46,57 @@ class Plan:
             self.weight_pos = [index[layer.weight] for layer in self.stack.layers]
             self.bias_pos = [index[layer.bias] if layer.bias else None for layer in self.stack.layers]
             self.activations = list(self.stack.activations)
-            self.in_features = self.model.get_submodule(self.stack.layers[0].name).in_features
+            self._shapes = {}
 
     def __repr__(self):
         return f"Plan(backend={self.backend!r}, reason={self.reason!r})"
 
     def parameters(self):
-        """The module's current parameters, in named_parameters() order."""
-        return [getattr(module, attr) for module, attr in self._slots]
+        """The module's current parameters, in named_parameters() order (the guard keeps them current)."""
+        return self._params
 
-    def output_shape(self, x_shape):
-        """(output shape, C) of the model for an input of x_shape after the pre ops; cached per shape."""
-        shape = self._shapes.get(x_shape)
+    def output_shape(self, x_shape, C):
+        """The model's output shape for an input of x_shape after the pre ops (C outputs per row)."""
+        key = (x_shape, C)
+        shape = self._shapes.get(key)
         if shape is None:
-            width = self.model.get_submodule(self.stack.layers[-1].name).out_features
-            out = self.stack.post(torch.empty(x_shape[:-1] + (width,), device="meta"))
-            shape = self._shapes[x_shape] = (tuple(out.shape), width)
+            out = self.stack.post(torch.empty(x_shape[:-1] + (C,), device="meta"))
+            shape = self._shapes[key] = tuple(out.shape)
         return shape
 
 
+class _Entry:
+    __slots__ = ("state", "plans")
+
+    def __init__(self, state):
+        self.state, self.plans = state, {}
+
+
 def plan(model, loss_fn):
-    """The cached Plan for `model` and `loss_fn` (captured on first use)."""
+    """The Plan for `model` and `loss_fn` as they are now: cached, re-captured when either changed."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    per_model = _cache.setdefault(model, {})
-    key = _loss_key(loss_fn)
-    entry = per_model.get(key)
-    if entry is None or (not isinstance(key, tuple) and entry.loss_fn is not loss_fn):
-        if len(per_model) >= _CACHE_PER_MODEL:
-            per_model.pop(next(iter(per_model)))
-        entry = per_model[key] = Plan(model, loss_fn)
-    return entry
-
-
-def _loss_key(loss_fn):
-    """Cache key of a loss: nn.MSELoss by its reduction (users build a new one per call), else identity."""
-    if type(loss_fn) is torch.nn.MSELoss:
-        return ("nn.MSELoss", loss_fn.reduction)
-    return id(loss_fn)
+    key = guard.loss_key(loss_fn)
+    entry = _cache.get(model)
+    if entry is not None and entry.state.matches():
+        found = entry.plans.get(key)
+        if found is not None:
+            return found
+    with _lock:
+        entry = _cache.get(model)
+        if entry is None or not entry.state.matches():
+            entry = _Entry(guard.ModelState(model))
+            if not entry.state.refers_to(model):  # else caching would keep the model alive: plan per call
+                _cache[model] = entry
+        found = entry.plans.get(key)
+        if found is None:
+            found = Plan(model, loss_fn, entry.state)
+            if len(entry.plans) >= _CACHE_PER_MODEL:
+                entry.plans.pop(next(iter(entry.plans)))
+            entry.plans[key] = found
+        return found
 
 
 def resolve(model, loss_fn, backend):

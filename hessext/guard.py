@@ -1,0 +1,145 @@
+"""What a capture read, checked again on every call, so that a cached plan never outlives the model
+or loss it describes.
+
+A model's state is a flat list of objects compared by identity: for every module of the tree, its
+type and its class's `forward`, its attribute names and values (`training`, custom flags, an
+instance `forward`, the `_parameters`/`_modules`/`_buffers` dicts) and their entries, whether it has
+hooks; the dtype of every parameter; whether global module hooks exist; and the values of the
+globals that a user-defined `forward` names. The list holds the objects (so none is freed and its
+id reused while it is compared against). Any reassignment, swapped or appended layer, removed
+bias, tied weight, train/eval switch, hook or patched `forward` changes it.
+
+A loss is keyed by what determines its behaviour: a torch loss module by its type and settings
+(users build `nn.MSELoss()` per call), a function by its code, defaults, closure values and the
+globals it names (a new lambda per call hits the cache), a `functools.partial` by its function and
+arguments. Objects in keys are held weakly where they can be."""
+import functools
+import types
+import weakref
+from operator import is_
+
+from torch.nn.modules import module as _torch_module
+
+from hessext.capture import HOOK_DICTS
+
+_PRIMITIVES = (int, float, bool, str, bytes, complex, type(None))
+_GLOBAL_HOOKS = [getattr(_torch_module, f"_global_{k}_hooks") for k in ("forward", "forward_pre", "backward",
+                                                                          "backward_pre")]
+_MISSING = object()
+
+
+def _user_forward_globals(modules):
+    """(globals dict, names) for each forward defined outside torch whose globals it may read."""
+    found = []
+    for m in modules:
+        fwd = type(m).forward
+        code = getattr(fwd, "__code__", None)
+        if code is not None and not type(m).__module__.startswith("torch."):
+            found.append((fwd.__globals__, code.co_names))
+    return found
+
+
+class ModelState:
+    """The identities a capture of `model` depends on; `matches()` re-reads them (a few microseconds)."""
+
+    __slots__ = ("modules", "params", "fwd_globals", "objects")
+
+    def __init__(self, model):
+        self.modules = list(model.modules())
+        self.params = list(model.parameters())
+        self.fwd_globals = _user_forward_globals(self.modules)
+        self.objects = self.read()
+
+    def read(self):
+        objects = []
+        extend, append = objects.extend, objects.append
+        for m in self.modules:
+            d = m.__dict__
+            append(type(m))
+            append(type(m).forward)
+            extend(d)
+            extend(d.values())
+            extend(d["_parameters"].values())
+            extend(d["_modules"].values())
+            extend(d["_buffers"].values())
+            for name in HOOK_DICTS:
+                append(not d[name])
+        extend([p.dtype for p in self.params])
+        extend([not h for h in _GLOBAL_HOOKS])
+        for g, names in self.fwd_globals:
+            extend([g.get(n, _MISSING) for n in names])
+        return objects
+
+    def matches(self):
+        now = self.read()
+        return len(now) == len(self.objects) and all(map(is_, now, self.objects))
+
+    def refers_to(self, model):
+        """Whether a held object leads back to a module of the model (then caching it would keep the
+        model alive): the model itself, or a bound method or closure of one of its modules."""
+        ids = {id(m) for m in self.modules}
+        for obj in self.objects:
+            if obj is model or id(getattr(obj, "__self__", None)) in ids:
+                return True
+            for cell in getattr(obj, "__closure__", None) or ():
+                if id(cell.cell_contents) in ids:
+                    return True
+        return False
+
+
+class _Ref:
+    """A key part that compares by identity: weakly held when the object allows it."""
+
+    __slots__ = ("_ref", "_obj", "_hash")
+
+    def __init__(self, obj):
+        self._hash = id(obj)
+        try:
+            self._ref, self._obj = weakref.ref(obj), None
+        except TypeError:
+            self._ref, self._obj = None, obj
+
+    def get(self):
+        return self._obj if self._ref is None else self._ref()
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        mine = self.get()
+        return isinstance(other, _Ref) and mine is not None and mine is other.get()
+
+
+def _token(value):
+    if type(value) in _PRIMITIVES:
+        return value
+    if type(value) is tuple:
+        return tuple(map(_token, value))
+    return _Ref(value)
+
+
+def _function_key(fn):
+    code = fn.__code__
+    g = fn.__globals__
+    cells = tuple(_token(c.cell_contents) for c in fn.__closure__) if fn.__closure__ else ()
+    names = tuple((n, _token(g[n])) for n in code.co_names if n in g)
+    kwdefaults = tuple(sorted((k, _token(v)) for k, v in fn.__kwdefaults__.items())) if fn.__kwdefaults__ else ()
+    return ("function", code, _token(fn.__defaults__), kwdefaults, cells, names)
+
+
+def loss_key(loss_fn):
+    """A hashable key that equals another loss's key only when both compute the same thing."""
+    if isinstance(loss_fn, types.FunctionType):
+        return _function_key(loss_fn)
+    if isinstance(loss_fn, functools.partial):
+        keywords = tuple(sorted((k, _token(v)) for k, v in loss_fn.keywords.items()))
+        return ("partial", loss_key(loss_fn.func), _token(loss_fn.args), keywords)
+    cls = type(loss_fn)
+    if cls.__module__ == "torch.nn.modules.loss":
+        d = loss_fn.__dict__
+        plain = (not any(d[h] for h in HOOK_DICTS) and not d["_parameters"] and not d["_buffers"]
+                 and not d["_modules"])
+        settings = tuple((k, v) for k, v in d.items() if not k.startswith("_"))
+        if plain and all(type(v) in _PRIMITIVES for _, v in settings):
+            return ("torch loss", cls, settings)
+    return ("object", _Ref(loss_fn))
