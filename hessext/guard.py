@@ -42,18 +42,21 @@ def _user_forward_globals(modules):
 class ModelState:
     """The identities a capture of `model` depends on; `matches()` re-reads them (a few microseconds)."""
 
-    __slots__ = ("modules", "params", "fwd_globals", "objects")
+    __slots__ = ("root", "modules", "params", "fwd_globals", "objects")
 
     def __init__(self, model):
-        self.modules = list(model.modules())
+        modules = list(model.modules())
+        self.root = weakref.ref(model)    # the submodules are held; the model itself only weakly
+        self.modules = modules[1:]
         self.params = list(model.parameters())
-        self.fwd_globals = _user_forward_globals(self.modules)
+        self.fwd_globals = _user_forward_globals(modules)
         self.objects = self.read()
 
     def read(self):
         objects = []
         extend, append = objects.extend, objects.append
-        for m in self.modules:
+        root = self.root()
+        for m in [root] + self.modules if root is not None else ():
             d = m.__dict__
             append(type(m))
             append(type(m).forward)
@@ -77,7 +80,7 @@ class ModelState:
     def refers_to(self, model):
         """Whether a held object leads back to a module of the model (then caching it would keep the
         model alive): the model itself, or a bound method or closure of one of its modules."""
-        ids = {id(m) for m in self.modules}
+        ids = {id(m) for m in self.modules} | {id(model)}
         for obj in self.objects:
             if obj is model or id(getattr(obj, "__self__", None)) in ids:
                 return True

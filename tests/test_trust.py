@@ -1,0 +1,423 @@
+"""The native path never silently differs from torch for the model as it is at this call.
+
+Each test changes a model or loss after (or before) a first call, or gives input the kernels cannot
+serve as torch would, and compares hessext with plain torch autograd on the model as it is now
+(double backward, float64). Tolerance: 1e-10 relative to the largest reference entry."""
+import gc
+import sys
+import threading
+import types
+import weakref
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad
+
+import hessext
+from cases import SeedOneModel, assert_close, seed_one_loss
+
+RTOL = 1e-10
+
+
+def torch_hvp(model, loss_fn, x, y, v):
+    """What torch computes for the model as it is: autograd double backward, hooks and all."""
+    params = list(model.parameters())
+    with torch.enable_grad():
+        g = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+        hv = torch.autograd.grad(g, params, grad_outputs=v, allow_unused=True)
+    return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
+
+
+def vectors(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in model.parameters()]
+
+
+def check_now(model, loss_fn, x, y, what):
+    """hessext.hvp (auto) equals torch's HVP of the model as it is now."""
+    v = vectors(model)
+    got = torch.cat([t.reshape(-1) for t in hessext.hvp(model, loss_fn, x, y, v)])
+    assert_close(got, torch_hvp(model, loss_fn, x, y, v), RTOL, what)
+
+
+def mlp(*widths, act=nn.Tanh, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(i, o))
+        if j < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).double()
+
+
+def batch(d, c, n=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randn(n, c, generator=g, dtype=torch.float64))
+
+
+class Switch(nn.Module):
+    """forward branches on a plain attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 4), nn.Linear(4, 1)
+        self.use_tanh = True
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(torch.tanh(h) if self.use_tanh else h)
+
+
+# ---- 1. stale plans ---------------------------------------------------------------------------------
+
+def _swap_activation(m, act):
+    m[1] = act
+
+
+def _swap_linear(m):
+    torch.manual_seed(9)
+    m[2] = nn.Linear(4, 1).double()
+
+
+def _remove_bias(m):
+    m[0].bias = None
+
+
+def _change_widths(m):
+    torch.manual_seed(9)
+    m[0], m[2] = nn.Linear(2, 5).double(), nn.Linear(5, 1).double()
+
+
+def _append(m):
+    m.append(nn.Tanh())
+    m.append(nn.Linear(1, 1).double())
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: _swap_activation(m, nn.ReLU()), lambda m: _swap_activation(m, nn.Identity()), _swap_linear,
+    _remove_bias, _change_widths, _append,
+    lambda m: setattr(m, "forward", types.MethodType(lambda self, x: 2 * nn.Sequential.forward(self, x), m)),
+    lambda m: m[2].weight.data.mul_(3.0),
+], ids=["relu", "identity", "new-linear", "remove-bias", "widths", "append", "patched-forward", "weights-in-place"])
+def test_changed_model_is_recaptured(change):
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    loss = nn.MSELoss()
+    check_now(model, loss, x, y, "before")
+    change(model)
+    check_now(model, loss, x, y, "after the change")
+    check_now(model, loss, x, y, "the call after")
+
+
+def test_attribute_that_forward_reads():
+    model = Switch().double()
+    x, y = batch(2, 1)
+    check_now(model, F.mse_loss, x, y, "tanh")
+    model.use_tanh = False
+    check_now(model, F.mse_loss, x, y, "no tanh")
+    assert hessext.plan(model, F.mse_loss).activations == [0]
+
+
+def test_class_forward_patched():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Net().double()
+    x, y = batch(2, 1)
+    check_now(model, F.mse_loss, x, y, "before")
+    Net.forward = lambda self, x: self.b(self.a(x)) * 3
+    check_now(model, F.mse_loss, x, y, "class forward patched")
+
+
+# ---- 2. hooks -----------------------------------------------------------------------------------------
+
+def _double_output(module, args, output):
+    return output * 2
+
+
+def _shift_input(module, args):
+    return (args[0] + 1,) + tuple(args[1:])
+
+
+@pytest.mark.parametrize("where", ["layer", "model", "loss"])
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_hooks_go_to_torch(where, kind, when):
+    model, loss = mlp(2, 4, 1), nn.MSELoss()
+    x, y = batch(2, 1)
+    target = {"layer": model[1], "model": model, "loss": loss}[where]
+
+    def add():
+        if kind == "forward":
+            return target.register_forward_hook(_double_output)
+        return target.register_forward_pre_hook(_shift_input)
+
+    handle = add() if when == "before" else None
+    check_now(model, loss, x, y, "first call")
+    if handle is None:
+        handle = add()
+        check_now(model, loss, x, y, "hook added")
+    plan = hessext.plan(model, loss)
+    assert plan.backend == "torch.func" and "hook" in plan.reason, plan.reason
+    handle.remove()
+    check_now(model, loss, x, y, "hook removed")
+    assert hessext.plan(model, loss).backend == "native"
+
+
+def test_global_hook_goes_to_torch():
+    model, loss = mlp(2, 4, 1), nn.MSELoss()
+    x, y = batch(2, 1)
+    check_now(model, loss, x, y, "no hook")
+    handle = torch.nn.modules.module.register_module_forward_hook(_double_output)
+    try:
+        check_now(model, loss, x, y, "global hook")
+        assert "global" in hessext.plan(model, loss).reason
+    finally:
+        handle.remove()
+
+
+# ---- 3. loss subclasses -------------------------------------------------------------------------------
+
+class TenMSE(nn.MSELoss):
+    def forward(self, input, target):
+        return 10 * super().forward(input, target)
+
+
+class HuberLike(nn.MSELoss):
+    def forward(self, input, target):
+        r = (input - target).abs()
+        return torch.where(r < 1, 0.5 * r ** 2, r - 0.5).mean()
+
+
+class PlainSubclass(nn.MSELoss):
+    pass
+
+
+@pytest.mark.parametrize("loss,native", [(TenMSE(), True), (HuberLike(), False), (PlainSubclass(), True)],
+                         ids=["ten-times", "huber-like", "plain"])
+def test_loss_subclass_is_what_it_computes(loss, native):
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    y = y * 3  # residuals beyond 1, where Huber differs from MSE
+    check_now(model, loss, x, y, type(loss).__name__)
+    assert (hessext.plan(model, loss).backend == "native") == native
+
+
+def test_loss_settings_changed():
+    model, loss = mlp(2, 4, 1), nn.MSELoss()
+    x, y = batch(2, 1)
+    check_now(model, loss, x, y, "mean")
+    loss.reduction = "sum"
+    check_now(model, loss, x, y, "sum")
+
+
+# ---- 4. dropout ---------------------------------------------------------------------------------------
+
+def dropout_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+
+
+def test_dropout_follows_train_and_eval():
+    model = dropout_model().eval()
+    x, y = batch(2, 1)
+    check_now(model, F.mse_loss, x, y, "eval")
+    assert hessext.plan(model, F.mse_loss).backend == "native"
+    model.train()
+    plan = hessext.plan(model, F.mse_loss)
+    assert plan.backend == "torch.func" and "Dropout" in plan.reason, plan.reason
+    v = vectors(model)
+    torch.manual_seed(5)
+    got = torch.cat([t.reshape(-1) for t in hessext.hvp(model, F.mse_loss, x, y, v)])
+    torch.manual_seed(5)
+    assert_close(got, torch_hvp(model, F.mse_loss, x, y, v), RTOL, "train, same dropout mask")
+    model.eval()
+    assert hessext.plan(model, F.mse_loss).backend == "native"
+    check_now(model, F.mse_loss, x, y, "eval again")
+
+
+def test_dropout_first_called_in_train_mode():
+    model = dropout_model().train()
+    assert hessext.plan(model, F.mse_loss).backend == "torch.func"
+    model.eval()
+    assert hessext.plan(model, F.mse_loss).backend == "native"
+
+
+# ---- 5. tied weights ----------------------------------------------------------------------------------
+
+def test_tied_weights():
+    model = mlp(3, 3, 3)
+    x, y = batch(3, 3)
+    check_now(model, F.mse_loss, x, y, "untied")
+    model[2].weight = model[0].weight
+    check_now(model, F.mse_loss, x, y, "tied")
+    assert "tied" in hessext.plan(model, F.mse_loss).reason
+    assert set(hessext.hessian_diag(model, F.mse_loss, x, y)) == {n for n, _ in model.named_parameters()}
+
+
+# ---- 6. the cache keeps no model alive -----------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["module", "closure-over-model", "patched-forward"])
+def test_models_are_freed(loss):
+    refs = []
+    for _ in range(5):
+        model = mlp(2, 4, 1)
+        fn = nn.MSELoss() if loss != "closure-over-model" else (
+            lambda o, t, m=model: F.mse_loss(o, t) + 0 * sum(p.sum() for p in m.parameters()))
+        if loss == "patched-forward":
+            model.forward = types.MethodType(nn.Sequential.forward, model)
+        x, y = batch(2, 1)
+        hessext.hvp(model, fn, x, y, vectors(model))
+        hessext.hessian_diag(model, fn, x, y)
+        refs.append(weakref.ref(model))
+        del model, fn
+    gc.collect()
+    assert all(r() is None for r in refs), "a model passed to hessext was kept alive"
+
+
+# ---- 7. capture in one thread, plain forward passes in another ------------------------------------------
+
+def test_capture_does_not_disturb_other_threads():
+    other = Switch().double()
+    x = torch.randn(4, 2, dtype=torch.float64)
+    errors, done = [], threading.Event()
+
+    def forwards():
+        while not done.is_set():
+            try:
+                other(x)
+            except Exception as exc:  # noqa: BLE001 - any failure here is the defect
+                errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the threads finely
+    thread = threading.Thread(target=forwards)
+    thread.start()
+    try:
+        for j in range(300):
+            hessext.plan(SeedOneModel().double(), seed_one_loss)
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert not errors, f"{len(errors)} forward passes failed in the other thread, e.g. {errors[0]}"
+
+
+# ---- 8. half precision ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_goes_to_torch(dtype):
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    check_now(model, F.mse_loss, x, y, "float64")
+    model.to(dtype)
+    plan = hessext.plan(model, F.mse_loss)
+    assert plan.backend == "torch.func" and "float32 and float64" in plan.reason, plan.reason
+    v = [t.to(dtype) for t in vectors(model)]
+    got = hessext.hvp(model, F.mse_loss, x.to(dtype), y.to(dtype), v)
+    ref = torch_hvp(model, F.mse_loss, x.to(dtype), y.to(dtype), v)
+    assert torch.equal(torch.cat([t.reshape(-1) for t in got]), ref)
+
+
+# ---- 9. per-sample input derivatives need samples -------------------------------------------------------
+
+def test_input_hessian_needs_a_batch_dimension():
+    model = mlp(3, 4, 1)
+    x, y = batch(3, 1)
+    with pytest.raises(ValueError, match=r"inputs with a batch dimension \[N, \*features\], got shape \(3,\)"):
+        hessext.input_hessian(model, F.mse_loss, x[0], y[0])
+    with pytest.raises(ValueError, match=r"laplacian needs inputs with a batch dimension"):
+        hessext.laplacian(model, x[0])
+
+
+class Regroup(nn.Module):
+    """Each row of the Linear stack holds two samples' features."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(2, 4, 1)
+
+    def forward(self, x):
+        return self.net(x.reshape(-1, 2))
+
+
+def test_regrouped_rows_match_torch():
+    model = Regroup()
+    x, y = torch.randn(8, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    assert hessext.plan(model, F.mse_loss).backend == "native"
+    got = hessext.input_hessian(model, F.mse_loss, x, y)
+    ref = hessext.input_hessian(model, F.mse_loss, x, y, backend="torch.func")
+    assert got.shape == ref.shape == (8, 1, 1)
+    assert_close(got, ref, RTOL, "regrouped input Hessian")
+    assert_close(hessext.laplacian(model, x), hessext.laplacian(model, x, backend="torch.func"), RTOL, "Laplacian")
+
+
+# ---- 10. non-finite input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_non_finite_input_is_torchs(bad, where):
+    model = mlp(2, 4, 4, 1)
+    x, y = batch(2, 1)
+    (x if where == "inputs" else y)[3, 0] = bad
+    H = hessext.hessian(model, F.mse_loss, x, y, output="matrix")
+    ref = hessext.hessian(model, F.mse_loss, x, y, output="matrix", backend="torch.func")
+    assert torch.equal(H.isfinite(), ref.isfinite()), f"{int(H.isfinite().sum())} finite, torch {int(ref.isfinite().sum())}"
+    assert torch.equal(H.isnan(), ref.isnan())
+    for fn in (hessext.hessian_diag, hessext.ggn_diag):
+        got, want = fn(model, F.mse_loss, x, y), fn(model, F.mse_loss, x, y, backend="torch.func")
+        assert all(torch.equal(got[k].isnan(), want[k].isnan()) for k in got)
+
+
+# ---- 11. differentiating through a result ----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["auto", "torch.func"])
+def test_grad_through_hvp(backend):
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    v = dict(zip(params, vectors(model)))
+
+    def through_hessext(p):
+        out = hessext.hvp(model, F.mse_loss, x, y, v, params=p, backend=backend)
+        return sum(t.sum() for t in out.values())
+
+    def loss_of(p):
+        return F.mse_loss(functional_call(model, p, (x,)), y)
+
+    def pure(p):  # d/dp sum(H(p) v), all in torch.func
+        _, vjp_fn = torch.func.vjp(grad(loss_of), p)
+        return sum(t.sum() for t in vjp_fn(v)[0].values())
+
+    got, want = grad(through_hessext)(params), grad(pure)(params)
+    assert_close(torch.cat([got[k].reshape(-1) for k in params]), torch.cat([want[k].reshape(-1) for k in params]),
+                 RTOL, "third derivative")
+    assert max(want[k].abs().max() for k in want) > 0
+
+
+def test_grad_through_native_backend_is_refused():
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def f(p):
+        return hessext.hessian_diag(model, F.mse_loss, x, y, params=p, backend="native")["0.weight"].sum()
+
+    with pytest.raises(ValueError, match="backend='native' cannot run under a torch.func transform"):
+        grad(f)(params)
+
+
+def test_vmap_over_hvp():
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    V = torch.randn(5, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    got = torch.func.vmap(lambda v: hessext.hvp(model, F.mse_loss, x, y, v))(V)
+    assert_close(got, hessext.hvp(model, F.mse_loss, x, y, V), RTOL, "vmap of hvp")
