@@ -30,6 +30,19 @@ struct FactorBlock {
   at::Tensor sigma;  // [M, Q_b] or undefined (all +1)
 };
 
+// sum_m A[m, o] B[m, i] -> [o, i]. float32 sums over many samples run in chunks of rows accumulated in
+// float64, so that the diagonal of a large batch is as accurate as the HVP's.
+inline at::Tensor sum_over_samples(const at::Tensor& A, const at::Tensor& B) {
+  constexpr int64_t kRows = 4096;
+  if (A.scalar_type() != at::kFloat || A.size(0) <= kRows) return at::mm(A.t(), B);
+  at::Tensor acc = at::zeros({A.size(1), B.size(1)}, A.options().dtype(at::kDouble));
+  for (int64_t m0 = 0; m0 < A.size(0); m0 += kRows) {
+    const int64_t mc = std::min(kRows, A.size(0) - m0);
+    acc.add_(at::mm(A.narrow(0, m0, mc).t(), B.narrow(0, m0, mc)));
+  }
+  return acc.to(at::kFloat);
+}
+
 template <class E>
 std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
   const int64_t M = s.M, L = s.L, C = s.width(L);
@@ -45,7 +58,7 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
   std::vector<at::Tensor> out(s.num_slots);
   for (int64_t l = L - 1; l >= 0; --l) {
     const at::Tensor a2 = f.a[l].square();  // [M, n_l]
-    out[s.slot_W[l]] = per_sample ? dG.unsqueeze(2) * a2.unsqueeze(1) : at::mm(dG.t(), a2);
+    out[s.slot_W[l]] = per_sample ? dG.unsqueeze(2) * a2.unsqueeze(1) : sum_over_samples(dG, a2);
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = per_sample ? dG : dG.sum(0);
     if (l == 0) break;
 

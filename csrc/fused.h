@@ -190,9 +190,10 @@ HX_HD void g_times_w(const T* G, const T* W, int no, int ni, T* out) {
 //   G_{L-1} = 2 scale I;  HW_l += G_l[o, o] a_l[i]^2;  Hb_l += G_l[o, o]
 //   T = G_l W_l;  G_{l-1} = D_l W_l^T T D_l + diag(R_{l-1}),  R_{l-1} = -2 a_l d_l e_l (0 for the GGN)
 // The last step (to G_0) forms only its diagonal. Scratch: G, Gn of max n^2, T of max n^2.
-template <typename T>
+// Acc: the accumulators' type (float64 for float32 sums over many samples on the CPU).
+template <typename T, typename Acc = T>
 HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, const T* e, T* G, T* Gn, T* Tm,
-                       T* const* HW, T* const* Hb) {
+                       Acc* const* HW, Acc* const* Hb) {
   const int L = net.L, C = net.n[L];
   for (int p = 0; p < C * C; ++p) G[p] = T(0);
   for (int c = 0; c < C; ++c) G[c * C + c] = T(2) * net.scale;
@@ -201,7 +202,7 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
     const T* in = a + net.off[l];
     for (int o = 0; o < no; ++o) {
       const T g = G[o * no + o];
-      T* hw = HW[l] + o * ni;
+      Acc* hw = HW[l] + o * ni;
       for (int i = 0; i < ni; ++i) hw[i] += g * in[i] * in[i];
       if (Hb[l]) Hb[l][o] += g;
     }

@@ -22,6 +22,7 @@ namespace hessext {
 
 // Elements of the per-chunk work tensors (T of the block GEMMs, the G_l of a chunk of samples).
 constexpr int64_t kHessianChunkElems = int64_t(1) << 24;
+constexpr int64_t kWidenedChunk = 256;
 
 // G_l for samples [m0, m1): G[l]: [mc, n_{l+1}, n_{l+1}], from G_{L-1} = 2 scale I by
 // G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}), R_{l-1} = -2 a_l d_l e_l (tanh).
@@ -78,26 +79,101 @@ inline void add_block(at::Tensor& H, const at::Tensor& block, const Stack& s, in
   if (rb >= 0 && cb >= 0) sub(rb, o, 1, cb, p, 1).add_(block.narrow(1, i, 1).narrow(3, j, 1));
 }
 
+// Averages a square block with its transpose in place, tile by tile (no temporary of the block's size).
+inline void symmetrize_square_(at::Tensor S) {
+  constexpr int64_t kTile = 256;
+  const int64_t n = S.size(0);
+  for (int64_t r = 0; r < n; r += kTile)
+    for (int64_t c = r; c < n; c += kTile) {
+      const int64_t nr = std::min(kTile, n - r), nc = std::min(kTile, n - c);
+      at::Tensor upper = S.narrow(0, r, nr).narrow(1, c, nc), lower = S.narrow(0, c, nc).narrow(1, r, nr);
+      const at::Tensor mean = (upper + lower.t()).mul_(0.5);
+      upper.copy_(mean);
+      lower.copy_(mean.t());
+    }
+}
+
 // Exact symmetry for a Hessian whose blocks k <= l are filled (stack order): each diagonal block is
 // averaged with its transpose, each block above the diagonal is the transpose of the one below.
 inline void symmetrize_from_lower(at::Tensor& H, const Stack& s) {
   int64_t r0 = 0;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
-    at::Tensor block = H.narrow(0, r0, Pl).narrow(1, r0, Pl);
-    block.copy_((block + block.t()) * 0.5);
+    symmetrize_square_(H.narrow(0, r0, Pl).narrow(1, r0, Pl));
     if (r0 > 0) H.narrow(0, 0, r0).narrow(1, r0, Pl).copy_(H.narrow(0, r0, Pl).narrow(1, 0, r0).t());
     r0 += Pl;
   }
 }
 
 // The dense Hessian in stack order: one [P, P] matrix, or (layer_only) one [P_l, P_l] per layer.
+// Memory: the block accumulators and one chunk workspace while the samples are summed (float32 blocks
+// accumulate in float64, so that a large batch costs no accuracy), then H while the accumulators are
+// scattered into it and freed one by one; no temporary of H's size. hessext.hessians estimates this
+// peak before the call.
 template <class E>
 std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_elems) {
   const int64_t M = s.M, L = s.L;
   const Forward f = forward<E>(s);
   const Backward g = backward(s, f);
   const FlatOffsets off(s, layer_only);
+  const bool widen = s.x.scalar_type() == at::kFloat;
+  const auto acc_opts = s.x.options().dtype(widen ? at::kDouble : s.x.scalar_type());
+  // samples per chunk: T holds mc * o * ibar * p elements
+  int64_t widest = 1;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k <= l; ++k) widest = std::max(widest, s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0));
+  // float32: short sums per chunk (kWidenedChunk samples), the chunks summed in float64
+  const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(widen ? kWidenedChunk : M, std::min<int64_t>(M, chunk_elems / widest)));
+
+  // One accumulator per block pair (k <= l) in the GEMM's natural layout [(o, ibar, p), jbar], extended
+  // by every chunk and scattered into H once; one reused workspace for T.
+  std::vector<at::Tensor> acc;
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t k = 0; k <= l; ++k) {
+      const bool wanted = k == l || !layer_only;
+      const int64_t rows = s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0);
+      acc.push_back(wanted ? at::zeros({rows, s.W[k].size(1) + 1}, acc_opts) : at::Tensor());
+    }
+  auto pair = [](int64_t l, int64_t k) { return l * (l + 1) / 2 + k; };
+  auto accumulate = [&](at::Tensor block, const at::Tensor& T, const at::Tensor& abar) {
+    if (widen) {
+      block.add_(at::mm(T.t(), abar));
+    } else {
+      block.addmm_(T.t(), abar);
+    }
+  };
+  {
+    at::Tensor work = at::empty({mc_max * widest}, s.x.options());
+    for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
+      const int64_t mc = std::min(mc_max, M - m0);
+      const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, m0, mc + m0);
+      std::vector<at::Tensor> abar(L);
+      for (int64_t l = 0; l < L; ++l) abar[l] = augmented_input(s, f, l, m0, mc);
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = abar[l].size(1);
+        // k = l: T[m, o, ibar, p] = G_l[m, o, p] abar_l[m, ibar]
+        at::Tensor T = work.narrow(0, 0, mc * o * ib * o).view({mc, o, ib, o});
+        at::mul_out(T, G[l].unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
+        accumulate(acc[pair(l, l)].narrow(0, 0, o * ib * o).narrow(1, 0, ib), T.view({mc, -1}), abar[l]);
+        if (layer_only || l == 0) continue;
+        const at::Tensor GW = at::matmul(G[l], s.W[l]);  // [mc, o, n_l]
+        const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
+        at::Tensor A = f.d[l].defined() ? at::diag_embed(f.d[l].narrow(0, m0, mc))
+                                        : at::eye(n, s.x.options()).expand({mc, n, n});  // A_{l,l-1}
+        for (int64_t k = l - 1; k >= 0; --k) {
+          const int64_t p = s.W[k].size(0), jb = abar[k].size(1);
+          at::Tensor Tk = work.narrow(0, 0, mc * o * ib * p).view({mc, o, ib, p});
+          at::mul_out(Tk, at::matmul(GW, A).unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
+          Tk.narrow(2, 0, n).addcmul_(delta.unsqueeze(2).unsqueeze(3), A.unsqueeze(1));
+          accumulate(acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb), Tk.view({mc, -1}), abar[k]);
+          if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k
+            A = at::matmul(A, s.W[k]);
+            if (f.d[k].defined()) A.mul_(f.d[k].narrow(0, m0, mc).unsqueeze(1));
+          }
+        }
+      }
+    }
+  }
   std::vector<at::Tensor> H;
   if (layer_only) {
     for (int64_t l = 0; l < L; ++l) {
@@ -107,64 +183,18 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
   } else {
     H.push_back(at::zeros({off.total, off.total}, s.x.options()));
   }
-  // samples per chunk: T holds mc * o * ibar * p elements
-  int64_t widest = 1;
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t k = 0; k <= l; ++k) widest = std::max(widest, s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0));
-  const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
-
-  // One accumulator per block pair (k <= l) in the GEMM's natural layout [(o, ibar, p), jbar], extended
-  // in place by every chunk (addmm_, beta = 1) and scattered into H once; one reused workspace for T.
-  std::vector<at::Tensor> acc;
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t k = 0; k <= l; ++k) {
-      const bool wanted = k == l || !layer_only;
-      const int64_t rows = s.W[l].size(0) * (s.W[l].size(1) + 1) * s.W[k].size(0);
-      acc.push_back(wanted ? at::zeros({rows, s.W[k].size(1) + 1}, s.x.options()) : at::Tensor());
-    }
-  auto pair = [](int64_t l, int64_t k) { return l * (l + 1) / 2 + k; };
-  at::Tensor work = at::empty({mc_max * widest}, s.x.options());
-
-  for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
-    const int64_t mc = std::min(mc_max, M - m0);
-    const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, m0, mc + m0);
-    std::vector<at::Tensor> abar(L);
-    for (int64_t l = 0; l < L; ++l) abar[l] = augmented_input(s, f, l, m0, mc);
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = abar[l].size(1);
-      // k = l: T[m, o, ibar, p] = G_l[m, o, p] abar_l[m, ibar]
-      at::Tensor T = work.narrow(0, 0, mc * o * ib * o).view({mc, o, ib, o});
-      at::mul_out(T, G[l].unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
-      at::Tensor& all = acc[pair(l, l)];
-      all.narrow(0, 0, o * ib * o).narrow(1, 0, ib).addmm_(T.view({mc, -1}).t(), abar[l]);
-      if (layer_only || l == 0) continue;
-      const at::Tensor GW = at::matmul(G[l], s.W[l]);  // [mc, o, n_l]
-      const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
-      at::Tensor A = f.d[l].defined() ? at::diag_embed(f.d[l].narrow(0, m0, mc))
-                                      : at::eye(n, s.x.options()).expand({mc, n, n});  // A_{l,l-1}
-      for (int64_t k = l - 1; k >= 0; --k) {
-        const int64_t p = s.W[k].size(0), jb = abar[k].size(1);
-        at::Tensor Tk = work.narrow(0, 0, mc * o * ib * p).view({mc, o, ib, p});
-        at::mul_out(Tk, at::matmul(GW, A).unsqueeze(2), abar[l].unsqueeze(1).unsqueeze(3));
-        Tk.narrow(2, 0, n).add_(delta.unsqueeze(2).unsqueeze(3) * A.unsqueeze(1));
-        acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).addmm_(Tk.view({mc, -1}).t(), abar[k]);
-        if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k
-          A = at::matmul(A, s.W[k]);
-          if (f.d[k].defined()) A.mul_(f.d[k].narrow(0, m0, mc).unsqueeze(1));
-        }
-      }
-    }
-  }
   for (int64_t l = 0; l < L; ++l)
     for (int64_t k = 0; k <= l; ++k) {
       if (!acc[pair(l, k)].defined()) continue;
       const int64_t o = s.W[l].size(0), ib = s.W[l].size(1) + (s.b[l].defined() ? 1 : 0);
       const int64_t p = s.W[k].size(0), jb = s.W[k].size(1) + (s.b[k].defined() ? 1 : 0);
-      const at::Tensor block = acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).reshape({o, ib, p, jb});
+      const at::Tensor block =
+          acc[pair(l, k)].narrow(0, 0, o * ib * p).narrow(1, 0, jb).reshape({o, ib, p, jb}).to(s.x.scalar_type());
       add_block(H[layer_only ? l : 0], block, s, l, k, off.woff[l], off.boff[l], off.woff[k], off.boff[k]);
+      acc[pair(l, k)] = at::Tensor();
     }
   if (layer_only) {  // exact symmetry
-    for (auto& Hl : H) Hl.copy_((Hl + Hl.t()) * 0.5);
+    for (auto& Hl : H) symmetrize_square_(Hl);
     return H;
   }
   symmetrize_from_lower(H[0], s);

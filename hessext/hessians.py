@@ -13,7 +13,10 @@ from hessext.inputs import check_samples, native_inputs, rows_are_samples
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
-_MODEL_ONLY = nn.MSELoss()  # the loss a model-only quantity (the Laplacian) is planned with
+_MODEL_ONLY = nn.MSELoss()
+_HESSIAN_CHUNK_ELEMS = 2**24  # csrc/hessian.h kHessianChunkElems
+_FUSED_HESSIAN_WORK = 2**20   # csrc/stack.h PathChoice::fused_hessian: M P^2 at most this
+_SLACK = 16 * 2**20           # small temporaries; plus 10% for freed heap memory the allocator keeps  # the loss a model-only quantity (the Laplacian) is planned with
 
 
 def available_bytes(device):
@@ -25,6 +28,15 @@ def available_bytes(device):
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
     except (OSError, StopIteration):
         return 2**62
+
+
+def check_max_bytes(max_bytes):
+    if max_bytes is None:
+        return
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool):
+        raise TypeError(f"max_bytes must be an int number of bytes (e.g. 2 * 2**30) or None, got {max_bytes!r}")
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
 
 
 def _check_memory(what, nbytes, ref, max_bytes, hint):
@@ -61,16 +73,18 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if blocks not in BLOCKS:
         raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+    check_max_bytes(max_bytes)
     call = route(model, loss_fn, inputs, targets, params, backend)
     plan, native, tensors = call.plan, call.native, call.tensors
     ref = tensors[0]
     sizes = [t.numel() for t in tensors]
     groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan)
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
-    # the result, plus (native) the block accumulators: the lower triangle of blocks, or the layer blocks again
-    extra = sum(n * n for n in group_sizes) // (2 if blocks == "full" else 1) if native else 0
-    _check_memory(f"hessext.hessian(blocks={blocks!r}) of {sum(sizes)} parameters",
-                  (sum(n * n for n in group_sizes) + extra) * ref.element_size(), ref, max_bytes,
+    result = sum(n * n for n in group_sizes) * ref.element_size()
+    work = (_native_peak(call, inputs, blocks) if native else _fallback_peak(result, ref))
+    reordered = native and output == "matrix" and plan.stack_order != sorted(plan.stack_order)
+    _check_memory(f"hessext.hessian(blocks={blocks!r}, output={output!r}) of {sum(sizes)} parameters",
+                  work + (result if reordered else 0), ref, max_bytes,
                   ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
                   + "hessext.hvp for products")
     if native:
@@ -94,14 +108,54 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     return {n: {k: result[n][k] for k in plan.param_names if k in result[n]} for n in plan.param_names}
 
 
+def _native_peak(call, inputs, blocks):
+    """Bytes the native hessian op holds at its peak (csrc/hessian.h): the block accumulators (float64
+    for float32) with one chunk workspace and its temporaries while the samples are summed, then the
+    result with the accumulators; the fused per-sample path instead holds one [P, P] per thread and
+    their sum. Plus the forward/backward activations."""
+    plan, tensors = call.plan, call.tensors
+    es = tensors[0].element_size()
+    acc_es = 8 if tensors[0].dtype == torch.float32 else es
+    shapes = [tuple(tensors[j].shape) for j in plan.weight_pos]  # (o, n) per layer
+    biased = [j is not None for j in plan.bias_pos]
+    L = len(shapes)
+    pairs = [(l, k) for l in range(L) for k in range(l + 1)]
+    widest = max(shapes[l][0] * (shapes[l][1] + 1) * shapes[k][0] for l, k in pairs)
+    x = plan.stack.pre(inputs)
+    M = x.numel() // shapes[0][1]
+    mc = max(1, min(M, _HESSIAN_CHUNK_ELEMS // widest))
+    wanted = [(l, k) for l, k in pairs if blocks == "full" or l == k]
+    rows = [shapes[l][0] * (shapes[l][1] + 1) * shapes[k][0] * (shapes[k][1] + 1) for l, k in wanted]
+    acc = sum(rows) * acc_es
+    maxw = max(max(o, n) for o, n in shapes)
+    temps = (4 * mc * L * maxw * maxw) * es + (max(rows) * es if acc_es != es else 0)
+    sizes = [o * n + (o if b else 0) for (o, n), b in zip(shapes, biased)]
+    result = (sum(sizes) ** 2 if blocks == "full" else sum(n * n for n in sizes)) * es
+    P = sum(sizes)
+    small = blocks == "full" and maxw <= 64 and M * P * P <= _FUSED_HESSIAN_WORK  # PathChoice::fused_hessian
+    fused = (torch.get_num_threads() + 1) * P * P * es if small else 0
+    activations = 4 * M * (shapes[0][1] + sum(o for o, _ in shapes)) * es
+    scatter = max(rows) * 8 if acc_es != es else 0  # a float64 block cast for H's float32 entries
+    peak = max(acc + mc * widest * es + temps, acc + result + scatter + 256 * 256 * es * 2, fused) + activations
+    return int(peak * 1.1) + _SLACK
+
+
+def _fallback_peak(result, ref):
+    """Bytes the torch.func basis products hold: the result, and per chunk the basis vectors, their
+    products and the vmapped graph behind them (measured on MLPs at about five chunks' bytes; a model
+    with much wider activations than parameters needs more)."""
+    return int((result + 6 * fallback.CHUNK_BYTES) * 1.1) + _SLACK
+
+
 def _to_named_order(matrix, sizes, order):
-    """A matrix whose rows/columns run over the parameters `order` -> rows/columns in named order."""
+    """A matrix whose rows/columns run over the parameters `order` -> rows/columns in named order (one
+    gather: one more matrix, counted in the memory estimate)."""
     if order == sorted(order):
         return matrix
     starts = torch.tensor([0] + sizes).cumsum(0).tolist()
     pieces = {j: torch.arange(starts[k], starts[k + 1]) for k, j in enumerate(order)}
     index = torch.cat([pieces[j] for j in sorted(order)]).to(matrix.device)
-    return matrix.index_select(0, index).index_select(1, index)
+    return matrix[index[:, None], index]
 
 
 def _fallback_block(model, loss_fn, inputs, targets, call, group):
@@ -117,14 +171,26 @@ def _fallback_block(model, loss_fn, inputs, targets, call, group):
         out = fallback.hvp(model, loss_fn, inputs, targets, p, full)
         return {n: out[n] for n in names}
 
-    H = fallback.basis_matrix(product, sub, "Hessian")
-    return (H + H.T) / 2
+    return symmetrize_(fallback.basis_matrix(product, sub, "Hessian"))
+
+
+def symmetrize_(H, tile=256):
+    """H <- (H + H^T) / 2 in place, tile by tile (no second matrix)."""
+    n = H.shape[0]
+    for r in range(0, n, tile):
+        for c in range(r, n, tile):
+            upper, lower = H[r:r + tile, c:c + tile], H[c:c + tile, r:r + tile]
+            mean = (upper + lower.T) / 2
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return H
 
 
 def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=None, backend="auto", max_bytes=None):
     """For each sample n, the Hessian of the loss with respect to that sample's input row: [N, d, d]
     (the diagonal blocks of torch.func's [N, d, N, d]; the others are zero), or its diagonal [N, d]
     with diagonal=True. d is the number of input features per sample (inputs [N, *features])."""
+    check_max_bytes(max_bytes)
     call = route(model, loss_fn, inputs, targets, params, backend)
     check_samples(inputs, "input_hessian")
     N = inputs.shape[0]

@@ -1,0 +1,76 @@
+"""hessian(max_bytes=...): a call stays within the bytes it accepted, or refuses up front.
+
+Each case runs in a fresh process that reads the bytes the call would need from the refusal at
+max_bytes=0, runs the call with exactly that budget, and measures its peak resident memory growth
+(getrusage's high-water mark against the resident memory before the call)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.nn as nn
+
+import hessext
+from cases import SeedOneModel, seed_one_loss
+
+SCRIPT = r"""
+import json, os, re, resource, sys
+import torch, torch.nn as nn
+import hessext
+
+widths, act, N, dtype, output, blocks = json.loads(sys.argv[1])
+torch.manual_seed(0)
+layers = []
+for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+    layers.append(nn.Linear(i, o))
+    if j < len(widths) - 2:
+        layers.append(nn.Tanh() if act == "tanh" else nn.ReLU())
+model = nn.Sequential(*layers).to(getattr(torch, dtype))
+x = torch.randn(N, widths[0]).to(getattr(torch, dtype))
+y = torch.randn(N, widths[-1]).to(getattr(torch, dtype))
+small = nn.Linear(2, 1).to(getattr(torch, dtype))
+hessext.hessian(small, nn.MSELoss(), x[:3, :2] if widths[0] >= 2 else torch.randn(3, 2).to(x), y[:3, :1])  # warm up
+try:
+    hessext.hessian(model, nn.MSELoss(), x, y, output=output, blocks=blocks, max_bytes=0)
+except ValueError as exc:
+    need = int(re.search(r"would need ([0-9,]+) bytes", str(exc)).group(1).replace(",", ""))
+before = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+H = hessext.hessian(model, nn.MSELoss(), x, y, output=output, blocks=blocks, max_bytes=need)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"need": need, "growth": peak - before, "backend": hessext.plan(model, nn.MSELoss()).backend}))
+"""
+
+
+@pytest.mark.parametrize("case", [
+    ([10, 64, 64, 1], "tanh", 256, "float64", "matrix", "full"),
+    ([10, 64, 64, 1], "tanh", 256, "float64", "dict", "layer"),
+    ([2, 50, 50, 50, 1], "tanh", 64, "float32", "matrix", "full"),
+    ([10, 40, 40, 1], "relu", 64, "float64", "matrix", "full"),
+], ids=["native-full", "native-layer", "native-float32", "fallback"])
+def test_peak_within_accepted_budget(case):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(case)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == ("torch.func" if case[1] == "relu" else "native")
+    assert result["growth"] <= result["need"], (f"peak growth {result['growth']:,} bytes over the accepted "
+                                                f"{result['need']:,}")
+
+
+@pytest.mark.parametrize("max_bytes,error,match", [
+    ("1GB", TypeError, r"max_bytes must be an int number of bytes"),
+    (-1, ValueError, r"max_bytes must be >= 0, got -1"),
+    (1.5e9, TypeError, r"max_bytes must be an int"),
+    (0, ValueError, r"would need [0-9,]+ bytes, more than the 0 bytes available"),
+])
+def test_max_bytes_is_checked(max_bytes, error, match):
+    import torch
+
+    model = SeedOneModel().double()
+    x, y = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    with pytest.raises(error, match=match):
+        hessext.hessian(model, seed_one_loss, x, y, max_bytes=max_bytes)
+    with pytest.raises(error, match=match.replace("hessian", "input_hessian")):
+        hessext.input_hessian(model, seed_one_loss, x, y, max_bytes=max_bytes)
