@@ -284,21 +284,38 @@ def check(result, ref, index, dtype):
 
 # ---- timing and memory --------------------------------------------------------------------------
 
-def rss_mb():
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+def cpu_peak_mb(fn):
+    """The peak resident memory `fn()` adds to the process, in MB: the kernel's high-water mark is reset
+    (/proc/self/clear_refs), fn runs once, and the mark is read against the resident memory before.
+    None where Linux does not allow the reset."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_mb("VmRSS")
+        fn()
+        return max(0.0, _status_mb("VmHWM") - before)
+    except (OSError, StopIteration, ValueError):
         return None
 
 
 def measure(fn, device, min_run_time):
-    """(median s, interquartile range s, peak memory MB)."""
+    """(median s, interquartile range s, peak memory MB of one call: CUDA max-allocated above what was
+    allocated before, or the CPU process's resident high-water mark above its resident memory before)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else rss_mb()
+        fn()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        fn()
+        peak = cpu_peak_mb(fn)
     m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return m.median, m.iqr, peak
 
@@ -398,6 +415,12 @@ def format_table(report):
     return "\n".join(lines + [""] + [f"note: {n}" for n in report["notes"]])
 
 
+def _one_line(text, limit=160):
+    """Text for one markdown table cell or list item: whitespace collapsed, pipes escaped, cut at limit."""
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def markdown(report):
     """The report as a markdown table (one row per case and method)."""
     env = report["environment"]
@@ -410,10 +433,11 @@ def markdown(report):
                 continue
             timed = "median_s" in e
             note = f"compile {e['compile_s']:.1f} s" if "compile_s" in e else e.get("note", e["status"] if not timed else "")
+            note = _one_line(note)
             lines.append(f"| {case['quantity']} | {','.join(map(str, case['widths']))} | {case['batch']} | {name} | "
                          + (f"{e['median_s'] * 1e3:.3f} | {e['x_hessext']:.2f} | {e['x_gradient']:.2f}" if timed else "n/a | | ")
                          + f" | {note} |")
-    return "\n".join(lines + [""] + [f"- {n}" for n in report["notes"] if "for this quantity" not in n]) + "\n"
+    return "\n".join(lines + [""] + [f"- {_one_line(n, 240)}" for n in report["notes"] if "for this quantity" not in n]) + "\n"
 
 
 def plot(report, path):
@@ -452,12 +476,20 @@ def plot(report, path):
 
 
 def _ints(text):
-    return [int(t) for t in text.split(",") if t.strip()]
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="hessext-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(prog="hessext-bench", description=__doc__, formatter_class=Formatter)
     parser.add_argument("--quantities", default="hvp,diagonal", help=f"comma-separated from {','.join(QUANTITIES)}")
     parser.add_argument("--widths", action="append", type=_ints, help="an architecture, e.g. 784,256,256,10 (repeatable)")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="a named architecture (repeatable)")
@@ -468,7 +500,7 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=16, help="vectors for hvp-batched")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default="hessext-bench.json", help="JSON report path")
+    parser.add_argument("--out", default=None, help="JSON report path (none written unless given)")
     parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
     parser.add_argument("--md", default=None, help="markdown table path")
     args = parser.parse_args(argv)
@@ -485,12 +517,17 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["seed1"]]
+    for widths in archs:
+        if len(widths) < 2:
+            parser.error(f"--widths {','.join(map(str, widths))}: an architecture needs an input and an output "
+                         "width (at least one Linear layer, so that there are parameters)")
     report = run(quantities, archs, args.batch, methods, args.device, getattr(torch, args.dtype), args.k,
                  args.min_run_time)
     print(format_table(report))
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
     if args.md:
         with open(args.md, "w") as f:
             f.write(markdown(report))

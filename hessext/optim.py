@@ -12,10 +12,33 @@ from hessext import curvature
 ESTIMATORS = ("exact", "ggn", "hutchinson")
 
 
+def _check_group(group, cls):
+    """ValueError naming any setting of a param group that is out of range."""
+    lr, betas = group["lr"], group["betas"]
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
+        raise ValueError(f"{cls}: lr must be a number >= 0, got {lr!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"{cls}: betas must be a pair of numbers in [0, 1), got {betas!r}")
+    for name in ("eps", "weight_decay"):
+        if not isinstance(group[name], (int, float)) or not group[name] >= 0:
+            raise ValueError(f"{cls}: {name} must be a number >= 0, got {group[name]!r}")
+    if "hessian_power" in group and not 0.0 < group["hessian_power"] <= 1.0:
+        raise ValueError(f"{cls}: hessian_power must be in (0, 1], got {group['hessian_power']!r}")
+    if "rho" in group and not (isinstance(group["rho"], (int, float)) and group["rho"] > 0):
+        raise ValueError(f"{cls}: rho must be a number > 0, got {group['rho']!r}")
+    if "update_every" in group:
+        k = group["update_every"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"{cls}: update_every must be an int >= 1, got {k!r}")
+
+
 class _DiagonalOptimizer(torch.optim.Optimizer):
     def __init__(self, model, loss_fn, params, defaults, estimator, samples, generator):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1 (Rademacher vectors per step), got {samples!r}")
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model, self.loss_fn = model, loss_fn
         self.estimator, self.samples, self.generator = estimator, samples, generator
@@ -24,11 +47,19 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"params must be parameters of the model; {len(unknown)} are not")
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1], type(self).__name__)
+
+    def _trainable(self, group):
+        """The group's parameters that train (requires_grad), as torch.optim skips the others."""
+        return [p for p in group["params"] if p.requires_grad]
+
     def _loss_and_grad(self, inputs, targets):
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [p for g in self.param_groups for p in self._trainable(g)]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(inputs), targets)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = torch.autograd.grad(loss, params, allow_unused=True) if params else ()
         return loss.detach(), {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(params, grads)}
 
     def _state(self, p, *buffers):
@@ -58,8 +89,6 @@ class AdaHessian(_DiagonalOptimizer):
 
     def __init__(self, model, loss_fn, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
                  hessian_power=1.0, estimator="exact", samples=1, generator=None, params=None):
-        if not 0.0 < hessian_power <= 1.0:
-            raise ValueError(f"hessian_power must be in (0, 1], got {hessian_power}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power)
         super().__init__(model, loss_fn, params, defaults, estimator, samples, generator)
 
@@ -69,7 +98,7 @@ class AdaHessian(_DiagonalOptimizer):
         diag = self._diagonal(inputs, targets)
         for group in self.param_groups:
             b1, b2 = group["betas"]
-            for p in group["params"]:
+            for p in self._trainable(group):
                 state = self._state(p, "exp_avg", "exp_hessian_diag_sq")
                 state["step"] += 1
                 t = state["step"]
@@ -89,24 +118,25 @@ class Sophia(_DiagonalOptimizer):
 
     def __init__(self, model, loss_fn, *, lr=1e-2, betas=(0.965, 0.99), rho=0.04, eps=1e-12, weight_decay=0.0,
                  update_every=10, estimator="hutchinson", samples=1, generator=None, params=None):
-        if update_every < 1:
-            raise ValueError(f"update_every must be >= 1, got {update_every}")
         defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, update_every=update_every)
         super().__init__(model, loss_fn, params, defaults, estimator, samples, generator)
 
     @torch.no_grad()
     def step(self, inputs, targets):
         loss, grads = self._loss_and_grad(inputs, targets)
-        first = next(iter(grads))
-        t = self.state[first]["step"] + 1 if self.state[first] else 1
-        diag = self._diagonal(inputs, targets) if (t - 1) % self.defaults["update_every"] == 0 else None
+        due = []  # per group: whether its diagonal is refreshed at this step (its own update_every)
         for group in self.param_groups:
+            params = self._trainable(group)
+            t = self.state[params[0]]["step"] + 1 if params and self.state[params[0]] else 1
+            due.append(bool(params) and (t - 1) % group["update_every"] == 0)
+        diag = self._diagonal(inputs, targets) if any(due) else None
+        for group, refresh in zip(self.param_groups, due):
             b1, b2 = group["betas"]
-            for p in group["params"]:
+            for p in self._trainable(group):
                 state = self._state(p, "exp_avg", "hessian")
                 state["step"] += 1
                 state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
-                if diag is not None:
+                if refresh:
                     state["hessian"].mul_(b2).add_(diag[p], alpha=1 - b2)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])

@@ -72,3 +72,43 @@ def test_float32_tolerance():
     report = bench.run(["hvp"], methods=["hessext"], dtype=torch.float32, **TINY)
     entry = report["cases"][0]["methods"]["hessext"]
     assert entry["status"] == "ok" and entry["rel_error"] < 1e-3
+
+
+def test_cli_defaults_shown_nothing_written_unasked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    assert "(default: 0.5)" in capsys.readouterr().out
+    bench.main(["--quantities", "hvp", "--widths", "2,3,1", "--batch", "4", "--methods", "hessext", "--min-run-time", "0.002"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("widths", ["3", "2,0,1", "a,b"])
+def test_cli_refuses_architectures_without_parameters(widths, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--widths", widths])
+    assert "--widths" in capsys.readouterr().err
+
+
+def test_peak_memory_is_the_methods_own():
+    """A method that holds 64 MB at its peak reports about that, whatever the process held before."""
+    import torch
+
+    from hessext.bench import cpu_peak_mb
+
+    hold = torch.ones(2**24, dtype=torch.float64)  # 128 MB the process already holds
+    peak = cpu_peak_mb(lambda: torch.ones(2**23, dtype=torch.float64).sum())
+    if peak is None:
+        pytest.skip("this kernel does not allow resetting the peak (/proc/self/clear_refs)")
+    assert 60 <= peak <= 100, peak
+    del hold
+
+
+def test_markdown_cells_stay_on_one_line():
+    report = {"environment": {"date": "d", "device": "cpu", "threads": 2, "torch": "t", "git_commit": "c"},
+              "dtype": "float64", "notes": ["a\nmulti-line | note"],
+              "cases": [{"quantity": "hvp", "widths": [1, 2], "batch": 3,
+                         "methods": {"x": {"status": "failed", "note": "Error: one\n  two | three"}}}]}
+    md = bench.markdown(report)
+    assert "| hvp | 1,2 | 3 | x | n/a | |  | Error: one two \\| three |" in md
+    assert "- a multi-line \\| note" in md

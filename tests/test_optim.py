@@ -87,3 +87,57 @@ def test_param_groups_and_bad_arguments():
     with pytest.raises(ValueError, match="params must be parameters of the model"):
         Sophia(net, nn.MSELoss(), params=[nn.Parameter(torch.zeros(2))])
     assert hessext.optim.ESTIMATORS == ("exact", "ggn", "hutchinson")
+
+
+@pytest.mark.parametrize("cls", [AdaHessian, Sophia])
+def test_frozen_parameters_are_skipped(cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    model[0].bias.requires_grad_(False)
+    frozen = model[0].bias.detach().clone()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt = cls(model, nn.MSELoss(), estimator="exact")
+    before = model[2].weight.detach().clone()
+    for _ in range(2):
+        opt.step(x, y)
+    assert torch.equal(model[0].bias, frozen) and model[0].bias not in opt.state
+    assert not torch.equal(model[2].weight, before)
+
+
+def test_sophia_honours_each_groups_update_every():
+    model, x, y, w, g, h = quadratic()
+    extra = nn.Linear(1, 1, bias=False).double()
+    model.add_module("extra", extra)  # a second parameter in its own group
+    calls = []
+    opt = Sophia(model, nn.MSELoss(), estimator="exact", params=[
+        {"params": [model.weight], "update_every": 1}, {"params": [extra.weight], "update_every": 3}])
+    real = opt._diagonal
+    opt._diagonal = lambda *a: calls.append(1) or real(*a)
+    hist = []
+    for _ in range(4):
+        opt.step(x, y)
+        hist.append((opt.state[model.weight]["hessian"].clone(), opt.state[extra.weight]["hessian"].clone()))
+    assert len(calls) == 4  # group 0 refreshes every step
+    assert not torch.equal(hist[0][0], hist[1][0])            # group 0 refreshed at step 2
+    assert torch.equal(hist[0][1], hist[1][1]) and torch.equal(hist[1][1], hist[2][1])  # group 1 kept steps 2, 3
+
+
+@pytest.mark.parametrize("cls,setting,value,match", [
+    (AdaHessian, "lr", -0.1, "lr must be a number >= 0"),
+    (AdaHessian, "betas", (0.9, 1.0), r"betas must be a pair of numbers in \[0, 1\)"),
+    (AdaHessian, "betas", 0.9, "betas must be a pair"),
+    (AdaHessian, "eps", -1.0, "eps must be a number >= 0"),
+    (AdaHessian, "hessian_power", 0.0, r"hessian_power must be in \(0, 1\]"),
+    (AdaHessian, "samples", 0, "samples must be an int >= 1"),
+    (Sophia, "rho", 0.0, "rho must be a number > 0"),
+    (Sophia, "update_every", 0, "update_every must be an int >= 1"),
+    (Sophia, "update_every", 2.5, "update_every must be an int >= 1"),
+    (Sophia, "weight_decay", -1.0, "weight_decay must be a number >= 0"),
+])
+def test_bad_settings_raise(cls, setting, value, match):
+    model = nn.Linear(2, 1).double()
+    with pytest.raises(ValueError, match=match):
+        cls(model, nn.MSELoss(), **{setting: value})
+    if setting != "samples":  # a per-group setting is checked per group too
+        with pytest.raises(ValueError, match=match):
+            cls(model, nn.MSELoss(), params=[{"params": list(model.parameters()), setting: value}])

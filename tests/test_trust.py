@@ -446,3 +446,72 @@ def test_float32_large_batch_accuracy():
     H = rel(hessext.hessian(m32, F.mse_loss, x[:n].float(), y[:n].float(), output="matrix"),
             hessext.hessian(m64, F.mse_loss, x[:n], y[:n], output="matrix"))
     assert d < 1e-5 and H < 1e-5, f"diagonal {d:.2e}, dense Hessian {H:.2e}"
+
+
+# ---- 15. smaller ------------------------------------------------------------------------------------------
+
+def test_hutchinson_batch_must_be_positive():
+    model = mlp(2, 3, 1)
+    x, y = batch(2, 1)
+    with pytest.raises(ValueError, match=r"batch must be a positive int \(vectors per product call\), got 0"):
+        hessext.hutchinson_diag(model, F.mse_loss, x, y, batch=0)
+
+
+def test_input_hessian_needs_targets():
+    model = mlp(2, 3, 1)
+    x, _ = batch(2, 1)
+    with pytest.raises(TypeError, match="targets must be a torch.Tensor, got NoneType"):
+        hessext.input_hessian(model, F.mse_loss, x, None)
+
+
+def test_model_without_parameters():
+    with pytest.raises(ValueError, match="model has no parameters"):
+        hessext.hvp(nn.Sequential(nn.Tanh()), F.mse_loss, torch.randn(3, 2), torch.randn(3, 2), [])
+
+
+def test_reason_uses_the_users_layer_names():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    reason = hessext.plan(model, F.mse_loss).reason
+    assert "Linear '2'" in reason and "_2" not in reason, reason
+
+
+@pytest.mark.parametrize("loss,factor", [
+    (lambda o, t: 0.5 * torch.mean((o - t) ** 2), 0.5),
+    (lambda o, t: ((o - t) ** 2).sum() / 2, 0.5),
+    (lambda o, t: F.mse_loss(o, t) * 3, 3.0),
+])
+def test_scaled_mse_is_native(loss, factor):
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    plan = hessext.plan(model, loss)
+    assert plan.backend == "native" and plan.loss.factor == factor, plan.reason
+    check_now(model, loss, x, y, "scaled MSE")
+
+
+def test_new_loss_objects_per_call_reuse_the_capture(monkeypatch):
+    import functools
+
+    from hessext import capture
+
+    model = mlp(2, 4, 1)
+    x, y = batch(2, 1)
+    captures = []
+    real = capture.capture_loss
+    monkeypatch.setattr(capture, "capture_loss", lambda fn: captures.append(fn) or real(fn))
+    for j in range(5):
+        hessext.hvp(model, lambda o, t: ((o - t) ** 2).mean(), x, y, vectors(model))
+        hessext.hvp(model, functools.partial(F.mse_loss, reduction="sum"), x, y, vectors(model))
+        hessext.hvp(model, nn.MSELoss(), x, y, vectors(model))
+    assert len(captures) == 3, f"{len(captures)} captures for 3 distinct losses"
+    scale = 2.0
+    f = lambda o, t: scale * ((o - t) ** 2).mean()  # noqa: E731
+    check_now(model, f, x, y, "global factor 2")
+    scale = 5.0  # a closure value changed: a different loss, a new capture
+    check_now(model, f, x, y, "global factor 5")
+
+
+def test_per_call_check_cost_is_small():
+    """The guard's cost per call (reported in the benchmark); here only that a hit does no capture."""
+    model = SeedOneModel().double()
+    p = hessext.plan(model, seed_one_loss)
+    assert all(hessext.plan(model, seed_one_loss) is p for _ in range(100))
