@@ -1,12 +1,11 @@
 """What a capture read, checked again on every call, so that a cached plan never outlives the model
 or loss it describes.
 
-A model's state is a flat list of objects compared by identity: for every module of the tree, its
+A model's state is a flat list of objects compared by identity or equality: for every module of the tree, its
 type and its class's `forward`, its attribute names and values (`training`, custom flags, an
 instance `forward`, the `_parameters`/`_modules`/`_buffers` dicts) and their entries, whether it has
 hooks; the dtype of every parameter; whether global module hooks exist; and the values of the
-globals that a user-defined `forward` names. The list holds the objects (so none is freed and its
-id reused while it is compared against). Any reassignment, swapped or appended layer, removed
+globals that a user-defined `forward` names. Any reassignment, swapped or appended layer, removed
 bias, tied weight, train/eval switch, hook or patched `forward` changes it.
 
 A loss is keyed by what determines its behaviour: a torch loss module by its type and settings
@@ -16,7 +15,6 @@ arguments. Objects in keys are held weakly where they can be."""
 import functools
 import types
 import weakref
-from operator import is_
 
 from torch.nn.modules import module as _torch_module
 
@@ -40,14 +38,17 @@ def _user_forward_globals(modules):
 
 
 class ModelState:
-    """The identities a capture of `model` depends on; `matches()` re-reads them (a few microseconds)."""
+    """The objects a capture of `model` depends on; `matches()` re-reads them (a few microseconds)."""
 
-    __slots__ = ("root", "modules", "params", "fwd_globals", "objects")
+    __slots__ = ("root", "parts", "params", "fwd_globals", "objects")
 
     def __init__(self, model):
         modules = list(model.modules())
-        self.root = weakref.ref(model)    # the submodules are held; the model itself only weakly
-        self.modules = modules[1:]
+        self.root = weakref.ref(model)    # the model itself only weakly: the cache must not keep it alive
+        # per module: the module (held for the submodules), its __dict__ and the dicts whose entries matter
+        self.parts = [(m if j else None, m.__dict__, m.__dict__["_parameters"], m.__dict__["_modules"],
+                       m.__dict__["_buffers"], tuple(m.__dict__[h] for h in HOOK_DICTS))
+                      for j, m in enumerate(modules)]
         self.params = list(model.parameters())
         self.fwd_globals = _user_forward_globals(modules)
         self.objects = self.read()
@@ -55,32 +56,38 @@ class ModelState:
     def read(self):
         objects = []
         extend, append = objects.extend, objects.append
-        root = self.root()
-        for m in [root] + self.modules if root is not None else ():
-            d = m.__dict__
-            append(type(m))
-            append(type(m).forward)
+        for m, d, params, children, buffers, hooks in self.parts:
+            cls = type(m if m is not None else self.root())
+            append(cls)
+            append(cls.forward)
             extend(d)
             extend(d.values())
-            extend(d["_parameters"].values())
-            extend(d["_modules"].values())
-            extend(d["_buffers"].values())
-            for name in HOOK_DICTS:
-                append(not d[name])
+            extend(params.values())
+            extend(children.values())
+            extend(buffers.values())
+            extend(map(len, hooks))
         extend([p.dtype for p in self.params])
-        extend([not h for h in _GLOBAL_HOOKS])
+        extend(map(len, _GLOBAL_HOOKS))
         for g, names in self.fwd_globals:
             extend([g.get(n, _MISSING) for n in names])
         return objects
 
     def matches(self):
-        now = self.read()
-        return len(now) == len(self.objects) and all(map(is_, now, self.objects))
+        """Whether every object read now is the one read at capture, or equal to it. Equal objects
+        compute the same: equal numbers and strings, and an equal one-element tensor, of the same dtype
+        (the dtypes are read too), holding the same value; larger tensors, which cannot compare as one
+        bool, and anything whose comparison fails count as changed."""
+        if self.root() is None:
+            return False
+        try:
+            return self.read() == self.objects
+        except Exception:  # noqa: BLE001 - an object that cannot compare is a change
+            return False
 
     def refers_to(self, model):
         """Whether a held object leads back to a module of the model (then caching it would keep the
         model alive): the model itself, or a bound method or closure of one of its modules."""
-        ids = {id(m) for m in self.modules} | {id(model)}
+        ids = {id(part[0]) for part in self.parts[1:]} | {id(model)}
         for obj in self.objects:
             if obj is model or id(getattr(obj, "__self__", None)) in ids:
                 return True
