@@ -2,7 +2,7 @@
 
 Each method is first checked against a float64 reference (a wrong answer is reported, not timed),
 then timed with torch.utils.benchmark.Timer (warm-up, CUDA synchronised): median and interquartile
-range, peak memory (CUDA max-allocated; process RSS on the CPU), and ratios to hessext and to one
+range, peak memory of one call (CUDA max-allocated; the process's resident high-water mark on the CPU, reset per method), and ratios to hessext and to one
 plain gradient. Output: a table in the terminal, a JSON file with the environment, and PNG plots
 (time against width and against batch size) when matplotlib is installed.
 
