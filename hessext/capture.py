@@ -53,7 +53,6 @@ class Stack:
     activations: Tuple[int, ...]      # after each hidden layer: IDENTITY or TANH
     pre: Callable                     # shape-only ops on the input (a function of one tensor)
     post: Callable                    # shape-only ops on the output
-    pre_is_identity: bool             # no ops on the input: each input row is one sample's features
 
 
 @dataclass(frozen=True)
@@ -234,7 +233,7 @@ def capture_model(model: nn.Module) -> Stack:
     unused = [name for name, _ in named if name not in used]
     if unused:
         raise Unsupported(f"parameters {unused} are not weights of the traced Linear layers")
-    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post), not pre)
+    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post))
 
 
 def _reduction_of(node):

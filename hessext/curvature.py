@@ -63,12 +63,16 @@ def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=Tr
     return call
 
 
-def _native_raw(op, call, inputs, targets, *extra):
-    """The native op's own output for this batch."""
-    x, y, scale = native_batch(call.plan, inputs, targets, call.tensors)
+def run_native(op, call, x, y, scale, *extra):
+    """The native op on kernel-layout rows x [M, n_0], y [M, C] with the loss scale."""
     weights, biases = _stack_args(call.plan, call.tensors)
     with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
         return op(x, y, weights, biases, call.plan.activations, scale, *extra)
+
+
+def _native_raw(op, call, inputs, targets, *extra):
+    """The native op's own output for this batch."""
+    return run_native(op, call, *native_batch(call.plan, inputs, targets, call.tensors), *extra)
 
 
 def _native_call(op, call, inputs, targets, *extra):

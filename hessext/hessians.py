@@ -8,8 +8,8 @@ import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from hessext import fallback, ops
-from hessext.curvature import _native_raw, _stack_args, route
-from hessext.inputs import check_samples, native_inputs, rows_are_samples
+from hessext.curvature import _native_raw, route, run_native
+from hessext.inputs import check_samples, native_batch, native_inputs, rows_are_samples
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
@@ -197,8 +197,10 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     d = inputs[0].numel()
     _check_memory(f"hessext.input_hessian of {N} samples x {d} features", N * d * (1 if diagonal else d) *
                   inputs.element_size(), inputs, max_bytes, "use diagonal=True, or fewer samples at a time")
-    if call.native and rows_are_samples(inputs, native_inputs(call.plan, inputs, call.tensors)[0]):
-        return _native_raw(ops.input_derivatives, call, inputs, targets, 1 if diagonal else 2)
+    if call.native:
+        batch = native_batch(call.plan, inputs, targets, call.tensors)
+        if rows_are_samples(inputs, batch[0]):
+            return run_native(ops.input_derivatives, call, *batch, 1 if diagonal else 2)
     return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal)
 
 
@@ -231,10 +233,8 @@ def laplacian(model, inputs, *, params=None, backend="auto"):
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
         if rows_are_samples(inputs, x):
-            weights, biases = _stack_args(call.plan, call.tensors)
-            with torch.no_grad():
-                y = x.new_zeros(()).expand(x.shape[0], C)
-                return ops.input_derivatives(x, y, weights, biases, call.plan.activations, 1.0, 0).reshape(out_shape)
+            y = x.new_zeros(()).expand(x.shape[0], C)
+            return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
     p = call.fallback_params()
     N, shape = inputs.shape[0], inputs.shape[1:]
     d = inputs[0].numel()
