@@ -1,10 +1,10 @@
-// Exact diagonals of the Hessian (or of the GGN) of an MSE loss through a Linear/tanh stack, by
+// Exact diagonals of the Hessian (or of the GGN) of a loss through a Linear/activation stack, by
 // back-propagating each sample's pre-activation Hessian G_l = d^2 loss_m / dz_l^2 in factored form.
 // Indices as in stack.h; per sample m:
 //
-//   G_{L-1} = 2 scale I_C
+//   G_{L-1} = H_out                                      (the loss head: diag(h) or softmax)
 //   G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}),   D_l = diag(d_l),
-//   R_{l-1} = phi''(z_{l-1}) e_l = -2 a_l d_l e_l        (tanh's residual term; 0 for the GGN)
+//   R_{l-1} = phi''(z_{l-1}) e_l = d2_l e_l              (the residual term; 0 for the GGN)
 //   diag(H)_{W_l}[o, i] = sum_m G_l[m, o, o] a_l[m, i]^2,  diag(H)_{b_l}[o] = sum_m G_l[m, o, o]
 //
 // G_l is kept as F sigma F^T + diag(R_l): F [n_{l+1}, M, Q] dense signed factor columns (sigma = +-1
@@ -14,8 +14,10 @@
 //                                                                    one GEMM M x n_{l+1} x n_l)
 //   R_l turns into factor columns d_l[m,i] W_l[o,i] sqrt|R_l[m,o]| with signs sign(R_l) only when G
 //   must travel further down (l-1 > 0); they are built elementwise, never by a GEMM.
-// Cost: per layer one GEMM of n_l x n_{l+1} x M Q_l, Q_l = C + sum of the widths of the tanh
-// layers above l that feed a further step; plus O(M n_l n_{l+1}) elementwise and small GEMMs.
+// A diagonal H_out starts as the pending diagonal R_{L-1} = h (no dense factor); the softmax one as
+// the C factor columns of its square root sqrt(w) (diag(s) - p s^T), s = sqrt(p).
+// Cost: per layer one GEMM of n_l x n_{l+1} x M Q_l, Q_l = (C for softmax) + the widths of the
+// curved layers above l that feed a further step; plus O(M n_l n_{l+1}) elementwise and small GEMMs.
 #pragma once
 #include <cmath>
 
@@ -45,15 +47,22 @@ inline at::Tensor sum_over_samples(const at::Tensor& A, const at::Tensor& B) {
 
 template <class E>
 std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
-  const int64_t M = s.M, L = s.L, C = s.width(L);
+  const int64_t M = s.M, L = s.L;
   const Forward f = forward<E>(s);
-  const Backward g = ggn ? Backward{} : backward(s, f);
+  const LossHead head = loss_head<E>(s, f.a[L]);
+  const Backward g = ggn ? Backward{} : backward(s, f, head);
   const auto opts = s.x.options();
 
-  // G_{L-1} = 2 scale I_C: factor sqrt(2 scale) I_C for every sample, no pending diagonal.
-  std::vector<FactorBlock> blocks{{(at::eye(C, opts) * std::sqrt(2.0 * s.scale)).unsqueeze(1).expand({C, M, C}), {}}};
-  at::Tensor R;                                            // pending diagonal [M, n_{l+1}] or undefined
-  at::Tensor dG = at::full({M, C}, 2.0 * s.scale, opts);  // diag(G_l): [M, n_{l+1}]
+  std::vector<FactorBlock> blocks;
+  at::Tensor R;   // pending diagonal [M, n_{l+1}] or undefined
+  at::Tensor dG;  // diag(G_l): [M, n_{l+1}]
+  if (head.softmax()) {
+    blocks.push_back({head.factor(), {}});
+    dG = (head.h - head.h.square()).mul_(head.w.unsqueeze(1));
+  } else {
+    R = head.h;
+    dG = head.h;
+  }
 
   std::vector<at::Tensor> out(s.num_slots);
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -73,7 +82,7 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
     }
     if (R.defined() && l - 1 > 0)  // G_{l-1} travels further: R_l becomes a block of factor columns
       blocks.push_back({E::residual_factor(s.W[l], R, d), R.sign()});
-    R = (!ggn && d.defined()) ? (f.a[l] * d * g.e[l]).mul_(-2.0) : at::Tensor();
+    R = ggn ? at::Tensor() : residual(f, g, l);
     if (R.defined()) dGn.add_(R);
     dG = dGn;
   }

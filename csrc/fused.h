@@ -3,18 +3,17 @@
 // (width n_l) to z_l (width n_{l+1}); W_l row-major [o, i].
 //
 // Per-sample scratch holds one value per unit of every layer, layer l at offset off[l]:
-//   a     activations a_0..a_L (a_L the output), d = phi'(z) where a tanh produced a,
+//   a     activations a_0..a_L (a_L the output),
+//   d     phi'(z) of the activation that produced a (1 for the input, the output and identity),
+//   d2    phi''(z) of that activation (0 where it is piecewise linear),
 //   delta dLoss/dz_{l-1} at off[l] (so delta_l, of width n_{l+1}, sits at off[l+1]),
-//   e     dLoss/da_l at off[l].
-// and Ra (R-activations, same layout with K values per unit) and two rows of [max n, K].
+//   e     dLoss/da_l at off[l],
+// the loss head (losses.h) h [C] and w = head[C], and for products Rz (pre-activation R-values,
+// same layout with K values per unit) and two rows of [max n, K].
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define HX_HD __host__ __device__ __forceinline__
-#else
-#define HX_HD inline
-#endif
+#include "losses.h"
 
 namespace hessext {
 namespace fused {
@@ -29,38 +28,53 @@ struct Net {
   int maxw;
   const T* W[kMaxLayers];
   const T* b[kMaxLayers];   // nullptr: no bias
-  bool tanh[kMaxLayers];    // tanh after layer l (never after the last)
-  T scale;
+  Act act[kMaxLayers];      // activation after layer l (Identity after the last)
+  T p0[kMaxLayers], p1[kMaxLayers];
+  Loss loss;
+  T loss_param, scale;
 };
 
-// Forward: z_l = W_l a_l + b_l;  a_{l+1} = tanh(z_l), d_{l+1} = 1 - a_{l+1}^2  (or a_{l+1} = z_l).
+// One sample's scratch (layout above), carved from `base`; `end()` is where the caller's own rows start.
 template <typename T>
-HX_HD void forward(const Net<T>& net, const T* x, T* a, T* d) {
-  for (int j = 0; j < net.n[0]; ++j) a[j] = x[j];
+struct Sample {
+  T *a, *d, *d2, *delta, *e, *head;
+  HX_HD static int64_t size(const Net<T>& net) { return 5 * int64_t(net.off[net.L + 1]) + net.n[net.L] + 1; }
+  HX_HD Sample(const Net<T>& net, T* base) {
+    const int U = net.off[net.L + 1];
+    a = base, d = a + U, d2 = d + U, delta = d2 + U, e = delta + U, head = e + U;
+  }
+  HX_HD T* end(const Net<T>& net) const { return head + net.n[net.L] + 1; }
+};
+
+// Forward: z_l = W_l a_l + b_l;  a_{l+1} = phi_l(z_l), d_{l+1} = phi_l'(z_l), d2_{l+1} = phi_l''(z_l).
+template <typename T>
+HX_HD void forward(const Net<T>& net, const T* x, T* a, T* d, T* d2) {
+  for (int j = 0; j < net.n[0]; ++j) a[j] = x[j], d[j] = T(1), d2[j] = T(0);
   for (int l = 0; l < net.L; ++l) {
     const int ni = net.n[l], no = net.n[l + 1];
     const T* in = a + net.off[l];
-    T* out = a + net.off[l + 1];
     for (int o = 0; o < no; ++o) {
       const T* w = net.W[l] + o * ni;
       T acc = net.b[l] ? net.b[l][o] : T(0);
       for (int i = 0; i < ni; ++i) acc += w[i] * in[i];
-      if (net.tanh[l]) {
-        acc = tanh(acc);
-        d[net.off[l + 1] + o] = T(1) - acc * acc;
-      }
-      out[o] = acc;
+      const int u = net.off[l + 1] + o;
+      act_eval(net.act[l], net.p0[l], net.p1[l], acc, a[u], d[u], d2[u]);
     }
   }
 }
 
-// Backward through the activations: delta_{L-1} = 2 scale (a_L - y);  e_l = W_l^T delta_l;
-// delta_{l-1} = d_l * e_l (or e_l).
+// The loss row at the output: delta_{L-1} = g at off[L], the output Hessian in head (h [C], w = head[C]).
 template <typename T>
-HX_HD void backward(const Net<T>& net, const T* a, const T* d, const T* y, T* delta, T* e) {
-  const int L = net.L;
-  for (int c = 0; c < net.n[L]; ++c) delta[net.off[L] + c] = T(2) * net.scale * (a[net.off[L] + c] - y[c]);
-  for (int l = L - 1; l >= 1; --l) {
+HX_HD void loss(const Net<T>& net, const T* a, const T* y, T* delta, T* head) {
+  const int C = net.n[net.L];
+  loss_row(net.loss, net.loss_param, net.scale, C, a + net.off[net.L], y, delta + net.off[net.L], head, head + C);
+}
+
+// Backward through the activations from delta_{L-1} (fused::loss): e_l = W_l^T delta_l;
+// delta_{l-1} = d_l * e_l.
+template <typename T>
+HX_HD void backward(const Net<T>& net, const T* d, T* delta, T* e) {
+  for (int l = net.L - 1; l >= 1; --l) {
     const int ni = net.n[l], no = net.n[l + 1];
     const T* dl = delta + net.off[l + 1];
     T* el = e + net.off[l];
@@ -71,54 +85,53 @@ HX_HD void backward(const Net<T>& net, const T* a, const T* d, const T* y, T* de
       for (int i = 0; i < ni; ++i) el[i] += g * w[i];
     }
     T* dprev = delta + net.off[l];
-    for (int i = 0; i < ni; ++i) dprev[i] = net.tanh[l - 1] ? d[net.off[l] + i] * el[i] : el[i];
+    for (int i = 0; i < ni; ++i) dprev[i] = d[net.off[l] + i] * el[i];
   }
 }
 
-// K vectors (V_l, vb_l) for one sample, accumulated into HW_l and Hb_l (recurrence in hvp.h):
-//   Rz_l = W_l Ra_l + V_l a_l + vb_l;  Ra_{l+1} = d_{l+1} Rz_l;  Rdelta_{L-1} = 2 scale Rz_{L-1}
-//   HW_l += Rdelta_l a_l^T + delta_l Ra_l^T;  Hb_l += Rdelta_l
-//   Re_l = W_l^T Rdelta_l + V_l^T delta_l;  Rdelta_{l-1} = d_l Re_l - 2 a_l e_l Ra_l (tanh)
+// K vectors (V_l, vb_l) for one sample, accumulated into HW_l and Hb_l (recurrence in hvp.h), with
+// Rz the pre-activation R-values and Ra_l = d_l Rz_{l-1} formed on the fly:
+//   Rz_l = W_l (d_l Rz_{l-1}) + V_l a_l + vb_l;  Rdelta_{L-1} = H_out Rz_{L-1}  (the loss head)
+//   HW_l += Rdelta_l a_l^T + delta_l (d_l Rz_{l-1})^T;  Hb_l += Rdelta_l
+//   Re_l = W_l^T Rdelta_l + V_l^T delta_l;  Rdelta_{l-1} = d_l Re_l + d2_l e_l Rz_{l-1}
 // The vector index k is innermost everywhere, so each inner loop runs over K contiguous values:
-// V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Ra: [units, K]; r0, r1: [max n, K].
+// V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Rz: [units, K]; r0, r1: [max n, K].
 // KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
-// GGN drops every delta term: the GGN-vector product J^T (2 scale) J v (delta, e unused).
+// GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
 template <typename T, int KC = 0, bool GGN = false>
-HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, const T* delta, const T* e,
-                      const T* const* V, const T* const* vb, T* Ra, T* r0, T* r1, T* const* HW, T* const* Hb) {
-  const int L = net.L;
+HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, const T* d2, const T* delta,
+                      const T* e, const T* head, const T* const* V, const T* const* vb, T* Rz, T* r0, T* r1,
+                      T* const* HW, T* const* Hb) {
+  const int L = net.L, C = net.n[L];
   const int K = KC > 0 ? KC : K_runtime;
   for (int l = 0; l < L; ++l) {
     const int ni = net.n[l], no = net.n[l + 1];
     const T* in = a + net.off[l];
-    const T* rin = Ra + net.off[l] * K;
+    const T* din = d + net.off[l];
+    const T* rin = Rz + net.off[l] * K;
     for (int o = 0; o < no; ++o) {
-      T* __restrict__ rz = Ra + (net.off[l + 1] + o) * K;
+      T* __restrict__ rz = Rz + (net.off[l + 1] + o) * K;
       for (int k = 0; k < K; ++k) rz[k] = vb[l] ? vb[l][o * K + k] : T(0);
       for (int i = 0; i < ni; ++i) {
         const T* __restrict__ v = V[l] + (o * ni + i) * K;
         const T ai = in[i];
         for (int k = 0; k < K; ++k) rz[k] += v[k] * ai;
         if (l > 0) {
-          const T w = net.W[l][o * ni + i];
+          const T wd = net.W[l][o * ni + i] * din[i];
           const T* __restrict__ ri = rin + i * K;
-          for (int k = 0; k < K; ++k) rz[k] += w * ri[k];
+          for (int k = 0; k < K; ++k) rz[k] += wd * ri[k];
         }
-      }
-      if (net.tanh[l]) {
-        const T dd = d[net.off[l + 1] + o];
-        for (int k = 0; k < K; ++k) rz[k] *= dd;
       }
     }
   }
   T* rd = r0;
   T* re = r1;
-  const T two_scale = T(2) * net.scale;
-  for (int j = 0; j < net.n[L] * K; ++j) rd[j] = two_scale * Ra[net.off[L] * K + j];
+  loss_hessian_apply(net.loss, C, K, head, head[C], Rz + net.off[L] * K, rd);
   for (int l = L - 1; l >= 0; --l) {
     const int ni = net.n[l], no = net.n[l + 1];
     const T* in = a + net.off[l];
-    const T* rin = Ra + net.off[l] * K;
+    const T* din = d + net.off[l];
+    const T* rin = Rz + net.off[l] * K;
     const T* dl = GGN ? nullptr : delta + net.off[l + 1];
     for (int o = 0; o < no; ++o) {
       const T* __restrict__ r = rd + o * K;
@@ -127,8 +140,9 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
         T* __restrict__ hw = HW[l] + (o * ni + i) * K;
         const T ai = in[i];
         if (l > 0 && !GGN) {
+          const T gd = g * din[i];
           const T* __restrict__ ri = rin + i * K;
-          for (int k = 0; k < K; ++k) hw[k] += r[k] * ai + g * ri[k];
+          for (int k = 0; k < K; ++k) hw[k] += r[k] * ai + gd * ri[k];
         } else {
           for (int k = 0; k < K; ++k) hw[k] += r[k] * ai;
         }
@@ -154,19 +168,11 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
         }
       }
     }
-    if (GGN && net.tanh[l - 1]) {
-      for (int i = 0; i < ni; ++i) {
-        const T dd = d[net.off[l] + i];
-        T* __restrict__ ro = re + i * K;
-        for (int k = 0; k < K; ++k) ro[k] *= dd;
-      }
-    } else if (net.tanh[l - 1]) {
-      for (int i = 0; i < ni; ++i) {
-        const T dd = d[net.off[l] + i], c = T(2) * in[i] * e[net.off[l] + i];
-        T* __restrict__ ro = re + i * K;
-        const T* __restrict__ ri = rin + i * K;
-        for (int k = 0; k < K; ++k) ro[k] = dd * ro[k] - c * ri[k];
-      }
+    for (int i = 0; i < ni; ++i) {
+      const T dd = din[i], c = GGN ? T(0) : d2[net.off[l] + i] * e[net.off[l] + i];
+      T* __restrict__ ro = re + i * K;
+      const T* __restrict__ ri = rin + i * K;
+      for (int k = 0; k < K; ++k) ro[k] = dd * ro[k] + c * ri[k];
     }
     T* t = rd;
     rd = re;
@@ -187,16 +193,15 @@ HX_HD void g_times_w(const T* G, const T* W, int no, int ni, T* out) {
 
 // Exact Hessian (or GGN) diagonal for one sample, accumulated into HW_l [o, i] and Hb_l [o]
 // (recurrence in diag.h, with each sample's G_l held whole, [n_{l+1}, n_{l+1}] row-major):
-//   G_{L-1} = 2 scale I;  HW_l += G_l[o, o] a_l[i]^2;  Hb_l += G_l[o, o]
-//   T = G_l W_l;  G_{l-1} = D_l W_l^T T D_l + diag(R_{l-1}),  R_{l-1} = -2 a_l d_l e_l (0 for the GGN)
+//   G_{L-1} = H_out (the loss head);  HW_l += G_l[o, o] a_l[i]^2;  Hb_l += G_l[o, o]
+//   T = G_l W_l;  G_{l-1} = D_l W_l^T T D_l + diag(R_{l-1}),  R_{l-1} = d2_l e_l (0 for the GGN)
 // The last step (to G_0) forms only its diagonal. Scratch: G, Gn of max n^2, T of max n^2.
 // Acc: the accumulators' type (float64 for float32 sums over many samples on the CPU).
 template <typename T, typename Acc = T>
-HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, const T* e, T* G, T* Gn, T* Tm,
-                       Acc* const* HW, Acc* const* Hb) {
+HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, const T* d2, const T* e, const T* head,
+                       T* G, T* Gn, T* Tm, Acc* const* HW, Acc* const* Hb) {
   const int L = net.L, C = net.n[L];
-  for (int p = 0; p < C * C; ++p) G[p] = T(0);
-  for (int c = 0; c < C; ++c) G[c * C + c] = T(2) * net.scale;
+  loss_hessian_dense(net.loss, C, head, head[C], G);
   for (int l = L - 1; l >= 0; --l) {
     const int ni = net.n[l], no = net.n[l + 1];
     const T* in = a + net.off[l];
@@ -209,16 +214,16 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
     if (l == 0) break;
     const T* W = net.W[l];
     g_times_w(G, W, no, ni, Tm);  // Tm = G W: [o, i]
-    const bool tanh = net.tanh[l - 1];
     const T* dd = d + net.off[l];
+    const T* dd2 = d2 + net.off[l];
     const T* el = e + net.off[l];
     const bool last = (l - 1 == 0);
     for (int i = 0; i < ni; ++i)
       for (int j = last ? i : 0; j < (last ? i + 1 : ni); ++j) {
         T acc = T(0);
         for (int o = 0; o < no; ++o) acc += W[o * ni + i] * Tm[o * ni + j];
-        if (tanh) acc *= dd[i] * dd[j];
-        if (i == j && tanh && !ggn) acc -= T(2) * in[i] * dd[i] * el[i];
+        acc *= dd[i] * dd[j];
+        if (i == j && !ggn) acc += dd2[i] * el[i];
         Gn[i * ni + j] = acc;
       }
     if (last)  // keep only the diagonal, in the row-major positions the next round reads
@@ -230,36 +235,31 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
 
 // The dense Hessian contribution of one sample (hessian.h's decomposition with the sample's G_l and
 // A_{l,k} held whole), added to the blocks k <= l of H [P, P] (stack order; the caller mirrors).
-//   G_{L-1} = 2 scale I;  G_{l-1} = D_l W_l^T G_l W_l D_l + diag(-2 a_l d_l e_l)
+//   G_{L-1} = H_out (the loss head);  G_{l-1} = D_l W_l^T G_l W_l D_l + diag(d2_l e_l)
 //   H_ll[(o,i),(p,j)] += G_l[o,p] abar_l[i] abar_l[j]
 //   H_lk[(o,i),(p,j)] += ((G_l W_l A)[o,p] abar_l[i] + delta_l[o] A[i,p]) abar_k[j],
 //   A = A_{l,k}: A_{l,l-1} = D_l, A_{l,k-1} = A_{l,k} W_k D_k;  abar = [a, 1] with a bias (A's bias row 0)
 // Scratch: G and GW (= G_l W_l, formed once in the recurrence and reused by the cross blocks) of
 // L max n^2 each, and A, An, B of max n^2 each. woff/boff: parameter offsets (-1: no bias).
 template <typename T>
-HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* delta, const T* e, T* G, T* GWs, T* A,
-                          T* An, T* B, const int64_t* woff, const int64_t* boff, int64_t P, T* H) {
+HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* d2, const T* delta, const T* e,
+                          const T* head, T* G, T* GWs, T* A, T* An, T* B, const int64_t* woff, const int64_t* boff,
+                          int64_t P, T* H) {
   const int L = net.L, W2 = net.maxw * net.maxw;
-  {
-    const int C = net.n[L];
-    T* GL = G + (L - 1) * W2;
-    for (int p = 0; p < C * C; ++p) GL[p] = T(0);
-    for (int c = 0; c < C; ++c) GL[c * C + c] = T(2) * net.scale;
-  }
+  loss_hessian_dense(net.loss, net.n[L], head, head[net.n[L]], G + (L - 1) * W2);
   for (int l = L - 1; l >= 1; --l) {  // G_{l-1} from G_l
     const int ni = net.n[l], no = net.n[l + 1];
     T* Gp = G + (l - 1) * W2;
     const T* W = net.W[l];
     T* GW = GWs + l * W2;
     g_times_w(G + l * W2, W, no, ni, GW);
-    const bool tanh = net.tanh[l - 1];
     const T* dd = d + net.off[l];
     for (int i = 0; i < ni; ++i)
       for (int j = 0; j < ni; ++j) {
         T acc = T(0);
         for (int o = 0; o < no; ++o) acc += W[o * ni + i] * GW[o * ni + j];
-        if (tanh) acc *= dd[i] * dd[j];
-        if (i == j && tanh) acc -= T(2) * a[net.off[l] + i] * dd[i] * e[net.off[l] + i];
+        acc *= dd[i] * dd[j];
+        if (i == j) acc += d2[net.off[l] + i] * e[net.off[l] + i];
         Gp[i * ni + j] = acc;
       }
   }
@@ -282,7 +282,7 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* de
     if (l == 0) continue;
     const T* GW = GWs + l * W2;  // G_l W_l [o, n_l], from the recurrence
     for (int i = 0; i < ni; ++i)  // A = A_{l,l-1} = D_l
-      for (int p = 0; p < ni; ++p) A[i * ni + p] = i == p ? (net.tanh[l - 1] ? d[net.off[l] + i] : T(1)) : T(0);
+      for (int p = 0; p < ni; ++p) A[i * ni + p] = i == p ? d[net.off[l] + i] : T(0);
     const T* dl = delta + net.off[l + 1];
     for (int k = l - 1; k >= 0; --k) {
       const int nk = net.n[k], np = net.n[k + 1];
@@ -309,7 +309,7 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* de
           for (int q = 0; q < nk; ++q) {
             T acc = T(0);
             for (int p = 0; p < np; ++p) acc += A[i * np + p] * net.W[k][p * nk + q];
-            An[i * nk + q] = net.tanh[k - 1] ? acc * d[net.off[k] + q] : acc;
+            An[i * nk + q] = acc * d[net.off[k] + q];
           }
         for (int j = 0; j < ni * nk; ++j) A[j] = An[j];
       }

@@ -1,8 +1,10 @@
 // Every hessext op schema, in one place, and the pybind11 module that reports build facts.
 // Kernels register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
-// Common arguments (see stack.h): inputs [M, n_0], targets [M, C], weights W_l [n_{l+1}, n_l],
-// biases b_l [n_{l+1}] or None, activations (0 identity, 1 tanh) after each hidden layer, scale
-// of the MSE sum; parameter lists are in stack order W_0, b_0, W_1, ...
+// Common arguments (see stack.h): inputs [M, n_0], targets [M, C] (real rows; for cross-entropy the
+// target distribution), weights W_l [n_{l+1}, n_l], biases b_l [n_{l+1}] or None, activations
+// (activations.h: Act) after each hidden layer with two parameters each in act_params, the loss
+// (losses.h: Loss) with its parameter (Huber's delta) and the scale of its sum over samples;
+// parameter lists are in stack order W_0, b_0, W_1, ...
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -15,25 +17,25 @@ TORCH_LIBRARY(hessext, m) {
   // K Hessian-vector products; vectors[j]: [K, *shape of parameter j]; returns the same shapes.
   m.def(
       "hvp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float scale, Tensor[] vectors) -> Tensor[]");
-  // K GGN-vector products J^T (2 scale) J v, same layout as hvp.
+      "float[] act_params, int loss, float loss_param, float scale, Tensor[] vectors) -> Tensor[]");
+  // K GGN-vector products J^T H_out J v (H_out: the loss Hessian in the output), same layout as hvp.
   m.def(
       "ggn_vp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float scale, Tensor[] vectors) -> Tensor[]");
+      "float[] act_params, int loss, float loss_param, float scale, Tensor[] vectors) -> Tensor[]");
   // Exact diagonal of the Hessian (ggn=False) or GGN (ggn=True) per parameter, [*shape] or, with
   // per_sample, [M, *shape] (the diagonal of each sample's term of the loss).
   m.def(
       "diag(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float scale, bool ggn, bool per_sample) -> Tensor[]");
+      "float[] act_params, int loss, float loss_param, float scale, bool ggn, bool per_sample) -> Tensor[]");
   // The dense Hessian in stack order: [H] with H [P, P], or (layer_blocks) one [P_l, P_l] per layer.
   m.def(
       "hessian(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float scale, bool layer_blocks) -> Tensor[]");
+      "float[] act_params, int loss, float loss_param, float scale, bool layer_blocks) -> Tensor[]");
   // mode 0: the Laplacian of each model output in the inputs, [M, C] (targets unused);
   // mode 1 / 2: the Hessian of the loss in each sample's input row, diagonal [M, d] / full [M, d, d].
   m.def(
       "input_derivatives(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
-      "int[] activations, float scale, int mode) -> Tensor");
+      "int[] activations, float[] act_params, int loss, float loss_param, float scale, int mode) -> Tensor");
 }
 
 namespace {

@@ -1,4 +1,4 @@
-// Dense Hessians of an MSE loss through a Linear/tanh stack, from the structure of the stack rather
+// Dense Hessians of a loss through a Linear/activation stack, from the structure of the stack rather
 // than from P Hessian-vector products. Indices as in stack.h; for a layer with a bias its input is
 // augmented, abar_l = [a_l, 1], so that W_l and b_l form one block [o, ibar].
 //
@@ -24,22 +24,20 @@ namespace hessext {
 constexpr int64_t kHessianChunkElems = int64_t(1) << 24;
 constexpr int64_t kWidenedChunk = 256;
 
-// G_l for samples [m0, m1): G[l]: [mc, n_{l+1}, n_{l+1}], from G_{L-1} = 2 scale I by
-// G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}), R_{l-1} = -2 a_l d_l e_l (tanh).
+// G_l for samples [m0, m1): G[l]: [mc, n_{l+1}, n_{l+1}], from G_{L-1} = H_out (the loss head) by
+// G_{l-1} = D_l W_l^T G_l W_l D_l + diag(R_{l-1}), R_{l-1} = d2_l e_l (curved activations).
 inline std::vector<at::Tensor> pre_activation_hessians(const Stack& s, const Forward& f, const Backward& g,
-                                                       int64_t m0, int64_t m1) {
-  const int64_t L = s.L, mc = m1 - m0, C = s.width(L);
+                                                       const LossHead& head, int64_t m0, int64_t m1) {
+  const int64_t L = s.L, mc = m1 - m0;
   std::vector<at::Tensor> G(L);
-  G[L - 1] = (at::eye(C, s.x.options()) * (2.0 * s.scale)).expand({mc, C, C});
+  G[L - 1] = head.dense(m0, mc);
   for (int64_t l = L - 1; l >= 1; --l) {
     at::Tensor next = at::matmul(s.W[l].t(), at::matmul(G[l], s.W[l]));  // [mc, i, i]
-    const at::Tensor& d = f.d[l];
-    if (d.defined()) {
-      const at::Tensor dc = d.narrow(0, m0, mc);
+    if (f.d[l].defined()) {
+      const at::Tensor dc = f.d[l].narrow(0, m0, mc);
       next.mul_(dc.unsqueeze(2) * dc.unsqueeze(1));
-      const at::Tensor R = (f.a[l].narrow(0, m0, mc) * dc * g.e[l].narrow(0, m0, mc)).mul_(-2.0);
-      next.diagonal(0, 1, 2).add_(R);
     }
+    if (f.d2[l].defined()) next.diagonal(0, 1, 2).add_(f.d2[l].narrow(0, m0, mc) * g.e[l].narrow(0, m0, mc));
     G[l - 1] = next;
   }
   return G;
@@ -114,7 +112,8 @@ template <class E>
 std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_elems) {
   const int64_t M = s.M, L = s.L;
   const Forward f = forward<E>(s);
-  const Backward g = backward(s, f);
+  const LossHead head = loss_head<E>(s, f.a[L]);
+  const Backward g = backward(s, f, head);
   const FlatOffsets off(s, layer_only);
   const bool widen = s.x.scalar_type() == at::kFloat;
   const auto acc_opts = s.x.options().dtype(widen ? at::kDouble : s.x.scalar_type());
@@ -146,7 +145,7 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     at::Tensor work = at::empty({mc_max * widest}, s.x.options());
     for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
       const int64_t mc = std::min(mc_max, M - m0);
-      const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, m0, mc + m0);
+      const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, head, m0, mc + m0);
       std::vector<at::Tensor> abar(L);
       for (int64_t l = 0; l < L; ++l) abar[l] = augmented_input(s, f, l, m0, mc);
       for (int64_t l = 0; l < L; ++l) {
@@ -207,14 +206,15 @@ template <class E>
 at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_elems) {
   const int64_t M = s.M, d = s.width(0);
   const Forward f = forward<E>(s);
-  const Backward g = backward(s, f);
+  const LossHead head = loss_head<E>(s, f.a[s.L]);
+  const Backward g = backward(s, f, head);
   int64_t widest = d * d;
   for (int64_t l = 0; l <= s.L; ++l) widest = std::max(widest, s.width(l) * s.width(l));
   const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
   at::Tensor out = diagonal ? at::empty({M, d}, s.x.options()) : at::empty({M, d, d}, s.x.options());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
-    const at::Tensor G0 = pre_activation_hessians(s, f, g, m0, m0 + mc)[0];
+    const at::Tensor G0 = pre_activation_hessians(s, f, g, head, m0, m0 + mc)[0];
     if (diagonal) {  // diag(W^T G W)[i] = sum_o W[o, i] (G W)[o, i]
       out.narrow(0, m0, mc).copy_((at::matmul(G0, s.W[0]) * s.W[0]).sum(1));
     } else {

@@ -1,24 +1,25 @@
-// Batched Hessian-vector products of an MSE loss through a Linear/tanh stack, by Pearlmutter's
+// Batched Hessian-vector products of a loss through a Linear/activation stack, by Pearlmutter's
 // R-operator, R(.) = d/dr (.)(theta + r v) at r = 0, for K vectors v = (V_l, vb_l) at once.
 // Indices as in stack.h; R-quantities carry the vector index k in the middle: [M, K, width], so
 // that each product below is one GEMM over all K vectors.
 //
 //   R-forward   Rz_l = Ra_l W_l^T + a_l V_l^T + vb_l           (Ra_0 = 0)
-//               Ra_{l+1} = d_{l+1} * Rz_l                       (tanh; identity: Ra_{l+1} = Rz_l)
-//   R-backward  Rdelta_{L-1} = 2 scale Rz_{L-1}
+//               Ra_{l+1} = d_{l+1} * Rz_l                       (identity: Ra_{l+1} = Rz_l)
+//   R-backward  Rdelta_{L-1} = H_out Rz_{L-1}                   (the loss head: diag(h) or softmax)
 //               (Hv)_{W_l} = Rdelta_l^T a_l + delta_l^T Ra_l     [K, o, i]
 //               (Hv)_{b_l} = sum_m Rdelta_l                      [K, o]
 //               Re_l = Rdelta_l W_l + delta_l V_l
-//               Rdelta_{l-1} = d_l * Re_l + phi''(z_{l-1}) Rz_{l-1} e_l
-//                            = d_l * Re_l - 2 a_l e_l Ra_l       (tanh residual term: phi'' = -2 a d)
+//               Rdelta_{l-1} = d_l * Re_l + phi''(z_{l-1}) e_l Rz_{l-1}
+//                            = d_l * Re_l + d2_l e_l Rz_{l-1}    (the residual term; tanh: d2 = -2 a d)
 //
 // GGN-vector products (ggn = true) are the same recurrence with every term that involves delta
 // dropped: (Gv)_{W_l} = Rdelta_l^T a_l, Re_l = Rdelta_l W_l, Rdelta_{l-1} = d_l * Re_l (the
-// linearised network, J^T (2 scale) J v).
+// linearised network, J^T H_out J v).
 //
 // Cost for K vectors: the forward and delta pass once, then per layer at most four GEMMs of
 // M x (K n_l) x n_{l+1} (two for the first layer); the elementwise work is one fused pass per
-// R-forward and R-backward step (E::r_forward_tanh, E::r_backward_tanh).
+// R-forward and R-backward step (E::r_scale, E::r_residual). Rz_{l-1} is kept only where a
+// curved activation needs it for the residual term.
 #pragma once
 #include "stack.h"
 
@@ -28,7 +29,8 @@ template <class E>
 std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
   const int64_t K = s.check_vectors(vectors), M = s.M, L = s.L;
   const Forward f = forward<E>(s);
-  const Backward g = ggn ? Backward{} : backward(s, f);
+  const LossHead head = loss_head<E>(s, f.a[L]);
+  const Backward g = ggn ? Backward{} : backward(s, f, head);
 
   std::vector<at::Tensor> V(L), Vb(L);
   for (int64_t l = 0; l < L; ++l) {
@@ -36,21 +38,26 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
     if (s.slot_b[l] >= 0) Vb[l] = vectors[s.slot_b[l]].reshape({1, -1});
   }
 
-  std::vector<at::Tensor> Ra(L);  // Ra[l]: [M, K, n_l], l >= 1
+  std::vector<at::Tensor> Ra(L), Rzs(L);  // Ra[l], Rzs[l] (residual layers only): [M, K, n_l], l >= 1
   at::Tensor Rz;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor Vt = V[l].view({K * o, i}).t();
     Rz = Vb[l].defined() ? at::addmm(Vb[l], f.a[l], Vt) : at::mm(f.a[l], Vt);  // [M, K*o]
     if (l > 0) Rz.view({M * K, o}).addmm_(Ra[l].view({M * K, i}), s.W[l].t());
-    if (l < L - 1) {
-      if (s.tanh_after(l)) E::r_forward_tanh(Rz.view({M, K, o}), f.d[l + 1]);
-      Ra[l + 1] = Rz.view({M, K, o});
+    if (l == L - 1) break;
+    const at::Tensor R = Rz.view({M, K, o});
+    if (!ggn && s.curved_after(l)) {
+      Rzs[l + 1] = R;
+      Ra[l + 1] = R * f.d[l + 1].unsqueeze(1);
+    } else {
+      if (s.act_after(l)) E::r_scale(R, f.d[l + 1]);
+      Ra[l + 1] = R;
     }
   }
 
   std::vector<at::Tensor> out(s.num_slots);
-  at::Tensor Rdelta = Rz.mul_(2.0 * s.scale).view({M, K, s.width(L)});
+  at::Tensor Rdelta = head.apply(Rz.view({M, K, s.width(L)}));
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     at::Tensor HW = at::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
@@ -61,11 +68,14 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
     at::Tensor Re;  // [M, K*i]
     if (ggn) {
       Re = at::mm(Rdelta.view({M * K, o}), s.W[l]);
-      if (f.d[l].defined()) E::r_forward_tanh(Re.view({M, K, i}), f.d[l]);
     } else {
       Re = at::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
       Re.view({M * K, i}).addmm_(Rdelta.view({M * K, o}), s.W[l]);
-      if (f.d[l].defined()) E::r_backward_tanh(Re.view({M, K, i}), f.d[l], f.a[l], g.e[l], Ra[l]);
+    }
+    if (Rzs[l].defined()) {
+      E::r_residual(Re.view({M, K, i}), f.d[l], residual(f, g, l), Rzs[l]);
+    } else if (f.d[l].defined()) {
+      E::r_scale(Re.view({M, K, i}), f.d[l]);
     }
     Rdelta = Re.view({M, K, i});
   }

@@ -4,11 +4,11 @@
 //   Laplacian: q = 1, S = sum_i d^2/dx_i^2;  diagonal: q = d, (i, i);  full: q = d(d+1)/2, (i <= j).
 //
 //   Linear     z = W a + b,  Jz = W Ja,  Sz = W Sa                 (one GEMM over all 1+d+q columns)
-//   tanh       a = tanh(z),  Ja = d Jz,  Sa[(i,j)] = d Sz[(i,j)] + phi''(z) Jz[i] Jz[j],  phi'' = -2 a d
+//   phi        a = phi(z),   Ja = d Jz,  Sa[(i,j)] = d Sz[(i,j)] + d2 Jz[i] Jz[j]   (d = phi', d2 = phi'')
 //   start      a_0 = x, J = I_d, S = 0
 //
-// The Laplacian of the model output is S at the output. The input Hessian of the loss
-// scale * sum_c (z_c - y_c)^2 is 2 scale sum_c (Jz[c,i] Jz[c,j] + (z_c - y_c) Sz[c,(i,j)]).
+// The Laplacian of the model output is S at the output. The input Hessian of the loss is
+// sum_{c,c'} Jz[c,i] H_out[c,c'] Jz[c',j] + sum_c g_c Sz[c,(i,j)] (g, H_out: the loss head).
 // Cost: M * sum_l n_l n_{l+1} (1 + d + q) multiply-adds, a few forward passes for small d.
 // Layout: unit-major [n, M, 1 + d + q], so each Linear is one GEMM W @ [n, M (1+d+q)].
 #pragma once
@@ -43,7 +43,7 @@ at::Tensor output_jet(const Stack& s, JetMode mode) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
     at::Tensor z = at::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
     if (s.b[l].defined()) z.select(2, 0).add_(s.b[l].unsqueeze(1));
-    if (s.tanh_after(l)) E::jet_tanh(z, d, mode == JetMode::Laplacian, pairs);
+    if (s.act_after(l)) E::jet_activation(z, s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
     jet = z;
   }
   return jet;
@@ -53,23 +53,22 @@ at::Tensor output_jet(const Stack& s, JetMode mode) {
 // loss per sample, [M, d] or [M, d, d].
 template <class E>
 at::Tensor input_derivatives(const Stack& s, JetMode mode) {
-  const int64_t M = s.M, d = s.width(0), C = s.width(s.L);
+  const int64_t d = s.width(0);
   const at::Tensor jet = output_jet<E>(s, mode);  // [C, M, 1 + d + q]
   if (mode == JetMode::Laplacian) return jet.select(2, 1 + d).t().contiguous();
-  const at::Tensor r = (jet.select(2, 0) - s.y.t()).mul_(2.0 * s.scale);  // [C, M]: 2 scale (z - y)
-  const at::Tensor J = jet.narrow(2, 1, d);                                // [C, M, d]
+  const LossHead head = loss_head<E>(s, jet.select(2, 0).t().contiguous());
+  const at::Tensor J = jet.narrow(2, 1, d).permute({1, 2, 0});             // [M, d, C]
   const at::Tensor S = jet.narrow(2, 1 + d, jet.size(2) - 1 - d);           // [C, M, q]
-  const at::Tensor curvature = (r.unsqueeze(2) * S).sum(0);                // [M, q]
-  if (mode == JetMode::Diagonal) return (J.square().sum(0) * (2.0 * s.scale)).add_(curvature);
-  at::Tensor H = at::einsum("cmi,cmj->mij", {J, J}).mul_(2.0 * s.scale);  // [M, d, d]
+  const at::Tensor curvature = (head.g.t().unsqueeze(2) * S).sum(0);       // [M, q]
+  const at::Tensor HJ = head.apply(J);                                      // [M, d, C]
+  if (mode == JetMode::Diagonal) return (J * HJ).sum(2).add_(curvature);
+  at::Tensor H = at::matmul(J, HJ.transpose(1, 2));                         // [M, d, d]
   int64_t k = 0;
   for (const auto& ij : jet_pairs(mode, d)) {
     const at::Tensor c = curvature.select(1, k++);
     H.select(1, ij.first).select(1, ij.second).add_(c);
     if (ij.first != ij.second) H.select(1, ij.second).select(1, ij.first).add_(c);
   }
-  (void)M;
-  (void)C;
   return H;
 }
 

@@ -1,10 +1,10 @@
-// The description of a Linear/activation stack with an MSE loss, shared by the CPU and CUDA kernels.
+// The description of a Linear/activation stack with its loss, shared by the CPU and CUDA kernels.
 //
 // Indices: m sample rows (M of them), i layer input, o layer output, k vector (K of them), c output.
 // Layer l = 0..L-1 maps a_l: [M, n_l] to z_l = a_l W_l^T + b_l: [M, n_{l+1}], W_l: [o, i], b_l: [o].
-// Hidden layers are followed by an activation: a_{l+1} = phi_l(z_l), phi = tanh or identity, and
-// d_{l+1} = phi_l'(z_l) (for tanh 1 - a^2). The output is z_{L-1} = a_L: [M, C].
-// Loss: scale * sum_{m,c} (a_L - y)^2 with scale = 1/(M*C) for reduction "mean", 1 for "sum".
+// Hidden layers are followed by an activation (a row of activations.h): a_{l+1} = phi_l(z_l), with
+// d_{l+1} = phi_l'(z_l) and d2_{l+1} = phi_l''(z_l). The output is z_{L-1} = a_L: [M, C].
+// Loss (a row of losses.h): scale * sum_m l(a_L[m], y[m]), y: [M, C] real rows.
 //
 // Parameters travel as one list in "stack order": W_0, b_0 (if present), W_1, b_1, ...
 #pragma once
@@ -13,30 +13,44 @@
 #include <vector>
 
 #include "checks.h"
+#include "losses.h"
 
 namespace hessext {
 
-enum class Act : int64_t { Identity = 0, Tanh = 1 };
+// The op arguments that describe a stack (the schemas in hessext.cpp), as every kernel takes them.
+#define HX_STACK_PARAMS                                                                                       \
+  const at::Tensor &inputs, const at::Tensor &targets, at::TensorList weights,                                 \
+      const c10::List<c10::optional<at::Tensor>>&biases, at::IntArrayRef activations, at::ArrayRef<double> act_params, \
+      int64_t loss, double loss_param, double scale
+#define HX_STACK_ARGS inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale
 
 struct Stack {
   at::Tensor x, y;                      // a_0 = x: [M, n_0], y: [M, C], both contiguous
   std::vector<at::Tensor> W;            // W[l]: [n_{l+1}, n_l]
   std::vector<at::Tensor> b;            // b[l]: [n_{l+1}] or undefined
   std::vector<Act> act;                 // act[l] follows layer l, l < L-1
+  std::vector<double> p0, p1;           // its parameters
   std::vector<int64_t> slot_W, slot_b;  // positions in the stack-order parameter list, -1: no bias
-  double scale;
+  Loss loss;
+  double loss_param, scale;
   int64_t L, M, num_slots;
 
   Stack(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
         const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-        double loss_scale)
-      : scale(loss_scale), L(static_cast<int64_t>(weights.size())), M(inputs.size(0)), num_slots(0) {
+        at::ArrayRef<double> act_params, int64_t loss_kind, double loss_parameter, double loss_scale)
+      : loss_param(loss_parameter), scale(loss_scale), L(static_cast<int64_t>(weights.size())), M(inputs.size(0)),
+        num_slots(0) {
     TORCH_CHECK_VALUE(L >= 1, "weights must hold at least one Linear weight");
     TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "biases must have one entry per layer (",
                       L, "), got ", biases.size());
     TORCH_CHECK_VALUE(static_cast<int64_t>(activations.size()) == L - 1,
                       "activations must have one entry per hidden layer (", L - 1, "), got ",
                       activations.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(act_params.size()) == 2 * (L - 1),
+                      "act_params must hold two values per hidden layer (", 2 * (L - 1), "), got ", act_params.size());
+    TORCH_CHECK_VALUE(loss_kind >= 0 && loss_kind < kNumLosses, "loss must be in [0, ", kNumLosses, "), got ",
+                      loss_kind);
+    loss = static_cast<Loss>(loss_kind);
     const at::Tensor& W0 = weights[0];
     CHECK_FLOATING(W0);
     CHECK_DIM(inputs, 2);
@@ -65,9 +79,11 @@ struct Stack {
         slot_b.push_back(-1);
       }
       if (l < L - 1) {
-        TORCH_CHECK_VALUE(activations[l] == 0 || activations[l] == 1, "activations[", l,
-                          "] must be 0 (identity) or 1 (tanh), got ", activations[l]);
+        TORCH_CHECK_VALUE(activations[l] >= 0 && activations[l] < kNumActs, "activations[", l, "] must be in [0, ",
+                          kNumActs, "), got ", activations[l]);
         act.push_back(static_cast<Act>(activations[l]));
+        p0.push_back(act_params[2 * l]);
+        p1.push_back(act_params[2 * l + 1]);
       }
     }
     CHECK_SAME_DTYPE(targets, W0);
@@ -78,7 +94,10 @@ struct Stack {
   }
 
   int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
-  bool tanh_after(int64_t l) const { return l < L - 1 && act[l] == Act::Tanh; }
+  // Whether an activation other than the identity follows layer l (then d_{l+1} exists), and
+  // whether it has a second derivative (then d2_{l+1} and the residual terms exist).
+  bool act_after(int64_t l) const { return l < L - 1 && act[l] != Act::Identity; }
+  bool curved_after(int64_t l) const { return l < L - 1 && act_is_curved(act[l]); }
 
   // Shapes of the parameter list in stack order, each with `lead` prepended.
   std::vector<std::vector<int64_t>> slot_shapes(std::vector<int64_t> lead) const {
@@ -113,10 +132,11 @@ struct Stack {
 };
 
 // Forward pass, computed once and shared by every vector:
-//   z_l = a_l W_l^T + b_l;  a_{l+1} = tanh(z_l), d_{l+1} = 1 - a_{l+1}^2  (or a_{l+1} = z_l).
+//   z_l = a_l W_l^T + b_l;  a_{l+1} = phi_l(z_l), d_{l+1} = phi_l'(z_l), d2_{l+1} = phi_l''(z_l).
 struct Forward {
-  std::vector<at::Tensor> a;  // a[0..L], a[L] the network output
-  std::vector<at::Tensor> d;  // d[l] for l where a tanh produced a[l], else undefined
+  std::vector<at::Tensor> a;   // a[0..L], a[L] the network output
+  std::vector<at::Tensor> d;   // d[l] where an activation other than the identity produced a[l]
+  std::vector<at::Tensor> d2;  // d2[l] where that activation is curved (else its residual terms vanish)
 };
 
 template <class E>
@@ -124,36 +144,80 @@ Forward forward(const Stack& s) {
   Forward f;
   f.a.push_back(s.x);
   f.d.emplace_back();
+  f.d2.emplace_back();
   for (int64_t l = 0; l < s.L; ++l) {
     at::Tensor z = s.b[l].defined() ? at::addmm(s.b[l], f.a[l], s.W[l].t()) : at::mm(f.a[l], s.W[l].t());
-    at::Tensor d;
-    if (s.tanh_after(l)) {
+    at::Tensor d, d2;
+    if (s.act_after(l)) {
       d = at::empty_like(z);
-      E::tanh_forward(z, d);
+      if (s.curved_after(l)) d2 = at::empty_like(z);
+      E::activation(z, s.act[l], s.p0[l], s.p1[l], d, d2);
     }
     f.a.push_back(z);
     f.d.push_back(d);
+    f.d2.push_back(d2);
   }
   return f;
 }
 
+// The loss at the network output, per sample (losses.h): g = scale dl/dz [M, C], and the output
+// Hessian diag(h) or w (diag(p) - p p^T) with h = p [M, C], w [M].
+struct LossHead {
+  Loss kind;
+  at::Tensor g, h, w;
+
+  bool softmax() const { return loss_is_softmax(kind); }
+  // x [M, K, C] -> the output Hessian times x, [M, K, C].
+  at::Tensor apply(const at::Tensor& x) const {
+    const at::Tensor p = h.unsqueeze(1);
+    if (!softmax()) return x * p;
+    return (x - (x * p).sum(2, true)).mul_(p).mul_(w.view({-1, 1, 1}));
+  }
+  // The output Hessians of samples [m0, m0 + mc): [mc, C, C].
+  at::Tensor dense(int64_t m0, int64_t mc) const {
+    const at::Tensor p = h.narrow(0, m0, mc);
+    if (!softmax()) return at::diag_embed(p);
+    return (at::diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)).mul_(w.narrow(0, m0, mc).view({-1, 1, 1}));
+  }
+  // softmax: a square root F [C, M, C] with F[:, m, :] F[:, m, :]^T = w_m (diag(p_m) - p_m p_m^T):
+  // F = sqrt(w) (diag(s) - p s^T), s = sqrt(p), since s^T s = 1.
+  at::Tensor factor() const {
+    const at::Tensor s = h.sqrt();
+    const at::Tensor F = (at::diag_embed(s) - h.unsqueeze(2) * s.unsqueeze(1)).mul_(w.sqrt().view({-1, 1, 1}));
+    return F.permute({1, 0, 2}).contiguous();
+  }
+};
+
+template <class E>
+LossHead loss_head(const Stack& s, const at::Tensor& out) {
+  LossHead head{s.loss, at::empty_like(out), at::empty_like(out), at::empty({s.M}, out.options())};
+  E::loss_rows(s.loss, s.loss_param, s.scale, out, s.y, head.g, head.h, head.w);
+  return head;
+}
+
 // Backward pass of the loss through the activations (no parameter gradients):
-//   delta_{L-1} = 2 scale (a_L - y);  e_l = delta_l W_l;  delta_{l-1} = d_l * e_l (or e_l).
+//   delta_{L-1} = g;  e_l = delta_l W_l;  delta_{l-1} = d_l * e_l (or e_l).
 // delta_l = dLoss/dz_l: [M, n_{l+1}];  e_l = dLoss/da_l: [M, n_l] for l >= 1.
 struct Backward {
   std::vector<at::Tensor> delta, e;  // empty where not needed (GGN quantities)
 };
 
-inline Backward backward(const Stack& s, const Forward& f) {
+inline Backward backward(const Stack& s, const Forward& f, const LossHead& head) {
   Backward g;
   g.delta.resize(s.L);
   g.e.resize(s.L);
-  g.delta[s.L - 1] = (f.a[s.L] - s.y).mul_(2.0 * s.scale);
+  g.delta[s.L - 1] = head.g;
   for (int64_t l = s.L - 1; l >= 1; --l) {
     g.e[l] = at::mm(g.delta[l], s.W[l]);
     g.delta[l - 1] = f.d[l].defined() ? g.e[l] * f.d[l] : g.e[l];
   }
   return g;
+}
+
+// The residual (second-derivative) coefficient of layer l's activation: R_{l-1} = phi''(z_{l-1}) e_l
+// = d2_l * e_l, [M, n_l]; undefined where phi is piecewise linear (or for the GGN).
+inline at::Tensor residual(const Forward& f, const Backward& g, int64_t l) {
+  return (f.d2[l].defined() && g.e[l].defined()) ? f.d2[l] * g.e[l] : at::Tensor();
 }
 
 }  // namespace hessext
@@ -206,6 +270,8 @@ fused::Net<T> make_net(const Stack& s) {
   fused::Net<T> net{};
   net.L = static_cast<int>(s.L);
   net.scale = static_cast<T>(s.scale);
+  net.loss = s.loss;
+  net.loss_param = static_cast<T>(s.loss_param);
   net.off[0] = 0;
   net.maxw = 0;
   for (int l = 0; l <= s.L; ++l) {
@@ -216,7 +282,9 @@ fused::Net<T> make_net(const Stack& s) {
   for (int l = 0; l < s.L; ++l) {
     net.W[l] = s.W[l].data_ptr<T>();
     net.b[l] = s.b[l].defined() ? s.b[l].data_ptr<T>() : nullptr;
-    net.tanh[l] = s.tanh_after(l);
+    net.act[l] = s.act_after(l) ? s.act[l] : Act::Identity;
+    net.p0[l] = l < s.L - 1 ? static_cast<T>(s.p0[l]) : T(0);
+    net.p1[l] = l < s.L - 1 ? static_cast<T>(s.p1[l]) : T(0);
   }
   return net;
 }

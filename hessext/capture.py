@@ -1,20 +1,27 @@
 """nn.Module + loss -> a stack description the native kernels accept, or the reason it is not one.
 
 The model is traced at the level of the functions it actually calls (`F.linear`, `torch.tanh`,
-`F.dropout`, shape methods): `model(proxy)` runs through the ordinary `nn.Module.__call__`, and
-only the torch functions that see a `torch.fx.Proxy` are recorded. Nothing global is patched
-(torch.fx.symbolic_trace patches `nn.Module.__call__` for every thread), and a subclass with its own
-`forward`, a monkeypatched `forward` or an attribute that `forward` branches on is captured as what
-it computes, never assumed from a type. Modules with hooks are refused before tracing (the fallback
-runs them).
+`F.relu`, `F.dropout`, shape methods, ...): `model(proxy)` runs through the ordinary
+`nn.Module.__call__`, and only the torch functions that see a `torch.fx.Proxy` are recorded.
+Nothing global is patched (torch.fx.symbolic_trace patches `nn.Module.__call__` for every thread),
+and a subclass with its own `forward`, a monkeypatched `forward` or an attribute that `forward`
+branches on is captured as what it computes, never assumed from a type. Modules with hooks are
+refused before tracing (the fallback runs them).
 
 Accepted: a single input tensor, optional shape-only ops on it, `F.linear` layers (bias or not)
-separated by tanh or by nothing (identity, inactive dropout), then optional shape-only ops on the
-output (seed 1 ends in `x.squeeze(-1)`). Shape-only ops keep the row-major order of the elements,
-so the MSE over the reshaped output equals the MSE over the [M, C] output of the last Linear.
+separated by at most one activation of the table below (or nothing: identity, inactive dropout),
+then optional shape-only ops on the output (seed 1 ends in `x.squeeze(-1)`), or a final
+`log_softmax` over the last dim (seed 2). Shape-only ops keep the row-major order of the
+elements, so an elementwise loss over the reshaped output equals the loss over the [M, C] output
+of the last Linear.
 
-The loss: a traced graph that is `c * F.mse_loss(out, target)` (reduction mean or sum) or
-`c * mean/sum((out - target)**2)`, c an optional constant factor (`0.5 * ...`, `... / 2`)."""
+The loss: a traced graph that is `c * <loss>(out, target)`, c an optional constant factor
+(`0.5 * ...`, `... / 2`), with <loss> one of `F.mse_loss` or `mean/sum((out - target)**2)`,
+`F.huber_loss`, `F.binary_cross_entropy_with_logits`, `F.cross_entropy` (class indices or
+probabilities, label smoothing, ignore_index), `F.nll_loss` after the model's `log_softmax`; the
+nn.Module losses call these. Class weights and pos_weight stay with torch."""
+import dataclasses
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -25,13 +32,15 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-IDENTITY, TANH = 0, 1
+# Rows of csrc/activations.h (Act) and csrc/losses.h (Loss); the numbers are the kernels'.
+IDENTITY, TANH, RELU, LEAKY_RELU, SIGMOID, SILU, GELU, GELU_TANH, SOFTPLUS, ELU = range(10)
+MSE_LOSS, HUBER, BCE_WITH_LOGITS, SOFTMAX_CE = range(4)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 _SHAPE_METHODS = {"squeeze", "unsqueeze", "flatten", "view", "reshape", "contiguous"}
 _SHAPE_FUNCTIONS = {torch.squeeze, torch.unsqueeze, torch.flatten, torch.reshape}
-_TANH_FUNCTIONS = {torch.tanh, F.tanh}
+_LOG_SOFTMAX = {F.log_softmax, torch.log_softmax}
 _LINEAR_FUNCTIONS = {F.linear}
 _REDUCTIONS = {"mean", "sum"}
 
@@ -48,18 +57,36 @@ class Linear:
 
 
 @dataclass(frozen=True)
-class Stack:
-    layers: Tuple[Linear, ...]
-    activations: Tuple[int, ...]      # after each hidden layer: IDENTITY or TANH
-    pre: Callable                     # shape-only ops on the input (a function of one tensor)
-    post: Callable                    # shape-only ops on the output
+class Activation:
+    kind: int                         # a row of csrc/activations.h
+    p0: float = 0.0                   # negative_slope, beta or alpha
+    p1: float = 0.0                   # Softplus's threshold
 
 
 @dataclass(frozen=True)
-class MSE:
+class Stack:
+    layers: Tuple[Linear, ...]
+    activations: Tuple[Activation, ...]  # after each hidden layer
+    pre: Callable                     # shape-only ops on the input (a function of one tensor)
+    post: Callable                    # shape-only ops on the output
+    log_softmax: Optional[int] = None  # the dim of a final log_softmax (-1, or 1 of a 2-D output)
+
+
+@dataclass(frozen=True)
+class Loss:
+    kind: int                         # a row of csrc/losses.h
     reduction: str                    # "mean" or "sum"
-    dims: Optional[Tuple[int, ...]]   # dims reduced; None: all of them
-    factor: float = 1.0               # constant factor in front of the mean/sum
+    dims: Optional[Tuple[int, ...]] = None  # dims reduced (a mean/sum written by hand); None: all
+    factor: float = 1.0               # constant factor in front of the loss
+    param: float = 0.0                # Huber's delta
+    label_smoothing: float = 0.0      # cross-entropy
+    ignore_index: int = -100          # cross-entropy / NLL with class indices
+    nll: bool = False                 # NLLLoss: the model must end in log_softmax
+
+    @property
+    def classes(self):
+        """Whether the loss reads class targets over the last output dim (softmax cross-entropy)."""
+        return self.kind == SOFTMAX_CE
 
 
 class _Recorder(torch.fx.Tracer):
@@ -67,9 +94,10 @@ class _Recorder(torch.fx.Tracer):
     get_attr nodes named as in `named_parameters()`; any other tensor, or a module, passed to a torch
     function is refused (it would be baked in as a constant)."""
 
-    def __init__(self, param_names):
+    def __init__(self, param_names, owner):
         super().__init__(autowrap_modules=())
         self._param_names = param_names  # id(parameter) -> name
+        self._owner = owner              # "forward" or "loss '<name>'", for the message
 
     def record(self, fn, nargs):
         self.root = nn.Module()
@@ -85,8 +113,9 @@ class _Recorder(torch.fx.Tracer):
         if isinstance(a, torch.Tensor):
             name = self._param_names.get(id(a))
             if name is None or not isinstance(a, nn.Parameter):
-                raise Unsupported("forward uses a tensor that is not one of the model's parameters "
-                                  f"(shape {tuple(a.shape)}): a buffer, a constant or a reparametrised weight")
+                raise Unsupported(f"{self._owner} uses a tensor that is not one of the model's parameters "
+                                  f"(shape {tuple(a.shape)}): a buffer, a class weight, a constant or a "
+                                  "reparametrised weight")
             return self.create_node("get_attr", name, (), {})
         if isinstance(a, nn.Module):
             raise Unsupported(f"forward passes the module {type(a).__name__} to a function")
@@ -108,9 +137,9 @@ def hooks_of(named_modules):
     return None
 
 
-def _trace(fn, nargs, param_names, what):
+def _trace(fn, nargs, param_names, what, owner):
     try:
-        return _Recorder(param_names).record(fn, nargs)
+        return _Recorder(param_names, owner).record(fn, nargs)
     except Unsupported:
         raise
     except Exception as exc:
@@ -138,17 +167,73 @@ def _compose(fns):
     return apply
 
 
+def _arg(node, pos, name, default):
+    """Argument `name` of a recorded call (position `pos` counts the input as 0)."""
+    return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, default)
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _activation(node):
+    """The Activation row for an activation call node, None if the node is none (or has no row)."""
+    target = node.target
+    if node.op == "call_method":
+        kind = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID}.get(target)
+        return Activation(kind) if kind is not None and len(node.args) == 1 and not node.kwargs else None
+    if node.op != "call_function":
+        return None
+    if target in (torch.tanh, F.tanh):
+        return Activation(TANH)
+    if target in (torch.relu, F.relu):
+        return Activation(RELU)
+    if target in (torch.sigmoid, F.sigmoid):
+        return Activation(SIGMOID)
+    if target is F.silu:
+        return Activation(SILU)
+    if target is F.leaky_relu:
+        slope = _arg(node, 1, "negative_slope", 0.01)
+        return Activation(LEAKY_RELU, float(slope)) if _number(slope) else None
+    if target is F.gelu:
+        approximate = _arg(node, 1, "approximate", "none")
+        return {"none": Activation(GELU), "tanh": Activation(GELU_TANH)}.get(approximate)
+    if target is F.softplus:
+        beta, threshold = _arg(node, 1, "beta", 1.0), _arg(node, 2, "threshold", 20.0)
+        ok = _number(beta) and _number(threshold) and beta != 0
+        return Activation(SOFTPLUS, float(beta), float(threshold)) if ok else None
+    if target is F.elu:
+        alpha = _arg(node, 1, "alpha", 1.0)
+        return Activation(ELU, float(alpha)) if _number(alpha) else None
+    return None
+
+
+def _is_log_softmax(node):
+    """Whether the node is log_softmax over the last dim (dim -1; dim 1 of a 2-D output is checked per call)."""
+    if node.op == "call_method" and node.target == "log_softmax":
+        dim = _arg(node, 1, "dim", None)
+    elif node.op == "call_function" and node.target in _LOG_SOFTMAX:
+        dim = _arg(node, 1, "dim", None)
+        if _arg(node, 3 if node.target is F.log_softmax else 2, "dtype", None) is not None:
+            return False
+    else:
+        return False
+    return dim in (-1, 1)
+
+
 def _kind(node):
-    """'linear', 'tanh', 'identity', 'shape' or None (no native kernel) for a call node."""
+    """'linear', 'act', 'identity', 'log_softmax', 'shape', 'active-dropout' or None (no native kernel)."""
     target = node.target
     if node.op == "call_function" and target in _LINEAR_FUNCTIONS:
         return "linear"
-    if (node.op == "call_function" and target in _TANH_FUNCTIONS) or (node.op == "call_method" and target == "tanh"):
-        return "tanh"
+    if _activation(node) is not None:
+        return "act"
     if node.op == "call_function" and target is F.dropout:
         p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
         return "identity" if (p == 0 or not training) else "active-dropout"
+    if _is_log_softmax(node):
+        return "log_softmax"
     if _shape_op(node) is not None:
         return "shape"
     return None
@@ -172,9 +257,9 @@ def capture_model(model: nn.Module) -> Stack:
     hook = hooks_of(model.named_modules())
     if hook:
         raise Unsupported(f"{hook} (hooks run only through torch)")
-    graph = _trace(model, 1, param_names, type(model).__name__)
+    graph = _trace(model, 1, param_names, type(model).__name__, "forward")
     layers, acts, pre, post = [], [], [], []
-    pending_act = None
+    pending_act, log_softmax = None, None
     where = "the input"
     current = next(n for n in graph.nodes if n.op == "placeholder")
     for node in graph.nodes:
@@ -190,9 +275,12 @@ def capture_model(model: nn.Module) -> Stack:
             raise Unsupported(f"'{_describe(node)}' after {where} is not part of a single chain of layers "
                               "(branches or skips)")
         kind = _kind(node)
+        if log_softmax is not None:
+            raise Unsupported(f"'{_describe(node)}' after the final log_softmax")
         if kind is None:
-            raise Unsupported(f"'{_describe(node)}' after {where} has no native kernel (native: Linear, Tanh, "
-                              "Identity, inactive Dropout, shape ops)")
+            raise Unsupported(f"'{_describe(node)}' after {where} has no native kernel (native: Linear, Tanh, ReLU, "
+                              "LeakyReLU, Sigmoid, SiLU, GELU, Softplus, ELU, Identity, inactive Dropout, shape ops, "
+                              "a final LogSoftmax)")
         if kind == "active-dropout":
             raise Unsupported(f"Dropout after {where} is active (training mode, p > 0)")
         if kind == "linear":
@@ -203,7 +291,7 @@ def capture_model(model: nn.Module) -> Stack:
             if post:
                 raise Unsupported(f"shape op before Linear '{weight.target}' in the middle of the stack")
             if layers:
-                acts.append(pending_act if pending_act is not None else IDENTITY)
+                acts.append(pending_act if pending_act is not None else Activation(IDENTITY))
             elif pending_act is not None:
                 raise Unsupported(f"an activation before the first Linear ('{weight.target}')")
             names = [weight.target] + ([bias.target] if isinstance(bias, torch.fx.Node) else [])
@@ -217,13 +305,17 @@ def capture_model(model: nn.Module) -> Stack:
             (post if layers else pre).append(_shape_op(node))
             if layers and pending_act is not None:
                 raise Unsupported(f"an activation after the last Linear ({where})")
-        else:  # tanh or identity
+        elif kind == "log_softmax":
+            if not layers or pending_act is not None or post:
+                raise Unsupported(f"log_softmax after {where}: native only right after the last Linear")
+            log_softmax = _arg(node, 1, "dim", None)
+        else:  # an activation or the identity
             if not layers or post:
                 raise Unsupported(f"'{_describe(node)}' must stand between two Linear layers")
-            if pending_act is not None and kind == "tanh":
+            if pending_act is not None and kind == "act":
                 raise Unsupported(f"two activations in a row after {where}")
-            if kind == "tanh":
-                pending_act = TANH
+            if kind == "act":
+                pending_act = _activation(node)
         current = node
     if not layers:
         raise Unsupported("the model has no Linear layer")
@@ -233,7 +325,7 @@ def capture_model(model: nn.Module) -> Stack:
     unused = [name for name, _ in named if name not in used]
     if unused:
         raise Unsupported(f"parameters {unused} are not weights of the traced Linear layers")
-    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post))
+    return Stack(tuple(layers), tuple(acts), _compose(pre), _compose(post), log_softmax)
 
 
 def _reduction_of(node):
@@ -260,16 +352,12 @@ def _is_square_of(node, inner):
     return (op, target) in (("call_function", torch.square), ("call_method", "square")) and args[0] is inner
 
 
-def _constant(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _factor(node, inner):
     """The constant c when node is c * inner, inner * c or inner / c; else None."""
     if node.op != "call_function" or inner not in node.args or node.kwargs:
         return None
     other = node.args[1] if node.args[0] is inner else node.args[0]
-    if not _constant(other):
+    if not _number(other):
         return None
     if node.target in (operator.mul, torch.mul):
         return float(other)
@@ -278,14 +366,8 @@ def _factor(node, inner):
     return None
 
 
-def _mse_of(nodes, out, tgt):
-    """(reduction, dims) when `nodes` are F.mse_loss(out, tgt) or mean/sum((out - tgt)**2)."""
-    if len(nodes) == 1 and nodes[0].target is F.mse_loss and nodes[0].args[:2] == (out, tgt):
-        kwargs = {k: v for k, v in nodes[0].kwargs.items() if v is not None}  # fx records the defaults
-        reduction = kwargs.get("reduction", "mean")
-        if reduction not in _REDUCTIONS or len(nodes[0].args) > 2 or set(kwargs) - {"reduction"}:
-            return None
-        return reduction, None
+def _squares_of(nodes, out, tgt):
+    """(reduction, dims) when `nodes` are mean/sum((out - tgt)**2) written by hand, else None."""
     if len(nodes) != 3:
         return None
     diff, square, reduce = nodes
@@ -296,8 +378,44 @@ def _mse_of(nodes, out, tgt):
     return None
 
 
-def capture_loss(loss_fn) -> MSE:
-    """Describe `loss_fn` as a (scaled) MSE; raises Unsupported with the reason."""
+_LOSS_FUNCTIONS = {F.mse_loss: MSE_LOSS, F.huber_loss: HUBER, F.binary_cross_entropy_with_logits: BCE_WITH_LOGITS,
+                   F.cross_entropy: SOFTMAX_CE, F.nll_loss: SOFTMAX_CE}
+
+
+def _loss_call(node, out, tgt, name):
+    """The Loss for one call of a torch loss function on (out, tgt), None if it is none; raises
+    Unsupported for a known loss with settings the kernels do not serve."""
+    fn = node.target
+    if node.op != "call_function" or fn not in _LOSS_FUNCTIONS:
+        return None
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    a = bound.arguments
+    if a["input"] is not out or a["target"] is not tgt:
+        return None
+    if a.get("size_average") is not None or a.get("reduce") is not None:
+        raise Unsupported(f"loss '{name}' uses the legacy size_average/reduce arguments")
+    for extra in ("weight", "pos_weight"):
+        if a.get(extra) is not None:
+            raise Unsupported(f"loss '{name}' has {extra}= (weighted losses run through torch)")
+    if a["reduction"] not in _REDUCTIONS:
+        return None
+    kind = _LOSS_FUNCTIONS[fn]
+    delta, smoothing, ignore = a.get("delta", 0.0), a.get("label_smoothing", 0.0), a.get("ignore_index", -100)
+    if not (_number(delta) and _number(smoothing) and isinstance(ignore, int)):
+        return None
+    if kind == HUBER and not delta > 0:
+        raise Unsupported(f"loss '{name}' has delta={delta}: the native Huber loss needs delta > 0")
+    if not 0 <= smoothing <= 1:
+        return None
+    return Loss(kind, a["reduction"], None, 1.0, float(delta), float(smoothing), ignore, fn is F.nll_loss)
+
+
+def capture_loss(loss_fn) -> Loss:
+    """Describe `loss_fn` as a (scaled) row of the loss table; raises Unsupported with the reason."""
     name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
     if isinstance(loss_fn, nn.Module):
         hook = hooks_of([(None, m) for m in loss_fn.modules()])
@@ -305,16 +423,30 @@ def capture_loss(loss_fn) -> MSE:
             raise Unsupported(f"{hook} (hooks run only through torch)")
         if getattr(loss_fn, "reduction", "mean") == "none":
             raise Unsupported(f"{type(loss_fn).__name__}(reduction='none') does not return a scalar")
-    graph = _trace(loss_fn, 2, {}, f"loss '{name}'")
+    graph = _trace(loss_fn, 2, {}, f"loss '{name}'", f"loss '{name}'")
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
     out, tgt = [n for n in graph.nodes if n.op == "placeholder"]
     result = next(n for n in graph.nodes if n.op == "output").args[0]
-    factor, red = 1.0, None
+    factor, loss = 1.0, None
     if nodes and result is nodes[-1]:
         c = _factor(nodes[-1], nodes[-2]) if len(nodes) >= 2 else None
         if c is not None:
             factor, nodes = c, nodes[:-1]
-        red = _mse_of(nodes, out, tgt)
-    if red is None:
-        raise Unsupported(f"loss '{name}' has no native kernel (native: MSE, mean or sum, times a constant)")
-    return MSE(red[0], red[1], factor)
+        if len(nodes) == 1:
+            loss = _loss_call(nodes[0], out, tgt, name)
+        else:
+            red = _squares_of(nodes, out, tgt)
+            loss = Loss(MSE_LOSS, red[0], red[1]) if red else None
+    if loss is None:
+        raise Unsupported(f"loss '{name}' has no native kernel (native: MSE, Huber, BCEWithLogits, CrossEntropy, "
+                          "NLL after LogSoftmax; mean or sum, times a constant)")
+    return dataclasses.replace(loss, factor=factor)
+
+
+def check_pair(stack: Stack, loss: Loss):
+    """A model's end and its loss must fit: NLL reads log-probabilities, a log_softmax feeds only
+    NLL or cross-entropy (whose own log_softmax then changes nothing)."""
+    if loss.nll and stack.log_softmax is None:
+        raise Unsupported("NLLLoss needs log-probabilities: native only when the model ends in LogSoftmax(dim=-1)")
+    if stack.log_softmax is not None and loss.kind != SOFTMAX_CE:
+        raise Unsupported("the model ends in LogSoftmax: native only with NLLLoss or CrossEntropyLoss")

@@ -3,7 +3,7 @@ one native op or the torch.func fallback -> results shaped like the user's input
 import torch
 
 from hessext import fallback, ops
-from hessext.inputs import check_batch, check_params, finite, native_batch, pack_vectors, transformed
+from hessext.inputs import check_batch, check_params, class_layout, finite, native_batch, pack_vectors, transformed
 from hessext.plan import resolve
 
 
@@ -40,6 +40,19 @@ class Call:
                                  "the kernels have no derivative of their own; use backend='auto' (torch.func then)")
             self.traced, self.native = True, False
 
+    def leave_native(self, why):
+        """Take the fallback for this call; backend='native' raises with `why`."""
+        if self.backend == "native":
+            raise ValueError(f"backend='native' is not possible for this call: {why}")
+        self.native = False
+
+    def ggn_split(self):
+        """The GGN splits at the model's output: after a final LogSoftmax the NLL is linear in it, so
+        the GGN is zero there (the kernels' logits split would differ); torch.func computes it."""
+        if self.native and self.plan.stack.log_softmax is not None:
+            self.leave_native("the model ends in LogSoftmax, where the GGN (J^T H_out J at the model's output) "
+                              "is zero; use CrossEntropyLoss on the logits for the softmax GGN")
+
     def fallback_params(self):
         names = self.plan.param_names
         return dict(zip(names, self.tensors if self.traced else [t.detach() for t in self.tensors]))
@@ -50,15 +63,16 @@ class Call:
 
 def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True):
     """Plan, argument checks and the native/fallback decision for one call. The native path is
-    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's) and
-    never under a torch.func transform (the kernels have no derivative of their own)."""
+    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's), for
+    cross-entropy only with the classes in the last dim of a [N, C] output, and never under a
+    torch.func transform (the kernels have no derivative of their own)."""
     plan, native = resolve(model, loss_fn, backend)
     tensors = check_params(plan, params)
-    check_batch(inputs, targets, tensors[0], native, targets_needed)
+    check_batch(inputs, targets, tensors[0], plan.loss if native else None, targets_needed)
     batch = (inputs, targets) if targets_needed else (inputs,)
     call = Call(plan, tensors, native, backend)
     call.check_traced(batch + tuple(tensors))
-    if call.native and not finite(*batch):
+    if call.native and (not finite(*batch) or (plan.loss.classes and not class_layout(plan, inputs))):
         call.native = False
     return call
 
@@ -67,7 +81,7 @@ def run_native(op, call, x, y, scale, *extra):
     """The native op on kernel-layout rows x [M, n_0], y [M, C] with the loss scale."""
     weights, biases = _stack_args(call.plan, call.tensors)
     with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
-        return op(x, y, weights, biases, call.plan.activations, scale, *extra)
+        return op(x, y, weights, biases, call.plan.spec, scale, *extra)
 
 
 def _native_raw(op, call, inputs, targets, *extra):
@@ -83,6 +97,8 @@ def _native_call(op, call, inputs, targets, *extra):
 def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend):
     call = route(model, loss_fn, inputs, targets, params, backend)
     plan = call.plan
+    if native_op is ops.ggn_vp:
+        call.ggn_split()
     vecs, restore = pack_vectors(vectors, plan.param_names, call.tensors)
     call.check_traced(vecs)
     if call.native:
@@ -113,6 +129,8 @@ def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="au
 def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample):
     call = route(model, loss_fn, inputs, targets, params, backend)
     plan = call.plan
+    if ggn:
+        call.ggn_split()
     if call.native:
         return dict(zip(plan.param_names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
     if per_sample:

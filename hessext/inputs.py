@@ -41,10 +41,11 @@ def check_params(plan, params):
     return tensors
 
 
-def check_batch(inputs, targets, ref, native, targets_needed=True):
+def check_batch(inputs, targets, ref, loss, targets_needed=True):
     """inputs: floating, the parameters' dtype and device, at least one sample; targets: a tensor on
-    the same device (and, for the native MSE, of the same dtype), or None for model-only quantities
-    (targets_needed=False)."""
+    the same device, or None for model-only quantities (targets_needed=False). For the native
+    path (`loss`, the captured loss; None for the fallback) targets have the parameters' dtype,
+    or are integer class indices for cross-entropy and NLL."""
     checked = (("inputs", inputs), ("targets", targets)) if targets_needed else (("inputs", inputs),)
     for name, t in checked:
         if not isinstance(t, torch.Tensor):
@@ -55,8 +56,17 @@ def check_batch(inputs, targets, ref, native, targets_needed=True):
         raise TypeError(f"inputs must have dtype {ref.dtype} like the model's parameters, got {inputs.dtype}")
     if inputs.dim() == 0 or inputs.numel() == 0:
         raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
-    if native and targets_needed and targets.dtype != ref.dtype:
-        raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters, got {targets.dtype}")
+    if loss is None or not targets_needed:
+        return
+    indices = targets.dtype in _INDEX_DTYPES
+    if loss.nll and not indices:
+        raise TypeError(f"targets of NLLLoss must be class indices (an integer tensor), got {targets.dtype}")
+    if not (indices and loss.classes) and targets.dtype != ref.dtype:
+        kinds = " or integer class indices" if loss.classes else ""
+        raise TypeError(f"targets must have dtype {ref.dtype} like the model's parameters{kinds}, got {targets.dtype}")
+
+
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_samples(inputs, what):
@@ -101,18 +111,65 @@ def rows_are_samples(inputs, x):
     return x.shape[0] == inputs.shape[0] and x.shape[1] == inputs[0].numel()
 
 
+def class_layout(plan, inputs):
+    """Whether cross-entropy reads the classes where the kernels put them: an output [M, C] or [C]
+    (a single sample), classes last. Other layouts (classes in dim 1 of [N, C, ...]) take torch."""
+    try:
+        x = plan.stack.pre(inputs)
+    except RuntimeError:
+        return True  # native_inputs reports the shape error
+    C = plan.parameters()[plan.weight_pos[-1]].shape[0]
+    if x.dim() == 0 or x.dim() > 2:
+        return False
+    out_shape = plan.output_shape(tuple(x.shape), C)
+    return len(out_shape) in (1, 2) and out_shape[-1] == C and (plan.stack.log_softmax != 1 or len(out_shape) == 2)
+
+
+def _class_rows(loss, targets, out_shape, M, C, ref):
+    """(y [M, C], the target distribution of each row, and the number of rows a mean divides by):
+    one-hot rows of class indices (zero rows where ignore_index), or the given probabilities;
+    label smoothing mixes in the uniform distribution as torch does."""
+    eps = loss.label_smoothing
+    if targets.is_floating_point():
+        if tuple(targets.shape) != out_shape:
+            raise ValueError(f"targets as class probabilities must have shape {out_shape} (the model's output), "
+                             f"got {tuple(targets.shape)}")
+        y = targets.reshape(M, C)
+        return (y * (1 - eps) + eps / C if eps else y), M
+    if tuple(targets.shape) != out_shape[:-1]:
+        raise ValueError(f"targets as class indices must have shape {out_shape[:-1]} (the model's output "
+                         f"{out_shape} without its class dim), got {tuple(targets.shape)}")
+    t = targets.reshape(M).long()
+    kept = t != loss.ignore_index
+    bad = kept & ((t < 0) | (t >= C))
+    if bool(bad.any()):
+        raise ValueError(f"targets must hold class indices in [0, {C}) or ignore_index={loss.ignore_index}, "
+                         f"got {int(t[bad][0])}")
+    keep = kept.unsqueeze(1).to(ref.dtype)
+    y = torch.zeros(M, C, dtype=ref.dtype, device=ref.device).scatter_(1, t.clamp(0, C - 1).unsqueeze(1), 1.0)
+    y.mul_(keep)
+    if eps:
+        y.mul_(1 - eps).add_(keep * (eps / C))
+    return y, int(kept.sum())
+
+
 def native_batch(plan, inputs, targets, tensors):
-    """(x [M, n_0], y [M, C], scale of the squared-error sum) for the native kernels."""
+    """(x [M, n_0], y [M, C], scale of the loss sum over rows) for the native kernels."""
     x, out_shape, C = native_inputs(plan, inputs, tensors)
     M = x.shape[0]
+    loss = plan.loss
+    if loss.classes:
+        y, count = _class_rows(loss, targets, out_shape, M, C, tensors[0])
+        mean = loss.factor / count if count else math.nan  # torch: 0/0 when every target is ignored
+        return x, y, mean if loss.reduction == "mean" else loss.factor
     if tuple(targets.shape) != out_shape:
         raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "
                          f"got {tuple(targets.shape)}")
-    dims = plan.loss.dims
+    dims = loss.dims
     if dims is not None and {d % max(len(out_shape), 1) for d in dims} != set(range(len(out_shape))):
         raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
                          f"it does not return a scalar")
-    scale = plan.loss.factor / (M * C) if plan.loss.reduction == "mean" else plan.loss.factor
+    scale = loss.factor / (M * C) if loss.reduction == "mean" else loss.factor
     y = targets if targets.dim() == 2 and targets.shape[1] == C else targets.reshape(M, C)
     return x, y, scale
 

@@ -16,33 +16,34 @@ def _fake(name):
     return register
 
 
-def hvp(inputs, targets, weights, biases, activations, scale, vectors):
-    """[K, *p.shape] per parameter (stack order): K Hessian-vector products."""
-    return torch.ops.hessext.hvp(inputs, targets, weights, biases, activations, scale, vectors)
+def hvp(inputs, targets, weights, biases, spec, scale, vectors):
+    """[K, *p.shape] per parameter (stack order): K Hessian-vector products. spec: the plan's
+    (activations, act_params, loss, loss_param)."""
+    return torch.ops.hessext.hvp(inputs, targets, weights, biases, *spec, scale, vectors)
 
 
 @_fake("hessext::hvp")
-def _hvp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+def _hvp_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, vectors):
     return [torch.empty_like(v) for v in vectors]
 
 
-def ggn_vp(inputs, targets, weights, biases, activations, scale, vectors):
+def ggn_vp(inputs, targets, weights, biases, spec, scale, vectors):
     """[K, *p.shape] per parameter (stack order): K GGN-vector products."""
-    return torch.ops.hessext.ggn_vp(inputs, targets, weights, biases, activations, scale, vectors)
+    return torch.ops.hessext.ggn_vp(inputs, targets, weights, biases, *spec, scale, vectors)
 
 
 @_fake("hessext::ggn_vp")
-def _ggn_vp_fake(inputs, targets, weights, biases, activations, scale, vectors):
+def _ggn_vp_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, vectors):
     return [torch.empty_like(v) for v in vectors]
 
 
-def diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
+def diag(inputs, targets, weights, biases, spec, scale, ggn, per_sample):
     """Per parameter (stack order) the exact Hessian/GGN diagonal, [*p.shape] or [M, *p.shape]."""
-    return torch.ops.hessext.diag(inputs, targets, weights, biases, activations, scale, ggn, per_sample)
+    return torch.ops.hessext.diag(inputs, targets, weights, biases, *spec, scale, ggn, per_sample)
 
 
 @_fake("hessext::diag")
-def _diag_fake(inputs, targets, weights, biases, activations, scale, ggn, per_sample):
+def _diag_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, ggn, per_sample):
     lead = (inputs.shape[0],) if per_sample else ()
     shapes = []
     for w, b in zip(weights, biases):
@@ -52,25 +53,25 @@ def _diag_fake(inputs, targets, weights, biases, activations, scale, ggn, per_sa
     return [inputs.new_empty(shape) for shape in shapes]
 
 
-def hessian(inputs, targets, weights, biases, activations, scale, layer_blocks):
+def hessian(inputs, targets, weights, biases, spec, scale, layer_blocks):
     """[H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks."""
-    return torch.ops.hessext.hessian(inputs, targets, weights, biases, activations, scale, layer_blocks)
+    return torch.ops.hessext.hessian(inputs, targets, weights, biases, *spec, scale, layer_blocks)
 
 
 @_fake("hessext::hessian")
-def _hessian_fake(inputs, targets, weights, biases, activations, scale, layer_blocks):
+def _hessian_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, layer_blocks):
     sizes = [w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, biases)]
     shapes = [(n, n) for n in sizes] if layer_blocks else [(sum(sizes), sum(sizes))]
     return [inputs.new_empty(shape) for shape in shapes]
 
 
-def input_derivatives(inputs, targets, weights, biases, activations, scale, mode):
+def input_derivatives(inputs, targets, weights, biases, spec, scale, mode):
     """mode 0: Laplacians [M, C]; 1: input-Hessian diagonals [M, d]; 2: input Hessians [M, d, d]."""
-    return torch.ops.hessext.input_derivatives(inputs, targets, weights, biases, activations, scale, mode)
+    return torch.ops.hessext.input_derivatives(inputs, targets, weights, biases, *spec, scale, mode)
 
 
 @_fake("hessext::input_derivatives")
-def _input_derivatives_fake(inputs, targets, weights, biases, activations, scale, mode):
+def _input_derivatives_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode):
     M, d = inputs.shape
     shape = {0: (M, weights[-1].shape[0]), 1: (M, d), 2: (M, d, d)}[mode]
     return inputs.new_empty(shape)

@@ -30,6 +30,7 @@ class Plan:
         try:
             self.stack = capture.capture_model(model)
             self.loss = capture.capture_loss(loss_fn)
+            capture.check_pair(self.stack, self.loss)
             reason = None
         except capture.Unsupported as exc:
             reason = str(exc)
@@ -45,8 +46,11 @@ class Plan:
             self.stack_order = [index[p] for p in order]   # stack slot -> named_parameters position
             self.weight_pos = [index[layer.weight] for layer in self.stack.layers]
             self.bias_pos = [index[layer.bias] if layer.bias else None for layer in self.stack.layers]
-            self.activations = list(self.stack.activations)
             self._shapes = {}
+        if reason is None:  # the kernels' description: (activations, act_params, loss, loss_param)
+            acts = self.stack.activations
+            self.spec = ([a.kind for a in acts], [p for a in acts for p in (a.p0, a.p1)], self.loss.kind,
+                         self.loss.param)
 
     def __repr__(self):
         return f"Plan(backend={self.backend!r}, reason={self.reason!r})"

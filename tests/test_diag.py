@@ -93,7 +93,7 @@ def test_ggn_equals_hessian_without_tanh():
     assert (hessext.ggn_vp(model, loss, x, y, deep) - hessext.hvp(model, loss, x, y, deep)).abs().max() > 1e-3
 
 
-def test_seed_one_diagonal_and_seed_two_fallback():
+def test_seed_one_and_seed_two_diagonals():
     torch.manual_seed(0)
     net = SeedOneModel().double()
     x, t = torch.randn(100, 1, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
@@ -104,16 +104,20 @@ def test_seed_one_diagonal_and_seed_two_fallback():
     model = seed_two_model().double()
     x2, y2 = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
     names2 = [n for n, _ in model.named_parameters()]
+    assert hessext.plan(model, nn.NLLLoss()).backend == "native"
     H2 = reference_hessian(model, nn.NLLLoss(), x2, y2)
     assert_close(as_dict_flat(hessext.hessian_diag(model, nn.NLLLoss(), x2, y2), names2), torch.diagonal(H2), 1e-12)
     G2 = reference_ggn(model, nn.NLLLoss(), x2, y2)
     assert_close(as_dict_flat(hessext.ggn_diag(model, nn.NLLLoss(), x2, y2), names2), torch.diagonal(G2), 1e-12)
+    per = hessext.hessian_diag(model, nn.NLLLoss(), x2, y2, per_sample=True)
+    assert_close(as_dict_flat({k: v.sum(0) for k, v in per.items()}, names2), torch.diagonal(H2), 1e-12)
+    softsign = nn.Sequential(nn.Linear(5, 3), nn.Softsign(), nn.Linear(3, 3)).double()
     with pytest.raises(ValueError, match="per_sample=True needs the native path"):
-        hessext.hessian_diag(model, nn.NLLLoss(), x2, y2, per_sample=True)
+        hessext.hessian_diag(softsign, nn.CrossEntropyLoss(), x2, y2, per_sample=True)
 
 
 def test_fallback_refuses_absurd_work(monkeypatch):
-    model = seed_two_model().double()
+    model = nn.Sequential(nn.Linear(5, 8), nn.Softsign(), nn.Linear(8, 3), nn.LogSoftmax(dim=-1)).double()
     monkeypatch.setattr(fallback, "MAX_BASIS_PRODUCTS", 10)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
     with pytest.raises(ValueError, match=r"needs 75 products.*hutchinson_diag"):

@@ -101,8 +101,8 @@ def test_direct_op_checks_name_arguments():
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randn(5, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"targets must have shape"):
-        torch.ops.hessext.hvp(x, y[:, :2], W, [None], [], 1.0, [torch.randn(1, 4, 3, dtype=torch.float64)])
+        torch.ops.hessext.hvp(x, y[:, :2], W, [None], [], [], 0, 0.0, 1.0, [torch.randn(1, 4, 3, dtype=torch.float64)])
     with pytest.raises(ValueError, match=r"vectors\[0\] must have shape"):
-        torch.ops.hessext.hvp(x, y, W, [None], [], 1.0, [torch.randn(1, 3, 4, dtype=torch.float64)])
+        torch.ops.hessext.hvp(x, y, W, [None], [], [], 0, 0.0, 1.0, [torch.randn(1, 3, 4, dtype=torch.float64)])
     with pytest.raises(TypeError, match=r"inputs must have dtype"):
-        torch.ops.hessext.hvp(x.float(), y, W, [None], [], 1.0, [torch.randn(1, 4, 3, dtype=torch.float64)])
+        torch.ops.hessext.hvp(x.float(), y, W, [None], [], [], 0, 0.0, 1.0, [torch.randn(1, 4, 3, dtype=torch.float64)])

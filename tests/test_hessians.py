@@ -178,6 +178,6 @@ def test_seed_one_laplacian_shape_and_op_fakes():
     W, b = [lin[0].weight.detach(), lin[2].weight.detach()], [lin[0].bias.detach(), None]
     utils = ("test_schema", "test_faketensor")
     for layer_blocks in (False, True):
-        torch.library.opcheck(torch.ops.hessext.hessian.default, (xs, ys, W, b, [1], 0.1, layer_blocks), test_utils=utils)
+        torch.library.opcheck(torch.ops.hessext.hessian.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, layer_blocks), test_utils=utils)
     for mode in (0, 1, 2):
-        torch.library.opcheck(torch.ops.hessext.input_derivatives.default, (xs, ys, W, b, [1], 0.1, mode), test_utils=utils)
+        torch.library.opcheck(torch.ops.hessext.input_derivatives.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, mode), test_utils=utils)

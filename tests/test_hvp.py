@@ -101,12 +101,11 @@ def test_seed_one_as_written():
     assert_close(got, V @ H, 1e-12, "seed 1 HVP vs torch.func.hessian")
 
 
-def test_seed_two_through_fallback():
+def test_seed_two_native_as_written():
     torch.manual_seed(0)
     model = seed_two_model().double()
     plan = hessext.plan(model, nn.NLLLoss())
-    assert plan.backend == "torch.func"
-    assert "relu" in plan.reason or "LogSoftmax" in plan.reason
+    assert plan.backend == "native", plan.reason
     x = torch.randn(6, 5, dtype=torch.float64)
     y = torch.tensor([0, 2, 1, 1, 0, 2])
     V = torch.randn(2, num_params(model), dtype=torch.float64)
@@ -117,9 +116,8 @@ def test_seed_two_through_fallback():
     names = list(params)
     H = torch.cat([torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
                    for a in names], 0)
-    assert_close(got, V @ H, 1e-12, "seed 2 fallback HVP")
-    with pytest.raises(ValueError, match="backend='native'.*"):
-        hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="native")
+    assert_close(got, V @ H, 1e-12, "seed 2 native HVP")
+    assert_close(hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="torch.func"), V @ H, 1e-12, "seed 2 fallback HVP")
 
 
 @pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.MSELoss(), nn.MSELoss(reduction="sum")], ids=["F", "mean", "sum"])
@@ -230,10 +228,10 @@ def test_op_registration_and_fakes():
          torch.randn(2, 2, 4, dtype=torch.float64)]
     utils = ("test_schema", "test_faketensor")
     for op in (torch.ops.hessext.hvp.default, torch.ops.hessext.ggn_vp.default):
-        torch.library.opcheck(op, (x, y, W, b, [1], 0.1, V), test_utils=utils)
+        torch.library.opcheck(op, (x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V), test_utils=utils)
     for ggn in (False, True):
         for per_sample in (False, True):
-            torch.library.opcheck(torch.ops.hessext.diag.default, (x, y, W, b, [1], 0.1, ggn, per_sample),
+            torch.library.opcheck(torch.ops.hessext.diag.default, (x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, ggn, per_sample),
                                   test_utils=utils)
 
 
@@ -245,8 +243,8 @@ def test_op_under_torch_compile_fullgraph():
     W = [model[0].weight.detach(), model[2].weight.detach()]
     b = [model[0].bias.detach(), model[2].bias.detach()]
     V = [torch.randn((2,) + p.shape, dtype=torch.float64) for p in model.parameters()]
-    compiled = torch.compile(lambda V: [2 * t for t in torch.ops.hessext.hvp(x, y, W, b, [1], 0.1, V)], fullgraph=True)
-    for got, want in zip(compiled(V), torch.ops.hessext.hvp(x, y, W, b, [1], 0.1, V)):
+    compiled = torch.compile(lambda V: [2 * t for t in torch.ops.hessext.hvp(x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V)], fullgraph=True)
+    for got, want in zip(compiled(V), torch.ops.hessext.hvp(x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V)):
         assert_close(got, 2 * want, 1e-15, "compiled op")
     Vf = torch.randn(2, num_params(model), dtype=torch.float64)
     api = torch.compile(lambda V: hessext.hvp(model, nn.MSELoss(), x, y, V))

@@ -28,9 +28,10 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   }
   const T* y = s.y.data_ptr<T>();
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
-    std::vector<T> scratch(4 * U + 3 * W2);
-    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *Gn = G + W2, *Tm = Gn + W2;
+    const int64_t W2 = int64_t(net.maxw) * net.maxw;
+    std::vector<T> scratch(fused::Sample<T>::size(net) + 3 * W2);
+    const fused::Sample<T> smp(net, scratch.data());
+    T *G = smp.end(net), *Gn = G + W2, *Tm = Gn + W2;
     Acc* HW[fused::kMaxLayers];
     Acc* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t)
@@ -40,13 +41,10 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
           HW[l] = layout.slot_ptr<Acc>(s.slot_W[l], row, 1, direct, acc);
           Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<Acc>(s.slot_b[l], row, 1, direct, acc) : nullptr;
         }
-        for (int64_t l = 0; l <= L; ++l) {
-          const int64_t n = net.n[l];
-          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
-          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
-        }
-        if (!ggn) fused::backward(net, a, d, y + m * C, delta, e);
-        fused::diag_sample(net, ggn, a, d, e, G, Gn, Tm, HW, Hb);
+        load_sample(net, f, m, smp);
+        fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
+        if (!ggn) fused::backward(net, smp.d, smp.delta, smp.e);
+        fused::diag_sample(net, ggn, smp.a, smp.d, smp.d2, smp.e, smp.head, G, Gn, Tm, HW, Hb);
       }
   });
   if (!direct.empty()) {
@@ -57,10 +55,8 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   return layout.split_rows(total.to(s.x.scalar_type()), s, per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
 }
 
-std::vector<at::Tensor> diag_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                 const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                 double scale, bool ggn, bool per_sample) {
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+std::vector<at::Tensor> diag_cpu(HX_STACK_PARAMS, bool ggn, bool per_sample) {
+  const Stack s(HX_STACK_ARGS);
   if (!PathChoice::fused_diag(s)) return diag<CpuElementwise>(s, ggn, per_sample);
   if (s.x.scalar_type() == at::kFloat && !per_sample) return diag_fused_cpu<float, double>(s, ggn, per_sample);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "diag_fused_cpu",

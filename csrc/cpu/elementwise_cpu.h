@@ -9,24 +9,44 @@
 namespace hessext {
 
 struct CpuElementwise {
-  // z -> a = tanh(z) in place (ATen's vectorised tanh); d = 1 - a^2.
-  static void tanh_forward(at::Tensor& z, at::Tensor& d) {
-    z.tanh_();
+  // z -> a = phi(z) in place; d = phi'(z), d2 = phi''(z) (d2 undefined: not stored). One pass.
+  static void activation(at::Tensor& z, Act kind, double p0, double p1, at::Tensor& d, at::Tensor& d2) {
     const int64_t n = z.numel();
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tanh_forward_cpu", [&] {
-      const scalar_t* pa = z.data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_cpu", [&] {
+      scalar_t* pz = z.data_ptr<scalar_t>();
       scalar_t* pd = d.data_ptr<scalar_t>();
-      at::parallel_for(0, n, 16384, [&](int64_t lo, int64_t hi) {
-        for (int64_t j = lo; j < hi; ++j) pd[j] = scalar_t(1) - pa[j] * pa[j];
+      scalar_t* pd2 = d2.defined() ? d2.data_ptr<scalar_t>() : nullptr;
+      const scalar_t q0 = static_cast<scalar_t>(p0), q1 = static_cast<scalar_t>(p1);
+      at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
+        scalar_t second = 0;
+        for (int64_t j = lo; j < hi; ++j) {
+          act_eval(kind, q0, q1, pz[j], pz[j], pd[j], second);
+          if (pd2) pd2[j] = second;
+        }
       });
     });
   }
 
-  // Rz -> Ra = d * Rz in place, d broadcast over k.
-  static void r_forward_tanh(at::Tensor Rz, const at::Tensor& d) {
-    const int64_t M = Rz.size(0), K = Rz.size(1), w = Rz.size(2);
-    AT_DISPATCH_FLOATING_TYPES(Rz.scalar_type(), "r_forward_tanh_cpu", [&] {
-      scalar_t* r = Rz.data_ptr<scalar_t>();
+  // The loss rows (losses.h) of the output z [M, C] against y [M, C]: g, h [M, C], w [M].
+  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y,
+                        at::Tensor& g, at::Tensor& h, at::Tensor& w) {
+    const int64_t M = z.size(0), C = z.size(1);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "loss_rows_cpu", [&] {
+      const scalar_t *pz = z.data_ptr<scalar_t>(), *py = y.data_ptr<scalar_t>();
+      scalar_t *pg = g.data_ptr<scalar_t>(), *ph = h.data_ptr<scalar_t>(), *pw = w.data_ptr<scalar_t>();
+      at::parallel_for(0, M, std::max<int64_t>(1, 4096 / C), [&](int64_t lo, int64_t hi) {
+        for (int64_t m = lo; m < hi; ++m)
+          loss_row<scalar_t>(kind, static_cast<scalar_t>(param), static_cast<scalar_t>(scale), static_cast<int>(C),
+                             pz + m * C, py + m * C, pg + m * C, ph + m * C, pw + m);
+      });
+    });
+  }
+
+  // R [M, K, w] -> d * R in place, d [M, w] broadcast over k.
+  static void r_scale(at::Tensor R, const at::Tensor& d) {
+    const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
+    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
+      scalar_t* r = R.data_ptr<scalar_t>();
       const scalar_t* pd = d.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         for (int64_t m = lo; m < hi; ++m)
@@ -38,23 +58,18 @@ struct CpuElementwise {
     });
   }
 
-  // Re -> Rdelta = d * Re - 2 a e Ra in place (the tanh residual term), d, a, e broadcast over k.
-  static void r_backward_tanh(at::Tensor Re, const at::Tensor& d, const at::Tensor& a, const at::Tensor& e,
-                              const at::Tensor& Ra) {
+  // Re -> Rdelta = d * Re + c * Rz in place (c = d2 e, the residual coefficient), d, c broadcast over k.
+  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& c, const at::Tensor& Rz) {
     const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
-    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_backward_tanh_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cpu", [&] {
       scalar_t* r = Re.data_ptr<scalar_t>();
-      const scalar_t *pd = d.data_ptr<scalar_t>(), *pa = a.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(),
-                     *pra = Ra.data_ptr<scalar_t>();
+      const scalar_t *pd = d.data_ptr<scalar_t>(), *pc = c.data_ptr<scalar_t>(), *prz = Rz.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         for (int64_t m = lo; m < hi; ++m)
           for (int64_t k = 0; k < K; ++k) {
             scalar_t* row = r + (m * K + k) * w;
-            const scalar_t* rarow = pra + (m * K + k) * w;
-            for (int64_t j = 0; j < w; ++j) {
-              const int64_t mj = m * w + j;
-              row[j] = pd[mj] * row[j] - scalar_t(2) * pa[mj] * pe[mj] * rarow[j];
-            }
+            const scalar_t* rzrow = prz + (m * K + k) * w;
+            for (int64_t j = 0; j < w; ++j) row[j] = pd[m * w + j] * row[j] + pc[m * w + j] * rzrow[j];
           }
       });
     });
@@ -115,18 +130,19 @@ struct CpuElementwise {
     return F;
   }
 
-  // One tanh step of the input jets (jets.h) in place on z [o, M, 1 + d + q]: second-order channels
-  // first (they need Jz), then J, then the value. sum_channel: one channel, sum_i Jz[i]^2.
-  static void jet_tanh(at::Tensor& z, int64_t d, bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
+  // One activation step of the input jets (jets.h) in place on z [o, M, 1 + d + q]: second-order
+  // channels first (they need Jz), then J, then the value. sum_channel: one channel, sum_i Jz[i]^2.
+  static void jet_activation(at::Tensor& z, Act kind, double p0, double p1, int64_t d, bool sum_channel,
+                             const std::vector<std::pair<int64_t, int64_t>>& pairs) {
     const int64_t rows = z.size(0) * z.size(1), cols = z.size(2);
-    const at::Tensor a = z.select(2, 0).tanh();  // ATen's vectorised tanh, [o, M]
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_tanh_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cpu", [&] {
       scalar_t* pz = z.data_ptr<scalar_t>();
-      const scalar_t* pa = a.data_ptr<scalar_t>();
+      const scalar_t q0 = static_cast<scalar_t>(p0), q1 = static_cast<scalar_t>(p1);
       at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / cols), [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
           scalar_t* row = pz + r * cols;
-          const scalar_t av = pa[r], dd = scalar_t(1) - av * av, p2 = scalar_t(-2) * av * dd;
+          scalar_t av, dd, p2;
+          act_eval(kind, q0, q1, row[0], av, dd, p2);
           scalar_t* J = row + 1;
           scalar_t* S = row + 1 + d;
           if (sum_channel) {
@@ -143,5 +159,25 @@ struct CpuElementwise {
     });
   }
 };
+
+// Sample m's rows of the batched forward pass into its fused scratch: a, d (1 where the identity
+// produced a) and d2 (0 where the activation is piecewise linear).
+template <typename T>
+void load_sample(const fused::Net<T>& net, const Forward& f, int64_t m, const fused::Sample<T>& smp) {
+  for (int l = 0; l <= net.L; ++l) {
+    const int64_t n = net.n[l], u = net.off[l];
+    std::copy_n(f.a[l].data_ptr<T>() + m * n, n, smp.a + u);
+    if (f.d[l].defined()) {
+      std::copy_n(f.d[l].data_ptr<T>() + m * n, n, smp.d + u);
+    } else {
+      std::fill_n(smp.d + u, n, T(1));
+    }
+    if (f.d2[l].defined()) {
+      std::copy_n(f.d2[l].data_ptr<T>() + m * n, n, smp.d2 + u);
+    } else {
+      std::fill_n(smp.d2 + u, n, T(0));
+    }
+  }
+}
 
 }  // namespace hessext

@@ -22,20 +22,17 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
   at::Tensor acc = at::zeros({nt, P, P}, s.x.options());
   const T* y = s.y.data_ptr<T>();
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t U = net.off[net.L + 1], W2 = int64_t(net.maxw) * net.maxw;
-    std::vector<T> scratch(4 * U + (2 * L + 3) * W2);
-    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *GWs = G + L * W2,
-      *A = GWs + L * W2, *An = A + W2, *B = An + W2;
+    const int64_t W2 = int64_t(net.maxw) * net.maxw;
+    std::vector<T> scratch(fused::Sample<T>::size(net) + (2 * L + 3) * W2);
+    const fused::Sample<T> smp(net, scratch.data());
+    T *G = smp.end(net), *GWs = G + L * W2, *A = GWs + L * W2, *An = A + W2, *B = An + W2;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        for (int64_t l = 0; l <= L; ++l) {
-          const int64_t n = net.n[l];
-          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
-          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
-        }
-        fused::backward(net, a, d, y + m * C, delta, e);
-        fused::hessian_sample(net, a, d, delta, e, G, GWs, A, An, B, off.woff.data(), off.boff.data(), P,
-                              acc.data_ptr<T>() + t * P * P);
+        load_sample(net, f, m, smp);
+        fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
+        fused::backward(net, smp.d, smp.delta, smp.e);
+        fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B,
+                              off.woff.data(), off.boff.data(), P, acc.data_ptr<T>() + t * P * P);
       }
   });
   at::Tensor H = nt == 1 ? acc[0] : acc.sum(0);
@@ -43,18 +40,14 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
   return H;
 }
 
-std::vector<at::Tensor> hessian_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                    double scale, bool layer_blocks) {
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+std::vector<at::Tensor> hessian_cpu(HX_STACK_PARAMS, bool layer_blocks) {
+  const Stack s(HX_STACK_ARGS);
   if (layer_blocks || !PathChoice::fused_hessian(s)) return hessian<CpuElementwise>(s, layer_blocks, kHessianChunkElems);
   return {AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hessian_fused_cpu", [&] { return hessian_fused_cpu<scalar_t>(s); })};
 }
 
-at::Tensor input_derivatives_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                 const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                 double scale, int64_t mode) {
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+at::Tensor input_derivatives_cpu(HX_STACK_PARAMS, int64_t mode) {
+  const Stack s(HX_STACK_ARGS);
   return input_derivatives_any<CpuElementwise>(s, mode, kHessianChunkElems);
 }
 

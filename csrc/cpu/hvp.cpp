@@ -1,5 +1,5 @@
-// CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms). Narrow stacks: one batched forward pass (ATen GEMMs, vectorised
-// tanh), then the fused per-sample recurrence of fused.h with the K vectors innermost, samples
+// CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
+// Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused per-sample recurrence of fused.h with the K vectors innermost, samples
 // split over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM
 // recurrence of hvp.h with the CPU elementwise steps.
 #include <ATen/Parallel.h>
@@ -41,9 +41,9 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
   }
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const int64_t U = net.off[net.L + 1];
-    std::vector<T> scratch(4 * U + (U + 2 * net.maxw) * K);
-    T *a = scratch.data(), *d = a + U, *delta = d + U, *e = delta + U, *Ra = e + U, *r0 = Ra + U * K,
-      *r1 = r0 + net.maxw * K;
+    std::vector<T> scratch(fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K);
+    const fused::Sample<T> smp(net, scratch.data());
+    T *Rz = smp.end(net), *r0 = Rz + U * K, *r1 = r0 + net.maxw * K;
     T* HW[fused::kMaxLayers];
     T* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t) {
@@ -52,16 +52,15 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
         Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<T>(s.slot_b[l], t, K, direct, acc) : nullptr;
       }
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        for (int64_t l = 0; l <= L; ++l) {
-          const int64_t n = net.n[l];
-          std::copy_n(f.a[l].data_ptr<T>() + m * n, n, a + net.off[l]);
-          if (f.d[l].defined()) std::copy_n(f.d[l].data_ptr<T>() + m * n, n, d + net.off[l]);
-        }
-        if (!GGN) fused::backward(net, a, d, y + m * C, delta, e);
+        load_sample(net, f, m, smp);
+        fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
+        if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
         if (K == 1)
-          fused::hvp_sample<T, 1, GGN>(net, 1, a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+          fused::hvp_sample<T, 1, GGN>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
+                                       HW, Hb);
         else
-          fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), a, d, delta, e, V, vb, Ra, r0, r1, HW, Hb);
+          fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V,
+                                       vb, Rz, r0, r1, HW, Hb);
       }
     }
   });
@@ -70,10 +69,8 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
 }
 
 template <bool GGN>
-std::vector<at::Tensor> products_cpu(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                     const c10::List<c10::optional<at::Tensor>>& biases,
-                                     at::IntArrayRef activations, double scale, at::TensorList vectors) {
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
+  const Stack s(HX_STACK_ARGS);
   const int64_t K = s.check_vectors(vectors);
   if (!PathChoice::fused(s, K)) return hvp<CpuElementwise>(s, vectors, GGN);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",

@@ -24,11 +24,12 @@ __global__ void diag_fused_kernel(fused::Net<T> net, SlotOffsets<T> so, bool ggn
                                   int64_t per_sample, T* out, int64_t M, int64_t P) {
   const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (m >= M) return;
-  const int U = net.off[net.L + 1], W2 = net.maxw * net.maxw;
-  T* a = scratch + m * per_sample;
-  T *d = a + U, *delta = d + U, *e = delta + U, *G = e + U, *Gn = G + W2, *Tm = Gn + W2;
-  fused::forward(net, x + m * net.n[0], a, d);
-  if (!ggn) fused::backward(net, a, d, y + m * net.n[net.L], delta, e);
+  const int W2 = net.maxw * net.maxw;
+  const fused::Sample<T> smp(net, scratch + m * per_sample);
+  T *G = smp.end(net), *Gn = G + W2, *Tm = Gn + W2;
+  fused::forward(net, x + m * net.n[0], smp.a, smp.d, smp.d2);
+  fused::loss(net, smp.a, y + m * net.n[net.L], smp.delta, smp.head);
+  if (!ggn) fused::backward(net, smp.d, smp.delta, smp.e);
   T* HW[fused::kMaxLayers];
   T* Hb[fused::kMaxLayers];
   T* row = out + m * P;
@@ -36,7 +37,7 @@ __global__ void diag_fused_kernel(fused::Net<T> net, SlotOffsets<T> so, bool ggn
     HW[l] = row + so.offW[l];
     Hb[l] = so.offb[l] >= 0 ? row + so.offb[l] : nullptr;
   }
-  fused::diag_sample(net, ggn, a, d, e, G, Gn, Tm, HW, Hb);
+  fused::diag_sample(net, ggn, smp.a, smp.d, smp.d2, smp.e, smp.head, G, Gn, Tm, HW, Hb);
 }
 
 template <typename T>
@@ -48,7 +49,7 @@ std::vector<at::Tensor> diag_fused_cuda(const Stack& s, bool ggn, bool per_sampl
     so.offW[l] = layout.offset[s.slot_W[l]];
     so.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
   }
-  const int64_t M = s.M, P = layout.total, per = 4 * net.off[net.L + 1] + 3 * int64_t(net.maxw) * net.maxw;
+  const int64_t M = s.M, P = layout.total, per = fused::Sample<T>::size(net) + 3 * int64_t(net.maxw) * net.maxw;
   at::Tensor scratch = at::empty({M * per}, s.x.options());
   at::Tensor out = at::zeros({M, P}, s.x.options());
   constexpr int threads = 128;
@@ -59,17 +60,15 @@ std::vector<at::Tensor> diag_fused_cuda(const Stack& s, bool ggn, bool per_sampl
   return layout.split_rows(total, s, per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
 }
 
-std::vector<at::Tensor> diag_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                  const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                  double scale, bool ggn, bool per_sample) {
+std::vector<at::Tensor> diag_cuda(HX_STACK_PARAMS, bool ggn, bool per_sample) {
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const Stack s(HX_STACK_ARGS);
   int64_t units = 0, w = 0;
   for (int64_t l = 0; l <= s.L; ++l) {
     units += s.width(l);
     w = std::max(w, s.width(l));
   }
-  if (!PathChoice::fused_diag(s) || s.M * (4 * units + 3 * w * w) > kMaxScratchElems)
+  if (!PathChoice::fused_diag(s) || s.M * (5 * units + s.width(s.L) + 1 + 3 * w * w) > kMaxScratchElems)
     return diag<CudaElementwise>(s, ggn, per_sample);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "diag_fused_cuda",
                                     [&] { return diag_fused_cuda<scalar_t>(s, ggn, per_sample); });

@@ -15,31 +15,38 @@ inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n 
 
 #define HX_GRID_LOOP(j, n) for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < (n); j += int64_t(gridDim.x) * blockDim.x)
 
+// z -> phi(z) in place; d = phi'(z), d2 = phi''(z) (d2 nullptr: not stored)
 template <typename T>
-__global__ void tanh_forward_kernel(T* z, T* d, int64_t n) {
+__global__ void activation_kernel(T* z, T* d, T* d2, int64_t n, Act kind, T p0, T p1) {
   HX_GRID_LOOP(j, n) {
-    const T a = tanh(z[j]);
-    z[j] = a;
-    d[j] = T(1) - a * a;
+    T second = T(0);
+    act_eval(kind, p0, p1, z[j], z[j], d[j], second);
+    if (d2) d2[j] = second;
   }
+}
+
+// One loss row (losses.h) per thread: z, y, g, h [M, C], w [M]
+template <typename T>
+__global__ void loss_rows_kernel(Loss kind, T param, T scale, int C, const T* z, const T* y, T* g, T* h, T* w,
+                                 int64_t M) {
+  HX_GRID_LOOP(m, M) { loss_row(kind, param, scale, C, z + m * C, y + m * C, g + m * C, h + m * C, w + m); }
 }
 
 // r [M, K, w] *= d [M, w]
 template <typename T>
-__global__ void r_forward_tanh_kernel(T* r, const T* d, int64_t M, int64_t K, int64_t w) {
+__global__ void r_scale_kernel(T* r, const T* d, int64_t M, int64_t K, int64_t w) {
   HX_GRID_LOOP(j, M * K * w) {
     const int64_t m = j / (K * w), c = j % w;
     r[j] *= d[m * w + c];
   }
 }
 
-// r [M, K, w] <- d r - 2 a e Ra
+// r [M, K, w] <- d r + c Rz
 template <typename T>
-__global__ void r_backward_tanh_kernel(T* r, const T* d, const T* a, const T* e, const T* Ra, int64_t M, int64_t K,
-                                       int64_t w) {
+__global__ void r_residual_kernel(T* r, const T* d, const T* c, const T* Rz, int64_t M, int64_t K, int64_t w) {
   HX_GRID_LOOP(j, M * K * w) {
     const int64_t mc = (j / (K * w)) * w + j % w;
-    r[j] = d[mc] * r[j] - T(2) * a[mc] * e[mc] * Ra[j];
+    r[j] = d[mc] * r[j] + c[mc] * Rz[j];
   }
 }
 
@@ -68,13 +75,14 @@ __global__ void residual_factor_kernel(T* F, const T* W, const T* root, const T*
   }
 }
 
-// One tanh step of the input jets on z [o, M, 1 + d + q] (see jets.h); mode: 0 sum channel,
+// One activation step of the input jets on z [o, M, 1 + d + q] (see jets.h); mode: 0 sum channel,
 // 1 diagonal channels (i, i), 2 full channels (i <= j, row-major).
 template <typename T>
-__global__ void jet_tanh_kernel(T* z, const T* a, int64_t rows, int64_t cols, int64_t d, int mode) {
+__global__ void jet_activation_kernel(T* z, int64_t rows, int64_t cols, int64_t d, int mode, Act kind, T p0, T p1) {
   HX_GRID_LOOP(r, rows) {
     T* row = z + r * cols;
-    const T av = a[r], dd = T(1) - av * av, p2 = T(-2) * av * dd;
+    T av, dd, p2;
+    act_eval(kind, p0, p1, row[0], av, dd, p2);
     T* J = row + 1;
     T* S = row + 1 + d;
     if (mode == 0) {
@@ -96,34 +104,45 @@ __global__ void jet_tanh_kernel(T* z, const T* a, int64_t rows, int64_t cols, in
 }  // namespace cuda_detail
 
 struct CudaElementwise {
-  static void tanh_forward(at::Tensor& z, at::Tensor& d) {
+  static void activation(at::Tensor& z, Act kind, double p0, double p1, at::Tensor& d, at::Tensor& d2) {
     const int64_t n = z.numel();
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tanh_forward_cuda", [&] {
-      cuda_detail::tanh_forward_kernel<scalar_t><<<cuda_detail::blocks_for(n), cuda_detail::kThreads, 0,
-                                                   at::cuda::getCurrentCUDAStream()>>>(z.data_ptr<scalar_t>(),
-                                                                                       d.data_ptr<scalar_t>(), n);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_cuda", [&] {
+      cuda_detail::activation_kernel<scalar_t><<<cuda_detail::blocks_for(n), cuda_detail::kThreads, 0,
+                                                 at::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.defined() ? d2.data_ptr<scalar_t>() : nullptr, n, kind,
+          static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
-  static void r_forward_tanh(at::Tensor Rz, const at::Tensor& d) {
-    const int64_t M = Rz.size(0), K = Rz.size(1), w = Rz.size(2);
-    AT_DISPATCH_FLOATING_TYPES(Rz.scalar_type(), "r_forward_tanh_cuda", [&] {
-      cuda_detail::r_forward_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
-                                                     at::cuda::getCurrentCUDAStream()>>>(
-          Rz.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), M, K, w);
+  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y,
+                        at::Tensor& g, at::Tensor& h, at::Tensor& w) {
+    const int64_t M = z.size(0), C = z.size(1);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "loss_rows_cuda", [&] {
+      cuda_detail::loss_rows_kernel<scalar_t><<<cuda_detail::blocks_for(M), cuda_detail::kThreads, 0,
+                                                at::cuda::getCurrentCUDAStream()>>>(
+          kind, static_cast<scalar_t>(param), static_cast<scalar_t>(scale), static_cast<int>(C), z.data_ptr<scalar_t>(),
+          y.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), M);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
-  static void r_backward_tanh(at::Tensor Re, const at::Tensor& d, const at::Tensor& a, const at::Tensor& e,
-                              const at::Tensor& Ra) {
+  static void r_scale(at::Tensor R, const at::Tensor& d) {
+    const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
+    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cuda", [&] {
+      cuda_detail::r_scale_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
+                                              at::cuda::getCurrentCUDAStream()>>>(R.data_ptr<scalar_t>(),
+                                                                                  d.data_ptr<scalar_t>(), M, K, w);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+
+  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& c, const at::Tensor& Rz) {
     const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
-    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_backward_tanh_cuda", [&] {
-      cuda_detail::r_backward_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
-                                                      at::cuda::getCurrentCUDAStream()>>>(
-          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
-          Ra.data_ptr<scalar_t>(), M, K, w);
+    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cuda", [&] {
+      cuda_detail::r_residual_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
+                                                 at::cuda::getCurrentCUDAStream()>>>(
+          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), Rz.data_ptr<scalar_t>(), M, K, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -153,14 +172,14 @@ struct CudaElementwise {
     return F;
   }
 
-  static void jet_tanh(at::Tensor& z, int64_t d, bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
+  static void jet_activation(at::Tensor& z, Act kind, double p0, double p1, int64_t d, bool sum_channel,
+                             const std::vector<std::pair<int64_t, int64_t>>& pairs) {
     const int64_t rows = z.size(0) * z.size(1), cols = z.size(2);
     const int mode = sum_channel ? 0 : (static_cast<int64_t>(pairs.size()) == d ? 1 : 2);
-    const at::Tensor a = z.select(2, 0).tanh();
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_tanh_cuda", [&] {
-      cuda_detail::jet_tanh_kernel<scalar_t><<<cuda_detail::blocks_for(rows), cuda_detail::kThreads, 0,
-                                               at::cuda::getCurrentCUDAStream()>>>(
-          z.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), rows, cols, d, mode);
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cuda", [&] {
+      cuda_detail::jet_activation_kernel<scalar_t><<<cuda_detail::blocks_for(rows), cuda_detail::kThreads, 0,
+                                                     at::cuda::getCurrentCUDAStream()>>>(
+          z.data_ptr<scalar_t>(), rows, cols, d, mode, kind, static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

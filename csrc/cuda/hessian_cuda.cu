@@ -9,19 +9,15 @@
 namespace hessext {
 namespace {
 
-std::vector<at::Tensor> hessian_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                     const c10::List<c10::optional<at::Tensor>>& biases,
-                                     at::IntArrayRef activations, double scale, bool layer_blocks) {
+std::vector<at::Tensor> hessian_cuda(HX_STACK_PARAMS, bool layer_blocks) {
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const Stack s(HX_STACK_ARGS);
   return hessian<CudaElementwise>(s, layer_blocks, kHessianChunkElems);
 }
 
-at::Tensor input_derivatives_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                  const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
-                                  double scale, int64_t mode) {
+at::Tensor input_derivatives_cuda(HX_STACK_PARAMS, int64_t mode) {
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const Stack s(HX_STACK_ARGS);
   return input_derivatives_any<CudaElementwise>(s, mode, kHessianChunkElems);
 }
 

@@ -26,10 +26,11 @@ __global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, con
   const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (m >= M) return;
   const int U = net.off[net.L + 1];
-  T* a = scratch + m * per_sample;
-  T *d = a + U, *delta = d + U, *e = delta + U, *Ra = e + U, *r0 = Ra + U * K, *r1 = r0 + net.maxw * K;
-  fused::forward(net, x + m * net.n[0], a, d);
-  if (!GGN) fused::backward(net, a, d, y + m * net.n[net.L], delta, e);
+  const fused::Sample<T> smp(net, scratch + m * per_sample);
+  T *Rz = smp.end(net), *r0 = Rz + U * K, *r1 = r0 + net.maxw * K;
+  fused::forward(net, x + m * net.n[0], smp.a, smp.d, smp.d2);
+  fused::loss(net, smp.a, y + m * net.n[net.L], smp.delta, smp.head);
+  if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
   T* HW[fused::kMaxLayers];
   T* Hb[fused::kMaxLayers];
   T* row = out + m * PK;
@@ -37,7 +38,8 @@ __global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, con
     HW[l] = row + vp.offW[l] * K;
     Hb[l] = vp.offb[l] >= 0 ? row + vp.offb[l] * K : nullptr;
   }
-  fused::hvp_sample<T, 0, GGN>(net, K, a, d, delta, e, vp.V, vp.vb, Ra, r0, r1, HW, Hb);
+  fused::hvp_sample<T, 0, GGN>(net, K, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, vp.V, vp.vb, Rz, r0, r1,
+                               HW, Hb);
 }
 
 template <typename T, bool GGN>
@@ -53,7 +55,7 @@ std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, i
     vp.offW[l] = layout.offset[s.slot_W[l]];
     vp.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
   }
-  const int64_t M = s.M, U = net.off[net.L + 1], per = 4 * U + (U + 2 * net.maxw) * K, PK = layout.total * K;
+  const int64_t M = s.M, U = net.off[net.L + 1], per = fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K, PK = layout.total * K;
   at::Tensor scratch = at::empty({M * per}, s.x.options());
   at::Tensor out = at::zeros({M, PK}, s.x.options());
   constexpr int threads = 128;
@@ -66,11 +68,9 @@ std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, i
 }
 
 template <bool GGN>
-std::vector<at::Tensor> products_cuda(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
-                                      const c10::List<c10::optional<at::Tensor>>& biases,
-                                      at::IntArrayRef activations, double scale, at::TensorList vectors) {
+std::vector<at::Tensor> products_cuda(HX_STACK_PARAMS, at::TensorList vectors) {
   const c10::cuda::CUDAGuard guard(inputs.device());
-  const Stack s(inputs, targets, weights, biases, activations, scale);
+  const Stack s(HX_STACK_ARGS);
   const int64_t K = s.check_vectors(vectors);
   if (!PathChoice::fused(s, K)) return hvp<CudaElementwise>(s, vectors, GGN);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cuda",

@@ -1,0 +1,107 @@
+// The activation table: every elementwise activation the kernels serve, as one row each, shared by
+// the CPU loops and the CUDA kernels (host/device functions). A row gives, for a pre-activation z,
+// the value a = phi(z), the first derivative d1 = phi'(z) and the second derivative d2 = phi''(z),
+// at autograd's convention where phi is not differentiable (the branch torch's backward takes).
+// Two parameters per row (p0, p1): LeakyReLU's negative_slope, Softplus's beta and threshold, ELU's alpha.
+// Adding an activation: an enum value, a case below, and its name in hessext/capture.py.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define HX_HD __host__ __device__ __forceinline__
+#else
+#define HX_HD inline
+#endif
+
+namespace hessext {
+
+enum class Act : int64_t {
+  Identity = 0,
+  Tanh = 1,
+  ReLU = 2,
+  LeakyReLU = 3,  // p0 negative_slope
+  Sigmoid = 4,
+  SiLU = 5,
+  GELU = 6,       // approximate="none": z Phi(z)
+  GELUTanh = 7,   // approximate="tanh"
+  Softplus = 8,   // p0 beta, p1 threshold
+  ELU = 9,        // p0 alpha
+};
+constexpr int64_t kNumActs = 10;
+
+// Piecewise-linear rows have d2 = 0 everywhere: their R-backward has no residual term, and their
+// Hessian diagonal is the GGN's.
+HX_HD bool act_is_curved(Act kind) {
+  return !(kind == Act::Identity || kind == Act::ReLU || kind == Act::LeakyReLU);
+}
+
+template <typename T>
+HX_HD T sigmoid_of(T z) {
+  return T(1) / (T(1) + exp(-z));
+}
+
+template <typename T>
+HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
+  switch (kind) {
+    case Act::Identity:
+      a = z, d1 = T(1), d2 = T(0);
+      return;
+    case Act::Tanh: {  // phi'' = -2 a phi'
+      a = tanh(z), d1 = T(1) - a * a, d2 = T(-2) * a * d1;
+      return;
+    }
+    case Act::ReLU:  // torch: z > 0 ? z : 0, gradient 0 at z = 0
+      a = z > T(0) ? z : T(0), d1 = z > T(0) ? T(1) : T(0), d2 = T(0);
+      return;
+    case Act::LeakyReLU:  // gradient negative_slope at z = 0
+      a = z > T(0) ? z : z * p0, d1 = z > T(0) ? T(1) : p0, d2 = T(0);
+      return;
+    case Act::Sigmoid: {  // s' = s(1 - s), s'' = s'(1 - 2s)
+      const T s = sigmoid_of(z);
+      a = s, d1 = s * (T(1) - s), d2 = d1 * (T(1) - T(2) * s);
+      return;
+    }
+    case Act::SiLU: {  // z s: s (1 + z (1 - s)), s (1 - s) (2 + z (1 - 2 s))
+      const T s = sigmoid_of(z);
+      a = z * s, d1 = s * (T(1) + z * (T(1) - s)), d2 = s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));
+      return;
+    }
+    case Act::GELU: {  // z Phi(z): Phi + z phi, phi (2 - z^2)
+      const T Phi = T(0.5) * erfc(-z * T(0.70710678118654752440));
+      const T phi = T(0.39894228040143267794) * exp(T(-0.5) * z * z);
+      a = z * Phi, d1 = Phi + z * phi, d2 = phi * (T(2) - z * z);
+      return;
+    }
+    case Act::GELUTanh: {  // z (1 + t) / 2, t = tanh(u), u = k (z + c z^3)
+      const T k = T(0.79788456080286535588), c = T(0.044715);
+      const T t = tanh(k * (z + c * z * z * z)), s = T(1) - t * t;
+      const T du = k * (T(1) + T(3) * c * z * z), ddu = k * T(6) * c * z;
+      a = T(0.5) * z * (T(1) + t);
+      d1 = T(0.5) * (T(1) + t) + T(0.5) * z * s * du;
+      d2 = s * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+      return;
+    }
+    case Act::Softplus: {  // log(1 + exp(beta z)) / beta; linear where beta z > threshold (torch's rule)
+      const T bz = p0 * z;
+      if (bz > p1) {
+        a = z, d1 = T(1), d2 = T(0);
+      } else {
+        const T s = sigmoid_of(bz);
+        a = log1p(exp(bz)) / p0, d1 = s, d2 = p0 * s * (T(1) - s);
+      }
+      return;
+    }
+    case Act::ELU: {  // torch: z <= 0 takes the exponential branch (gradient alpha at z = 0)
+      if (z > T(0)) {
+        a = z, d1 = T(1), d2 = T(0);
+      } else {
+        const T ez = p0 * exp(z);
+        a = ez - p0, d1 = ez, d2 = ez;
+      }
+      return;
+    }
+  }
+}
+
+}  // namespace hessext
