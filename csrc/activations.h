@@ -82,22 +82,22 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
       d2 = s * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
       return;
     }
-    case Act::Softplus: {  // log(1 + exp(beta z)) / beta; linear where beta z > threshold (torch's rule)
-      const T bz = p0 * z;
+    case Act::Softplus: {  // log(1 + exp(beta z)) / beta; linear where beta z > threshold (torch's rule),
+      const T bz = p0 * z;   // and autograd's second derivative is 0 from beta z = threshold on
       if (bz > p1) {
         a = z, d1 = T(1), d2 = T(0);
       } else {
         const T s = sigmoid_of(bz);
-        a = log1p(exp(bz)) / p0, d1 = s, d2 = p0 * s * (T(1) - s);
+        a = log1p(exp(bz)) / p0, d1 = s, d2 = bz < p1 ? p0 * s * (T(1) - s) : T(0);
       }
       return;
     }
-    case Act::ELU: {  // torch: z <= 0 takes the exponential branch (gradient alpha at z = 0)
-      if (z > T(0)) {
+    case Act::ELU: {  // torch: z <= 0 takes the exponential branch (gradient alpha at z = 0), and
+      if (z > T(0)) {   // autograd's second derivative only z < 0 (0 at z = 0)
         a = z, d1 = T(1), d2 = T(0);
       } else {
         const T ez = p0 * exp(z);
-        a = ez - p0, d1 = ez, d2 = ez;
+        a = ez - p0, d1 = ez, d2 = z < T(0) ? ez : T(0);
       }
       return;
     }

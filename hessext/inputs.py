@@ -160,7 +160,7 @@ def native_batch(plan, inputs, targets, tensors):
     loss = plan.loss
     if loss.classes:
         y, count = _class_rows(loss, targets, out_shape, M, C, tensors[0])
-        mean = loss.factor / count if count else math.nan  # torch: 0/0 when every target is ignored
+        mean = loss.factor / count if count else 0.0  # every target ignored: torch's derivatives are 0
         return x, y, mean if loss.reduction == "mean" else loss.factor
     if tuple(targets.shape) != out_shape:
         raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "

@@ -78,12 +78,12 @@ def to_flat(result, batched):
     return torch.cat([t.double().reshape(-1) for t in items])
 
 
-def assert_close(actual, expected, rtol, what=""):
-    """Max |actual - expected| <= rtol * max |expected| (+ tiny floor); on failure say where."""
+def assert_close(actual, expected, rtol, what="", floor=1e-30):
+    """Max |actual - expected| <= rtol * max(max |expected|, floor); on failure say where."""
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = max(expected.abs().max().item(), 1e-30)
+    scale = max(expected.abs().max().item(), floor)
     err = (actual - expected).abs()
     worst = err.max().item()
     if worst > rtol * scale + 1e-300:
