@@ -36,6 +36,19 @@ HX_HD bool act_is_curved(Act kind) {
   return !(kind == Act::Identity || kind == Act::ReLU || kind == Act::LeakyReLU);
 }
 
+// Rows whose derivatives are functions of the value a alone: the CPU takes a from ATen's vectorised
+// tanh/sigmoid and the derivatives from act_derivatives_of_value, the same formulas act_eval uses.
+HX_HD bool act_has_value_form(Act kind) { return kind == Act::Tanh || kind == Act::Sigmoid; }
+
+template <typename T>
+HX_HD void act_derivatives_of_value(Act kind, T a, T& d1, T& d2) {
+  if (kind == Act::Tanh) {  // 1 - a^2, -2 a (1 - a^2)
+    d1 = T(1) - a * a, d2 = T(-2) * a * d1;
+  } else {  // sigmoid: a (1 - a), a (1 - a) (1 - 2 a)
+    d1 = a * (T(1) - a), d2 = d1 * (T(1) - T(2) * a);
+  }
+}
+
 template <typename T>
 HX_HD T sigmoid_of(T z) {
   return T(1) / (T(1) + exp(-z));
@@ -47,21 +60,20 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
     case Act::Identity:
       a = z, d1 = T(1), d2 = T(0);
       return;
-    case Act::Tanh: {  // phi'' = -2 a phi'
-      a = tanh(z), d1 = T(1) - a * a, d2 = T(-2) * a * d1;
+    case Act::Tanh:
+      a = tanh(z);
+      act_derivatives_of_value(kind, a, d1, d2);
       return;
-    }
     case Act::ReLU:  // torch: z > 0 ? z : 0, gradient 0 at z = 0
       a = z > T(0) ? z : T(0), d1 = z > T(0) ? T(1) : T(0), d2 = T(0);
       return;
     case Act::LeakyReLU:  // gradient negative_slope at z = 0
       a = z > T(0) ? z : z * p0, d1 = z > T(0) ? T(1) : p0, d2 = T(0);
       return;
-    case Act::Sigmoid: {  // s' = s(1 - s), s'' = s'(1 - 2s)
-      const T s = sigmoid_of(z);
-      a = s, d1 = s * (T(1) - s), d2 = d1 * (T(1) - T(2) * s);
+    case Act::Sigmoid:
+      a = sigmoid_of(z);
+      act_derivatives_of_value(kind, a, d1, d2);
       return;
-    }
     case Act::SiLU: {  // z s: s (1 + z (1 - s)), s (1 - s) (2 + z (1 - 2 s))
       const T s = sigmoid_of(z);
       a = z * s, d1 = s * (T(1) + z * (T(1) - s)), d2 = s * (T(1) - s) * (T(2) + z * (T(1) - T(2) * s));

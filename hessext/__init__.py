@@ -1,7 +1,9 @@
 """hessext: fast, exact second-order derivatives of neural-network losses.
 
-Native C++ kernels serve MLPs of Linear and Tanh layers with an MSE loss; any other model or loss
-goes through torch.func with the same API and the same answers."""
+Native C++/CUDA kernels serve MLPs of Linear layers with elementwise activations (ReLU, LeakyReLU,
+Sigmoid, SiLU, GELU, Softplus, ELU, Tanh) and the MSE, Huber, BCE-with-logits, cross-entropy and
+NLL-after-LogSoftmax losses; any other model or loss goes through torch.func with the same API and
+the same answers (`hessext.plan(model, loss_fn).reason` says why)."""
 from hessext import optim
 from hessext.curvature import ggn_diag, ggn_vp, hessian_diag, hutchinson_diag, hvp
 from hessext.hessians import hessian, input_hessian, laplacian

@@ -4,10 +4,15 @@ computes the loss, its gradient (autograd) and the diagonal (hessext), updates, 
 
 The diagonal comes from `estimator`: "exact" (hessext.hessian_diag: native where the model allows),
 "ggn" (hessext.ggn_diag, positive semi-definite) or "hutchinson" (hessext.hutchinson_diag with
-`samples` Rademacher vectors from `generator`)."""
+`samples` Rademacher vectors from `generator`). An exact diagonal that the native kernels cannot
+serve costs one Hessian-vector product per parameter per step; the optimizer warns once, with that
+cost, before the first such step."""
+import warnings
+
 import torch
 
 from hessext import curvature
+from hessext.plan import plan as current_plan
 
 ESTIMATORS = ("exact", "ggn", "hutchinson")
 
@@ -42,6 +47,7 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model, self.loss_fn = model, loss_fn
         self.estimator, self.samples, self.generator = estimator, samples, generator
+        self._warned = False
         self._names = {p: name for name, p in model.named_parameters()}
         unknown = [p for g in self.param_groups for p in g["params"] if p not in self._names]
         if unknown:
@@ -71,7 +77,24 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
                 state[name] = torch.zeros_like(p)
         return state
 
+    def _warn_basis_fallback(self):
+        """Warn once when the exact estimators would take the basis fallback: P products a step."""
+        p = current_plan(self.model, self.loss_fn)
+        why = p.reason
+        if why is None and self.estimator == "ggn" and p.stack.log_softmax is not None:
+            why = "the GGN at a final LogSoftmax is torch.func's"
+        if why is None or self._warned:
+            return
+        self._warned = True
+        P = sum(t.numel() for t in self.model.parameters())
+        warnings.warn(f"{type(self).__name__}: estimator={self.estimator!r} has no native kernel here ({why}), so "
+                      f"each step computes the exact diagonal from {P} Hessian-vector products (about {P} times the "
+                      f"cost of one); estimator='hutchinson' estimates it from `samples` products", UserWarning,
+                      stacklevel=3)
+
     def _diagonal(self, inputs, targets):
+        if self.estimator != "hutchinson":
+            self._warn_basis_fallback()
         if self.estimator == "hutchinson":
             d = curvature.hutchinson_diag(self.model, self.loss_fn, inputs, targets, samples=self.samples,
                                           generator=self.generator)

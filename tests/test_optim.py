@@ -141,3 +141,24 @@ def test_bad_settings_raise(cls, setting, value, match):
     if setting != "samples":  # a per-group setting is checked per group too
         with pytest.raises(ValueError, match=match):
             cls(model, nn.MSELoss(), params=[{"params": list(model.parameters()), setting: value}])
+
+
+def test_exact_estimator_warns_once_with_the_cost_of_the_basis_fallback():
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    opt = hessext.optim.AdaHessian(model, nn.MSELoss())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step(x, y)
+        opt.step(x, y)
+    msgs = [str(w.message) for w in caught if "Hessian-vector products" in str(w.message)]
+    assert len(msgs) == 1 and "from 26 Hessian-vector products" in msgs[0] and "softsign" in msgs[0], msgs
+    native = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hessext.optim.AdaHessian(native, nn.MSELoss()).step(x, y)
+        hessext.optim.Sophia(native, nn.MSELoss()).step(x, y)
+    assert not [w for w in caught if "Hessian-vector products" in str(w.message)]

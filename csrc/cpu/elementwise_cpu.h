@@ -9,9 +9,12 @@
 namespace hessext {
 
 struct CpuElementwise {
-  // z -> a = phi(z) in place; d = phi'(z), d2 = phi''(z) (d2 undefined: not stored). One pass.
+  // z -> a = phi(z) in place; d = phi'(z), d2 = phi''(z) (d2 undefined: not stored). One pass over
+  // the table row, or for tanh and sigmoid ATen's vectorised value and then the row's derivatives.
   static void activation(at::Tensor& z, Act kind, double p0, double p1, at::Tensor& d, at::Tensor& d2) {
     const int64_t n = z.numel();
+    const bool value_form = act_has_value_form(kind);
+    if (value_form) kind == Act::Tanh ? z.tanh_() : z.sigmoid_();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_cpu", [&] {
       scalar_t* pz = z.data_ptr<scalar_t>();
       scalar_t* pd = d.data_ptr<scalar_t>();
@@ -20,7 +23,11 @@ struct CpuElementwise {
       at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) {
         scalar_t second = 0;
         for (int64_t j = lo; j < hi; ++j) {
-          act_eval(kind, q0, q1, pz[j], pz[j], pd[j], second);
+          if (value_form) {
+            act_derivatives_of_value(kind, pz[j], pd[j], second);
+          } else {
+            act_eval(kind, q0, q1, pz[j], pz[j], pd[j], second);
+          }
           if (pd2) pd2[j] = second;
         }
       });
