@@ -1,15 +1,23 @@
 """torch.func implementations for any module and any loss: the fallback path, and the tests' reference.
 
-HVPs are reverse-over-reverse (`vjp` of `grad`, vmapped over the vectors): forward-over-reverse
-(`jvp(grad(f))`) raises "ZeroTensors are immutable" when f uses F.mse_loss / nn.MSELoss (PyTorch
-issue 123996), while the Hessian is symmetric, so the vjp of the gradient is the same product.
+HVPs are reverse-over-reverse: forward-over-reverse (`jvp(grad(f))`) raises "ZeroTensors are
+immutable" when f uses F.mse_loss / nn.MSELoss (PyTorch issue 123996), while the Hessian is
+symmetric, so the vjp of the gradient is the same product. Outside torch.func transforms, up to
+LOOP_MAX_K vectors take plain autograd double backward, one backward pass per vector on one
+retained graph of the gradient (measured faster than vmap up to K = 16 on a LayerNorm MLP,
+benchmarks/fallback.py), on the live module when the parameters are its own (no
+functional_call); more vectors, or any call under a transform, take `vjp` of `grad` vmapped over
+the vectors.
 GGN products are J^T H_out J v: a jvp through the model, an HVP of the loss in its outputs, a vjp.
 Exact diagonals are read off products with basis vectors, in chunks, with a progress bar."""
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from hessext.inputs import transformed
+
 # Past this many basis products an exact fallback diagonal is refused (hutchinson_diag estimates it).
 MAX_BASIS_PRODUCTS = 200_000
+LOOP_MAX_K = 16
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -24,10 +32,50 @@ def loss_function(model, loss_fn, inputs, targets):
 
 def hvp(model, loss_fn, inputs, targets, params, vectors):
     """params: dict name -> tensor; vectors: dict name -> [K, *shape]. Returns dict name -> [K, *shape]."""
+    K = next(iter(vectors.values())).shape[0]
+    tensors = list(params.values()) + list(vectors.values()) + [inputs, targets]
+    if K <= LOOP_MAX_K and not transformed(*tensors):
+        return _double_backward(model, loss_fn, inputs, targets, params, vectors)
     f = loss_function(model, loss_fn, inputs, targets)
     with torch.enable_grad():
         _, vjp_fn = vjp(grad(f), params)
         return vmap(vjp_fn)(vectors)[0]
+
+
+def _own(model, params):
+    """The module's live parameters when `params` are exactly they (detached views of the same
+    storage) and all require grad, else None."""
+    own = dict(model.named_parameters())
+    same = all(n in own and own[n].requires_grad and own[n].data_ptr() == p.data_ptr() and own[n].shape == p.shape
+               and own[n].stride() == p.stride() for n, p in params.items())
+    return own if same and len(own) == len(params) else None
+
+
+def _double_backward(model, loss_fn, inputs, targets, params, vectors):
+    """K HVPs by autograd: the gradient with its graph once, then one backward pass of <grad, v> per vector."""
+    names = list(params)
+    own = _own(model, params)
+    with torch.enable_grad():
+        if own is not None:
+            leaves = [own[n] for n in names]
+            out = model(inputs)
+        else:
+            live = {n: p.detach().requires_grad_() for n, p in params.items()}
+            leaves = [live[n] for n in names]
+            out = functional_call(model, live, (inputs,))
+        grads = torch.autograd.grad(loss_fn(out, targets), leaves, create_graph=True, allow_unused=True)
+        used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+        K = vectors[names[0]].shape[0]
+        rows = {n: torch.zeros((K,) + params[n].shape, dtype=params[n].dtype, device=params[n].device) for n in names}
+        for k in range(K):
+            if not used:
+                break
+            hv = torch.autograd.grad([grads[j] for j in used], leaves, [vectors[names[j]][k] for j in used],
+                                     retain_graph=k + 1 < K, allow_unused=True)
+            for n, h in zip(names, hv):
+                if h is not None:
+                    rows[n][k] = h
+    return rows
 
 
 def ggn_vp(model, loss_fn, inputs, targets, params, vectors):

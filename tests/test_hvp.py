@@ -9,7 +9,7 @@ from torch.func import functional_call, hessian
 
 import hessext
 from cases import (DEVICES, DTYPES, RTOL, SeedOneModel, assert_close, build_stack, random_batch, random_stack,
-                   seed_one_loss, seed_two_model, to_flat)
+                   reference_hessian, seed_one_loss, seed_two_model, to_flat)
 from hessext import fallback
 
 
@@ -249,3 +249,30 @@ def test_op_under_torch_compile_fullgraph():
     Vf = torch.randn(2, num_params(model), dtype=torch.float64)
     api = torch.compile(lambda V: hessext.hvp(model, nn.MSELoss(), x, y, V))
     assert_close(api(Vf), hessext.hvp(model, nn.MSELoss(), x, y, Vf), 1e-15, "compiled hessext.hvp")
+
+
+@pytest.mark.parametrize("K", [1, 3, 20], ids=["one", "loop", "vmap"])
+def test_fallback_routes_agree(K):
+    """The fallback's double backward (live module or functional_call) and its vmapped vjp(grad) give
+    torch.func's products, with frozen and unused parameters too (tolerance 1e-12)."""
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
+            self.spare = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model = Unused().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    P = num_params(model)
+    V = torch.randn(K, P, dtype=torch.float64)
+    H = reference_hessian(model, nn.MSELoss(), x, y)
+    assert_close(hessext.hvp(model, nn.MSELoss(), x, y, V), V @ H, 1e-12, "own parameters")
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert_close(hessext.hvp(model, nn.MSELoss(), x, y, V, params=params), V @ H, 1e-12, "params=")
+    model.net[0].bias.requires_grad_(False)
+    assert_close(hessext.hvp(model, nn.MSELoss(), x, y, V), V @ H, 1e-12, "a frozen parameter")
+    assert all(p.grad is None for p in model.parameters())
