@@ -12,7 +12,7 @@ first checked against its peer (relative max difference in the table), then time
 
     python benchmarks/coverage.py   ->   benchmarks/results/coverage_cpu.{json,md}
 BackPACK: pip install --no-deps backpack-for-pytorch einops unfoldNd (its row is skipped without it)."""
-import copy
+import importlib.util
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 import hessext
 from common import environment, median_s, write
+from diag import backpack_diag
 
 
 def mlp(widths, acts):
@@ -58,20 +59,8 @@ def classifier():
     loss_fn = nn.CrossEntropyLoss()
     names = [n for n, _ in model.named_parameters()]
     rows = []
-    try:
-        from backpack import backpack, extend
-        from backpack.extensions import DiagHessian
-    except ImportError:
-        backpack = None
-    if backpack is not None:
-        bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.CrossEntropyLoss())
-
-        def bp():
-            bp_model.zero_grad()
-            loss = bp_loss(bp_model(x), y)
-            with backpack(DiagHessian()):
-                loss.backward()
-            return {n: p.diag_h for n, p in bp_model.named_parameters()}
+    if importlib.util.find_spec("backpack") is not None:
+        bp = backpack_diag(model, x, y, nn.CrossEntropyLoss())
 
         def ours():
             return hessext.hessian_diag(model, loss_fn, x, y)

@@ -16,11 +16,12 @@ from common import config, environment, flat_loss, median_s, mlp, write
 TORCH_FUNC_MAX_P = 2000
 
 
-def backpack_diag(model, x, y):
+def backpack_diag(model, x, y, loss_fn=None):
+    """BackPACK DiagHessian of loss_fn (a fresh nn.MSELoss() by default) as a function -> dict name -> diagonal."""
     from backpack import backpack, extend
     from backpack.extensions import DiagHessian
 
-    bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.MSELoss())
+    bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.MSELoss() if loss_fn is None else loss_fn)
 
     def run():
         bp_model.zero_grad()

@@ -47,11 +47,10 @@ class Call:
         self.native = False
 
     def ggn_split(self):
-        """The GGN splits at the model's output: after a final LogSoftmax the NLL is linear in it, so
-        the GGN is zero there (the kernels' logits split would differ); torch.func computes it."""
-        if self.native and self.plan.stack.log_softmax is not None:
-            self.leave_native("the model ends in LogSoftmax, where the GGN (J^T H_out J at the model's output) "
-                              "is zero; use CrossEntropyLoss on the logits for the softmax GGN")
+        """Leave the native path where the GGN is not the kernels' (Plan.ggn_reason)."""
+        why = self.plan.ggn_reason() if self.native else None
+        if why is not None:
+            self.leave_native(why)
 
     def fallback_params(self):
         names = self.plan.param_names

@@ -67,9 +67,7 @@ def _double_backward(model, loss_fn, inputs, targets, params, vectors):
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         K = vectors[names[0]].shape[0]
         rows = {n: torch.zeros((K,) + params[n].shape, dtype=params[n].dtype, device=params[n].device) for n in names}
-        for k in range(K):
-            if not used:
-                break
+        for k in range(K if used else 0):
             hv = torch.autograd.grad([grads[j] for j in used], leaves, [vectors[names[j]][k] for j in used],
                                      retain_graph=k + 1 < K, allow_unused=True)
             for n, h in zip(names, hv):

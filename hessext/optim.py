@@ -79,11 +79,11 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
 
     def _warn_basis_fallback(self):
         """Warn once when the exact estimators would take the basis fallback: P products a step."""
+        if self._warned:
+            return
         p = current_plan(self.model, self.loss_fn)
-        why = p.reason
-        if why is None and self.estimator == "ggn" and p.stack.log_softmax is not None:
-            why = "the GGN at a final LogSoftmax is torch.func's"
-        if why is None or self._warned:
+        why = p.ggn_reason() if self.estimator == "ggn" else p.reason
+        if why is None:
             return
         self._warned = True
         P = sum(t.numel() for t in self.model.parameters())

@@ -52,6 +52,15 @@ class Plan:
             self.spec = ([a.kind for a in acts], [p for a in acts for p in (a.p0, a.p1)], self.loss.kind,
                          self.loss.param)
 
+    def ggn_reason(self):
+        """Why the GGN of this model and loss is not native, or None: the plan's reason, or the split
+        at a final LogSoftmax, where the NLL is linear in the model's output so the GGN there is zero
+        (the kernels' split at the logits would differ); torch.func computes it."""
+        if self.reason is None and self.stack.log_softmax is not None:
+            return ("the model ends in LogSoftmax, where the GGN (J^T H_out J at the model's output) is zero; "
+                    "use CrossEntropyLoss on the logits for the softmax GGN")
+        return self.reason
+
     def __repr__(self):
         return f"Plan(backend={self.backend!r}, reason={self.reason!r})"
 
