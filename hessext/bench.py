@@ -27,7 +27,7 @@ from torch.utils.benchmark import Timer
 import hessext
 
 QUANTITIES = ("hvp", "hvp-batched", "ggn_vp", "diagonal", "hessian", "input-hessian", "laplacian")
-METHODS = ("hessext", "double-backward", "torch.func", "torch.compile", "backpack", "curvlinops")
+METHODS = ("hessext", "double-backward", "torch.func", "torch.compile", "jax", "backpack", "curvlinops")
 PRESETS = {"seed1": [1, 16, 1], "pinn": [2, 50, 50, 50, 1], "mnist": [784, 256, 256, 10]}
 DENSE_LIMIT = 3000  # parameters up to which dense references and dense peers are run
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
@@ -181,6 +181,55 @@ def _curvlinops(pb, kind):
     return lambda: torch.as_tensor(op @ v)
 
 
+class External:
+    """A peer timed in a process of its own (JAX: its thread pool and allocator apart from torch's).
+    run(min_run_time) -> (result, {"median_s", "iqr_s", "compile_s"})."""
+
+    def __init__(self, module, arrays):
+        self.module, self.arrays = module, arrays
+
+    def run(self, min_run_time):
+        import tempfile
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
+            np.savez(src, min_run_time=min_run_time, **self.arrays)
+            done = subprocess.run([sys.executable, "-m", self.module, src, dst], capture_output=True, text=True)
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                raise RuntimeError(lines[-1] if lines else f"exit status {done.returncode}")
+            out = np.load(dst)
+            timing = {k: float(out[k]) for k in ("median_s", "iqr_s", "compile_s")}
+            return torch.from_numpy(out["result"]), timing
+
+
+def _jax_peer(quantity):
+    """JAX (jit; folx's forward Laplacian) on the same Tanh MLP, data and vectors."""
+    def builder(pb):
+        import importlib.util
+
+        if pb.x.device.type != "cpu":
+            raise Skip("the JAX peer is measured on the CPU only")
+        if importlib.util.find_spec("jax") is None:
+            raise Skip("JAX not installed (pip install jax)")
+        if quantity == "laplacian" and importlib.util.find_spec("folx") is None:
+            raise Skip("folx not installed (pip install folx)")
+        if quantity in ("diagonal", "hessian"):
+            _dense_only(pb, "jax.hessian")
+        linears = [m for m in pb.model if isinstance(m, nn.Linear)]
+        arrays = {"quantity": quantity, "layers": len(linears), "x": pb.x, "y": pb.y,
+                  "v": flat(pb.v).to(pb.x.dtype), "V": torch.stack([flat({n: t[j] for n, t in pb.V.items()})
+                                                                    for j in range(next(iter(pb.V.values())).shape[0])]).to(pb.x.dtype)}
+        for j, m in enumerate(linears):
+            arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
+        return External("hessext.bench_jax", {k: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
+                                              for k, t in arrays.items()})
+
+    return builder
+
+
 def _sample_loss(pb):
     n_out = pb.y.numel()
     return lambda xm, ym: ((pb.model(xm[None]) - ym[None]) ** 2).sum() / n_out
@@ -240,6 +289,7 @@ def builders():
     for q in QUANTITIES:
         table[q]["torch.func"] = func[q]
         table[q]["torch.compile"] = _compiled(func[q])
+        table[q]["jax"] = _jax_peer(q)
         for m in METHODS:
             table[q].setdefault(m, _not_applicable(m))
     return table
@@ -372,14 +422,19 @@ def _run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min
         entry = {"status": "ok"}
         try:
             fn = table[q][name](pb)
-            start = time.perf_counter()
-            result = fn()  # the check's call is also the warm-up, and compiles torch.compile's graph
-            first_call = time.perf_counter() - start
+            if isinstance(fn, External):
+                result, timing = fn.run(min_run_time)
+            else:
+                start = time.perf_counter()
+                result = fn()  # the check's call is also the warm-up, and compiles torch.compile's graph
+                first_call = time.perf_counter() - start
             ok, err = check(result, ref, index, dtype)
             entry["rel_error"] = err
             if not ok:
                 entry["status"] = "wrong"
                 notes.append(f"{q} {widths} N={n}: {name} is wrong (relative error {err:.2e}); not timed")
+            elif isinstance(fn, External):
+                entry.update(timing)  # timed in its own process; compile time apart, as below
             else:
                 if name == "torch.compile":
                     entry["compile_s"] = first_call  # reported apart, never in the median
@@ -407,7 +462,7 @@ def format_table(report):
             if "median_s" in e:
                 cols = (f"{e['median_s'] * 1e3:9.3f}ms {e['iqr_s'] * 1e3:8.3f}ms "
                         f"{(e['x_hessext'] or float('nan')):9.2f}x {e['x_gradient']:7.2f}x "
-                        f"{(e['peak_mb'] or float('nan')):9.1f}")
+                        f"{(e.get('peak_mb') or float('nan')):9.1f}")
             else:
                 cols = f"{e['status']}: {e.get('note', '')}"[:60]
             lines.append(f"{case['quantity']:14s} {','.join(map(str, case['widths'])):22s} {case['batch']:6d} "

@@ -112,3 +112,26 @@ def test_markdown_cells_stay_on_one_line():
     md = bench.markdown(report)
     assert "| hvp | 1,2 | 3 | x | n/a | |  | Error: one two \\| three |" in md
     assert "- a multi-line \\| note" in md
+
+
+def test_jax_peer_checked_and_timed_in_its_own_process():
+    pytest.importorskip("jax")
+    pytest.importorskip("folx")
+    quantities = ["hvp", "hvp-batched", "ggn_vp", "diagonal", "hessian", "input-hessian", "laplacian"]
+    report = bench.run(quantities, methods=["hessext", "jax"], **TINY)
+    for case in report["cases"]:
+        jx = case["methods"]["jax"]
+        assert jx["status"] == "ok", (case["quantity"], jx)
+        assert jx["rel_error"] < 1e-10 and jx["median_s"] > 0 and jx["compile_s"] > 0  # float64 agreement
+
+
+def test_jax_peer_missing_or_failing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
+    entry = bench.run(["hvp"], methods=["hessext", "jax"], **TINY)["cases"][0]["methods"]["jax"]
+    assert entry["status"] == "skipped" and "JAX not installed" in entry["note"]
+    broken = {"hvp": {"external": lambda pb: bench.External("hessext.no_such_peer", {"x": pb.x.numpy()})}}
+    entry = bench.run(["hvp"], methods=["hessext"], extra_methods=broken, **TINY)["cases"][0]["methods"]["external"]
+    assert entry["status"] == "failed" and "no_such_peer" in entry["note"]
