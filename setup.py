@@ -16,7 +16,8 @@ _spec.loader.exec_module(build)
 
 def extension():
     cuda = build.want_cuda()
-    kwargs = dict(include_dirs=[build.CSRC], extra_compile_args={"cxx": build.CXX_FLAGS})
+    kwargs = dict(include_dirs=[build.CSRC], extra_compile_args={"cxx": build.CXX_FLAGS},
+                  extra_link_args=build.LINK_FLAGS)
     if cuda:
         kwargs["extra_compile_args"]["nvcc"] = build.NVCC_FLAGS
         return CUDAExtension("hessext._C", build.sources(True), define_macros=[("WITH_CUDA", None)], **kwargs)
@@ -31,7 +32,7 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch", "numpy", "tqdm"],
+    install_requires=["torch", "numpy", "tqdm", "scipy-openblas64"],
     entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},
     extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch", "matplotlib"], "examples": ["matplotlib"]},
 )

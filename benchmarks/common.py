@@ -76,7 +76,8 @@ def flat_loss(model, loss_fn, x, y):
 def median_s(fn, min_run_time=1.0):
     """Median seconds of fn() (warm-up first; Timer synchronises CUDA)."""
     fn()
-    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())  # Timer's default is 1 thread
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median
 
 

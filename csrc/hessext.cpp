@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "gemm.h"
 #include "stack.h"
 #ifdef WITH_CUDA
 #include <cuda.h>
@@ -69,5 +70,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return old;
       },
       "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
+  m.def("blas_load", &hx::blas_load, "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
+  m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
+  m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
+  m.def("addmm", &hx::addmm, "bias + A @ B as the kernels compute it (for tests)");
+  m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
 }

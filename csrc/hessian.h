@@ -136,9 +136,9 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
   auto pair = [](int64_t l, int64_t k) { return l * (l + 1) / 2 + k; };
   auto accumulate = [&](at::Tensor block, const at::Tensor& T, const at::Tensor& abar) {
     if (widen) {
-      block.add_(at::mm(T.t(), abar));
+      block.add_(hx::mm(T.t(), abar));
     } else {
-      block.addmm_(T.t(), abar);
+      hx::addmm_(block, T.t(), abar);
     }
   };
   {

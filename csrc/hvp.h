@@ -43,8 +43,8 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
   for (int64_t l = 0; l < L; ++l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor Vt = V[l].view({K * o, i}).t();
-    Rz = Vb[l].defined() ? at::addmm(Vb[l], f.a[l], Vt) : at::mm(f.a[l], Vt);  // [M, K*o]
-    if (l > 0) Rz.view({M * K, o}).addmm_(Ra[l].view({M * K, i}), s.W[l].t());
+    Rz = Vb[l].defined() ? hx::addmm(Vb[l], f.a[l], Vt) : hx::mm(f.a[l], Vt);  // [M, K*o]
+    if (l > 0) hx::addmm_(Rz.view({M * K, o}), Ra[l].view({M * K, i}), s.W[l].t());
     if (l == L - 1) break;
     const at::Tensor R = Rz.view({M, K, o});
     if (!ggn && s.curved_after(l)) {
@@ -60,17 +60,17 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
   at::Tensor Rdelta = head.apply(Rz.view({M, K, s.width(L)}));
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
-    at::Tensor HW = at::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
-    if (l > 0 && !ggn) HW.add_(at::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
+    at::Tensor HW = hx::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
+    if (l > 0 && !ggn) HW.add_(hx::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
     out[s.slot_W[l]] = HW;
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0);
     if (l == 0) break;
     at::Tensor Re;  // [M, K*i]
     if (ggn) {
-      Re = at::mm(Rdelta.view({M * K, o}), s.W[l]);
+      Re = hx::mm(Rdelta.view({M * K, o}), s.W[l]);
     } else {
-      Re = at::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
-      Re.view({M * K, i}).addmm_(Rdelta.view({M * K, o}), s.W[l]);
+      Re = hx::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
+      hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {
       E::r_residual(Re.view({M, K, i}), f.d[l], residual(f, g, l), Rzs[l]);

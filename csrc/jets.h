@@ -41,7 +41,7 @@ at::Tensor output_jet(const Stack& s, JetMode mode) {
   jet.narrow(2, 1, d).copy_(at::eye(d, s.x.options()).unsqueeze(1).expand({d, M, d}));
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
-    at::Tensor z = at::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
+    at::Tensor z = hx::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
     if (s.b[l].defined()) z.select(2, 0).add_(s.b[l].unsqueeze(1));
     if (s.act_after(l)) E::jet_activation(z, s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
     jet = z;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "gemm.h"
 #include "losses.h"
 
 namespace hessext {
@@ -146,7 +147,7 @@ Forward forward(const Stack& s) {
   f.d.emplace_back();
   f.d2.emplace_back();
   for (int64_t l = 0; l < s.L; ++l) {
-    at::Tensor z = s.b[l].defined() ? at::addmm(s.b[l], f.a[l], s.W[l].t()) : at::mm(f.a[l], s.W[l].t());
+    at::Tensor z = s.b[l].defined() ? hx::addmm(s.b[l], f.a[l], s.W[l].t()) : hx::mm(f.a[l], s.W[l].t());
     at::Tensor d, d2;
     if (s.act_after(l)) {
       d = at::empty_like(z);
@@ -208,7 +209,7 @@ inline Backward backward(const Stack& s, const Forward& f, const LossHead& head)
   g.e.resize(s.L);
   g.delta[s.L - 1] = head.g;
   for (int64_t l = s.L - 1; l >= 1; --l) {
-    g.e[l] = at::mm(g.delta[l], s.W[l]);
+    g.e[l] = hx::mm(g.delta[l], s.W[l]);
     g.delta[l - 1] = f.d[l].defined() ? g.e[l] * f.d[l] : g.e[l];
   }
   return g;

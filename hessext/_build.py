@@ -25,5 +25,9 @@ def sources(cuda):
     return files
 
 
-CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
+# The C++ standard is the one torch.utils.cpp_extension picks for this torch. -fopenmp makes
+# at::parallel_for (a header template) run on torch's OpenMP threads; without it every loop is serial.
+# Linking it binds libgomp.so.1, which resolves to the copy torch itself has loaded (one runtime).
+CXX_FLAGS = ["-O3", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]

@@ -6,7 +6,7 @@ import os
 import threading
 import warnings
 
-from hessext import _build
+from hessext import _blas, _build
 
 _lock = threading.Lock()
 _state = {"tried": False, "module": None, "source": None, "error": None}
@@ -25,6 +25,7 @@ def _jit_build():
         extra_include_paths=[_build.CSRC],
         extra_cflags=_build.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
         extra_cuda_cflags=_build.NVCC_FLAGS + ["-DWITH_CUDA"],
+        extra_ldflags=_build.LINK_FLAGS,
     )
 
 
@@ -49,7 +50,9 @@ def load():
                     errors.append(f"JIT build: {jit_exc}")
             else:
                 errors.append("JIT build disabled by HESSEXT_NO_JIT=1")
-        if _state["module"] is None:
+        if _state["module"] is not None:
+            _blas.use(_state["module"])
+        else:
             _state["error"] = "; ".join(errors)
             warnings.warn(f"hessext: native kernels unavailable, using torch.func ({_state['error']})")
         _state["tried"] = True
@@ -62,5 +65,5 @@ def status():
     info = {"loaded": module is not None, "source": _state["source"], "error": _state["error"]}
     if module is not None:
         info.update(with_cuda=module.with_cuda(), cuda_version=module.cuda_version(),
-                    torch_version=module.torch_version())
+                    torch_version=module.torch_version(), blas=_blas.status())
     return info

@@ -366,7 +366,8 @@ def measure(fn, device, min_run_time):
     else:
         fn()
         peak = cpu_peak_mb(fn)
-    m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())  # Timer's default is 1 thread
+    m = timer.blocked_autorange(min_run_time=min_run_time)
     return m.median, m.iqr, peak
 
 

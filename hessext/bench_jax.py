@@ -40,7 +40,10 @@ def _as_params(flat, like):
 
 
 def build(arrays):
-    """(function of no arguments that runs the quantity once, postprocess to a flat numpy array)."""
+    """(function of no arguments that runs the quantity once, postprocess to a flat numpy array).
+    The weights, data and vectors are arguments of the jitted function, never closed-over
+    constants: XLA would otherwise fold the forward pass into the compiled program, which a
+    training loop (new weights every step) cannot do."""
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
@@ -50,48 +53,47 @@ def build(arrays):
     x, y = jnp.asarray(arrays["x"]), jnp.asarray(arrays["y"])
     n_out = y.size
 
-    def loss(p):
+    def loss(p, x, y):
         return jnp.mean((forward(p, x) - y) ** 2)
 
-    def hvp(v):
-        return jax.jvp(jax.grad(loss), (params,), (v,))[1]
+    def hvp(p, x, y, v):
+        return jax.jvp(lambda t: jax.grad(loss)(t, x, y), (p,), (v,))[1]
 
-    flat_out = lambda tree: np.asarray(ravel_pytree(tree)[0])  # noqa: E731
+    flat_out = lambda tree: np.asarray(ravel_pytree(tree)[0])  # noqa: E731 (param-major for [K] trees too)
     if q == "hvp":
-        v = _as_params(jnp.asarray(arrays["v"]), params)
-        f = jax.jit(hvp)
-        return (lambda: f(v)), flat_out
+        f, v = jax.jit(hvp), _as_params(jnp.asarray(arrays["v"]), params)
+        return (lambda: f(params, x, y, v)), flat_out
     if q == "hvp-batched":
         V = jax.vmap(lambda t: _as_params(t, params))(jnp.asarray(arrays["V"]))
-        f = jax.jit(jax.vmap(hvp))
-        return (lambda: f(V)), flat_out  # param-major, as torch's dict of [K, *shape]
+        f = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, 0)))
+        return (lambda: f(params, x, y, V)), flat_out
     if q == "ggn_vp":
-        v = _as_params(jnp.asarray(arrays["v"]), params)
-
-        def ggn(v):
-            out, back = jax.vjp(lambda p: forward(p, x), params)
-            Jv = jax.jvp(lambda p: forward(p, x), (params,), (v,))[1]
+        def ggn(p, x, v):
+            out, back = jax.vjp(lambda t: forward(t, x), p)
+            Jv = jax.jvp(lambda t: forward(t, x), (p,), (v,))[1]
             return back(2.0 / n_out * Jv)[0]
 
-        f = jax.jit(ggn)
-        return (lambda: f(v)), flat_out
+        f, v = jax.jit(ggn), _as_params(jnp.asarray(arrays["v"]), params)
+        return (lambda: f(params, x, v)), flat_out
     if q in ("hessian", "diagonal"):
         theta, unravel = ravel_pytree(params)
-        H = jax.hessian(lambda t: loss(unravel(t)))
-        f = jax.jit((lambda t: jnp.diagonal(H(t))) if q == "diagonal" else H)
-        return (lambda: f(theta)), lambda r: np.asarray(r).reshape(-1)
+        H = jax.hessian(lambda t, x, y: loss(unravel(t), x, y))
+        f = jax.jit((lambda t, x, y: jnp.diagonal(H(t, x, y))) if q == "diagonal" else H)
+        return (lambda: f(theta, x, y)), lambda r: np.asarray(r).reshape(-1)
     if q == "input-hessian":
-        def sample_loss(xm, ym):
-            return jnp.sum((forward(params, xm[None]) - ym[None]) ** 2) / n_out
+        def sample_loss(p, xm, ym):
+            return jnp.sum((forward(p, xm[None]) - ym[None]) ** 2) / n_out
 
-        f = jax.jit(jax.vmap(jax.hessian(sample_loss)))
-        return (lambda: f(x, y)), lambda r: np.asarray(r).reshape(-1)
+        f = jax.jit(jax.vmap(jax.hessian(sample_loss, argnums=1), in_axes=(None, 0, 0)))
+        return (lambda: f(params, x, y)), lambda r: np.asarray(r).reshape(-1)
     if q == "laplacian":
         from folx import forward_laplacian
 
-        lap = forward_laplacian(lambda xm: forward(params, xm[None])[0])
-        f = jax.jit(jax.vmap(lambda xm: lap(xm).laplacian))
-        return (lambda: f(x)), lambda r: np.asarray(r).reshape(-1)
+        def lap(p, xm):
+            return forward_laplacian(lambda t: forward(p, t[None])[0])(xm).laplacian
+
+        f = jax.jit(jax.vmap(lap, in_axes=(None, 0)))
+        return (lambda: f(params, x)), lambda r: np.asarray(r).reshape(-1)
     raise ValueError(f"quantity {q!r} has no JAX peer")
 
 

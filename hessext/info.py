@@ -14,6 +14,9 @@ def report():
     if status["loaded"]:
         cuda = f"CUDA {status['cuda_version']}" if status["with_cuda"] else "CPU only"
         lines.append(f"native kernels: usable, {status['source']}, built against torch {status['torch_version']}, {cuda}")
+        blas = status["blas"]
+        lines.append(f"CPU matrix products: {blas['name']}" + (f" from {blas['path']}" if blas.get("path") else "")
+                     + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else ""))
         names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("hessext::"))
         lines.append(f"ops: {', '.join(names)}")
     else:

@@ -1,0 +1,120 @@
+"""Speed against the fastest peers and against this machine's floor, side by side in one run
+(float64, 2 threads, Tanh MLPs with the mean squared error as in `hessext.bench`): JAX under jit (in a
+process of its own; folx's forward Laplacian) and torch.compile of torch.func, each result checked
+against the float64 reference before it is timed.
+
+The floor of a quantity is the time of the matrix products it cannot avoid, each timed on its own
+through the fastest product this process has (hessext's loaded BLAS or ATen's, whichever is faster
+for that shape), plus one tanh per hidden unit and sample (ATen's vectorised tanh, timed):
+- one HVP (the R-operator): per layer the forward product, R-forward a V^T (+ Ra W^T after the
+  first layer), and R-backward Rdelta^T a (+ delta^T Ra, delta W, Rdelta W, delta V after the first
+  layer): 3 products in the first layer, 8 in every other;
+- K HVPs: the forward and delta W once, every product with V, Ra or Rdelta K times (as one product);
+- the Laplacian: the d + 2 vectors of a forward Laplacian through every layer (as one product).
+The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
+
+    python benchmarks/speed.py   ->   benchmarks/results/speed_cpu.{json,md}"""
+import time
+
+import torch
+
+from common import environment, write
+from hessext import _native, bench
+
+NETS = {"seed 1": ([1, 16, 1], 100), "pinn": ([2, 50, 50, 50, 1], 1024), "[10,64,64,1]": ([10, 64, 64, 1], 256),
+        "mnist": ([784, 256, 256, 10], 256), "taylor": ([50, 768, 768, 512, 512, 1], 256)}
+# (quantity, net, JAX target, torch.compile target): issue 10's, as speed ratios (peer time / hessext time)
+CASES = [("hvp", "seed 1", 2.0, 1.5), ("hvp", "pinn", 1.25, 1.5), ("hvp", "[10,64,64,1]", 1.25, 1.5),
+         ("hvp", "mnist", 1.0, 1.5),
+         ("hvp-batched", "seed 1", 1.5, None), ("hvp-batched", "pinn", 1.25, None),
+         ("hvp-batched", "[10,64,64,1]", 1.25, None), ("hvp-batched", "mnist", 1.0, None),
+         ("laplacian", "pinn", 1.25, None), ("laplacian", "taylor", 1.0, None),
+         ("hessian", "seed 1", 2.0, None), ("hessian", "[10,64,64,1]", 10.0, None)]
+K = 16
+
+
+def median(fn, repeat=30):
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeat // 2]
+
+
+def product_s(m, k, n, _cache={}):
+    """The faster of hessext's BLAS and ATen for one [m, k] x [k, n] float64 product."""
+    if (m, k, n) not in _cache:
+        C = _native.load()
+        a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
+        _cache[(m, k, n)] = min(median(lambda: C.mm(a, b)), median(lambda: torch.mm(a, b)))
+    return _cache[(m, k, n)]
+
+
+def tanh_s(rows, cols):
+    z = torch.randn(rows, cols, dtype=torch.float64)
+    out = torch.empty_like(z)
+    return median(lambda: torch.tanh(z, out=out))
+
+
+def products(quantity, widths, N):
+    """The [m, k] x [k, n] products the quantity cannot avoid (module docstring)."""
+    out, k_vec = [], K if quantity == "hvp-batched" else 1
+    for layer, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
+        if quantity == "laplacian":
+            out.append((N * (widths[0] + 2), i, o))
+            continue
+        out += [(N, i, o), (N, i, k_vec * o), (k_vec * o, N, i)]
+        if layer > 0:
+            out += [(N * k_vec, i, o), (o, N, k_vec * i), (N, o, i), (N * k_vec, o, i), (N, o, k_vec * i)]
+    return out
+
+
+def floor_s(quantity, widths, N):
+    if quantity == "hessian":
+        return None
+    gemm = sum(product_s(*p) for p in products(quantity, widths, N))
+    rows = N * (widths[0] + 2) if quantity == "laplacian" else N
+    return gemm + sum(tanh_s(rows, w) for w in widths[1:-1])
+
+
+def main():
+    torch.set_num_threads(2)
+    bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
+    rows, notes = [], []
+    for quantity, net, jax_target, compile_target in CASES:
+        widths, N = NETS[net]
+        methods = ["hessext", "jax"] + (["torch.compile"] if compile_target or quantity == "hvp-batched" else [])
+        case = bench.run([quantity], [widths], [N], methods, k=K, min_run_time=1.0, progress=False)["cases"][0]
+        got = {m: e.get("median_s") for m, e in case["methods"].items()}
+        for m, e in case["methods"].items():
+            if "median_s" not in e:
+                notes.append(f"- {quantity} {net}: {m} {e['status']}: {e.get('note', '')}")
+        hx, jx, tc = got["hessext"], got.get("jax"), got.get("torch.compile")
+        floor = floor_s(quantity, widths, N)
+        row = {"quantity": quantity, "net": f"{net} {','.join(map(str, widths))}", "N": N,
+               "hessext_ms": hx * 1e3, "jax_ms": jx and jx * 1e3, "compile_ms": tc and tc * 1e3,
+               "vs_jax": jx and jx / hx, "jax_target": jax_target, "vs_compile": tc and tc / hx,
+               "compile_target": compile_target, "floor_ms": floor and floor * 1e3,
+               "x_floor": floor and hx / floor}
+        row["met"] = ("yes" if (not jx or row["vs_jax"] >= jax_target) and (not compile_target or not tc
+                                                                             or row["vs_compile"] >= compile_target)
+                      and (floor is None or row["x_floor"] <= 1.3) else "no")
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    env = environment()
+    env["blas"] = _native.status()["blas"]["name"]
+    columns = [("quantity", "quantity", "{}"), ("net", "net", "{}"), ("N", "N", "{}"),
+               ("hessext_ms", "hessext (ms)", "{:.3f}"), ("jax_ms", "JAX jit (ms)", "{:.3f}"),
+               ("compile_ms", "torch.compile (ms)", "{:.3f}"), ("vs_jax", "x JAX", "{:.2f}"),
+               ("jax_target", "target", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
+               ("compile_target", "target", "{:.2f}"), ("floor_ms", "floor (ms)", "{:.3f}"),
+               ("x_floor", "x floor (target 1.3)", "{:.2f}"), ("met", "all met", "{}")]
+    print(write("speed_cpu", env, rows, columns, [
+        f"CPU products: {env['blas']}. x JAX / x compile: the peer's median over hessext's (above 1: hessext "
+        f"faster). K = {K} for hvp-batched. Floor: benchmarks/speed.py's docstring."] + sorted(set(notes))))
+
+
+if __name__ == "__main__":
+    main()

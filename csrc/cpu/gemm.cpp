@@ -1,0 +1,172 @@
+// hx::mm / addmm / addmm_ (gemm.h): CPU float32/float64 products through a run-time loaded OpenBLAS,
+// every other product through ATen. The BLAS sees each operand as row-major or transposed row-major
+// (a view of the right strides is passed as is, anything else is made contiguous first) and
+// writes C in row-major order, so C = alpha A B + beta C is one ?gemm call.
+#include "gemm.h"
+
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <mutex>
+#include <utility>
+
+namespace hx {
+namespace {
+
+enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
+
+template <typename T>
+using Gemm = void (*)(int, int, int, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,
+                      int64_t);
+
+struct Blas {
+  void* handle = nullptr;
+  Gemm<double> dgemm = nullptr;
+  Gemm<float> sgemm = nullptr;
+  std::string name = "ATen";
+};
+
+Blas& blas() {
+  static Blas b;
+  return b;
+}
+
+std::mutex& blas_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// The first of the scipy-openblas64 / openblas64_ names for a routine that the library exports.
+void* symbol(void* handle, const char* base) {
+  for (const char* prefix : {"scipy_", ""}) {
+    const std::string name = std::string(prefix) + base + "64_";
+    if (void* f = dlsym(handle, name.c_str())) return f;
+  }
+  return nullptr;
+}
+
+// How BLAS reads A [r, c] in place: (transpose flag, leading dimension), or {0, 0} when it cannot.
+std::pair<int, int64_t> layout(const at::Tensor& A) {
+  const int64_t r = A.size(0), c = A.size(1), s0 = A.stride(0), s1 = A.stride(1);
+  if ((c == 1 || s1 == 1) && (r == 1 || s0 >= std::max<int64_t>(c, 1))) return {kNoTrans, r == 1 ? c : s0};
+  if ((r == 1 || s0 == 1) && (c == 1 || s1 >= std::max<int64_t>(r, 1))) return {kTrans, c == 1 ? r : s1};
+  return {0, 0};
+}
+
+// Whether this product goes to the loaded BLAS.
+bool use_blas(const at::Tensor& A, const at::Tensor& B) {
+  const Blas& b = blas();
+  if (!b.handle || !A.device().is_cpu() || A.dim() != 2 || B.dim() != 2 || A.scalar_type() != B.scalar_type() ||
+      !B.device().is_cpu() || at::in_parallel_region())
+    return false;
+  if (A.scalar_type() == at::kDouble ? !b.dgemm : (A.scalar_type() != at::kFloat || !b.sgemm)) return false;
+  return A.size(0) > 0 && A.size(1) > 0 && B.size(1) > 0;
+}
+
+// Products of at least this many multiply-adds are split over torch's threads.
+constexpr int64_t kParallelWork = 1 << 16;
+
+// OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
+// torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
+// C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm.
+template <typename T>
+void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T beta) {
+  const at::Tensor A = layout(A_).first ? A_ : A_.contiguous();
+  const at::Tensor B = layout(B_).first ? B_ : B_.contiguous();
+  const auto [ta, lda_] = layout(A);
+  const auto [tb, ldb_] = layout(B);
+  const int64_t m = A.size(0), k = A.size(1), n = B.size(1);
+  const int64_t lda = std::max<int64_t>(lda_, 1), ldb = std::max<int64_t>(ldb_, 1);
+  const int64_t ldc = C.size(0) == 1 ? std::max<int64_t>(n, 1) : C.stride(0);
+  const Gemm<T> f = [] {
+    if constexpr (std::is_same_v<T, double>) return blas().dgemm;
+    else return blas().sgemm;
+  }();
+  const T *a = A.data_ptr<T>(), *bp = B.data_ptr<T>();
+  T* c = C.data_ptr<T>();
+  const int64_t parts = m * n * k >= kParallelWork ? std::min<int64_t>(at::get_num_threads(), std::max(m, n)) : 1;
+  const bool rows = m >= n;
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t len = rows ? m : n, lo = len * p / parts, hi = len * (p + 1) / parts;
+      if (hi == lo) continue;
+      if (rows)  // rows lo..hi of A and C
+        f(kRowMajor, ta, tb, hi - lo, n, k, T(1), a + (ta == kNoTrans ? lo * lda : lo), lda, bp, ldb, beta,
+          c + lo * ldc, ldc);
+      else  // columns lo..hi of B and C
+        f(kRowMajor, ta, tb, m, hi - lo, k, T(1), a, lda, bp + (tb == kNoTrans ? lo : lo * ldb), ldb, beta, c + lo,
+          ldc);
+    }
+  });
+}
+
+// C (row-major, unit column stride) = A B + beta C.
+void blas_into(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, double beta) {
+  if (A.scalar_type() == at::kDouble) gemm<double>(A, B, C, beta);
+  else gemm<float>(A, B, C, static_cast<float>(beta));
+}
+
+bool row_major(const at::Tensor& C) {
+  return (C.size(1) == 1 || C.stride(1) == 1) && (C.size(0) == 1 || C.stride(0) >= std::max<int64_t>(C.size(1), 1));
+}
+
+}  // namespace
+
+at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
+  if (!use_blas(A, B)) return at::mm(A, B);
+  TORCH_CHECK(A.size(1) == B.size(0), "hx::mm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
+  at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
+  blas_into(A, B, C, 0.0);
+  return C;
+}
+
+at::Tensor addmm(const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
+  if (!use_blas(A, B) || bias.scalar_type() != A.scalar_type() || !bias.device().is_cpu())
+    return at::addmm(bias, A, B);
+  TORCH_CHECK(A.size(1) == B.size(0), "hx::addmm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
+  at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
+  C.copy_(bias.expand({A.size(0), B.size(1)}));  // never bias itself, which .contiguous() could return
+  blas_into(A, B, C, 1.0);
+  return C;
+}
+
+void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  if (!use_blas(A, B) || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
+    C.addmm_(A, B);
+    return;
+  }
+  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx::addmm_: shapes ",
+              C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
+  blas_into(A, B, C, 1.0);
+}
+
+std::string blas_load(const std::string& path) {
+  std::lock_guard<std::mutex> guard(blas_mutex());
+  Blas& b = blas();
+  b = Blas{};
+  if (path.empty()) return "";
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!handle) return std::string("dlopen failed: ") + dlerror();
+  Blas loaded;
+  loaded.handle = handle;
+  loaded.dgemm = reinterpret_cast<Gemm<double>>(symbol(handle, "cblas_dgemm"));
+  loaded.sgemm = reinterpret_cast<Gemm<float>>(symbol(handle, "cblas_sgemm"));
+  auto set_threads = reinterpret_cast<void (*)(int)>(symbol(handle, "openblas_set_num_threads"));
+  auto config = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_config"));
+  auto core = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_corename"));
+  if (!loaded.dgemm || !loaded.sgemm || !set_threads || !config || !core) {
+    dlclose(handle);
+    return "no 64-bit-integer OpenBLAS cblas_dgemm/cblas_sgemm/openblas_set_num_threads in " + path;
+  }
+  set_threads(1);  // see gemm(): the threads are torch's
+  loaded.name = std::string("OpenBLAS, ") + core() + " kernels (" + config() + ")";
+  b = loaded;
+  return "";
+}
+
+std::string blas_name() {
+  return blas().name;
+}
+
+}  // namespace hx

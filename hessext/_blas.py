@@ -1,0 +1,83 @@
+"""Which BLAS the CPU kernels' matrix products use (csrc/gemm.h).
+
+By default an OpenBLAS: the `scipy-openblas64` wheel's (a dependency; a copy of the library of its
+own, so its kernels can be chosen), else the copy that numpy >= 2 ships (`numpy.libs`), else none.
+Its kernels: HESSEXT_OPENBLAS_CORETYPE if set, else OPENBLAS_CORETYPE if set (the environment's
+choice for every OpenBLAS), else SkylakeX where torch finds AVX-512 (OpenBLAS's own pick on AMD's
+AVX-512 CPUs is its AVX2 Haswell kernels), else OpenBLAS's own. benchmarks/results/blas_cpu.md
+measures them against ATen's MKL. HESSEXT_BLAS=aten keeps ATen's products; HESSEXT_BLAS=<path>
+names a library. When none loads, the products are ATen's and `python -m hessext.info` says why;
+nothing fails."""
+import glob
+import importlib.util
+import os
+
+_state = {"name": "ATen", "why": "not loaded yet", "path": None}
+
+
+def _wheel():
+    try:
+        import scipy_openblas64
+    except ImportError:
+        return []
+    return [os.path.join(scipy_openblas64.get_lib_dir(), f"lib{scipy_openblas64.get_library()}.so")]
+
+
+def _numpy_copy():
+    spec = importlib.util.find_spec("numpy")
+    if spec is None or not spec.origin:
+        return []
+    site = os.path.dirname(os.path.dirname(spec.origin))
+    return sorted(glob.glob(os.path.join(site, "numpy.libs", "libscipy_openblas64_*.so")))
+
+
+def candidates():
+    """Library paths to try, in order (empty for HESSEXT_BLAS=aten)."""
+    choice = os.environ.get("HESSEXT_BLAS", "openblas")
+    if choice == "aten":
+        return []
+    return [choice] if choice != "openblas" else _wheel() + _numpy_copy()
+
+
+def _core_type():
+    """The OpenBLAS kernels to ask for (module docstring), or None for the environment's or its own."""
+    import torch
+
+    if os.environ.get("HESSEXT_OPENBLAS_CORETYPE"):
+        return os.environ["HESSEXT_OPENBLAS_CORETYPE"]
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return None
+    return "SkylakeX" if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
+
+
+def use(module, choice=None):
+    """Load the BLAS for `module` (hessext._C): choice "openblas" (the default search), "aten", or a
+    library path; None reads HESSEXT_BLAS. Returns what the products now run on."""
+    if choice is not None:
+        os.environ["HESSEXT_BLAS"] = choice
+    reasons, core, before = [], _core_type(), os.environ.get("OPENBLAS_CORETYPE")
+    if core:  # read by the library's constructor at its first load (importing the wheel loads it)
+        os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        for path in candidates():
+            why = module.blas_load(path)
+            if not why:
+                _state.update(name=module.blas_name(), why=None, path=path)
+                return _state["name"]
+            reasons.append(why)
+    finally:
+        if core and before is None:
+            os.environ.pop("OPENBLAS_CORETYPE")
+        elif core:
+            os.environ["OPENBLAS_CORETYPE"] = before
+    module.blas_load("")
+    if not reasons:
+        reasons.append("HESSEXT_BLAS=aten" if os.environ.get("HESSEXT_BLAS") == "aten"
+                       else "no OpenBLAS found (pip install scipy-openblas64)")
+    _state.update(name="ATen", why="; ".join(reasons), path=None)
+    return _state["name"]
+
+
+def status():
+    """dict: name (what the CPU products run on), why (None, or why not OpenBLAS), path."""
+    return dict(_state)
