@@ -10,7 +10,8 @@ for that shape), plus one tanh per hidden unit and sample (ATen's vectorised tan
   first layer), and R-backward Rdelta^T a (+ delta^T Ra, delta W, Rdelta W, delta V after the first
   layer): 3 products in the first layer, 8 in every other;
 - K HVPs: the forward and delta W once, every product with V, Ra or Rdelta K times (as one product);
-- the Laplacian: the d + 2 vectors of a forward Laplacian through every layer (as one product).
+- the Laplacian: the d + 2 vectors of a forward Laplacian through every layer after the first (as one
+  product), the inputs alone through the first (its jet is the identity).
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
     python benchmarks/speed.py   ->   benchmarks/results/speed_cpu.{json,md}"""
@@ -44,11 +45,13 @@ def median(fn, repeat=30):
 
 
 def product_s(m, k, n, _cache={}):
-    """The faster of hessext's BLAS and ATen for one [m, k] x [k, n] float64 product."""
+    """The fastest of hessext's BLAS and ATen for one [m, k] x [k, n] float64 product, computed as is
+    or transposed ([n, k] x [k, m])."""
     if (m, k, n) not in _cache:
         C = _native.load()
         a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
-        _cache[(m, k, n)] = min(median(lambda: C.mm(a, b)), median(lambda: torch.mm(a, b)))
+        _cache[(m, k, n)] = min(median(lambda: C.mm(a, b)), median(lambda: torch.mm(a, b)),
+                                median(lambda: C.mm(b.t(), a.t())), median(lambda: torch.mm(b.t(), a.t())))
     return _cache[(m, k, n)]
 
 
@@ -62,8 +65,8 @@ def products(quantity, widths, N):
     """The [m, k] x [k, n] products the quantity cannot avoid (module docstring)."""
     out, k_vec = [], K if quantity == "hvp-batched" else 1
     for layer, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
-        if quantity == "laplacian":
-            out.append((N * (widths[0] + 2), i, o))
+        if quantity == "laplacian":  # the first layer's jet is (x, I, 0): only x needs a product
+            out.append((N * (widths[0] + 2) if layer else N, i, o))
             continue
         out += [(N, i, o), (N, i, k_vec * o), (k_vec * o, N, i)]
         if layer > 0:
@@ -80,6 +83,10 @@ def floor_s(quantity, widths, N):
 
 
 def main():
+    """`python benchmarks/speed.py [name]`: results/<name>.{json,md} (default speed_cpu)."""
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu"
     torch.set_num_threads(2)
     bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []
@@ -111,7 +118,7 @@ def main():
                ("jax_target", "target", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
                ("compile_target", "target", "{:.2f}"), ("floor_ms", "floor (ms)", "{:.3f}"),
                ("x_floor", "x floor (target 1.3)", "{:.2f}"), ("met", "all met", "{}")]
-    print(write("speed_cpu", env, rows, columns, [
+    print(write(name, env, rows, columns, [
         f"CPU products: {env['blas']}. x JAX / x compile: the peer's median over hessext's (above 1: hessext "
         f"faster). K = {K} for hvp-batched. Floor: benchmarks/speed.py's docstring."] + sorted(set(notes))))
 

@@ -36,12 +36,18 @@ template <class E>
 at::Tensor output_jet(const Stack& s, JetMode mode) {
   const int64_t M = s.M, d = s.width(0), q = jet_channels(mode, d), cols = 1 + d + q;
   const auto pairs = jet_pairs(mode, d);
-  at::Tensor jet = at::zeros({d, M, cols}, s.x.options());
-  jet.select(2, 0).copy_(s.x.t());
-  jet.narrow(2, 1, d).copy_(at::eye(d, s.x.options()).unsqueeze(1).expand({d, M, d}));
+  at::Tensor jet;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
-    at::Tensor z = hx::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
+    at::Tensor z;
+    if (l == 0) {  // the start jet is (x, I, 0): z = W x, Jz = W in every sample, Sz = 0, no product over I
+      z = at::empty({o, M, cols}, s.x.options());
+      z.select(2, 0).copy_(hx::mm(s.W[0], s.x.t()));
+      z.narrow(2, 1, d).copy_(s.W[0].unsqueeze(1).expand({o, M, d}));
+      z.narrow(2, 1 + d, q).zero_();
+    } else {
+      z = hx::mm(s.W[l], jet.view({n, M * cols})).view({o, M, cols});
+    }
     if (s.b[l].defined()) z.select(2, 0).add_(s.b[l].unsqueeze(1));
     if (s.act_after(l)) E::jet_activation(z, s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
     jet = z;

@@ -2,12 +2,13 @@
 
 By default an OpenBLAS: the `scipy-openblas64` wheel's (a dependency; a copy of the library of its
 own, so its kernels can be chosen), else the copy that numpy >= 2 ships (`numpy.libs`), else none.
-Its kernels: HESSEXT_OPENBLAS_CORETYPE if set, else OPENBLAS_CORETYPE if set (the environment's
-choice for every OpenBLAS), else SkylakeX where torch finds AVX-512 (OpenBLAS's own pick on AMD's
-AVX-512 CPUs is its AVX2 Haswell kernels), else OpenBLAS's own. benchmarks/results/blas_cpu.md
-measures them against ATen's MKL. HESSEXT_BLAS=aten keeps ATen's products; HESSEXT_BLAS=<path>
-names a library. When none loads, the products are ATen's and `python -m hessext.info` says why;
-nothing fails."""
+Its kernels follow torch's CPU capability, as torch's own kernels do (ATEN_CPU_CAPABILITY lowers
+it): SkylakeX with AVX-512, Haswell with AVX2, else OpenBLAS's own pick; HESSEXT_OPENBLAS_CORETYPE
+overrides. OPENBLAS_CORETYPE, which numpy's copy follows, does not decide hessext's: on this
+project's CPU machines it says Haswell, while the SkylakeX kernels run the MLP products 1.2-2x
+faster (benchmarks/results/blas_cpu.md: 164 against 103 GFLOP/s for [256,784]x[784,256], against
+85 for ATen's MKL). HESSEXT_BLAS=aten keeps ATen's products; HESSEXT_BLAS=<path> names a library.
+When none loads, the products are ATen's and `python -m hessext.info` says why; nothing fails."""
 import glob
 import importlib.util
 import os
@@ -40,14 +41,12 @@ def candidates():
 
 
 def _core_type():
-    """The OpenBLAS kernels to ask for (module docstring), or None for the environment's or its own."""
+    """The OpenBLAS kernels to ask for (module docstring), or None for OpenBLAS's own pick."""
     import torch
 
     if os.environ.get("HESSEXT_OPENBLAS_CORETYPE"):
         return os.environ["HESSEXT_OPENBLAS_CORETYPE"]
-    if "OPENBLAS_CORETYPE" in os.environ:
-        return None
-    return "SkylakeX" if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
+    return {"AVX512": "SkylakeX", "AVX2": "Haswell"}.get(torch.backends.cpu.get_cpu_capability())
 
 
 def use(module, choice=None):

@@ -25,6 +25,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp,
 from torch.utils.benchmark import Timer
 
 import hessext
+from hessext import _native
 
 QUANTITIES = ("hvp", "hvp-batched", "ggn_vp", "diagonal", "hessian", "input-hessian", "laplacian")
 METHODS = ("hessext", "double-backward", "torch.func", "torch.compile", "jax", "backpack", "curvlinops")
@@ -381,7 +382,7 @@ def environment(device):
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "git_commit": commit, "hessext_native": hessext.plan(
-                nn.Linear(1, 1), nn.MSELoss()).backend == "native"}
+                nn.Linear(1, 1), nn.MSELoss()).backend == "native", "cpu_products": _native.status().get("blas", {}).get("name")}
 
 
 # ---- the run ------------------------------------------------------------------------------------

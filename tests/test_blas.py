@@ -128,9 +128,12 @@ def test_native_ops_agree_on_either_blas(blas_choice, path, threads):
 
 
 @openblas
-def test_kernels_chosen_for_hessext_alone():
-    """HESSEXT_OPENBLAS_CORETYPE picks the kernels of hessext's copy (read at its first load, so in a
-    process of its own); the products stay right."""
+@pytest.mark.parametrize("env", [{"OPENBLAS_CORETYPE": "Haswell"}, {"HESSEXT_OPENBLAS_CORETYPE": "SkylakeX"}])
+def test_kernels_follow_torchs_cpu_capability(env):
+    """hessext's copy takes the kernels of torch's CPU capability (SkylakeX with AVX-512) whatever
+    OPENBLAS_CORETYPE says, or those HESSEXT_OPENBLAS_CORETYPE names; read at the library's first
+    load, so each case runs in a process of its own. The products stay right."""
+    import os
     import subprocess
     import sys
 
@@ -139,7 +142,8 @@ def test_kernels_chosen_for_hessext_alone():
     code = ("import torch; from hessext import _native, _blas; C = _native.load(); "
             "A, B = torch.randn(300, 200, dtype=torch.float64), torch.randn(200, 100, dtype=torch.float64); "
             "print(_blas.status()['name']); print(float((C.mm(A, B) - A @ B).abs().max() / (A @ B).abs().max()))")
-    env = dict(__import__("os").environ, HESSEXT_OPENBLAS_CORETYPE="SkylakeX", HESSEXT_BLAS="openblas")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    clean = {k: v for k, v in os.environ.items() if "CORETYPE" not in k}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(clean, HESSEXT_BLAS="openblas", **env))
     name, err = out.stdout.strip().splitlines()[-2:]
     assert "SkylakeX kernels" in name and float(err) < 1e-13, out.stdout + out.stderr

@@ -144,17 +144,20 @@ struct CpuElementwise {
 
   // One activation step of the input jets (jets.h) in place on z [o, M, 1 + d + q]: second-order
   // channels first (they need Jz), then J, then the value. sum_channel: one channel, sum_i Jz[i]^2.
+  // The values, phi' and phi'' come first from activation() on the value column (vectorised).
   static void jet_activation(at::Tensor& z, Act kind, double p0, double p1, int64_t d, bool sum_channel,
                              const std::vector<std::pair<int64_t, int64_t>>& pairs) {
     const int64_t rows = z.size(0) * z.size(1), cols = z.size(2);
+    at::Tensor value = z.select(2, 0).contiguous(), first = at::empty_like(value), second = at::empty_like(value);
+    activation(value, kind, p0, p1, first, second);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cpu", [&] {
       scalar_t* pz = z.data_ptr<scalar_t>();
-      const scalar_t q0 = static_cast<scalar_t>(p0), q1 = static_cast<scalar_t>(p1);
+      const scalar_t *pv = value.data_ptr<scalar_t>(), *pd = first.data_ptr<scalar_t>(),
+                     *pd2 = second.data_ptr<scalar_t>();
       at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / cols), [&](int64_t lo, int64_t hi) {
         for (int64_t r = lo; r < hi; ++r) {
           scalar_t* row = pz + r * cols;
-          scalar_t av, dd, p2;
-          act_eval(kind, q0, q1, row[0], av, dd, p2);
+          const scalar_t av = pv[r], dd = pd[r], p2 = pd2[r];
           scalar_t* J = row + 1;
           scalar_t* S = row + 1 + d;
           if (sum_channel) {
