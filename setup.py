@@ -34,5 +34,6 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "scipy-openblas64"],
     entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},
-    extras_require={"test": ["pytest"], "bench": ["backpack-for-pytorch", "matplotlib"], "examples": ["matplotlib"]},
+    extras_require={"test": ["pytest", "scipy"], "bench": ["backpack-for-pytorch", "matplotlib", "jax", "folx"],
+                    "examples": ["matplotlib"], "scipy": ["scipy"]},
 )

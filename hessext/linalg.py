@@ -1,0 +1,336 @@
+"""Spectral quantities and solves of a curvature operator (`HessianOperator`, any object with
+`.shape` and `@` on [P, K] columns, or a dense symmetric tensor), every product K columns at a time.
+
+- `eigsh`: the k extreme eigenpairs by block Lanczos with full reorthogonalisation and thick
+  restarts: the block Krylov basis Q and H Q are kept, the Ritz pairs come from Q^T H Q, the basis
+  grows by the orthogonalised residuals of the wanted, unconverged Ritz vectors (the next block of
+  the Krylov space), and when it is full it restarts from the wanted Ritz vectors. Converged when
+  ||H y - theta y|| <= tol max |theta|.
+- `trace`: Hutch++ (exact trace of H on a sketched range, Hutchinson on the rest; unbiased).
+- `density`: stochastic Lanczos quadrature (Gaussian-smoothed nodes and weights of the Lanczos
+  tridiagonals of random probes), integrating to 1 on its grid; `plot_density` draws it.
+- `solve`: (H + damping I) x = b by MINRES (symmetric, indefinite Hessians) or CG (positive
+  definite, e.g. a damped GGN), columns of b solved together."""
+import math
+import warnings
+
+import torch
+
+WHICH = ("LA", "SA", "LM")
+MAX_COLUMNS = 64  # columns per operator call (bounds the K of one native call)
+
+
+class _Op:
+    """The operator as a function of [P, K] columns, with P, dtype and device."""
+
+    def __init__(self, H, progress=False):
+        if isinstance(H, torch.Tensor):
+            if H.dim() != 2 or H.shape[0] != H.shape[1]:
+                raise ValueError(f"H as a tensor must be a square matrix [P, P], got shape {tuple(H.shape)}")
+            self._apply, self.P, self.dtype, self.device = H.__matmul__, H.shape[0], H.dtype, H.device
+        else:
+            shape = getattr(H, "shape", None)
+            if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(H, "__matmul__"):
+                raise TypeError("H must be a HessianOperator, a square tensor, or an object with a square .shape "
+                                f"and @ on [P, K] tensors, got {type(H).__name__}")
+            self._apply, self.P = H.__matmul__, int(shape[0])
+            self.dtype, self.device = getattr(H, "dtype", torch.float64), getattr(H, "device", torch.device("cpu"))
+        self.products = 0
+
+    def __call__(self, X):
+        self.products += X.shape[1]
+        if X.shape[1] <= MAX_COLUMNS:
+            return self._apply(X)
+        return torch.cat([self._apply(c) for c in X.split(MAX_COLUMNS, 1)], 1)
+
+    def randn(self, k, generator, rademacher=False):
+        X = torch.randn(self.P, k, generator=generator, dtype=torch.float64)
+        if rademacher:
+            X = X.sign()
+        return X.to(dtype=self.dtype, device=self.device)
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _orthogonalise(W, Q):
+    """W with Q's span removed (twice, for full working accuracy) and its columns orthonormalised;
+    columns that vanish (already in Q's span) are dropped."""
+    for _ in range(2):
+        if Q.shape[1]:
+            W = W - Q @ (Q.T @ W)
+    norms = W.norm(dim=0)
+    W = W[:, norms > 1e3 * torch.finfo(W.dtype).eps * norms.max().clamp_min(1e-300)]
+    if W.shape[1] == 0:
+        return W
+    W, R = torch.linalg.qr(W)
+    keep = R.diagonal().abs() > 1e3 * torch.finfo(W.dtype).eps * R.diagonal().abs().max()
+    return W[:, keep]
+
+
+def _select(theta, which, count):
+    """Indices of the `count` wanted Ritz values, most wanted first."""
+    key = {"LA": -theta, "SA": theta, "LM": -theta.abs()}[which]
+    return torch.argsort(key)[:count]
+
+
+def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_size=None):
+    """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
+    order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
+    tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair. max_iter: block products
+    (default enough for 50 restarts). generator: for the random start block. block_size: columns per
+    product (default k). Warns (RuntimeWarning) with the residuals if not converged."""
+    op = _Op(H)
+    P = op.P
+    k = _positive_int(k, "k")
+    if k >= P:
+        raise ValueError(f"k must be smaller than the operator's size P = {P}, got k = {k} "
+                         f"(for all eigenvalues use torch.linalg.eigh on the dense Hessian)")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    b = min(_positive_int(block_size or k, "block_size"), P)
+    m_max = min(P, max(3 * k + 2 * b, 20))         # basis columns before a restart
+    keep = min(P, k + max(b, (m_max - k) // 3))    # Ritz vectors kept at a restart
+    max_iter = max_iter if max_iter is not None else 50 * max(1, m_max // b)
+    Q = _orthogonalise(op.randn(b, generator), op.randn(0, generator))
+    AQ = op(Q)
+    for iteration in range(max_iter + 1):
+        T = Q.T @ AQ
+        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        order = _select(theta, which, min(keep, len(theta)))
+        Y, AY = Q @ S[:, order], AQ @ S[:, order]
+        R = AY - Y * theta[order]
+        res = R.norm(dim=0)
+        scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
+        done = res <= tol * scale
+        if bool(done[:k].all()) or Q.shape[1] >= P or iteration == max_iter:
+            break
+        if Q.shape[1] + b > m_max:  # thick restart: the basis becomes the kept Ritz vectors
+            Q, AQ, R, done = Y, AY, R, done
+        wanted = [j for j in range(len(order)) if not done[j]][:b]
+        W = _orthogonalise(R[:, wanted], Q)
+        if W.shape[1] < b and Q.shape[1] + W.shape[1] < P:  # a vanished residual: fill with random directions
+            W = torch.cat([W, _orthogonalise(op.randn(b - W.shape[1], generator), torch.cat([Q, W], 1))], 1)
+        if W.shape[1] == 0:
+            break
+        Q, AQ = torch.cat([Q, W], 1), torch.cat([AQ, op(W)], 1)
+    if not bool(done[:k].all()) and Q.shape[1] < P:
+        warnings.warn(f"eigsh did not converge in {max_iter} block products: relative residuals "
+                      f"{(res[:k] / scale).tolist()} (tol {tol})", RuntimeWarning, stacklevel=2)
+    values, vectors = theta[order[:k]], Y[:, :k]
+    desc = torch.argsort(values, descending=True)
+    return values[desc], vectors[:, desc]
+
+
+def trace(H, *, samples=100, generator=None):
+    """An unbiased estimate of trace(H) from `samples` products (Hutch++: samples // 3 of them sketch
+    H's dominant range, whose trace is taken exactly, as many more apply H to the sketch, and the rest
+    are Hutchinson's Rademacher probes of the deflated remainder; below 3, plain Hutchinson)."""
+    op = _Op(H)
+    m = _positive_int(samples, "samples")
+    s = m // 3
+    if s == 0 or s >= op.P:
+        if s >= op.P:  # as many products as the size: the exact trace from the basis
+            eye = torch.eye(op.P, dtype=op.dtype, device=op.device)
+            return float(torch.diagonal(op(eye)).sum())
+        G = op.randn(m, generator, rademacher=True)
+        return float((G * op(G)).sum() / m)
+    Q = _orthogonalise(op(op.randn(s, generator, rademacher=True)), op.randn(0, generator))
+    exact = (Q * op(Q)).sum()
+    g = m - 2 * s
+    G = op.randn(g, generator, rademacher=True)
+    G = G - Q @ (Q.T @ G)
+    return float(exact + (G * op(G)).sum() / g)
+
+
+def _lanczos(op, V, steps):
+    """Lanczos with full reorthogonalisation from the unit columns of V [P, c], all columns at once:
+    (alpha [steps, c], beta [steps - 1, c], lengths [c]) of each column's tridiagonal."""
+    P, c = V.shape
+    basis = V.new_zeros(steps, P, c)
+    alpha, beta = V.new_zeros(steps, c), V.new_zeros(max(steps - 1, 0), c)
+    lengths = torch.full((c,), steps, dtype=torch.long)
+    v = V
+    for j in range(steps):
+        basis[j] = v
+        w = op(v)
+        alpha[j] = (w * v).sum(0)
+        for _ in range(2):
+            w = w - torch.einsum("jpc,jc->pc", basis[:j + 1], torch.einsum("jpc,pc->jc", basis[:j + 1], w))
+        if j == steps - 1:
+            break
+        norm = w.norm(dim=0)
+        ended = (norm <= 1e3 * torch.finfo(w.dtype).eps * alpha[: j + 1].abs().amax(0).clamp_min(1)) & (lengths == steps)
+        lengths[ended.cpu()] = j + 1
+        beta[j] = torch.where(lengths.to(norm.device) > j + 1, norm, torch.zeros_like(norm))
+        v = torch.where(beta[j] > 0, w / norm.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+    return alpha, beta, lengths
+
+
+def density(H, *, grid=None, num_steps=80, samples=10, sigma=None, generator=None, points=1000,
+            memory_limit=2**29):
+    """(grid [points], density [points]): the spectral density of H by stochastic Lanczos quadrature:
+    `samples` Rademacher probes, `num_steps` Lanczos steps each (fully reorthogonalised), the nodes
+    and weights of each tridiagonal smoothed by a Gaussian of width sigma (default 1/100 of the
+    spectrum's span) and averaged; normalised to integrate to 1 on the grid. grid (default `points`
+    values covering the spectrum and 4 sigma on each side) is where the density is evaluated. Probes
+    run together in as many columns as `memory_limit` bytes of Lanczos basis allow."""
+    op = _Op(H)
+    steps = min(_positive_int(num_steps, "num_steps"), op.P)
+    count = _positive_int(samples, "samples")
+    per_column = steps * op.P * torch.finfo(op.dtype).bits // 8
+    chunk = max(1, min(count, memory_limit // max(per_column, 1)))
+    nodes, weights = [], []
+    probes = op.randn(count, generator, rademacher=True)
+    probes = probes / probes.norm(dim=0)
+    for block in probes.split(chunk, 1):
+        alpha, beta, lengths = _lanczos(op, block, steps)
+        for c in range(block.shape[1]):
+            n = int(lengths[c])
+            T = torch.diag(alpha[:n, c]) + torch.diag(beta[:n - 1, c], 1) + torch.diag(beta[:n - 1, c], -1)
+            theta, U = torch.linalg.eigh(T.double().cpu())
+            nodes.append(theta)
+            weights.append(U[0] ** 2 / count)
+    nodes, weights = torch.cat(nodes), torch.cat(weights)
+    span = float(nodes.max() - nodes.min())
+    if sigma is None:
+        sigma = max(span, float(nodes.abs().max()), 1e-12) / 100
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if grid is None:
+        grid = torch.linspace(float(nodes.min()) - 4 * sigma, float(nodes.max()) + 4 * sigma, points, dtype=torch.float64)
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    if grid.dim() != 1 or grid.numel() < 2:
+        raise ValueError(f"grid must be a 1-D increasing sequence of at least 2 values, got shape {tuple(grid.shape)}")
+    z = (grid[:, None] - nodes[None, :]) / sigma
+    dens = (weights[None, :] * torch.exp(-0.5 * z * z)).sum(1) / (sigma * math.sqrt(2 * math.pi))
+    area = torch.trapezoid(dens, grid)
+    if area > 0:
+        dens = dens / area
+    return grid, dens
+
+
+def plot_density(grid, density, path=None, *, ax=None, title="Hessian spectral density", log=True):
+    """Draw a density from `density()` (log scale by default); save to `path` when given. Returns the axes."""
+    import matplotlib
+
+    if ax is None and path is not None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(grid.numpy() if isinstance(grid, torch.Tensor) else grid,
+            density.clamp_min(1e-12).numpy() if isinstance(density, torch.Tensor) else density)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    if fig is not None:
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+    return ax
+
+
+def solve(H, b, *, damping=0.0, tol=1e-8, max_iter=None, method="minres"):
+    """x with (H + damping I) x = b, for b [P] or [P, K] (columns solved together, one product per
+    iteration with all of them). method: "minres" (any symmetric H, e.g. an indefinite Hessian) or
+    "cg" (H + damping I positive definite, e.g. a damped GGN). Converged when
+    ||b - (H + damping I) x|| <= tol ||b|| per column; warns (RuntimeWarning) if not within max_iter
+    (default min(10 P, 10000)) iterations."""
+    op = _Op(H)
+    if method not in ("minres", "cg"):
+        raise ValueError(f"method must be 'minres' or 'cg', got {method!r}")
+    if not isinstance(b, torch.Tensor) or b.dim() not in (1, 2) or b.shape[0] != op.P:
+        raise ValueError(f"b must be a tensor of shape [{op.P}] or [{op.P}, K], got "
+                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+    if b.dtype != op.dtype or b.device != op.device:
+        raise TypeError(f"b must be {op.dtype} on {op.device} like the operator, got {b.dtype} on {b.device}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    B = b.unsqueeze(1) if b.dim() == 1 else b
+    max_iter = max_iter if max_iter is not None else min(10 * op.P, 10_000)
+
+    def A(X):
+        return op(X) + damping * X if damping else op(X)
+
+    X, relres = (_minres if method == "minres" else _cg)(A, B, tol, max_iter)
+    if bool((relres > tol).any()):
+        warnings.warn(f"solve ({method}) did not reach tol {tol} in {max_iter} iterations: relative residuals "
+                      f"{relres.tolist()}", RuntimeWarning, stacklevel=2)
+    return X[:, 0] if b.dim() == 1 else X
+
+
+def _cg(A, B, tol, max_iter):
+    X = torch.zeros_like(B)
+    R = B.clone()
+    Pd = R.clone()
+    bnorm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+    rs = (R * R).sum(0)
+    for _ in range(max_iter):
+        active = rs.sqrt() > tol * bnorm
+        if not bool(active.any()):
+            break
+        AP = A(Pd)
+        curv = (Pd * AP).sum(0)
+        step = torch.where(active & (curv != 0), rs / torch.where(curv != 0, curv, torch.ones_like(curv)),
+                           torch.zeros_like(rs))
+        X += step * Pd
+        R -= step * AP
+        rs_new = (R * R).sum(0)
+        Pd = R + torch.where(active, rs_new / rs.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rs)) * Pd
+        rs = torch.where(active, rs_new, rs)
+    return X, (B - A(X)).norm(dim=0) / bnorm
+
+
+def _minres(A, B, tol, max_iter):
+    """MINRES (Paige and Saunders), unpreconditioned, every quantity per column."""
+    tiny = torch.finfo(B.dtype).tiny
+    beta1 = B.norm(dim=0)
+    safe = beta1.clamp_min(tiny)
+    X = torch.zeros_like(B)
+    r1, r2, y = B.clone(), B.clone(), B.clone()
+    oldb, beta, dbar, epsln, phibar = torch.zeros_like(beta1), beta1.clone(), torch.zeros_like(beta1), \
+        torch.zeros_like(beta1), beta1.clone()
+    cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
+    w, w2 = torch.zeros_like(B), torch.zeros_like(B)
+    active = beta1 > 0
+    for itn in range(max_iter):
+        active = active & (phibar > tol * safe) & (beta > 0)
+        if not bool(active.any()):
+            break
+        v = y / beta.clamp_min(tiny)
+        y = A(v)
+        if itn >= 1:
+            y = y - (beta / oldb.clamp_min(tiny)) * r1
+        alfa = (v * y).sum(0)
+        y = y - (alfa / beta.clamp_min(tiny)) * r2
+        r1, r2 = r2, y
+        oldb, beta_new = beta, y.norm(dim=0)
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln_new = sn * beta_new
+        dbar_new = -cs * beta_new
+        gamma = torch.hypot(gbar, beta_new).clamp_min(tiny)
+        cs_new, sn_new = gbar / gamma, beta_new / gamma
+        phi = cs_new * phibar
+        w1, w2_new = w2, w
+        w_new = (v - oldeps * w1 - delta * w2_new) / gamma
+        keep = active.unsqueeze(0)
+        X = torch.where(keep, X + phi * w_new, X)
+        w, w2 = torch.where(keep, w_new, w), torch.where(keep, w2_new, w2)
+        beta = torch.where(active, beta_new, beta)
+        epsln, dbar = torch.where(active, epsln_new, epsln), torch.where(active, dbar_new, dbar)
+        cs, sn = torch.where(active, cs_new, cs), torch.where(active, sn_new, sn)
+        phibar = torch.where(active, sn_new * phibar, phibar)
+    return X, (B - A(X)).norm(dim=0) / safe

@@ -1,0 +1,147 @@
+"""`HessianOperator`: the Hessian (or GGN) of a loss over a whole data set as a linear operator,
+P x P, applied K columns at a time by one hessext call per batch.
+
+Over several batches the operator is the curvature of the loss on all of the data: for a
+mean-reduced loss the batches' curvatures weighted by their sample counts (the leading dim of each
+batch's inputs), which equals one call on the concatenated data; for a sum-reduced loss their sum.
+With `process_group`, each process passes its own shard and every product is all-reduced (the K
+products and the sample count in one tensor), so that every process holds the operator of the
+union of the shards."""
+from collections.abc import Iterable
+
+import torch
+
+from hessext import capture, curvature
+from hessext.inputs import check_params
+from hessext.plan import plan as make_plan
+
+CURVATURES = ("hessian", "ggn")
+
+
+def _is_pair(data):
+    return (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
+            and isinstance(data[1], torch.Tensor))
+
+
+class HessianOperator:
+    """H = HessianOperator(model, loss_fn, data): `H @ v` for v [P] or [P, K] (columns), `H.shape`,
+    `H.dtype`, `H.device`, `H.to_scipy()`.
+
+    data: an (inputs, targets) pair, or an iterable of pairs such as a DataLoader (iterated afresh
+    for every product). curvature: "hessian" or "ggn". params: a dict name -> tensor used instead of
+    the module's parameters (P and the vector layout follow `model.named_parameters()`).
+    reduction: "mean" or "sum", needed only when hessext cannot read it from `loss_fn` and `data`
+    has several batches. process_group: a torch.distributed group (or `True` for the default one):
+    every product is summed over the processes of the group. progress: a tqdm bar over the batches
+    of each product."""
+
+    def __init__(self, model, loss_fn, data, *, curvature="hessian", params=None, backend="auto",
+                 process_group=None, progress=False, reduction=None):
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+        if reduction not in (None, "mean", "sum"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or None (read from loss_fn), got {reduction!r}")
+        if not _is_pair(data) and not isinstance(data, Iterable):
+            raise TypeError("data must be an (inputs, targets) pair of tensors or an iterable of such pairs "
+                            f"(a DataLoader), got {type(data).__name__}")
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.curvature, self.backend, self.progress = curvature, backend, progress
+        self.params = params
+        tensors = check_params(make_plan(model, loss_fn), params)
+        self.sizes = [t.numel() for t in tensors]
+        self.shape = (sum(self.sizes), sum(self.sizes))
+        self.dtype, self.device = tensors[0].dtype, tensors[0].device
+        self._reduction = reduction or _loss_reduction(loss_fn)
+        self._group = process_group
+        self._product = curvature_products[curvature]
+
+    def __repr__(self):
+        return (f"HessianOperator(curvature={self.curvature!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+    @property
+    def reduction(self):
+        return self._reduction
+
+    def batches(self):
+        """The data's (inputs, targets) pairs, afresh."""
+        if _is_pair(self.data):
+            return [tuple(self.data)]
+        return self.data
+
+    def matmul(self, v):
+        """H v for v [P] or [P, K] (K columns; one call per batch with all of them)."""
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"v must be a tensor of shape [{self.shape[0]}] or [{self.shape[0]}, K], "
+                            f"got {type(v).__name__}")
+        P = self.shape[0]
+        if v.dim() not in (1, 2) or v.shape[0] != P or v.numel() == 0:
+            raise ValueError(f"v must have shape [{P}] or [{P}, K] (columns), got {tuple(v.shape)}")
+        if v.dtype != self.dtype or v.device != self.device:
+            raise TypeError(f"v must be {self.dtype} on {self.device} like the operator, got {v.dtype} on {v.device}")
+        V = (v.unsqueeze(0) if v.dim() == 1 else v.t()).contiguous()  # [K, P]: hessext's batched layout
+        total, count, batches = torch.zeros_like(V), 0, 0
+        for inputs, targets in self._bar(self.batches()):
+            n = int(inputs.shape[0]) if inputs.dim() else 1
+            out = self._product(self.model, self.loss_fn, inputs, targets, V, params=self.params,
+                                backend=self.backend)
+            total.add_(out, alpha=n if self._reduction == "mean" else 1)
+            count += n
+            batches += 1
+        if self._group is not None:
+            total, count = self._all_reduce(total, count)
+        elif batches == 0:
+            raise ValueError("data holds no batches: the operator of no data is undefined")
+        if batches > 1 and self._reduction is None and self._group is None:
+            raise ValueError("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
+                             "reduction='mean' or 'sum' to HessianOperator to combine several batches")
+        if self._reduction == "mean":
+            total.div_(count)
+        return total[0] if v.dim() == 1 else total.t()
+
+    __matmul__ = matmul
+
+    def _bar(self, batches):
+        if not self.progress:
+            return batches
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, desc=f"{self.curvature} product", unit="batch", leave=False)
+
+    def _all_reduce(self, total, count):
+        import torch.distributed as dist
+
+        group = None if self._group is True else self._group
+        if self._reduction is None:
+            raise ValueError("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
+                             "reduction='mean' or 'sum' to HessianOperator to combine the processes' shards")
+        buf = torch.cat([total.reshape(-1), total.new_tensor([float(count)])])
+        dist.all_reduce(buf, group=group)
+        count = buf[-1].item()
+        if count == 0:
+            raise ValueError("no process holds any data: the operator of no data is undefined")
+        return buf[:-1].view_as(total), count
+
+    def to_scipy(self):
+        """A scipy.sparse.linalg.LinearOperator (float64 numpy in and out; products in the operator's
+        dtype on its device)."""
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def apply(x):
+            t = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=self.dtype, device=self.device)
+            return self.matmul(t).detach().to("cpu", torch.float64).numpy()
+
+        return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply,
+                              dtype=np.float64)
+
+
+def _loss_reduction(loss_fn):
+    """"mean" or "sum" as hessext reads it from the loss, or None where it cannot."""
+    try:
+        return capture.capture_loss(loss_fn).reduction
+    except capture.Unsupported:
+        return None
+
+
+curvature_products = {"hessian": curvature.hvp, "ggn": curvature.ggn_vp}

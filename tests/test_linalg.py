@@ -1,0 +1,198 @@
+"""HessianOperator and hessext.linalg against dense float64 references on small networks
+(torch.linalg.eigvalsh / solve of the dense Hessian): eigenpairs to 1e-8 of the largest eigenvalue,
+solves to 1e-7 relative residual, Hutch++ exact when its sketch spans the space and unbiased
+(the mean of 400 estimates within 4 standard errors), the SLQ density integrating to 1 with the
+exact spectrum as its nodes when it runs P steps; the operator over a DataLoader equal (1e-12) to the
+operator over the concatenated data, the GGN operator equal to ggn_vp, the scipy LinearOperator under
+scipy's own eigsh, and a 2-process gloo operator over uneven shards equal to one process on all data."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import hessext
+from hessext import linalg
+from tests.cases import assert_close
+
+
+def small_problem(n=30, seed=0, loss=None):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    x, y = torch.randn(n, 3, dtype=torch.float64), torch.randn(n, 2, dtype=torch.float64)
+    return model, loss or nn.MSELoss(), x, y
+
+
+def dense(model, loss, x, y, curvature="hessian"):
+    if curvature == "hessian":
+        return hessext.hessian(model, loss, x, y, output="matrix", backend="torch.func")
+    P = sum(p.numel() for p in model.parameters())
+    return hessext.ggn_vp(model, loss, x, y, torch.eye(P, dtype=torch.float64), backend="torch.func")
+
+
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_eigsh_matches_eigvalsh(which):
+    model, loss, x, y = small_problem()
+    H = hessext.HessianOperator(model, loss, (x, y))
+    Hd = dense(model, loss, x, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    values, vectors = linalg.eigsh(H, k=5, which=which, tol=1e-10, generator=torch.Generator().manual_seed(0))
+    order = {"LA": ev.argsort(descending=True), "SA": ev.argsort(), "LM": ev.abs().argsort(descending=True)}[which]
+    expected = ev[order[:5]].sort(descending=True).values
+    assert_close(values, expected, 1e-8, f"eigsh {which}", floor=ev.abs().max().item())
+    assert bool((values[:-1] >= values[1:]).all())
+    assert_close(Hd @ vectors, vectors * values, 1e-8, "eigenvectors", floor=ev.abs().max().item())
+    assert_close(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), 1e-10, "orthonormal")
+
+
+def test_trace_exact_when_the_sketch_spans_and_unbiased():
+    model, loss, x, y = small_problem()
+    H = hessext.HessianOperator(model, loss, (x, y))
+    exact = torch.trace(dense(model, loss, x, y)).item()
+    P = H.shape[0]
+    assert abs(linalg.trace(H, samples=3 * P) - exact) <= 1e-10 * abs(exact)
+    Hd = dense(model, loss, x, y)
+    g = torch.Generator().manual_seed(0)
+    estimates = torch.tensor([linalg.trace(Hd, samples=12, generator=g) for _ in range(400)])
+    stderr = estimates.std() / 20
+    assert abs(estimates.mean().item() - exact) <= 4 * stderr.item()
+
+
+def test_density_integrates_to_one_with_the_spectrum_as_nodes():
+    model, loss, x, y = small_problem()
+    Hd = dense(model, loss, x, y)
+    ev = torch.linalg.eigvalsh(Hd)
+    P = Hd.shape[0]
+    grid, dens = linalg.density(Hd, num_steps=P, samples=4, generator=torch.Generator().manual_seed(0),
+                                sigma=1e-3 * (ev[-1] - ev[0]).item(), points=20000)
+    assert abs(torch.trapezoid(dens, grid).item() - 1) <= 1e-6
+    assert grid[0] <= ev[0] and grid[-1] >= ev[-1]
+    mean = torch.trapezoid(grid * dens, grid).item()  # the probes' Rayleigh quotients: trace / P on average
+    assert abs(mean - ev.mean().item()) <= 0.5 * ev.abs().max().item()
+    for lam in (ev[0], ev[-1]):  # mass near the extreme eigenvalues, none far outside the spectrum
+        near = (grid - lam).abs() < 5e-3 * (ev[-1] - ev[0])
+        assert dens[near].max() > 1e-3 * dens.max()
+    plot_path = os.path.join(tempfile.mkdtemp(), "d.png")
+    pytest.importorskip("matplotlib")
+    linalg.plot_density(grid, dens, plot_path)
+    assert open(plot_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("method,curvature", [("minres", "hessian"), ("cg", "ggn")])
+def test_solve_matches_dense(method, curvature):
+    model, loss, x, y = small_problem()
+    H = hessext.HessianOperator(model, loss, (x, y), curvature=curvature)
+    D = dense(model, loss, x, y, curvature)
+    ev = torch.linalg.eigvalsh(D)
+    if method == "minres":  # a shift that keeps H + damping I indefinite and well away from singular
+        shifts = torch.linspace(0.2, 0.6, 81, dtype=torch.float64)
+        damping = shifts[torch.stack([(ev + s).abs().min() for s in shifts]).argmax()].item()
+        assert (ev + damping).min() < 0 < (ev + damping).max()
+    else:
+        damping = 1e-2
+    A = D + damping * torch.eye(H.shape[0], dtype=torch.float64)
+    b = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    X = linalg.solve(H, b, damping=damping, method=method, tol=1e-10)
+    assert ((A @ X - b).norm(dim=0) / b.norm(dim=0)).max() <= 1e-7
+    x1 = linalg.solve(H, b[:, 0], damping=damping, method=method, tol=1e-10)
+    assert x1.shape == (H.shape[0],)
+    assert_close(x1, torch.linalg.solve(A, b[:, 0]), 1e-6, f"{method} solution")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_operator_over_a_dataloader_equals_the_concatenated_data(reduction):
+    model, _, x, y = small_problem(n=31)
+    loss = nn.MSELoss(reduction=reduction)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7)  # uneven: 7, 7, 7, 7, 3
+    H_all = hessext.HessianOperator(model, loss, (x, y))
+    H_loader = hessext.HessianOperator(model, loss, loader)
+    V = torch.randn(H_all.shape[0], 4, dtype=torch.float64)
+    assert_close(H_loader @ V, H_all @ V, 1e-12, "DataLoader vs concatenated")
+    assert_close(H_loader @ V[:, 0], (H_all @ V)[:, 0], 1e-12, "one vector")
+    assert_close(H_all @ V, dense(model, loss, x, y) @ V, 1e-10, "against the dense Hessian")
+
+
+def test_ggn_operator_equals_ggn_vp_and_to_scipy():
+    model, loss, x, y = small_problem()
+    G = hessext.HessianOperator(model, loss, (x, y), curvature="ggn")
+    V = torch.randn(G.shape[0], 3, dtype=torch.float64)
+    assert_close(G @ V, hessext.ggn_vp(model, loss, x, y, V.T.contiguous()).T, 1e-12, "GGN operator")
+    assert (G.shape, G.dtype, G.device) == ((G.shape[0], G.shape[0]), torch.float64, torch.device("cpu"))
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    H = hessext.HessianOperator(model, loss, (x, y))
+    top = scipy_linalg.eigsh(H.to_scipy(), k=3, which="LA", tol=1e-10, return_eigenvectors=False)
+    ev = torch.linalg.eigvalsh(dense(model, loss, x, y))
+    assert_close(torch.tensor(sorted(top, reverse=True)), ev.flip(0)[:3], 1e-8, "scipy eigsh")
+
+
+def test_errors_name_the_argument():
+    model, loss, x, y = small_problem()
+    H = hessext.HessianOperator(model, loss, (x, y))
+    P = H.shape[0]
+    cases = [
+        (lambda: linalg.eigsh(H, k=P), ValueError, "k must be smaller"),
+        (lambda: linalg.eigsh(H, k=2, which="BE"), ValueError, "which must be one of"),
+        (lambda: linalg.eigsh(H, k=0), ValueError, "k must be a positive integer"),
+        (lambda: linalg.trace(H, samples=0), ValueError, "samples must be a positive integer"),
+        (lambda: linalg.density(H, samples=-1), ValueError, "samples must be a positive integer"),
+        (lambda: linalg.solve(H, torch.zeros(P + 1, dtype=torch.float64)), ValueError, f"b must be a tensor of shape [{P}]"),
+        (lambda: linalg.solve(H, torch.zeros(P, dtype=torch.float64), method="lu"), ValueError, "method must be"),
+        (lambda: H @ torch.zeros(P + 1, dtype=torch.float64), ValueError, f"v must have shape [{P}]"),
+        (lambda: H @ torch.zeros(P, dtype=torch.float32), TypeError, "v must be torch.float64"),
+        (lambda: hessext.HessianOperator(model, loss, 3), TypeError, "data must be"),
+        (lambda: hessext.HessianOperator(model, loss, (x, y), curvature="fisher"), ValueError, "curvature must be"),
+        (lambda: linalg.eigsh("H"), TypeError, "H must be"),
+    ]
+    for call, kind, text in cases:
+        with pytest.raises(kind, match=text.replace("[", r"\[").replace("]", r"\]")):
+            call()
+
+
+def test_unknown_loss_needs_a_reduction_for_several_batches():
+    model, _, x, y = small_problem()
+
+    def loss(out, target):
+        return torch.nn.functional.smooth_l1_loss(out, target) + torch.logsumexp(out, dim=(0, 1)) * 0.01
+
+    one = hessext.HessianOperator(model, loss, (x, y))
+    one @ torch.randn(one.shape[0], dtype=torch.float64)  # one batch: nothing to combine
+    two = hessext.HessianOperator(model, loss, [(x[:15], y[:15]), (x[15:], y[15:])])
+    with pytest.raises(ValueError, match="reduction="):
+        two @ torch.randn(two.shape[0], dtype=torch.float64)
+
+
+def _worker(rank, world, init, shards, out_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model, loss, x, y = small_problem(n=29)
+    lo, hi = shards[rank]
+    H = hessext.HessianOperator(model, loss, DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=5),
+                                process_group=True)
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    torch.save(H @ V, f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_operator_equals_one_process():
+    import torch.multiprocessing as mp
+
+    tmp = tempfile.mkdtemp()
+    init = "file://" + os.path.join(tmp, "rendezvous")
+    shards = [(0, 20), (20, 29)]  # uneven
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, 2, init, shards, os.path.join(tmp, "out"))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, f"worker exit code {p.exitcode}"
+    model, loss, x, y = small_problem(n=29)
+    H = hessext.HessianOperator(model, loss, (x, y))
+    V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    expected = H @ V
+    for r in range(2):
+        assert_close(torch.load(os.path.join(tmp, f"out.{r}")), expected, 1e-12, f"rank {r}")
