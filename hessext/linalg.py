@@ -2,10 +2,7 @@
 `.shape` and `@` on [P, K] columns, or a dense symmetric tensor), every product K columns at a time.
 
 - `eigsh`: the k extreme eigenpairs by block Lanczos with full reorthogonalisation and thick
-  restarts: the block Krylov basis Q and H Q are kept, the Ritz pairs come from Q^T H Q, the basis
-  grows by the orthogonalised residuals of the wanted, unconverged Ritz vectors (the next block of
-  the Krylov space), and when it is full it restarts from the wanted Ritz vectors. Converged when
-  ||H y - theta y|| <= tol max |theta|.
+  restarts from the most wanted Ritz vectors; converged when ||H y - theta y|| <= tol max |theta|.
 - `trace`: Hutch++ (exact trace of H on a sketched range, Hutchinson on the rest; unbiased).
 - `density`: stochastic Lanczos quadrature (Gaussian-smoothed nodes and weights of the Lanczos
   tridiagonals of random probes), integrating to 1 on its grid; `plot_density` draws it.
@@ -56,19 +53,37 @@ def _positive_int(value, name):
     return value
 
 
+def _qr(W):
+    """(Wq, R) with W = Wq R, Wq's columns orthonormal: CholeskyQR2, or Householder QR where W is near
+    rank-deficient; directions that vanish are dropped (Wq [P, c'], R [c', c] with c' <= c)."""
+    tiny = 1e3 * torch.finfo(W.dtype).eps
+    scale = W.norm(dim=0).max()
+    if W.shape[1] == 0 or not bool(scale > 0):
+        return W[:, :0], W.new_zeros(0, W.shape[1])
+    R1, info = torch.linalg.cholesky_ex(W.T @ W, upper=True)
+    if bool(info == 0) and bool(R1.diagonal().min() > tiny ** 0.5 * R1.diagonal().max()):
+        Wq = torch.linalg.solve_triangular(R1, W, upper=True, left=False)
+        R2 = torch.linalg.cholesky(Wq.T @ Wq, upper=True)
+        return torch.linalg.solve_triangular(R2, Wq, upper=True, left=False), R2 @ R1
+    Wq, R = torch.linalg.qr(W)
+    keep = R.diagonal().abs() > tiny * scale
+    return Wq[:, keep], R[keep]
+
+
 def _orthogonalise(W, Q):
-    """W with Q's span removed (twice, for full working accuracy) and its columns orthonormalised;
-    columns that vanish (already in Q's span) are dropped."""
-    for _ in range(2):
-        if Q.shape[1]:
-            W = W - Q @ (Q.T @ W)
-    norms = W.norm(dim=0)
-    W = W[:, norms > 1e3 * torch.finfo(W.dtype).eps * norms.max().clamp_min(1e-300)]
-    if W.shape[1] == 0:
-        return W
-    W, R = torch.linalg.qr(W)
-    keep = R.diagonal().abs() > 1e3 * torch.finfo(W.dtype).eps * R.diagonal().abs().max()
-    return W[:, keep]
+    """(W with Q's span removed; Q^T W). One projection leaves W orthogonal to Q up to about
+    eps ||W before|| / ||W after||; a second runs only where a column kept less than 1e-3 of its norm
+    (which bounds that loss of orthogonality by 1e3 eps), since each costs two passes over the tall
+    basis Q."""
+    C = W.new_zeros(Q.shape[1], W.shape[1])
+    if Q.shape[1]:
+        before = W.norm(dim=0)
+        C = Q.T @ W
+        W = W - Q @ C
+        if bool((W.norm(dim=0) < 1e-3 * before).any()):
+            C2 = Q.T @ W
+            W, C = W - Q @ C2, C + C2
+    return W, C
 
 
 def _select(theta, which, count):
@@ -81,8 +96,15 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
     tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair. max_iter: block products
-    (default enough for 50 restarts). generator: for the random start block. block_size: columns per
-    product (default k). Warns (RuntimeWarning) with the residuals if not converged."""
+    (default enough for 100 restarts). generator: for the random start block. block_size: columns per
+    product (default k). Warns (RuntimeWarning) with the residuals if not converged.
+
+    Block Lanczos with full reorthogonalisation: the newest block X of the basis Q is multiplied,
+    C = Q^T H X is T's new column block, the remainder H X - Q C (projected again where DGKS asks)
+    is the next block W R. Since H Q = Q T + W R E^T (E: the newest block's rows), the residual of a
+    Ritz pair (theta, Q s) is ||R s_E||, with no pass over Q. A thick restart keeps the most wanted
+    Ritz vectors Y = Q S_keep (then H Y = Y Theta + W R E^T S_keep, so T restarts diagonal and the
+    next block's column holds the coupling). Each iteration reads Q twice; nothing else is stored."""
     op = _Op(H)
     P = op.P
     k = _positive_int(k, "k")
@@ -94,35 +116,44 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
     b = min(_positive_int(block_size or k, "block_size"), P)
-    m_max = min(P, max(3 * k + 2 * b, 20))         # basis columns before a restart
-    keep = min(P, k + max(b, (m_max - k) // 3))    # Ritz vectors kept at a restart
-    max_iter = max_iter if max_iter is not None else 50 * max(1, m_max // b)
-    Q = _orthogonalise(op.randn(b, generator), op.randn(0, generator))
-    AQ = op(Q)
+    m_max = min(P, max(6 * k + 2 * b, 40))           # basis columns before a restart
+    keep = min(k + max(b, (m_max - k) // 2), m_max - b) if m_max - b > k else k  # Ritz vectors kept
+    max_iter = max_iter if max_iter is not None else 100 * max(1, (m_max - keep) // b)
+    Q = op.randn(0, generator).new_empty(P, m_max + b)
+    T = Q.new_zeros(m_max + b, m_max + b)
+    X, _ = _qr(op.randn(b, generator))
+    Q[:, :X.shape[1]] = X
+    j0, m = 0, X.shape[1]
     for iteration in range(max_iter + 1):
-        T = Q.T @ AQ
-        theta, S = torch.linalg.eigh((T + T.T) / 2)
-        order = _select(theta, which, min(keep, len(theta)))
-        Y, AY = Q @ S[:, order], AQ @ S[:, order]
-        R = AY - Y * theta[order]
-        res = R.norm(dim=0)
+        W, C = _orthogonalise(op(Q[:, j0:m]), Q[:, :m])
+        T[:m, j0:m] = C
+        T[j0:m, :m] = C.T
+        W, R = _qr(W)
+        theta, S = torch.linalg.eigh((T[:m, :m] + T[:m, :m].T) / 2)
+        order = _select(theta, which, min(k, m))
+        res = (R @ S[j0:m, order]).norm(dim=0) if R.numel() else theta.new_zeros(len(order))
         scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
         done = res <= tol * scale
-        if bool(done[:k].all()) or Q.shape[1] >= P or iteration == max_iter:
+        if (len(order) == k and bool(done.all())) or m >= P or iteration == max_iter:
             break
-        if Q.shape[1] + b > m_max:  # thick restart: the basis becomes the kept Ritz vectors
-            Q, AQ, R, done = Y, AY, R, done
-        wanted = [j for j in range(len(order)) if not done[j]][:b]
-        W = _orthogonalise(R[:, wanted], Q)
-        if W.shape[1] < b and Q.shape[1] + W.shape[1] < P:  # a vanished residual: fill with random directions
-            W = torch.cat([W, _orthogonalise(op.randn(b - W.shape[1], generator), torch.cat([Q, W], 1))], 1)
-        if W.shape[1] == 0:
-            break
-        Q, AQ = torch.cat([Q, W], 1), torch.cat([AQ, op(W)], 1)
-    if not bool(done[:k].all()) and Q.shape[1] < P:
+        if W.shape[1] == 0:  # an invariant subspace: go on from a random direction outside it
+            W, _ = _orthogonalise(op.randn(b, generator), Q[:, :m])
+            W, _ = _qr(W)
+            if W.shape[1] == 0:
+                break
+        if m + W.shape[1] > m_max:  # thick restart
+            kept = _select(theta, which, keep)
+            Q[:, :keep] = Q[:, :m] @ S[:, kept]
+            T.zero_()
+            T[:keep, :keep] = torch.diag(theta[kept])
+            m = keep
+        c = min(W.shape[1], P - m)
+        Q[:, m:m + c] = W[:, :c]
+        j0, m = m, m + c
+    if not bool(done.all()) and m < P:
         warnings.warn(f"eigsh did not converge in {max_iter} block products: relative residuals "
-                      f"{(res[:k] / scale).tolist()} (tol {tol})", RuntimeWarning, stacklevel=2)
-    values, vectors = theta[order[:k]], Y[:, :k]
+                      f"{(res / scale).tolist()} (tol {tol})", RuntimeWarning, stacklevel=2)
+    values, vectors = theta[order], Q[:, :m] @ S[:, order]
     desc = torch.argsort(values, descending=True)
     return values[desc], vectors[:, desc]
 
@@ -140,7 +171,7 @@ def trace(H, *, samples=100, generator=None):
             return float(torch.diagonal(op(eye)).sum())
         G = op.randn(m, generator, rademacher=True)
         return float((G * op(G)).sum() / m)
-    Q = _orthogonalise(op(op.randn(s, generator, rademacher=True)), op.randn(0, generator))
+    Q, _ = _qr(op(op.randn(s, generator, rademacher=True)))
     exact = (Q * op(Q)).sum()
     g = m - 2 * s
     G = op.randn(g, generator, rademacher=True)
@@ -226,10 +257,12 @@ def plot_density(grid, density, path=None, *, ax=None, title="Hessian spectral d
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(grid.numpy() if isinstance(grid, torch.Tensor) else grid,
-            density.clamp_min(1e-12).numpy() if isinstance(density, torch.Tensor) else density)
+    grid, density = torch.as_tensor(grid, dtype=torch.float64), torch.as_tensor(density, dtype=torch.float64)
+    floor = 1e-6 * float(density.max())  # a log scale shows six decades below the peak
+    ax.plot(grid.numpy(), density.clamp_min(floor).numpy() if log else density.numpy())
     if log:
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(title)
