@@ -18,9 +18,10 @@ MAX_COLUMNS = 64  # columns per operator call (bounds the K of one native call)
 
 
 class _Op:
-    """The operator as a function of [P, K] columns, with P, dtype and device."""
+    """The operator as a function of [P, K] columns, with P, dtype and device; with progress, a tqdm
+    bar counts the products (progress=None: the operator's own `progress`, else off)."""
 
-    def __init__(self, H, progress=False):
+    def __init__(self, H, progress=None, what="products"):
         if isinstance(H, torch.Tensor):
             if H.dim() != 2 or H.shape[0] != H.shape[1]:
                 raise ValueError(f"H as a tensor must be a square matrix [P, P], got shape {tuple(H.shape)}")
@@ -33,9 +34,16 @@ class _Op:
             self._apply, self.P = H.__matmul__, int(shape[0])
             self.dtype, self.device = getattr(H, "dtype", torch.float64), getattr(H, "device", torch.device("cpu"))
         self.products = 0
+        self.bar = None
+        if progress or (progress is None and getattr(H, "progress", False) is True):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=what, unit="product")
 
     def __call__(self, X):
         self.products += X.shape[1]
+        if self.bar is not None:
+            self.bar.update(X.shape[1])
         if X.shape[1] <= MAX_COLUMNS:
             return self._apply(X)
         return torch.cat([self._apply(c) for c in X.split(MAX_COLUMNS, 1)], 1)
@@ -92,12 +100,13 @@ def _select(theta, which, count):
     return torch.argsort(key)[:count]
 
 
-def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_size=None):
+def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_size=None, progress=None):
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
     tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair. max_iter: block products
     (default enough for 100 restarts). generator: for the random start block. block_size: columns per
-    product (default k). Warns (RuntimeWarning) with the residuals if not converged.
+    product (default k). progress: a tqdm bar of the products (None: the operator's own setting).
+    Warns (RuntimeWarning) with the residuals if not converged.
 
     Block Lanczos with full reorthogonalisation: the newest block X of the basis Q is multiplied,
     C = Q^T H X is T's new column block, the remainder H X - Q C (projected again where DGKS asks)
@@ -105,7 +114,7 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
     Ritz pair (theta, Q s) is ||R s_E||, with no pass over Q. A thick restart keeps the most wanted
     Ritz vectors Y = Q S_keep (then H Y = Y Theta + W R E^T S_keep, so T restarts diagonal and the
     next block's column holds the coupling). Each iteration reads Q twice; nothing else is stored."""
-    op = _Op(H)
+    op = _Op(H, progress, "eigsh")
     P = op.P
     k = _positive_int(k, "k")
     if k >= P:
@@ -158,11 +167,12 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
     return values[desc], vectors[:, desc]
 
 
-def trace(H, *, samples=100, generator=None):
+def trace(H, *, samples=100, generator=None, progress=None):
     """An unbiased estimate of trace(H) from `samples` products (Hutch++: samples // 3 of them sketch
     H's dominant range, whose trace is taken exactly, as many more apply H to the sketch, and the rest
-    are Hutchinson's Rademacher probes of the deflated remainder; below 3, plain Hutchinson)."""
-    op = _Op(H)
+    are Hutchinson's Rademacher probes of the deflated remainder; below 3, plain Hutchinson).
+    progress: a tqdm bar of the products (None: the operator's own setting)."""
+    op = _Op(H, progress, "trace")
     m = _positive_int(samples, "samples")
     s = m // 3
     if s == 0 or s >= op.P:
@@ -204,14 +214,15 @@ def _lanczos(op, V, steps):
 
 
 def density(H, *, grid=None, num_steps=80, samples=10, sigma=None, generator=None, points=1000,
-            memory_limit=2**29):
+            memory_limit=2**29, progress=None):
     """(grid [points], density [points]): the spectral density of H by stochastic Lanczos quadrature:
     `samples` Rademacher probes, `num_steps` Lanczos steps each (fully reorthogonalised), the nodes
     and weights of each tridiagonal smoothed by a Gaussian of width sigma (default 1/100 of the
     spectrum's span) and averaged; normalised to integrate to 1 on the grid. grid (default `points`
     values covering the spectrum and 4 sigma on each side) is where the density is evaluated. Probes
-    run together in as many columns as `memory_limit` bytes of Lanczos basis allow."""
-    op = _Op(H)
+    run together in as many columns as `memory_limit` bytes of Lanczos basis allow. progress: a tqdm
+    bar of the products (None: the operator's own setting)."""
+    op = _Op(H, progress, "density")
     steps = min(_positive_int(num_steps, "num_steps"), op.P)
     count = _positive_int(samples, "samples")
     per_column = steps * op.P * torch.finfo(op.dtype).bits // 8
@@ -274,13 +285,14 @@ def plot_density(grid, density, path=None, *, ax=None, title="Hessian spectral d
     return ax
 
 
-def solve(H, b, *, damping=0.0, tol=1e-8, max_iter=None, method="minres"):
+def solve(H, b, *, damping=0.0, tol=1e-8, max_iter=None, method="minres", progress=None):
     """x with (H + damping I) x = b, for b [P] or [P, K] (columns solved together, one product per
     iteration with all of them). method: "minres" (any symmetric H, e.g. an indefinite Hessian) or
     "cg" (H + damping I positive definite, e.g. a damped GGN). Converged when
     ||b - (H + damping I) x|| <= tol ||b|| per column; warns (RuntimeWarning) if not within max_iter
-    (default min(10 P, 10000)) iterations."""
-    op = _Op(H)
+    (default min(10 P, 10000)) iterations. progress: a tqdm bar of the products (None: the
+    operator's own setting)."""
+    op = _Op(H, progress, "solve")
     if method not in ("minres", "cg"):
         raise ValueError(f"method must be 'minres' or 'cg', got {method!r}")
     if not isinstance(b, torch.Tensor) or b.dim() not in (1, 2) or b.shape[0] != op.P:

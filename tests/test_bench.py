@@ -135,3 +135,19 @@ def test_jax_peer_missing_or_failing(monkeypatch):
     broken = {"hvp": {"external": lambda pb: bench.External("hessext.no_such_peer", {"x": pb.x.numpy()})}}
     entry = bench.run(["hvp"], methods=["hessext"], extra_methods=broken, **TINY)["cases"][0]["methods"]["external"]
     assert entry["status"] == "failed" and "no_such_peer" in entry["note"]
+
+
+def test_a_failing_peer_leaves_no_forward_ad_level_behind():
+    """A peer that fails inside forward-mode AD (as torch.compile of a jvp can) must not break the
+    later cases, whose references use nested jvp."""
+    def leaks(pb):
+        def run():
+            torch.autograd.forward_ad.enter_dual_level()
+            raise RuntimeError("failed while tracing")
+
+        return run
+
+    report = bench.run(["laplacian", "laplacian"], methods=["hessext"], extra_methods={"laplacian": {"leaky": leaks}},
+                       **TINY)
+    assert [c["methods"]["leaky"]["status"] for c in report["cases"]] == ["failed", "failed"]
+    assert all(c["methods"]["hessext"]["status"] == "ok" for c in report["cases"])

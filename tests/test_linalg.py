@@ -196,3 +196,15 @@ def test_two_process_gloo_operator_equals_one_process():
     expected = H @ V
     for r in range(2):
         assert_close(torch.load(os.path.join(tmp, f"out.{r}")), expected, 1e-12, f"rank {r}")
+
+
+def test_progress_bars(capsys):
+    model, loss, x, y = small_problem()
+    H = hessext.HessianOperator(model, loss, [(x[:15], y[:15]), (x[15:], y[15:])], progress=True)
+    linalg.trace(H, samples=6)
+    err = capsys.readouterr().err
+    assert "trace" in err and "hessian product" in err
+    linalg.eigsh(hessext.HessianOperator(model, loss, (x, y)), k=2, progress=True)
+    assert "eigsh" in capsys.readouterr().err
+    linalg.eigsh(hessext.HessianOperator(model, loss, (x, y)), k=2)
+    assert capsys.readouterr().err == ""
