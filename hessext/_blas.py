@@ -32,9 +32,10 @@ def _numpy_copy():
     return sorted(glob.glob(os.path.join(site, "numpy.libs", "libscipy_openblas64_*.so")))
 
 
-def candidates():
-    """Library paths to try, in order (empty for HESSEXT_BLAS=aten)."""
-    choice = os.environ.get("HESSEXT_BLAS", "openblas")
+def candidates(choice=None):
+    """Library paths to try, in order, for choice "openblas", "aten" (none) or a path; None reads
+    HESSEXT_BLAS (default "openblas")."""
+    choice = choice or os.environ.get("HESSEXT_BLAS", "openblas")
     if choice == "aten":
         return []
     return [choice] if choice != "openblas" else _wheel() + _numpy_copy()
@@ -52,13 +53,12 @@ def _core_type():
 def use(module, choice=None):
     """Load the BLAS for `module` (hessext._C): choice "openblas" (the default search), "aten", or a
     library path; None reads HESSEXT_BLAS. Returns what the products now run on."""
-    if choice is not None:
-        os.environ["HESSEXT_BLAS"] = choice
+    choice = choice or os.environ.get("HESSEXT_BLAS", "openblas")
     reasons, core, before = [], _core_type(), os.environ.get("OPENBLAS_CORETYPE")
     if core:  # read by the library's constructor at its first load (importing the wheel loads it)
         os.environ["OPENBLAS_CORETYPE"] = core
     try:
-        for path in candidates():
+        for path in candidates(choice):
             why = module.blas_load(path)
             if not why:
                 _state.update(name=module.blas_name(), why=None, path=path)
@@ -71,8 +71,7 @@ def use(module, choice=None):
             os.environ["OPENBLAS_CORETYPE"] = before
     module.blas_load("")
     if not reasons:
-        reasons.append("HESSEXT_BLAS=aten" if os.environ.get("HESSEXT_BLAS") == "aten"
-                       else "no OpenBLAS found (pip install scipy-openblas64)")
+        reasons.append("HESSEXT_BLAS=aten" if choice == "aten" else "no OpenBLAS found (pip install scipy-openblas64)")
     _state.update(name="ATen", why="; ".join(reasons), path=None)
     return _state["name"]
 

@@ -221,8 +221,8 @@ def _jax_peer(quantity):
             _dense_only(pb, "jax.hessian")
         linears = [m for m in pb.model if isinstance(m, nn.Linear)]
         arrays = {"quantity": quantity, "layers": len(linears), "x": pb.x, "y": pb.y,
-                  "v": flat(pb.v).to(pb.x.dtype), "V": torch.stack([flat({n: t[j] for n, t in pb.V.items()})
-                                                                    for j in range(next(iter(pb.V.values())).shape[0])]).to(pb.x.dtype)}
+                  "v": flat(pb.v).to(pb.x.dtype),
+                  "V": torch.cat([t.reshape(t.shape[0], -1) for t in pb.V.values()], 1)}  # [K, P], torch's order
         for j, m in enumerate(linears):
             arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
         return External("hessext.bench_jax", {k: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)

@@ -142,7 +142,7 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
     m_max = min(P, max(6 * k + 2 * b, 40))           # basis columns before a restart
     keep = min(k + max(b, (m_max - k) // 2), m_max - b) if m_max - b > k else k  # Ritz vectors kept
     max_iter = max_iter if max_iter is not None else 100 * max(1, (m_max - keep) // b)
-    Qt = op.randn(0, generator).new_empty(m_max + b, P)  # the basis as rows: Q = Qt[:m].T
+    Qt = torch.empty(m_max + b, P, dtype=op.dtype, device=op.device)  # the basis as rows: Q = Qt[:m].T
     T = Qt.new_zeros(m_max + b, m_max + b)
     X, _ = _qr(op.randn(b, generator))
     Qt[:X.shape[1]] = X.T
@@ -189,10 +189,9 @@ def trace(H, *, samples=100, generator=None, progress=None):
     op = _Op(H, progress, "trace")
     m = _positive_int(samples, "samples")
     s = m // 3
-    if s == 0 or s >= op.P:
-        if s >= op.P:  # as many products as the size: the exact trace from the basis
-            eye = torch.eye(op.P, dtype=op.dtype, device=op.device)
-            return float(torch.diagonal(op(eye)).sum())
+    if s >= op.P:  # as many products as the size: the exact trace from the basis
+        return float(torch.diagonal(op(torch.eye(op.P, dtype=op.dtype, device=op.device))).sum())
+    if s == 0:
         G = op.randn(m, generator, rademacher=True)
         return float((G * op(G)).sum() / m)
     Q, _ = _qr(op(op.randn(s, generator, rademacher=True)))

@@ -48,10 +48,12 @@ class HessianOperator:
         self.curvature, self.backend, self.progress = curvature, backend, progress
         self.params = params
         tensors = check_params(make_plan(model, loss_fn), params)
-        self.sizes = [t.numel() for t in tensors]
-        self.shape = (sum(self.sizes), sum(self.sizes))
+        P = sum(t.numel() for t in tensors)
+        self.shape = (P, P)
         self.dtype, self.device = tensors[0].dtype, tensors[0].device
         self._reduction = reduction or _loss_reduction(loss_fn)
+        if process_group is not None and self._reduction is None:
+            raise ValueError(_NO_REDUCTION + "combine the processes' shards")
         self._group = process_group
         self._product = curvature_products[curvature]
 
@@ -82,6 +84,8 @@ class HessianOperator:
         V = (v.unsqueeze(0) if v.dim() == 1 else v.t()).contiguous()  # [K, P]: hessext's batched layout
         total, count, batches = torch.zeros_like(V), 0, 0
         for inputs, targets in self._bar(self.batches()):
+            if batches == 1 and self._reduction is None:  # before the second batch's product
+                raise ValueError(_NO_REDUCTION + "combine several batches")
             n = int(inputs.shape[0]) if inputs.dim() else 1
             out = self._product(self.model, self.loss_fn, inputs, targets, V, params=self.params,
                                 backend=self.backend)
@@ -92,9 +96,6 @@ class HessianOperator:
             total, count = self._all_reduce(total, count)
         elif batches == 0:
             raise ValueError("data holds no batches: the operator of no data is undefined")
-        if batches > 1 and self._reduction is None and self._group is None:
-            raise ValueError("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
-                             "reduction='mean' or 'sum' to HessianOperator to combine several batches")
         if self._reduction == "mean":
             total.div_(count)
         return total[0] if v.dim() == 1 else total.t()
@@ -112,9 +113,6 @@ class HessianOperator:
         import torch.distributed as dist
 
         group = None if self._group is True else self._group
-        if self._reduction is None:
-            raise ValueError("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
-                             "reduction='mean' or 'sum' to HessianOperator to combine the processes' shards")
         buf = torch.cat([total.reshape(-1), total.new_tensor([float(count)])])
         dist.all_reduce(buf, group=group)
         count = buf[-1].item()
@@ -134,6 +132,10 @@ class HessianOperator:
 
         return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply,
                               dtype=np.float64)
+
+
+_NO_REDUCTION = ("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
+                 "reduction='mean' or 'sum' to HessianOperator to ")
 
 
 def _loss_reduction(loss_fn):

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <tuple>
 #include <utility>
 
 namespace hx {
@@ -54,6 +55,22 @@ std::pair<int, int64_t> layout(const at::Tensor& A) {
   return {0, 0};
 }
 
+// An operand as BLAS reads it: the tensor itself where its strides allow, else a contiguous copy,
+// with its transpose flag and (at least 1) leading dimension.
+struct Operand {
+  at::Tensor t;
+  int trans;
+  int64_t ld;
+};
+
+Operand operand(const at::Tensor& X) {
+  auto [trans, ld] = layout(X);
+  if (trans) return {X, trans, std::max<int64_t>(ld, 1)};
+  const at::Tensor c = X.contiguous();
+  std::tie(trans, ld) = layout(c);
+  return {c, trans, std::max<int64_t>(ld, 1)};
+}
+
 // Whether this product goes to the loaded BLAS.
 bool use_blas(const at::Tensor& A, const at::Tensor& B) {
   const Blas& b = blas();
@@ -72,18 +89,15 @@ constexpr int64_t kParallelWork = 1 << 16;
 // C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm.
 template <typename T>
 void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T beta) {
-  const at::Tensor A = layout(A_).first ? A_ : A_.contiguous();
-  const at::Tensor B = layout(B_).first ? B_ : B_.contiguous();
-  const auto [ta, lda_] = layout(A);
-  const auto [tb, ldb_] = layout(B);
-  const int64_t m = A.size(0), k = A.size(1), n = B.size(1);
-  const int64_t lda = std::max<int64_t>(lda_, 1), ldb = std::max<int64_t>(ldb_, 1);
+  const Operand A = operand(A_), B = operand(B_);
+  const int ta = A.trans, tb = B.trans;
+  const int64_t m = A_.size(0), k = A_.size(1), n = B_.size(1), lda = A.ld, ldb = B.ld;
   const int64_t ldc = C.size(0) == 1 ? std::max<int64_t>(n, 1) : C.stride(0);
   const Gemm<T> f = [] {
     if constexpr (std::is_same_v<T, double>) return blas().dgemm;
     else return blas().sgemm;
   }();
-  const T *a = A.data_ptr<T>(), *bp = B.data_ptr<T>();
+  const T *a = A.t.data_ptr<T>(), *bp = B.t.data_ptr<T>();
   T* c = C.data_ptr<T>();
   const int64_t parts = m * n * k >= kParallelWork ? std::min<int64_t>(at::get_num_threads(), std::max(m, n)) : 1;
   const bool rows = m >= n;
