@@ -82,7 +82,7 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
     }
     if (R.defined() && l - 1 > 0)  // G_{l-1} travels further: R_l becomes a block of factor columns
       blocks.push_back({E::residual_factor(s.W[l], R, d), R.sign()});
-    R = ggn ? at::Tensor() : residual(f, g, l);
+    R = ggn ? at::Tensor() : residual(s, f, g, l);
     if (R.defined()) dGn.add_(R);
     dG = dGn;
   }

@@ -17,6 +17,8 @@ at::Tensor mm(const at::Tensor& A, const at::Tensor& B);
 at::Tensor addmm(const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B);
 // C += A B in place; C may be a view.
 void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
+// C = A B into a given [m, n] tensor (a Workspace's, say); C may be a view.
+void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
 
 // Load an OpenBLAS (64-bit integers, scipy-openblas symbol names) from a shared library path; an
 // empty path unloads it. Returns "" on success, else why not (the products then stay ATen's).

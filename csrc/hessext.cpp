@@ -10,6 +10,7 @@
 
 #include "gemm.h"
 #include "stack.h"
+#include "workspace.h"
 #ifdef WITH_CUDA
 #include <cuda.h>
 #endif
@@ -75,5 +76,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
   m.def("addmm", &hx::addmm, "bias + A @ B as the kernels compute it (for tests)");
   m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
+  m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
 }

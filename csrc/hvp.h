@@ -42,14 +42,14 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
   at::Tensor Rz;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
-    const at::Tensor Vt = V[l].view({K * o, i}).t();
-    Rz = Vb[l].defined() ? hx::addmm(Vb[l], f.a[l], Vt) : hx::mm(f.a[l], Vt);  // [M, K*o]
+    Rz = s.affine(f.a[l], V[l].view({K * o, i}).t(), Vb[l]);  // [M, K*o]
     if (l > 0) hx::addmm_(Rz.view({M * K, o}), Ra[l].view({M * K, i}), s.W[l].t());
     if (l == L - 1) break;
     const at::Tensor R = Rz.view({M, K, o});
     if (!ggn && s.curved_after(l)) {
       Rzs[l + 1] = R;
-      Ra[l + 1] = R * f.d[l + 1].unsqueeze(1);
+      Ra[l + 1] = s.scratch(R.sizes());
+      at::mul_out(Ra[l + 1], R, f.d[l + 1].unsqueeze(1));
     } else {
       if (s.act_after(l)) E::r_scale(R, f.d[l + 1]);
       Ra[l + 1] = R;
@@ -65,15 +65,15 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
     out[s.slot_W[l]] = HW;
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0);
     if (l == 0) break;
-    at::Tensor Re;  // [M, K*i]
+    const at::Tensor Re = s.scratch({M, K * i});
     if (ggn) {
-      Re = hx::mm(Rdelta.view({M * K, o}), s.W[l]);
+      hx::mm_into(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     } else {
-      Re = hx::mm(g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
+      hx::mm_into(Re, g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
       hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {
-      E::r_residual(Re.view({M, K, i}), f.d[l], residual(f, g, l), Rzs[l]);
+      E::r_residual(Re.view({M, K, i}), f.d[l], residual(s, f, g, l), Rzs[l]);
     } else if (f.d[l].defined()) {
       E::r_scale(Re.view({M, K, i}), f.d[l]);
     }

@@ -15,6 +15,7 @@
 #include "checks.h"
 #include "gemm.h"
 #include "losses.h"
+#include "workspace.h"
 
 namespace hessext {
 
@@ -35,12 +36,13 @@ struct Stack {
   Loss loss;
   double loss_param, scale;
   int64_t L, M, num_slots;
+  hx::Workspace ws;                     // the call's intermediates (never its outputs)
 
   Stack(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
         const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
         at::ArrayRef<double> act_params, int64_t loss_kind, double loss_parameter, double loss_scale)
       : loss_param(loss_parameter), scale(loss_scale), L(static_cast<int64_t>(weights.size())), M(inputs.size(0)),
-        num_slots(0) {
+        num_slots(0), ws(inputs.device()) {
     TORCH_CHECK_VALUE(L >= 1, "weights must hold at least one Linear weight");
     TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "biases must have one entry per layer (",
                       L, "), got ", biases.size());
@@ -95,6 +97,19 @@ struct Stack {
   }
 
   int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
+  // An intermediate of this call (workspace.h), with the inputs' dtype and device.
+  at::Tensor scratch(at::IntArrayRef shape) const { return ws.empty(shape, x.options()); }
+  // A [M, n] x [n, o] product with an optional bias row [o], into scratch.
+  at::Tensor affine(const at::Tensor& a, const at::Tensor& Wt, const at::Tensor& bias) const {
+    at::Tensor z = scratch({a.size(0), Wt.size(1)});
+    if (bias.defined()) {
+      z.copy_(bias.expand({a.size(0), Wt.size(1)}));
+      hx::addmm_(z, a, Wt);
+    } else {
+      hx::mm_into(z, a, Wt);
+    }
+    return z;
+  }
   // Whether an activation other than the identity follows layer l (then d_{l+1} exists), and
   // whether it has a second derivative (then d2_{l+1} and the residual terms exist).
   bool act_after(int64_t l) const { return l < L - 1 && act[l] != Act::Identity; }
@@ -147,11 +162,11 @@ Forward forward(const Stack& s) {
   f.d.emplace_back();
   f.d2.emplace_back();
   for (int64_t l = 0; l < s.L; ++l) {
-    at::Tensor z = s.b[l].defined() ? hx::addmm(s.b[l], f.a[l], s.W[l].t()) : hx::mm(f.a[l], s.W[l].t());
+    at::Tensor z = s.affine(f.a[l], s.W[l].t(), s.b[l]);
     at::Tensor d, d2;
     if (s.act_after(l)) {
-      d = at::empty_like(z);
-      if (s.curved_after(l)) d2 = at::empty_like(z);
+      d = s.scratch(z.sizes());
+      if (s.curved_after(l)) d2 = s.scratch(z.sizes());
       E::activation(z, s.act[l], s.p0[l], s.p1[l], d, d2);
     }
     f.a.push_back(z);
@@ -191,7 +206,7 @@ struct LossHead {
 
 template <class E>
 LossHead loss_head(const Stack& s, const at::Tensor& out) {
-  LossHead head{s.loss, at::empty_like(out), at::empty_like(out), at::empty({s.M}, out.options())};
+  LossHead head{s.loss, s.scratch(out.sizes()), s.scratch(out.sizes()), s.scratch({s.M})};
   E::loss_rows(s.loss, s.loss_param, s.scale, out, s.y, head.g, head.h, head.w);
   return head;
 }
@@ -209,16 +224,23 @@ inline Backward backward(const Stack& s, const Forward& f, const LossHead& head)
   g.e.resize(s.L);
   g.delta[s.L - 1] = head.g;
   for (int64_t l = s.L - 1; l >= 1; --l) {
-    g.e[l] = hx::mm(g.delta[l], s.W[l]);
-    g.delta[l - 1] = f.d[l].defined() ? g.e[l] * f.d[l] : g.e[l];
+    g.e[l] = s.scratch({s.M, s.width(l)});
+    hx::mm_into(g.e[l], g.delta[l], s.W[l]);
+    g.delta[l - 1] = g.e[l];
+    if (f.d[l].defined()) {
+      g.delta[l - 1] = s.scratch(g.e[l].sizes());
+      at::mul_out(g.delta[l - 1], g.e[l], f.d[l]);
+    }
   }
   return g;
 }
 
 // The residual (second-derivative) coefficient of layer l's activation: R_{l-1} = phi''(z_{l-1}) e_l
 // = d2_l * e_l, [M, n_l]; undefined where phi is piecewise linear (or for the GGN).
-inline at::Tensor residual(const Forward& f, const Backward& g, int64_t l) {
-  return (f.d2[l].defined() && g.e[l].defined()) ? f.d2[l] * g.e[l] : at::Tensor();
+inline at::Tensor residual(const Stack& s, const Forward& f, const Backward& g, int64_t l) {
+  if (!f.d2[l].defined() || !g.e[l].defined()) return at::Tensor();
+  at::Tensor r = s.scratch(g.e[l].sizes());
+  return at::mul_out(r, f.d2[l], g.e[l]);
 }
 
 }  // namespace hessext

@@ -145,14 +145,26 @@ at::Tensor addmm(const at::Tensor& bias, const at::Tensor& A, const at::Tensor& 
   return C;
 }
 
-void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+namespace {
+// C = A B + beta C, C given.
+void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta) {
   if (!use_blas(A, B) || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
-    C.addmm_(A, B);
+    if (beta == 0.0) at::mm_out(const_cast<at::Tensor&>(C), A, B);
+    else C.addmm_(A, B);
     return;
   }
-  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx::addmm_: shapes ",
+  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx: product shapes ",
               C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
-  blas_into(A, B, C, 1.0);
+  blas_into(A, B, C, beta);
+}
+}  // namespace
+
+void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  into(C, A, B, 1.0);
+}
+
+void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
+  into(C, A, B, 0.0);
 }
 
 std::string blas_load(const std::string& path) {

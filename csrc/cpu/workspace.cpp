@@ -1,0 +1,63 @@
+// hx::Workspace (workspace.h): one arena per calling thread, handed out last in first out.
+#include "workspace.h"
+
+#include <algorithm>
+
+namespace hx {
+namespace {
+
+constexpr int64_t kAlign = 64;
+
+struct Arena {
+  at::Tensor buf;     // uint8 [capacity], or undefined
+  int64_t used = 0;   // bytes handed out; beyond the capacity they came from at::empty
+  int64_t peak = 0;   // the most `used` of the current outermost Workspace
+  int depth = 0;      // Workspaces alive in this thread
+  int64_t capacity() const { return buf.defined() ? buf.numel() : 0; }
+};
+
+Arena& arena() {
+  thread_local Arena a;
+  return a;
+}
+
+}  // namespace
+
+Workspace::Workspace(const at::Device& device) : cpu_(device.is_cpu()) {
+  if (!cpu_) return;
+  Arena& a = arena();
+  ++a.depth;
+  mark_ = a.used;
+}
+
+Workspace::~Workspace() {
+  if (!cpu_) return;
+  Arena& a = arena();
+  a.used = mark_;
+  if (--a.depth > 0) return;
+  // Reuse the arena only where nothing but the arena holds it, and grow it to this call's peak.
+  const bool escaped = a.buf.defined() && a.buf.storage().use_count() > 1;
+  if (escaped || a.peak > a.capacity()) {
+    a.buf = at::Tensor();
+    if (a.peak <= kKeepBytes) a.buf = at::empty({a.peak}, at::TensorOptions().dtype(at::kByte));
+  }
+  a.peak = 0;
+}
+
+at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& options) const {
+  Arena& a = arena();
+  if (!cpu_ || a.depth == 0) return at::empty(shape, options);
+  const int64_t itemsize = static_cast<int64_t>(options.dtype().itemsize());
+  const int64_t bytes = (c10::multiply_integers(shape) * itemsize + kAlign - 1) / kAlign * kAlign;
+  const int64_t at = a.used;
+  a.used += bytes;
+  a.peak = std::max(a.peak, a.used);
+  if (a.used > a.capacity()) return at::empty(shape, options);
+  return at::empty({0}, options).set_(a.buf.storage(), at / itemsize, shape);
+}
+
+int64_t workspace_bytes() {
+  return arena().capacity();
+}
+
+}  // namespace hx

@@ -1,0 +1,74 @@
+"""The per-thread scratch arena of the CPU kernels (csrc/workspace.h): reusing it from call to call
+never changes an answer, never hands a caller memory that a later call writes, grows to the largest
+call and stays within its cap, and serves concurrent Python threads each from their own arena.
+Tolerance: 1e-14 relative between two calls of the same op on the same data (the same products in
+the same order; only the memory they run in differs)."""
+import threading
+
+import torch
+import torch.nn as nn
+
+import hessext
+from hessext import _native
+from tests.cases import assert_close, build_stack, random_batch
+
+C = _native.load()
+RTOL = 1e-14
+KEEP_BYTES = 256 << 20
+
+
+def case(widths, n, seed):
+    """A Tanh stack wide enough for the GEMM path (widths above 64), its batch and one vector."""
+    model = build_stack(widths, [True] * (len(widths) - 1), [nn.Tanh] * (len(widths) - 2), seed=seed)
+    x, y = random_batch(widths[0], widths[-1], n, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
+    return model, x, y, v
+
+
+def hvp(c):
+    model, x, y, v = c
+    return hessext.hvp(model, nn.MSELoss(), x, y, v)
+
+
+def test_reuse_across_sizes_keeps_answers_and_outputs():
+    small, large = case([12, 80, 80, 3], 40, 0), case([30, 100, 90, 2], 500, 1)
+    first = hvp(small)
+    kept = {k: t.clone() for k, t in first.items()}
+    hvp(large)  # grows the arena
+    again = hvp(small)  # now inside the grown arena
+    hvp(large)
+    for k in kept:
+        assert torch.equal(first[k], kept[k]), f"{k}: an earlier output changed under a later call"
+        assert_close(again[k], kept[k], RTOL, k)
+
+
+def test_arena_is_kept_and_capped():
+    hvp(case([12, 80, 80, 3], 200, 2))
+    kept = C.workspace_bytes()
+    assert 0 < kept <= KEEP_BYTES
+    hvp(case([12, 80, 80, 3], 20, 3))
+    assert C.workspace_bytes() == kept, "a smaller call must run in the kept arena, not replace it"
+
+
+def test_threads_use_their_own_arenas():
+    cases = [case([12, 80, 80, 3], n, seed) for seed, n in enumerate((30, 300, 70, 500))]
+    serial = [hvp(c) for c in cases]
+    results, errors = [None] * len(cases), []
+
+    def worker(j):
+        try:
+            for _ in range(5):
+                results[j] = hvp(cases[j])
+        except Exception as e:  # reported below, with the thread
+            errors.append((j, e))
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for j, (got, want) in enumerate(zip(results, serial)):
+        for k in want:
+            assert_close(got[k], want[k], RTOL, f"thread {j}, {k}")
