@@ -1,7 +1,7 @@
 // The matrix products of every path. On the CPU, float32/float64 products go to an OpenBLAS loaded at
 // run time (gemm.cpp: numpy's own scipy-openblas64, found by hessext/_blas.py), which on this
 // project's machines runs 1.1-1.7x faster than ATen's MKL for the shapes of an MLP; everything else
-// (no BLAS loaded, CUDA tensors, other dtypes, empty shapes, calls inside an ATen parallel region)
+// (no BLAS loaded, CUDA tensors, other dtypes, empty shapes)
 // is ATen's at::mm / at::addmm, so the results are the same products either way.
 #pragma once
 

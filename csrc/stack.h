@@ -96,6 +96,10 @@ struct Stack {
     y = targets.contiguous();
   }
 
+  // Samples [m0, m1) of this stack: the same layers, loss and scale, so that the losses of the row
+  // blocks sum to this stack's loss (and so do their derivatives). Checked once, here, not again.
+  Stack rows(int64_t m0, int64_t m1) const { return Stack(*this, m0, m1); }
+
   int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
   // An intermediate of this call (workspace.h), with the inputs' dtype and device.
   at::Tensor scratch(at::IntArrayRef shape) const { return ws.empty(shape, x.options()); }
@@ -145,6 +149,12 @@ struct Stack {
     }
     return K;
   }
+
+ private:
+  Stack(const Stack& s, int64_t m0, int64_t m1)
+      : x(s.x.narrow(0, m0, m1 - m0)), y(s.y.narrow(0, m0, m1 - m0)), W(s.W), b(s.b), act(s.act), p0(s.p0),
+        p1(s.p1), slot_W(s.slot_W), slot_b(s.slot_b), loss(s.loss), loss_param(s.loss_param), scale(s.scale),
+        L(s.L), M(m1 - m0), num_slots(s.num_slots), ws(s.x.device()) {}
 };
 
 // Forward pass, computed once and shared by every vector:

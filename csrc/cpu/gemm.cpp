@@ -75,7 +75,7 @@ Operand operand(const at::Tensor& X) {
 bool use_blas(const at::Tensor& A, const at::Tensor& B) {
   const Blas& b = blas();
   if (!b.handle || !A.device().is_cpu() || A.dim() != 2 || B.dim() != 2 || A.scalar_type() != B.scalar_type() ||
-      !B.device().is_cpu() || at::in_parallel_region())
+      !B.device().is_cpu())
     return false;
   if (A.scalar_type() == at::kDouble ? !b.dgemm : (A.scalar_type() != at::kFloat || !b.sgemm)) return false;
   return A.size(0) > 0 && A.size(1) > 0 && B.size(1) > 0;
@@ -86,7 +86,8 @@ constexpr int64_t kParallelWork = 1 << 16;
 
 // OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
 // torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
-// C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm.
+// C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
+// inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
 void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T beta) {
   const Operand A = operand(A_), B = operand(B_);
@@ -99,7 +100,9 @@ void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T bet
   }();
   const T *a = A.t.data_ptr<T>(), *bp = B.t.data_ptr<T>();
   T* c = C.data_ptr<T>();
-  const int64_t parts = m * n * k >= kParallelWork ? std::min<int64_t>(at::get_num_threads(), std::max(m, n)) : 1;
+  const int64_t parts = m * n * k >= kParallelWork && !at::in_parallel_region()
+                            ? std::min<int64_t>(at::get_num_threads(), std::max(m, n))
+                            : 1;
   const bool rows = m >= n;
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {

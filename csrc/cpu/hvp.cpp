@@ -1,20 +1,17 @@
 // CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
-// Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused per-sample recurrence of fused.h with the K vectors innermost, samples
-// split over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM
-// recurrence of hvp.h with the CPU elementwise steps.
+// Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused
+// per-sample recurrence of fused.h with the K vectors innermost, samples split over threads, each
+// thread accumulating into its own buffer. Wide stacks: the GEMM recurrence of hvp.h with the CPU
+// elementwise steps, once per block of samples (row_blocks.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
+#include "cpu/row_blocks.h"
 #include "hvp.h"
 
 namespace hessext {
 namespace {
-
-// Threads worth using for `work` multiply-adds: about 256k per thread, at most the pool.
-int64_t threads_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (int64_t(1) << 18)));
-}
 
 template <typename T, bool GGN>
 std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, int64_t K) {
@@ -72,7 +69,9 @@ template <bool GGN>
 std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   const Stack s(HX_STACK_ARGS);
   const int64_t K = s.check_vectors(vectors);
-  if (!PathChoice::fused(s, K)) return hvp<CpuElementwise>(s, vectors, GGN);
+  if (!PathChoice::fused(s, K))
+    return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
+                               [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, GGN); });
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
                                     [&] { return hvp_fused_cpu<scalar_t, GGN>(s, vectors, K); });
 }

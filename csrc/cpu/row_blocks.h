@@ -1,0 +1,39 @@
+// The CPU GEMM recurrences, split over torch's threads by samples: each thread runs the whole
+// recurrence for one block of rows (its products single-threaded, its elementwise steps serial), and
+// the blocks' results, sums over samples, are added at the end. Against one recurrence with every
+// product and pass split over the threads this saves a fork and join per step (about 40 for three
+// layers) and keeps each thread on its own rows; measured at 2 threads, float64, one HVP:
+// [10,64,64,1], N = 256, 0.29 -> 0.25 ms; [2,50,50,50,1], N = 1024, 1.07 -> 0.96 ms.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include "stack.h"
+
+namespace hessext {
+
+// Threads worth using for `work` multiply-adds: about 256k per thread, at most the pool.
+inline int64_t threads_for(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (int64_t(1) << 18)));
+}
+
+// run(block) for blocks of s's samples, one per thread, summed; run(s) itself (its products and passes
+// split over the threads) where one thread suffices, or where the blocks would be short and the work
+// large: then each block's weight-sized products (sums over only M / threads samples) and the final
+// sum of the blocks' results cost more than the joins save. Measured at 2 threads, float64, against
+// run(s): [784,256,256,10], N = 256 (128-row blocks), 1 HVP level (3.9 ms), 16 HVPs 45.5 -> 51-59 ms;
+// [2,50,50,50,1], N = 1024 (512-row blocks), 16 HVPs 11.4 -> 11.0 ms.
+template <class Run>
+std::vector<at::Tensor> sum_over_row_blocks(const Stack& s, int64_t work, Run&& run) {
+  constexpr int64_t kMinRows = 16, kTallRows = 256, kSmallWork = int64_t(1) << 24;
+  const int64_t nt = std::min(threads_for(work), s.M / kMinRows);
+  if (nt <= 1 || at::in_parallel_region() || (s.M / nt < kTallRows && work > kSmallWork)) return run(s);
+  std::vector<std::vector<at::Tensor>> parts(nt);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) parts[t] = run(s.rows(t * s.M / nt, (t + 1) * s.M / nt));
+  });
+  for (int64_t t = 1; t < nt; ++t)
+    for (size_t j = 0; j < parts[0].size(); ++j) parts[0][j].add_(parts[t][j]);
+  return parts[0];
+}
+
+}  // namespace hessext
