@@ -13,8 +13,8 @@ namespace hx {
 
 // A [m, k] times B [k, n] into a new [m, n] tensor.
 at::Tensor mm(const at::Tensor& A, const at::Tensor& B);
-// bias + A B; bias broadcasts to [m, n] (a bias row [n], or a full [m, n] tensor).
-at::Tensor addmm(const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B);
+// C = bias + A B into a given [m, n] tensor; bias broadcasts to [m, n] (a bias row [n], or a full [m, n] tensor).
+void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B);
 // C += A B in place; C may be a view.
 void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
 // C = A B into a given [m, n] tensor (a Workspace's, say); C may be a view.

@@ -16,7 +16,8 @@
 #endif
 
 TORCH_LIBRARY(hessext, m) {
-  // K Hessian-vector products; vectors[j]: [K, *shape of parameter j]; returns the same shapes.
+  // K Hessian-vector products; vectors[j]: [K, *shape of parameter j], or [*shape] for one vector;
+  // returns the same shapes.
   m.def(
       "hvp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
       "float[] act_params, int loss, float loss_param, float scale, Tensor[] vectors) -> Tensor[]");
@@ -49,6 +50,31 @@ bool with_cuda() {
 #endif
 }
 
+// Whether every entry of every floating-point tensor is finite (the native path's precondition, see
+// hessext/inputs.py). Small contiguous CPU tensors in one loop (x * 0 is 0 for finite x, NaN for
+// inf and NaN), the rest through ATen: for seed 1's 100 samples 0.3 us against 3 us for ATen's
+// isfinite/all/item per tensor.
+bool all_finite(const std::vector<at::Tensor>& tensors) {
+  constexpr int64_t kLoop = int64_t(1) << 14;
+  for (const auto& t : tensors) {
+    if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
+    const bool loop = t.device().is_cpu() && t.is_contiguous() && t.numel() <= kLoop &&
+                      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+    if (!loop) {
+      if (!at::isfinite(t).all().item<bool>()) return false;
+      continue;
+    }
+    const bool ok = AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "all_finite", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      scalar_t acc = 0;
+      for (int64_t j = 0; j < t.numel(); ++j) acc += p[j] * scalar_t(0);
+      return acc == scalar_t(0);
+    });
+    if (!ok) return false;
+  }
+  return true;
+}
+
 int64_t cuda_version() {
 #ifdef WITH_CUDA
   return CUDA_VERSION;
@@ -74,8 +100,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blas_load", &hx::blas_load, "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
   m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
   m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
-  m.def("addmm", &hx::addmm, "bias + A @ B as the kernels compute it (for tests)");
+  m.def(
+      "addmm",
+      [](const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
+        at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
+        hx::addmm_into(C, bias, A, B);
+        return C;
+      },
+      "bias + A @ B as the kernels compute it (for tests)");
   m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
+  m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
   m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
 }

@@ -27,7 +27,7 @@ namespace hessext {
 
 template <class E>
 std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
-  const int64_t K = s.check_vectors(vectors), M = s.M, L = s.L;
+  const int64_t K = vectors[0].size(0), M = s.M, L = s.L;  // checked by Stack::for_vectors
   const Forward f = forward<E>(s);
   const LossHead head = loss_head<E>(s, f.a[L]);
   const Backward g = ggn ? Backward{} : backward(s, f, head);

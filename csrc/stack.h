@@ -107,8 +107,7 @@ struct Stack {
   at::Tensor affine(const at::Tensor& a, const at::Tensor& Wt, const at::Tensor& bias) const {
     at::Tensor z = scratch({a.size(0), Wt.size(1)});
     if (bias.defined()) {
-      z.copy_(bias.expand({a.size(0), Wt.size(1)}));
-      hx::addmm_(z, a, Wt);
+      hx::addmm_into(z, bias, a, Wt);
     } else {
       hx::mm_into(z, a, Wt);
     }
@@ -131,6 +130,18 @@ struct Stack {
       }
     }
     return shapes;
+  }
+
+  // The products' vectors (stack order) as [K, *param shape] or, one vector, as [*param shape] (the
+  // results then come unbatched too): run(vectors as [K, *shape], K), checked, in either case.
+  template <class Run>
+  std::vector<at::Tensor> for_vectors(at::TensorList vectors, Run&& run) const {
+    if (vectors.empty() || vectors[0].dim() != 2) return run(vectors, check_vectors(vectors));
+    std::vector<at::Tensor> batched;
+    for (const auto& v : vectors) batched.push_back(v.unsqueeze(0));
+    std::vector<at::Tensor> out = run(batched, check_vectors(batched));
+    for (auto& o : out) o = o.squeeze(0);
+    return out;
   }
 
   // vectors: the stack-order list, each [K, *param shape], same dtype and device. Returns K.

@@ -98,12 +98,13 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
     plan = call.plan
     if native_op is ops.ggn_vp:
         call.ggn_split()
-    vecs, restore = pack_vectors(vectors, plan.param_names, call.tensors)
+    vecs, batched, restore = pack_vectors(vectors, plan.param_names, call.tensors)
     call.check_traced(vecs)
     if call.native:
         return restore(_native_call(native_op, call, inputs, targets, [vecs[j] for j in plan.stack_order]))
+    vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
     result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), dict(zip(plan.param_names, vecs)))
-    return restore([call.result(result[n]) for n in plan.param_names])
+    return restore([call.result(result[n] if batched else result[n][0]) for n in plan.param_names])
 
 
 def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):

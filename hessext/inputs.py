@@ -2,10 +2,11 @@
 
 Every check runs before any kernel and raises a ValueError/TypeError that names the argument
 (`inputs`, `targets`, `params`, `vectors`) and says what was expected."""
-import math
 from collections.abc import Mapping
 
 import torch
+
+from hessext import _native
 
 
 def _describe(t):
@@ -77,17 +78,20 @@ def check_samples(inputs, what):
 
 
 def transformed(*tensors):
-    """Whether any tensor is being differentiated or batched by torch.func (grad, vjp, jvp, vmap)."""
+    """Whether any tensor is being differentiated or batched by torch.func (grad, vjp, jvp, vmap).
+    Outside every transform (no functorch level) no tensor is: one call then answers for all."""
+    if _functorch_level() is None:
+        return False
     return any(_is_wrapped(t) for t in tensors if isinstance(t, torch.Tensor))
 
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_level = torch._C._functorch.maybe_current_level
 
 
 def finite(*tensors):
-    """Whether every entry is finite: a NaN or an infinity makes the sum non-finite (so does an
-    overflowing sum, which only sends the call to the fallback)."""
-    return math.isfinite(sum(float(t.sum()) for t in tensors))
+    """Whether every entry of the (native path's) tensors is finite."""
+    return _native.load().all_finite(list(tensors))
 
 
 def native_inputs(plan, inputs, tensors):
@@ -175,8 +179,10 @@ def native_batch(plan, inputs, targets, tensors):
 
 
 def pack_vectors(vectors, names, params):
-    """The user's vectors as a list (named_parameters() order) of [K, *p.shape] tensors, and a
-    function that puts per-parameter results [K, *p.shape] back in the user's format.
+    """The user's vectors as a list (named_parameters() order), whether they carry a leading batch
+    dimension K, and a function that puts per-parameter results of the same form back in the user's
+    format. The list holds [K, *p.shape] tensors when batched, else [*p.shape] ones (the native ops
+    take either).
 
     Accepted: a dict name -> tensor, a list/tuple in named_parameters() order, or a flat tensor [P];
     each with an optional leading batch dimension K (dict/list entries [K, *shape], flat [K, P])."""
@@ -188,15 +194,14 @@ def pack_vectors(vectors, names, params):
                              f"(P = number of parameters), got {tuple(vectors.shape)}")
         _check_like(vectors, ref, lambda _: "vectors", 0)
         batched = vectors.dim() == 2
-        flat = vectors if batched else vectors.unsqueeze(0)
-        K = flat.shape[0]
-        entries = [c.reshape((K,) + p.shape) for c, p in zip(flat.split([p.numel() for p in params], 1), params)]
+        lead = tuple(vectors.shape[:1]) if batched else ()
+        chunks = vectors.split([p.numel() for p in params], -1)
+        entries = [c.reshape(lead + p.shape) for c, p in zip(chunks, params)]
 
         def restore(out):
-            result = torch.cat([o.reshape(K, -1) for o in out], 1)
-            return result if batched else result[0]
+            return torch.cat([o.reshape(lead + (-1,)) for o in out], -1)
 
-        return entries, restore
+        return entries, batched, restore
     if isinstance(vectors, Mapping):
         if len(vectors) != len(names) or any(n not in vectors for n in names):
             missing = [n for n in names if n not in vectors]
@@ -226,21 +231,18 @@ def pack_vectors(vectors, names, params):
         raise ValueError(f"{label(0)} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
                          f"got {tuple(first.shape)}")
     K = first.shape[0] if batched else 1
-    entries = []
     for j, (t, p) in enumerate(zip(items, params)):
         if (t.shape[1:] if batched else t.shape) != p.shape or (batched and t.shape[0] != K):
             want = ((K,) if batched else ()) + tuple(p.shape)
             raise ValueError(f"{label(j)} must have shape {want} (like {label(0)}{', batched' if batched else ''}), "
                              f"got {tuple(t.shape)}")
-        entries.append(t if batched else t.unsqueeze(0))
 
     def restore(out):
-        out = out if batched else [o[0] for o in out]
         if isinstance(vectors, Mapping):
             return dict(zip(names, out))
         return type(vectors)(out) if isinstance(vectors, tuple) else list(out)
 
-    return entries, restore
+    return items, batched, restore
 
 
 def _check_like(t, ref, label, j):

@@ -56,6 +56,22 @@ def test_random_stacks_match_reference(case, dtype, device, path):
     assert_close(got, ref, RTOL[dtype], f"{widths} bias={biases} acts={acts} N={n} K={K} {dtype} {path}")
 
 
+def test_op_takes_one_vector_unbatched(path):
+    """torch.ops.hessext.hvp/ggn_vp with [*shape] vectors give the [1, *shape] results without their K."""
+    model = build_stack([3, 70, 5, 2], [True, False, True], [nn.Tanh, nn.Tanh])
+    x, y = random_batch(3, 2, 40)
+    ws = [model[0].weight, model[2].weight, model[4].weight]
+    bs = [model[0].bias, None, model[4].bias]
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (ws[0], bs[0], ws[1], ws[2], bs[2])]
+    args = (x, y, ws, bs, [1, 1], [0.0] * 4, 0, 0.0, 1.0 / 80)
+    for op in (torch.ops.hessext.hvp, torch.ops.hessext.ggn_vp):
+        with torch.no_grad():
+            one, batched = op(*args, vs), op(*args, [v.unsqueeze(0) for v in vs])
+        for a, b, v in zip(one, batched, vs):
+            assert a.shape == v.shape and torch.equal(a, b[0]), f"{op} {path}"
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_single_linear_closed_form(bias, reduction):

@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <tuple>
 #include <utility>
@@ -138,14 +139,24 @@ at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
   return C;
 }
 
-at::Tensor addmm(const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
-  if (!use_blas(A, B) || bias.scalar_type() != A.scalar_type() || !bias.device().is_cpu())
-    return at::addmm(bias, A, B);
-  TORCH_CHECK(A.size(1) == B.size(0), "hx::addmm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
-  at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
-  C.copy_(bias.expand({A.size(0), B.size(1)}));  // never bias itself, which .contiguous() could return
+void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
+  if (!use_blas(A, B) || bias.scalar_type() != A.scalar_type() || !bias.device().is_cpu() ||
+      C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
+    at::addmm_out(const_cast<at::Tensor&>(C), bias, A, B);
+    return;
+  }
+  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx::addmm_into: shapes ",
+              C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
+  const int64_t m = C.size(0), n = C.size(1);
+  if (bias.numel() == n && bias.is_contiguous()) {  // a bias row: copied into each row of C, no dispatch
+    const auto row_bytes = static_cast<size_t>(n) * C.element_size();
+    const char* src = static_cast<const char*>(bias.data_ptr());
+    char* dst = static_cast<char*>(C.data_ptr());
+    for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * C.stride(0) * C.element_size(), src, row_bytes);
+  } else {
+    C.copy_(bias.expand({m, n}));
+  }
   blas_into(A, B, C, 1.0);
-  return C;
 }
 
 namespace {

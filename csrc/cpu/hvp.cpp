@@ -68,12 +68,13 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
 template <bool GGN>
 std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   const Stack s(HX_STACK_ARGS);
-  const int64_t K = s.check_vectors(vectors);
-  if (!PathChoice::fused(s, K))
-    return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
-                               [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, GGN); });
-  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
-                                    [&] { return hvp_fused_cpu<scalar_t, GGN>(s, vectors, K); });
+  return s.for_vectors(vectors, [&](at::TensorList v, int64_t K) {
+    if (!PathChoice::fused(s, K))
+      return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
+                                 [&](const Stack& part) { return hvp<CpuElementwise>(part, v, GGN); });
+    return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
+                                      [&] { return hvp_fused_cpu<scalar_t, GGN>(s, v, K); });
+  });
 }
 
 }  // namespace

@@ -53,7 +53,12 @@ at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& opti
   a.used += bytes;
   a.peak = std::max(a.peak, a.used);
   if (a.used > a.capacity()) return at::empty(shape, options);
-  return at::empty({0}, options).set_(a.buf.storage(), at / itemsize, shape);
+  // at::empty's own construction (one TensorImpl on the arena's storage), without a dispatch
+  at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(a.buf.storage()),
+                                                          c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
+  t.unsafeGetTensorImpl()->set_storage_offset(at / itemsize);
+  return t;
 }
 
 int64_t workspace_bytes() {

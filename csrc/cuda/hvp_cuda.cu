@@ -71,10 +71,11 @@ template <bool GGN>
 std::vector<at::Tensor> products_cuda(HX_STACK_PARAMS, at::TensorList vectors) {
   const c10::cuda::CUDAGuard guard(inputs.device());
   const Stack s(HX_STACK_ARGS);
-  const int64_t K = s.check_vectors(vectors);
-  if (!PathChoice::fused(s, K)) return hvp<CudaElementwise>(s, vectors, GGN);
-  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cuda",
-                                    [&] { return hvp_fused_cuda<scalar_t, GGN>(s, vectors, K); });
+  return s.for_vectors(vectors, [&](at::TensorList v, int64_t K) {
+    if (!PathChoice::fused(s, K)) return hvp<CudaElementwise>(s, v, GGN);
+    return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cuda",
+                                      [&] { return hvp_fused_cuda<scalar_t, GGN>(s, v, K); });
+  });
 }
 
 }  // namespace
