@@ -110,25 +110,29 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
 
 def _native_peak(call, inputs, blocks):
     """Bytes the native hessian op holds at its peak (csrc/hessian.h): the block accumulators (float64
-    for float32) with one chunk workspace and its temporaries while the samples are summed, then the
-    result with the accumulators; the fused per-sample path instead holds one [P, P] per thread and
-    their sum. Plus the forward/backward activations."""
+    for float32) while the samples are summed, with one chunk's G_l, A_{l,k} and per-sample factors and
+    one block-sized product; then the result with the accumulators. The fused per-sample path instead
+    holds one [P, P] per thread and their sum. Plus the forward/backward activations."""
     plan, tensors = call.plan, call.tensors
     es = tensors[0].element_size()
     acc_es = 8 if tensors[0].dtype == torch.float32 else es
     shapes = [tuple(tensors[j].shape) for j in plan.weight_pos]  # (o, n) per layer
     biased = [j is not None for j in plan.bias_pos]
     L = len(shapes)
-    pairs = [(l, k) for l in range(L) for k in range(l + 1)]
-    widest = max(shapes[l][0] * (shapes[l][1] + 1) * shapes[k][0] for l, k in pairs)
+    wanted = [(l, k) for l in range(L) for k in range(l + 1) if blocks == "full" or l == k]
+
+    def factor_elems(l, k):  # csrc/hessian.h pair_factor_elems
+        (o, n), (p, nk) = shapes[l], shapes[k]
+        return o * p + (n + 1) * (nk + 1) + (n * p * min(o, nk + 1) if k < l else 0)
+
+    widest = max(factor_elems(l, k) for l, k in wanted)
     x = plan.stack.pre(inputs)
     M = x.numel() // shapes[0][1]
-    mc = max(1, min(M, _HESSIAN_CHUNK_ELEMS // widest))
-    wanted = [(l, k) for l, k in pairs if blocks == "full" or l == k]
+    mc = max(1, min(M, _HESSIAN_CHUNK_ELEMS // widest, 256 if acc_es != es else M))
     rows = [shapes[l][0] * (shapes[l][1] + 1) * shapes[k][0] * (shapes[k][1] + 1) for l, k in wanted]
     acc = sum(rows) * acc_es
     maxw = max(max(o, n) for o, n in shapes)
-    temps = (4 * mc * L * maxw * maxw) * es + (max(rows) * es if acc_es != es else 0)
+    chunk = ((L + 3) * mc * maxw * maxw + mc * widest) * es + max(rows) * (es + (acc_es if acc_es != es else 0))
     sizes = [o * n + (o if b else 0) for (o, n), b in zip(shapes, biased)]
     result = (sum(sizes) ** 2 if blocks == "full" else sum(n * n for n in sizes)) * es
     P = sum(sizes)
@@ -136,7 +140,7 @@ def _native_peak(call, inputs, blocks):
     fused = (torch.get_num_threads() + 1) * P * P * es if small else 0
     activations = 4 * M * (shapes[0][1] + sum(o for o, _ in shapes)) * es
     scatter = max(rows) * 8 if acc_es != es else 0  # a float64 block cast for H's float32 entries
-    peak = max(acc + mc * widest * es + temps, acc + result + scatter + 256 * 256 * es * 2, fused) + activations
+    peak = max(acc + chunk, acc + result + scatter + 256 * 256 * es * 2, fused) + activations
     return int(peak * 1.1) + _SLACK
 
 

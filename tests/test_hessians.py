@@ -21,6 +21,18 @@ def case_model(case, dtype=torch.float64, max_width=12):
     return f"{widths} bias={biases} acts={acts} N={n}", model, x, y, nn.MSELoss(reduction=rng.choice(["mean", "sum"]))
 
 
+@pytest.mark.parametrize("biases", [[True, False, True], [False, True, False]])
+def test_dense_hessian_summed_over_chunks(biases):
+    """float32 sums run in chunks of 256 samples (csrc/hessian.h), here three, accumulated in float64;
+    tolerance 1e-5 relative (float32 factors, float64 sums)."""
+    model = build_stack([3, 20, 20, 2], biases, [nn.Tanh, nn.Tanh], torch.float32, seed=7)
+    x, y = random_batch(3, 2, 600, torch.float32, seed=7)
+    H = hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", backend="native")
+    ref = reference_hessian(model, nn.MSELoss(), x, y)
+    assert_close(H, ref, 1e-5, f"biases {biases}")
+    assert torch.equal(H, H.T)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(10))
 def test_dense_hessian_matches_torch_func(case, dtype, path):
