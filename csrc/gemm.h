@@ -13,12 +13,14 @@ namespace hx {
 
 // A [m, k] times B [k, n] into a new [m, n] tensor.
 at::Tensor mm(const at::Tensor& A, const at::Tensor& B);
-// C = bias + A B into a given [m, n] tensor; bias broadcasts to [m, n] (a bias row [n], or a full [m, n] tensor).
-void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B);
+// C = alpha (bias + A B) into a given [m, n] tensor; bias broadcasts to [m, n] (a bias row [n], or a full
+// [m, n] tensor).
+void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B,
+                double alpha = 1.0);
 // C += A B in place; C may be a view.
 void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
-// C = A B into a given [m, n] tensor (a Workspace's, say); C may be a view.
-void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
+// C = alpha A B into a given [m, n] tensor (a Workspace's, say); C may be a view.
+void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha = 1.0);
 
 // Load an OpenBLAS (64-bit integers, scipy-openblas symbol names) from a shared library path; an
 // empty path unloads it. Returns "" on success, else why not (the products then stay ATen's).

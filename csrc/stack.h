@@ -103,13 +103,13 @@ struct Stack {
   int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
   // An intermediate of this call (workspace.h), with the inputs' dtype and device.
   at::Tensor scratch(at::IntArrayRef shape) const { return ws.empty(shape, x.options()); }
-  // A [M, n] x [n, o] product with an optional bias row [o], into scratch.
-  at::Tensor affine(const at::Tensor& a, const at::Tensor& Wt, const at::Tensor& bias) const {
+  // alpha (a Wt + bias): a [M, n] x [n, o] product with an optional bias row [o], into scratch.
+  at::Tensor affine(const at::Tensor& a, const at::Tensor& Wt, const at::Tensor& bias, double alpha = 1.0) const {
     at::Tensor z = scratch({a.size(0), Wt.size(1)});
     if (bias.defined()) {
-      hx::addmm_into(z, bias, a, Wt);
+      hx::addmm_into(z, bias, a, Wt, alpha);
     } else {
-      hx::mm_into(z, a, Wt);
+      hx::mm_into(z, a, Wt, alpha);
     }
     return z;
   }
@@ -183,7 +183,7 @@ Forward forward(const Stack& s) {
   f.d.emplace_back();
   f.d2.emplace_back();
   for (int64_t l = 0; l < s.L; ++l) {
-    at::Tensor z = s.affine(f.a[l], s.W[l].t(), s.b[l]);
+    at::Tensor z = s.affine(f.a[l], s.W[l].t(), s.b[l], s.act_after(l) ? E::input_scale(s.act[l]) : 1.0);
     at::Tensor d, d2;
     if (s.act_after(l)) {
       d = s.scratch(z.sizes());

@@ -16,6 +16,7 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
   const Forward f = forward<CpuElementwise>(s);
+  const ForwardRows<T> rows(net, f);
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P / (int64_t(1) << 16)));
   const auto acc_opts = s.x.options().dtype(c10::CppTypeToScalarType<Acc>::value);
@@ -41,7 +42,7 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
           HW[l] = layout.slot_ptr<Acc>(s.slot_W[l], row, 1, direct, acc);
           Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<Acc>(s.slot_b[l], row, 1, direct, acc) : nullptr;
         }
-        load_sample(net, f, m, smp);
+        rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         if (!ggn) fused::backward(net, smp.d, smp.delta, smp.e);
         fused::diag_sample(net, ggn, smp.a, smp.d, smp.d2, smp.e, smp.head, G, Gn, Tm, HW, Hb);

@@ -90,7 +90,7 @@ constexpr int64_t kParallelWork = 1 << 16;
 // C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
 // inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
-void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T beta) {
+void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T alpha, T beta) {
   const Operand A = operand(A_), B = operand(B_);
   const int ta = A.trans, tb = B.trans;
   const int64_t m = A_.size(0), k = A_.size(1), n = B_.size(1), lda = A.ld, ldb = B.ld;
@@ -110,19 +110,19 @@ void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T bet
       const int64_t len = rows ? m : n, lo = len * p / parts, hi = len * (p + 1) / parts;
       if (hi == lo) continue;
       if (rows)  // rows lo..hi of A and C
-        f(kRowMajor, ta, tb, hi - lo, n, k, T(1), a + (ta == kNoTrans ? lo * lda : lo), lda, bp, ldb, beta,
+        f(kRowMajor, ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, bp, ldb, beta,
           c + lo * ldc, ldc);
       else  // columns lo..hi of B and C
-        f(kRowMajor, ta, tb, m, hi - lo, k, T(1), a, lda, bp + (tb == kNoTrans ? lo : lo * ldb), ldb, beta, c + lo,
+        f(kRowMajor, ta, tb, m, hi - lo, k, alpha, a, lda, bp + (tb == kNoTrans ? lo : lo * ldb), ldb, beta, c + lo,
           ldc);
     }
   });
 }
 
-// C (row-major, unit column stride) = A B + beta C.
-void blas_into(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, double beta) {
-  if (A.scalar_type() == at::kDouble) gemm<double>(A, B, C, beta);
-  else gemm<float>(A, B, C, static_cast<float>(beta));
+// C (row-major, unit column stride) = alpha A B + beta C.
+void blas_into(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, double beta, double alpha = 1.0) {
+  if (A.scalar_type() == at::kDouble) gemm<double>(A, B, C, alpha, beta);
+  else gemm<float>(A, B, C, static_cast<float>(alpha), static_cast<float>(beta));
 }
 
 bool row_major(const at::Tensor& C) {
@@ -139,10 +139,10 @@ at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
   return C;
 }
 
-void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
+void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B, double alpha) {
   if (!use_blas(A, B) || bias.scalar_type() != A.scalar_type() || !bias.device().is_cpu() ||
       C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
-    at::addmm_out(const_cast<at::Tensor&>(C), bias, A, B);
+    at::addmm_out(const_cast<at::Tensor&>(C), bias, A, B, alpha, alpha);
     return;
   }
   TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx::addmm_into: shapes ",
@@ -156,20 +156,24 @@ void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A
   } else {
     C.copy_(bias.expand({m, n}));
   }
-  blas_into(A, B, C, 1.0);
+  blas_into(A, B, C, alpha, alpha);
 }
 
 namespace {
-// C = A B + beta C, C given.
-void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta) {
+// C = alpha A B + beta C (beta 0 or 1), C given.
+void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha = 1.0) {
   if (!use_blas(A, B) || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
-    if (beta == 0.0) at::mm_out(const_cast<at::Tensor&>(C), A, B);
-    else C.addmm_(A, B);
+    if (beta == 0.0) {
+      at::mm_out(const_cast<at::Tensor&>(C), A, B);
+      if (alpha != 1.0) C.mul_(alpha);
+    } else {
+      C.addmm_(A, B, 1.0, alpha);
+    }
     return;
   }
   TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx: product shapes ",
               C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
-  blas_into(A, B, C, beta);
+  blas_into(A, B, C, beta, alpha);
 }
 }  // namespace
 
@@ -177,8 +181,8 @@ void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
   into(C, A, B, 1.0);
 }
 
-void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
-  into(C, A, B, 0.0);
+void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha) {
+  into(C, A, B, 0.0, alpha);
 }
 
 std::string blas_load(const std::string& path) {

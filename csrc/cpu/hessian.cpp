@@ -17,6 +17,7 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
   const fused::Net<T> net = make_net<T>(s);
   const FlatOffsets off(s, false);
   const Forward f = forward<CpuElementwise>(s);
+  const ForwardRows<T> rows(net, f);
   const int64_t M = s.M, C = s.width(s.L), P = off.total, L = s.L;
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P * P / (int64_t(1) << 16)));
   at::Tensor acc = at::zeros({nt, P, P}, s.x.options());
@@ -28,7 +29,7 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
     T *G = smp.end(net), *GWs = G + L * W2, *A = GWs + L * W2, *An = A + W2, *B = An + W2;
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        load_sample(net, f, m, smp);
+        rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         fused::backward(net, smp.d, smp.delta, smp.e);
         fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B,

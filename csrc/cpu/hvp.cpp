@@ -18,6 +18,7 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
   const Forward f = forward<CpuElementwise>(s);
+  const ForwardRows<T> rows(net, f);
   std::vector<at::Tensor> vt;  // each vector slot as [numel, K] (for K = 1 the given layout)
   for (const auto& v : vectors) vt.push_back(K == 1 ? v.contiguous() : v.reshape({K, -1}).t().contiguous());
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
@@ -49,7 +50,7 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
         Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<T>(s.slot_b[l], t, K, direct, acc) : nullptr;
       }
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        load_sample(net, f, m, smp);
+        rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
         if (K == 1)

@@ -104,6 +104,9 @@ __global__ void jet_activation_kernel(T* z, int64_t rows, int64_t cols, int64_t 
 }  // namespace cuda_detail
 
 struct CudaElementwise {
+  // The factor that the forward pass's product applies to z for activation(): none here.
+  static double input_scale(Act) { return 1.0; }
+
   static void activation(at::Tensor& z, Act kind, double p0, double p1, at::Tensor& d, at::Tensor& d2) {
     const int64_t n = z.numel();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_cuda", [&] {
