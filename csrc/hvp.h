@@ -25,16 +25,18 @@
 
 namespace hessext {
 
+// vectors (checked by Stack::check_vectors) and the results: [*lead, *param shape], lead {K} or {} (K = 1).
 template <class E>
-std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
-  const int64_t K = vectors[0].size(0), M = s.M, L = s.L;  // checked by Stack::for_vectors
+std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead, bool ggn) {
+  const int64_t K = lead.empty() ? 1 : lead[0], M = s.M, L = s.L;
+  const auto shapes = s.slot_shapes(lead);
   const Forward f = forward<E>(s);
   const LossHead head = loss_head<E>(s, f.a[L]);
   const Backward g = ggn ? Backward{} : backward(s, f, head);
 
   std::vector<at::Tensor> V(L), Vb(L);
   for (int64_t l = 0; l < L; ++l) {
-    V[l] = vectors[s.slot_W[l]].contiguous();
+    V[l] = vectors[s.slot_W[l]].contiguous().view({K, s.W[l].size(0), s.W[l].size(1)});
     if (s.slot_b[l] >= 0) Vb[l] = vectors[s.slot_b[l]].reshape({1, -1});
   }
 
@@ -62,8 +64,8 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, bool ggn) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     at::Tensor HW = hx::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
     if (l > 0 && !ggn) HW.add_(hx::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
-    out[s.slot_W[l]] = HW;
-    if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0);
+    out[s.slot_W[l]] = HW.view(shapes[s.slot_W[l]]);
+    if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0).view(shapes[s.slot_b[l]]);
     if (l == 0) break;
     const at::Tensor Re = s.scratch({M, K * i});
     if (ggn) {

@@ -132,33 +132,23 @@ struct Stack {
     return shapes;
   }
 
-  // The products' vectors (stack order) as [K, *param shape] or, one vector, as [*param shape] (the
-  // results then come unbatched too): run(vectors as [K, *shape], K), checked, in either case.
-  template <class Run>
-  std::vector<at::Tensor> for_vectors(at::TensorList vectors, Run&& run) const {
-    if (vectors.empty() || vectors[0].dim() != 2) return run(vectors, check_vectors(vectors));
-    std::vector<at::Tensor> batched;
-    for (const auto& v : vectors) batched.push_back(v.unsqueeze(0));
-    std::vector<at::Tensor> out = run(batched, check_vectors(batched));
-    for (auto& o : out) o = o.squeeze(0);
-    return out;
-  }
-
-  // vectors: the stack-order list, each [K, *param shape], same dtype and device. Returns K.
-  int64_t check_vectors(at::TensorList vectors) const {
+  // The products' vectors (stack order), checked: each [K, *param shape], or [*param shape] for one
+  // vector. Returns their leading shape, {K} or {} (the results take the same form).
+  std::vector<int64_t> check_vectors(at::TensorList vectors) const {
     TORCH_CHECK_VALUE(static_cast<int64_t>(vectors.size()) == num_slots, "vectors must hold ", num_slots,
                       " tensors (one per parameter), got ", vectors.size());
-    TORCH_CHECK_VALUE(vectors[0].dim() >= 1 && vectors[0].size(0) >= 1,
-                      "vectors[0] must have a leading dimension K >= 1");
-    const int64_t K = vectors[0].size(0);
-    const auto shapes = slot_shapes({K});
+    const bool single = vectors[0].dim() == 2;  // slot 0 is W_0
+    TORCH_CHECK_VALUE(single || (vectors[0].dim() == 3 && vectors[0].size(0) >= 1),
+                      "vectors[0] must have shape [K, out, in] with K >= 1, or [out, in] for one vector");
+    const std::vector<int64_t> lead = single ? std::vector<int64_t>{} : std::vector<int64_t>{vectors[0].size(0)};
+    const auto shapes = slot_shapes(lead);
     for (int64_t j = 0; j < num_slots; ++j) {
       TORCH_CHECK_VALUE(vectors[j].sizes() == at::IntArrayRef(shapes[j]), "vectors[", j, "] must have shape ",
                         at::IntArrayRef(shapes[j]), ", got ", vectors[j].sizes());
       TORCH_CHECK_TYPE(vectors[j].scalar_type() == x.scalar_type() && vectors[j].device() == x.device(),
                        "vectors[", j, "] must match inputs in dtype and device");
     }
-    return K;
+    return lead;
   }
 
  private:
@@ -360,10 +350,11 @@ struct SlotLayout {
     for (int64_t j = 0; j < s.num_slots; ++j) out.push_back(rows.narrow(-1, offset[j], numel[j]).reshape(shapes[j]).clone());
     return out;
   }
-  // The per-slot [K, *shape] outputs (each in its own storage; outputs never alias) of a flat
-  // [P * K] buffer holding slot j at offset[j] * K as [numel, K].
-  std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, int64_t K) const {
-    const auto shapes = s.slot_shapes({K});
+  // The per-slot [*lead, *shape] outputs, lead {K} or {} (K = 1; each in its own storage; outputs never
+  // alias) of a flat [P * K] buffer holding slot j at offset[j] * K as [numel, K].
+  std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, const std::vector<int64_t>& lead) const {
+    const int64_t K = lead.empty() ? 1 : lead[0];
+    const auto shapes = s.slot_shapes(lead);
     std::vector<at::Tensor> out;
     for (int64_t j = 0; j < s.num_slots; ++j) {
       const at::Tensor slot = flat.narrow(0, offset[j] * K, numel[j] * K).view({numel[j], K});

@@ -14,7 +14,8 @@ namespace hessext {
 namespace {
 
 template <typename T, bool GGN>
-std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, int64_t K) {
+std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
+  const int64_t K = lead.empty() ? 1 : lead[0];
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
   const Forward f = forward<CpuElementwise>(s);
@@ -26,7 +27,7 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
   std::vector<at::Tensor> direct;  // one thread, one vector: accumulate straight into the outputs
   at::Tensor acc;                  // else: slot j at offset[j] * K, as [numel, K], per thread
   if (nt == 1 && K == 1) {
-    for (const auto& shape : s.slot_shapes({K})) direct.push_back(at::zeros(shape, s.x.options()));
+    for (const auto& shape : s.slot_shapes(lead)) direct.push_back(at::zeros(shape, s.x.options()));
   } else {
     acc = at::zeros({nt, P * K}, s.x.options());
   }
@@ -63,19 +64,19 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, in
     }
   });
   if (!direct.empty()) return direct;
-  return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, K);
+  return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, lead);
 }
 
 template <bool GGN>
 std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   const Stack s(HX_STACK_ARGS);
-  return s.for_vectors(vectors, [&](at::TensorList v, int64_t K) {
-    if (!PathChoice::fused(s, K))
-      return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
-                                 [&](const Stack& part) { return hvp<CpuElementwise>(part, v, GGN); });
-    return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
-                                      [&] { return hvp_fused_cpu<scalar_t, GGN>(s, v, K); });
-  });
+  const std::vector<int64_t> lead = s.check_vectors(vectors);
+  const int64_t K = lead.empty() ? 1 : lead[0];
+  if (!PathChoice::fused(s, K))
+    return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
+                               [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, lead, GGN); });
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
+                                    [&] { return hvp_fused_cpu<scalar_t, GGN>(s, vectors, lead); });
 }
 
 }  // namespace
