@@ -33,6 +33,10 @@ CASES = [("hvp", "seed 1", 2.0, 1.5), ("hvp", "pinn", 1.25, 1.5), ("hvp", "[10,6
          ("laplacian", "pinn", 1.25, None), ("laplacian", "taylor", 1.0, None),
          ("hessian", "seed 1", 2.0, None), ("hessian", "[10,64,64,1]", 10.0, None)]
 K = 16
+# Every case runs this many rounds, each method timed once per round (JAX in a fresh process each
+# time), and each method keeps its best median: the machines are shared, and one round of one method
+# can catch another tenant's load (the same JAX HVP measured 1.25 and 2.02 ms an hour apart).
+ROUNDS = 3
 
 
 def median(fn, repeat=30):
@@ -94,11 +98,15 @@ def main():
     for quantity, net, jax_target, compile_target in CASES:
         widths, N = NETS[net]
         methods = ["hessext", "jax"] + (["torch.compile"] if compile_target or quantity == "hvp-batched" else [])
-        case = bench.run([quantity], [widths], [N], methods, k=K, min_run_time=1.0, progress=False)["cases"][0]
-        got = {m: e.get("median_s") for m, e in case["methods"].items()}
-        for m, e in case["methods"].items():
-            if "median_s" not in e:
-                notes.append(f"- {quantity} {net}: {m} {e['status']}: {e.get('note', '')}")
+        got = {}
+        for _ in range(ROUNDS):
+            case = bench.run([quantity], [widths], [N], methods, k=K, min_run_time=1.0, progress=False)["cases"][0]
+            for m, e in case["methods"].items():
+                if "median_s" in e:
+                    got[m] = e["median_s"] if got.get(m) is None else min(got[m], e["median_s"])
+                else:
+                    got.setdefault(m, None)
+                    notes.append(f"- {quantity} {net}: {m} {e['status']}: {e.get('note', '')}")
         hx, jx, tc = got["hessext"], got.get("jax"), got.get("torch.compile")
         floor = floor_s(quantity, widths, N)
         row = {"quantity": quantity, "net": f"{net} {','.join(map(str, widths))}", "N": N,
@@ -120,8 +128,9 @@ def main():
                ("compile_target", "target", "{:.2f}"), ("floor_ms", "floor (ms)", "{:.3f}"),
                ("x_floor", "x floor (target 1.3)", "{:.2f}"), ("met", "all met", "{}")]
     print(write(name, env, rows, columns, [
-        f"CPU products: {env['blas']}. x JAX / x compile: the peer's median over hessext's (above 1: hessext "
-        f"faster). K = {K} for hvp-batched. Floor: benchmarks/speed.py's docstring."] + sorted(set(notes))))
+        f"CPU products: {env['blas']}. Each time: the best of {ROUNDS} rounds' medians (benchmarks/speed.py). "
+        f"x JAX / x compile: the peer's time over hessext's (above 1: hessext faster). K = {K} for "
+        f"hvp-batched. Floor: benchmarks/speed.py's docstring."] + sorted(set(notes))))
 
 
 if __name__ == "__main__":
