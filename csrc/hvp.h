@@ -18,8 +18,8 @@
 //
 // Cost for K vectors: the forward and delta pass once, then per layer at most four GEMMs of
 // M x (K n_l) x n_{l+1} (two for the first layer); the elementwise work is one fused pass per
-// R-forward and R-backward step (E::r_scale, E::r_residual). Rz_{l-1} is kept only where a
-// curved activation needs it for the residual term.
+// R-forward and R-backward step (E::r_scale, E::r_residual, which forms d2 e on the fly). Rz_{l-1}
+// is kept only where a curved activation needs it for the residual term.
 #pragma once
 #include "stack.h"
 
@@ -63,7 +63,10 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::v
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     at::Tensor HW = hx::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
-    if (l > 0 && !ggn) HW.add_(hx::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
+    if (l > 0 && !ggn) {  // + delta_l^T Ra_l per vector: for one, straight into HW
+      if (K == 1) hx::addmm_(HW.view({o, i}), g.delta[l].t(), Ra[l].view({M, i}));
+      else HW.add_(hx::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
+    }
     out[s.slot_W[l]] = HW.view(shapes[s.slot_W[l]]);
     if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0).view(shapes[s.slot_b[l]]);
     if (l == 0) break;
@@ -75,7 +78,7 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::v
       hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {
-      E::r_residual(Re.view({M, K, i}), f.d[l], residual(s, f, g, l), Rzs[l]);
+      E::r_residual(Re.view({M, K, i}), f.d[l], f.d2[l], g.e[l], Rzs[l]);
     } else if (f.d[l].defined()) {
       E::r_scale(Re.view({M, K, i}), f.d[l]);
     }

@@ -94,18 +94,22 @@ struct CpuElementwise {
     });
   }
 
-  // Re -> Rdelta = d * Re + c * Rz in place (c = d2 e, the residual coefficient), d, c broadcast over k.
-  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& c, const at::Tensor& Rz) {
+  // Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the residual coefficient), d, d2, e [M, w]
+  // broadcast over k.
+  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& d2, const at::Tensor& e,
+                         const at::Tensor& Rz) {
     const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
     AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cpu", [&] {
       scalar_t* r = Re.data_ptr<scalar_t>();
-      const scalar_t *pd = d.data_ptr<scalar_t>(), *pc = c.data_ptr<scalar_t>(), *prz = Rz.data_ptr<scalar_t>();
+      const scalar_t *pd = d.data_ptr<scalar_t>(), *pd2 = d2.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(),
+                     *prz = Rz.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         for (int64_t m = lo; m < hi; ++m)
           for (int64_t k = 0; k < K; ++k) {
             scalar_t* row = r + (m * K + k) * w;
             const scalar_t* rzrow = prz + (m * K + k) * w;
-            for (int64_t j = 0; j < w; ++j) row[j] = pd[m * w + j] * row[j] + pc[m * w + j] * rzrow[j];
+            for (int64_t j = 0; j < w; ++j)
+              row[j] = pd[m * w + j] * row[j] + pd2[m * w + j] * pe[m * w + j] * rzrow[j];
           }
       });
     });

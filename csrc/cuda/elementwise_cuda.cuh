@@ -41,12 +41,13 @@ __global__ void r_scale_kernel(T* r, const T* d, int64_t M, int64_t K, int64_t w
   }
 }
 
-// r [M, K, w] <- d r + c Rz
+// r [M, K, w] <- d r + (d2 e) Rz
 template <typename T>
-__global__ void r_residual_kernel(T* r, const T* d, const T* c, const T* Rz, int64_t M, int64_t K, int64_t w) {
+__global__ void r_residual_kernel(T* r, const T* d, const T* d2, const T* e, const T* Rz, int64_t M, int64_t K,
+                                  int64_t w) {
   HX_GRID_LOOP(j, M * K * w) {
     const int64_t mc = (j / (K * w)) * w + j % w;
-    r[j] = d[mc] * r[j] + c[mc] * Rz[j];
+    r[j] = d[mc] * r[j] + d2[mc] * e[mc] * Rz[j];
   }
 }
 
@@ -140,12 +141,14 @@ struct CudaElementwise {
     });
   }
 
-  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& c, const at::Tensor& Rz) {
+  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& d2, const at::Tensor& e,
+                         const at::Tensor& Rz) {
     const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
     AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cuda", [&] {
       cuda_detail::r_residual_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
                                                  at::cuda::getCurrentCUDAStream()>>>(
-          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), Rz.data_ptr<scalar_t>(), M, K, w);
+          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+          Rz.data_ptr<scalar_t>(), M, K, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
