@@ -1,10 +1,12 @@
 // CPU kernel of hessext::diag: exact Hessian or GGN diagonals. Narrow stacks with little work: one
 // batched forward pass, then the fused per-sample recurrence (fused.h), samples split over threads.
-// Otherwise the factored GEMM recurrence of diag.h with the CPU elementwise steps.
+// Otherwise the factored GEMM recurrence of diag.h with the CPU elementwise steps, for the summed
+// diagonal once per block of samples (row_blocks.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
+#include "cpu/row_blocks.h"
 #include "diag.h"
 
 namespace hessext {
@@ -58,7 +60,11 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
 
 std::vector<at::Tensor> diag_cpu(HX_STACK_PARAMS, bool ggn, bool per_sample) {
   const Stack s(HX_STACK_ARGS);
-  if (!PathChoice::fused_diag(s)) return diag<CpuElementwise>(s, ggn, per_sample);
+  if (!PathChoice::fused_diag(s)) {
+    if (per_sample) return diag<CpuElementwise>(s, ggn, per_sample);  // rows of every sample: one block
+    return sum_over_row_blocks(s, s.M * SlotLayout(s).total,
+                               [&](const Stack& part) { return diag<CpuElementwise>(part, ggn, false); });
+  }
   if (s.x.scalar_type() == at::kFloat && !per_sample) return diag_fused_cpu<float, double>(s, ggn, per_sample);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "diag_fused_cpu",
                                     [&] { return diag_fused_cpu<scalar_t, scalar_t>(s, ggn, per_sample); });
