@@ -1,8 +1,9 @@
 """The machinery of the CPU GEMM recurrences: the row blocks that split a call over torch's threads
 (csrc/cpu/row_blocks.h) and the per-thread scratch arena (csrc/workspace.h).
 
-- Row blocks: HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks and short ones,
-  against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in float32).
+- Row blocks: HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks
+  and short ones, against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in
+  float32).
 - The arena: reusing it from call to call never changes an answer and never hands a caller memory
   that a later call writes; it grows to the largest call and stays within its cap; concurrent Python
   threads each use their own. Tolerance 1e-14 relative between two calls of the same op on the same
