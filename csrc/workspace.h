@@ -3,13 +3,14 @@
 // A fresh CPU intermediate of a few hundred kB comes from mmap, and the call then pays a page fault
 // for every 4 kB of it: measured on the pinn HVP ([2,50,50,50,1], N = 1024, 2 threads), 1.19 ms with
 // its intermediates in reused memory against 1.2-1.6 ms with each one fresh from glibc, and 4.3
-// against 4.8 ms on [784,256,256,10], N = 256. So each calling thread keeps one arena; a Workspace
-// (one per op call, held by its Stack) hands out 64-byte aligned tensors from it and takes them back,
-// last in first out, when it ends. What does not fit comes from at::empty, and the arena grows to the
-// call's peak for the next call (up to kKeepBytes; larger peaks are left to the allocator). A kernel's
-// outputs never come from here, and the arena is dropped rather than reused if any tensor carved from
-// it outlived its call. Other devices (the CUDA caching allocator already reuses memory), at::parallel_for
-// workers and calls outside a Workspace get at::empty.
+// against 4.8 ms on [784,256,256,10], N = 256; the dense Hessian of [10,64,64,1] (N = 256) faults in
+// 170 MB of block accumulators, 240 -> 195 ms once they come from here. So each calling thread keeps
+// one arena; a Workspace (one per op call, held by its Stack) hands out 64-byte aligned tensors from
+// it and takes them back, last in first out, when it ends. What does not fit comes from at::empty,
+// and the arena grows to the call's peak for the next call (up to kKeepBytes; larger peaks are left
+// to the allocator). A kernel's outputs never come from here, and the arena is dropped rather than
+// reused if any tensor carved from it outlived its call. Other devices (the CUDA caching allocator
+// already reuses memory), at::parallel_for workers and calls outside a Workspace get at::empty.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -33,10 +34,5 @@ class Workspace {
 
 // Bytes the calling thread's arena holds (for hessext.info and the tests).
 int64_t workspace_bytes();
-
-// at::empty for a large result or accumulator, its pages on the CPU asked to be huge ones
-// (madvise(MADV_HUGEPAGE), where the kernel allows it): first touches of a fresh 194 MB Hessian
-// otherwise cost one page fault per 4 kB, 47,000 of them.
-at::Tensor empty_large(at::IntArrayRef shape, const at::TensorOptions& options);
 
 }  // namespace hx

@@ -1,10 +1,7 @@
 // hx::Workspace (workspace.h): one arena per calling thread, handed out last in first out.
 #include "workspace.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
-#include <cstdint>
 
 namespace hx {
 namespace {
@@ -66,16 +63,6 @@ at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& opti
 
 int64_t workspace_bytes() {
   return arena().capacity();
-}
-
-at::Tensor empty_large(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(shape, options);
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return t;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1), hi = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: failure changes nothing
-  return t;
 }
 
 }  // namespace hx
