@@ -17,6 +17,8 @@ def report():
         blas = status["blas"]
         lines.append(f"CPU matrix products: {blas['name']}" + (f" from {blas['path']}" if blas.get("path") else "")
                      + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else ""))
+        kept = _native.load().workspace_bytes() / 2**20
+        lines.append(f"CPU scratch kept between calls by this thread: {kept:.1f} MB (at most 256 MB a thread)")
         names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("hessext::"))
         lines.append(f"ops: {', '.join(names)}")
     else:

@@ -13,7 +13,8 @@ def test_build_facts():
     assert status["loaded"] and status["error"] is None
     assert status["with_cuda"] in (True, False)
     assert status["torch_version"]
-    assert "native kernels: usable" in __import__("hessext.info").info.report()
+    report = __import__("hessext.info").info.report()
+    assert "native kernels: usable" in report and "CPU scratch kept between calls by this thread" in report
 
 
 def test_missing_native_module_warns_once_and_falls_back():
