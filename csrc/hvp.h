@@ -28,7 +28,7 @@ namespace hessext {
 // vectors (checked by Stack::check_vectors) and the results: [*lead, *param shape], lead {K} or {} (K = 1).
 template <class E>
 std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead, bool ggn) {
-  const int64_t K = lead.empty() ? 1 : lead[0], M = s.M, L = s.L;
+  const int64_t K = num_vectors(lead), M = s.M, L = s.L;
   const auto shapes = s.slot_shapes(lead);
   const Forward f = forward<E>(s);
   const LossHead head = loss_head<E>(s, f.a[L]);

@@ -26,6 +26,9 @@ namespace hessext {
       int64_t loss, double loss_param, double scale
 #define HX_STACK_ARGS inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale
 
+// The number of product vectors K for their leading shape lead, {K} or {} (one unbatched vector).
+inline int64_t num_vectors(const std::vector<int64_t>& lead) { return lead.empty() ? 1 : lead[0]; }
+
 struct Stack {
   at::Tensor x, y;                      // a_0 = x: [M, n_0], y: [M, C], both contiguous
   std::vector<at::Tensor> W;            // W[l]: [n_{l+1}, n_l]
@@ -353,7 +356,7 @@ struct SlotLayout {
   // The per-slot [*lead, *shape] outputs, lead {K} or {} (K = 1; each in its own storage; outputs never
   // alias) of a flat [P * K] buffer holding slot j at offset[j] * K as [numel, K].
   std::vector<at::Tensor> unpack(const at::Tensor& flat, const Stack& s, const std::vector<int64_t>& lead) const {
-    const int64_t K = lead.empty() ? 1 : lead[0];
+    const int64_t K = num_vectors(lead);
     const auto shapes = s.slot_shapes(lead);
     std::vector<at::Tensor> out;
     for (int64_t j = 0; j < s.num_slots; ++j) {

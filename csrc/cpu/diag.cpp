@@ -20,7 +20,7 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
   const Forward f = forward<CpuElementwise>(s);
   const ForwardRows<T> rows(net, f);
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P / (int64_t(1) << 16)));
+  const int64_t nt = threads_for(M * P, int64_t(1) << 16);
   const auto acc_opts = s.x.options().dtype(c10::CppTypeToScalarType<Acc>::value);
   std::vector<at::Tensor> direct;  // one thread, summed: accumulate straight into the outputs
   at::Tensor acc;

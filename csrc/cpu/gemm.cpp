@@ -139,36 +139,11 @@ at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
   return C;
 }
 
-void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B, double alpha) {
-  if (!use_blas(A, B) || bias.scalar_type() != A.scalar_type() || !bias.device().is_cpu() ||
-      C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
-    at::addmm_out(const_cast<at::Tensor&>(C), bias, A, B, alpha, alpha);
-    return;
-  }
-  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx::addmm_into: shapes ",
-              C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
-  const int64_t m = C.size(0), n = C.size(1);
-  if (bias.numel() == n && bias.is_contiguous()) {  // a bias row: copied into each row of C, no dispatch
-    const auto row_bytes = static_cast<size_t>(n) * C.element_size();
-    const char* src = static_cast<const char*>(bias.data_ptr());
-    char* dst = static_cast<char*>(C.data_ptr());
-    for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * C.stride(0) * C.element_size(), src, row_bytes);
-  } else {
-    C.copy_(bias.expand({m, n}));
-  }
-  blas_into(A, B, C, alpha, alpha);
-}
-
 namespace {
-// C = alpha A B + beta C (beta 0 or 1), C given.
-void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha = 1.0) {
+// C = alpha A B + beta C, C given (beta 0: C's contents are ignored).
+void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha) {
   if (!use_blas(A, B) || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
-    if (beta == 0.0) {
-      at::mm_out(const_cast<at::Tensor&>(C), A, B);
-      if (alpha != 1.0) C.mul_(alpha);
-    } else {
-      C.addmm_(A, B, 1.0, alpha);
-    }
+    C.addmm_(A, B, beta, alpha);
     return;
   }
   TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx: product shapes ",
@@ -177,8 +152,22 @@ void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double 
 }
 }  // namespace
 
+void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B, double alpha) {
+  const int64_t m = C.size(0), n = C.size(1);
+  if (C.device().is_cpu() && row_major(C) && bias.device().is_cpu() && bias.scalar_type() == C.scalar_type() &&
+      bias.numel() == n && bias.is_contiguous()) {  // a bias row: copied into each row of C, no dispatch
+    const auto row_bytes = static_cast<size_t>(n) * C.element_size();
+    const char* src = static_cast<const char*>(bias.data_ptr());
+    char* dst = static_cast<char*>(C.data_ptr());
+    for (int64_t r = 0; r < m; ++r) std::memcpy(dst + r * C.stride(0) * C.element_size(), src, row_bytes);
+  } else {
+    C.copy_(bias.expand({m, n}));
+  }
+  into(C, A, B, alpha, alpha);
+}
+
 void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
-  into(C, A, B, 1.0);
+  into(C, A, B, 1.0, 1.0);
 }
 
 void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha) {

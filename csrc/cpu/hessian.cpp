@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
+#include "cpu/row_blocks.h"
 #include "hessian.h"
 
 namespace hessext {
@@ -19,7 +20,7 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
   const Forward f = forward<CpuElementwise>(s);
   const ForwardRows<T> rows(net, f);
   const int64_t M = s.M, C = s.width(s.L), P = off.total, L = s.L;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), M * P * P / (int64_t(1) << 16)));
+  const int64_t nt = threads_for(M * P * P, int64_t(1) << 16);
   at::Tensor acc = at::zeros({nt, P, P}, s.x.options());
   const T* y = s.y.data_ptr<T>();
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {

@@ -15,7 +15,7 @@ namespace {
 
 template <typename T, bool GGN>
 std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
-  const int64_t K = lead.empty() ? 1 : lead[0];
+  const int64_t K = num_vectors(lead);
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
   const Forward f = forward<CpuElementwise>(s);
@@ -71,7 +71,7 @@ template <bool GGN>
 std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   const Stack s(HX_STACK_ARGS);
   const std::vector<int64_t> lead = s.check_vectors(vectors);
-  const int64_t K = lead.empty() ? 1 : lead[0];
+  const int64_t K = num_vectors(lead);
   if (!PathChoice::fused(s, K))
     return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
                                [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, lead, GGN); });

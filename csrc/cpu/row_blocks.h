@@ -11,9 +11,10 @@
 
 namespace hessext {
 
-// Threads worth using for `work` multiply-adds: about 256k per thread, at most the pool.
-inline int64_t threads_for(int64_t work) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / (int64_t(1) << 18)));
+// Threads worth using for `work` multiply-adds: at least `per_thread` each (for BLAS-speed work about
+// 256k), at most the pool.
+inline int64_t threads_for(int64_t work, int64_t per_thread = int64_t(1) << 18) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / per_thread));
 }
 
 // run(block) for blocks of s's samples, one per thread, summed; run(s) itself (its products and passes

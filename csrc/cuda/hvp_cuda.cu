@@ -44,7 +44,7 @@ __global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, con
 
 template <typename T, bool GGN>
 std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
-  const int64_t K = lead.empty() ? 1 : lead[0];
+  const int64_t K = num_vectors(lead);
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
   std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
@@ -73,7 +73,7 @@ std::vector<at::Tensor> products_cuda(HX_STACK_PARAMS, at::TensorList vectors) {
   const c10::cuda::CUDAGuard guard(inputs.device());
   const Stack s(HX_STACK_ARGS);
   const std::vector<int64_t> lead = s.check_vectors(vectors);
-  const int64_t K = lead.empty() ? 1 : lead[0];
+  const int64_t K = num_vectors(lead);
   if (!PathChoice::fused(s, K)) return hvp<CudaElementwise>(s, vectors, lead, GGN);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cuda",
                                     [&] { return hvp_fused_cuda<scalar_t, GGN>(s, vectors, lead); });
