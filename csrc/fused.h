@@ -35,15 +35,19 @@ struct Net {
 };
 
 // One sample's scratch (layout above), carved from `base`; `end()` is where the caller's own rows start.
-template <typename T>
+// S: the per-sample value type, T itself, or W samples side by side in SIMD lanes (cpu/lanes.h).
+template <typename S>
 struct Sample {
-  T *a, *d, *d2, *delta, *e, *head;
+  S *a, *d, *d2, *delta, *e, *head;
+  template <typename T>
   HX_HD static int64_t size(const Net<T>& net) { return 5 * int64_t(net.off[net.L + 1]) + net.n[net.L] + 1; }
-  HX_HD Sample(const Net<T>& net, T* base) {
+  template <typename T>
+  HX_HD Sample(const Net<T>& net, S* base) {
     const int U = net.off[net.L + 1];
     a = base, d = a + U, d2 = d + U, delta = d2 + U, e = delta + U, head = e + U;
   }
-  HX_HD T* end(const Net<T>& net) const { return head + net.n[net.L] + 1; }
+  template <typename T>
+  HX_HD S* end(const Net<T>& net) const { return head + net.n[net.L] + 1; }
 };
 
 // Forward: z_l = W_l a_l + b_l;  a_{l+1} = phi_l(z_l), d_{l+1} = phi_l'(z_l), d2_{l+1} = phi_l''(z_l).
@@ -72,19 +76,19 @@ HX_HD void loss(const Net<T>& net, const T* a, const T* y, T* delta, T* head) {
 
 // Backward through the activations from delta_{L-1} (fused::loss): e_l = W_l^T delta_l;
 // delta_{l-1} = d_l * e_l.
-template <typename T>
-HX_HD void backward(const Net<T>& net, const T* d, T* delta, T* e) {
+template <typename T, typename S = T>
+HX_HD void backward(const Net<T>& net, const S* d, S* delta, S* e) {
   for (int l = net.L - 1; l >= 1; --l) {
     const int ni = net.n[l], no = net.n[l + 1];
-    const T* dl = delta + net.off[l + 1];
-    T* el = e + net.off[l];
-    for (int i = 0; i < ni; ++i) el[i] = T(0);
+    const S* dl = delta + net.off[l + 1];
+    S* el = e + net.off[l];
+    for (int i = 0; i < ni; ++i) el[i] = S(0);
     for (int o = 0; o < no; ++o) {
       const T* w = net.W[l] + o * ni;
-      const T g = dl[o];
+      const S g = dl[o];
       for (int i = 0; i < ni; ++i) el[i] += g * w[i];
     }
-    T* dprev = delta + net.off[l];
+    S* dprev = delta + net.off[l];
     for (int i = 0; i < ni; ++i) dprev[i] = d[net.off[l] + i] * el[i];
   }
 }
@@ -98,69 +102,70 @@ HX_HD void backward(const Net<T>& net, const T* d, T* delta, T* e) {
 // V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Rz: [units, K]; r0, r1: [max n, K].
 // KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
 // GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
-template <typename T, int KC = 0, bool GGN = false>
-HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, const T* d2, const T* delta,
-                      const T* e, const T* head, const T* const* V, const T* const* vb, T* Rz, T* r0, T* r1,
-                      T* const* HW, T* const* Hb) {
+// S: the per-sample value type (Sample); the weights and vectors are T, the accumulators S.
+template <typename T, int KC = 0, bool GGN = false, typename S = T>
+HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, const S* d2, const S* delta,
+                      const S* e, const S* head, const T* const* V, const T* const* vb, S* Rz, S* r0, S* r1,
+                      S* const* HW, S* const* Hb) {
   const int L = net.L, C = net.n[L];
   const int K = KC > 0 ? KC : K_runtime;
   for (int l = 0; l < L; ++l) {
     const int ni = net.n[l], no = net.n[l + 1];
-    const T* in = a + net.off[l];
-    const T* din = d + net.off[l];
-    const T* rin = Rz + net.off[l] * K;
+    const S* in = a + net.off[l];
+    const S* din = d + net.off[l];
+    const S* rin = Rz + net.off[l] * K;
     for (int o = 0; o < no; ++o) {
-      T* __restrict__ rz = Rz + (net.off[l + 1] + o) * K;
-      for (int k = 0; k < K; ++k) rz[k] = vb[l] ? vb[l][o * K + k] : T(0);
+      S* __restrict__ rz = Rz + (net.off[l + 1] + o) * K;
+      for (int k = 0; k < K; ++k) rz[k] = vb[l] ? S(vb[l][o * K + k]) : S(0);
       for (int i = 0; i < ni; ++i) {
         const T* __restrict__ v = V[l] + (o * ni + i) * K;
-        const T ai = in[i];
+        const S ai = in[i];
         for (int k = 0; k < K; ++k) rz[k] += v[k] * ai;
         if (l > 0) {
-          const T wd = net.W[l][o * ni + i] * din[i];
-          const T* __restrict__ ri = rin + i * K;
+          const S wd = net.W[l][o * ni + i] * din[i];
+          const S* __restrict__ ri = rin + i * K;
           for (int k = 0; k < K; ++k) rz[k] += wd * ri[k];
         }
       }
     }
   }
-  T* rd = r0;
-  T* re = r1;
+  S* rd = r0;
+  S* re = r1;
   loss_hessian_apply(net.loss, C, K, head, head[C], Rz + net.off[L] * K, rd);
   for (int l = L - 1; l >= 0; --l) {
     const int ni = net.n[l], no = net.n[l + 1];
-    const T* in = a + net.off[l];
-    const T* din = d + net.off[l];
-    const T* rin = Rz + net.off[l] * K;
-    const T* dl = GGN ? nullptr : delta + net.off[l + 1];
+    const S* in = a + net.off[l];
+    const S* din = d + net.off[l];
+    const S* rin = Rz + net.off[l] * K;
+    const S* dl = GGN ? nullptr : delta + net.off[l + 1];
     for (int o = 0; o < no; ++o) {
-      const T* __restrict__ r = rd + o * K;
-      const T g = GGN ? T(0) : dl[o];
+      const S* __restrict__ r = rd + o * K;
+      const S g = GGN ? S(0) : dl[o];
       for (int i = 0; i < ni; ++i) {
-        T* __restrict__ hw = HW[l] + (o * ni + i) * K;
-        const T ai = in[i];
+        S* __restrict__ hw = HW[l] + (o * ni + i) * K;
+        const S ai = in[i];
         if (l > 0 && !GGN) {
-          const T gd = g * din[i];
-          const T* __restrict__ ri = rin + i * K;
+          const S gd = g * din[i];
+          const S* __restrict__ ri = rin + i * K;
           for (int k = 0; k < K; ++k) hw[k] += r[k] * ai + gd * ri[k];
         } else {
           for (int k = 0; k < K; ++k) hw[k] += r[k] * ai;
         }
       }
       if (Hb[l]) {
-        T* __restrict__ hb = Hb[l] + o * K;
+        S* __restrict__ hb = Hb[l] + o * K;
         for (int k = 0; k < K; ++k) hb[k] += r[k];
       }
     }
     if (l == 0) break;
-    for (int j = 0; j < ni * K; ++j) re[j] = T(0);
+    for (int j = 0; j < ni * K; ++j) re[j] = S(0);
     for (int o = 0; o < no; ++o) {
-      const T* __restrict__ r = rd + o * K;
-      const T g = GGN ? T(0) : dl[o];
+      const S* __restrict__ r = rd + o * K;
+      const S g = GGN ? S(0) : dl[o];
       for (int i = 0; i < ni; ++i) {
         const T w = net.W[l][o * ni + i];
         const T* __restrict__ v = V[l] + (o * ni + i) * K;
-        T* __restrict__ ro = re + i * K;
+        S* __restrict__ ro = re + i * K;
         if (GGN) {
           for (int k = 0; k < K; ++k) ro[k] += r[k] * w;
         } else {
@@ -169,12 +174,12 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const T* a, const T* d, 
       }
     }
     for (int i = 0; i < ni; ++i) {
-      const T dd = din[i], c = GGN ? T(0) : d2[net.off[l] + i] * e[net.off[l] + i];
-      T* __restrict__ ro = re + i * K;
-      const T* __restrict__ ri = rin + i * K;
+      const S dd = din[i], c = GGN ? S(0) : d2[net.off[l] + i] * e[net.off[l] + i];
+      S* __restrict__ ro = re + i * K;
+      const S* __restrict__ ri = rin + i * K;
       for (int k = 0; k < K; ++k) ro[k] = dd * ro[k] + c * ri[k];
     }
-    T* t = rd;
+    S* t = rd;
     rd = re;
     re = t;
   }

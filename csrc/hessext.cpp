@@ -8,7 +8,10 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "arguments.h"
+#include "cpu/lanes.h"
 #include "gemm.h"
+#include "guard.h"
 #include "stack.h"
 #include "workspace.h"
 #ifdef WITH_CUDA
@@ -75,6 +78,52 @@ bool all_finite(const std::vector<at::Tensor>& tensors) {
   return true;
 }
 
+// Direct entries: hessext._C.<op>(...) makes the same dispatcher call as torch.ops.hessext.<op>(...)
+// without torch.ops' parsing of the Python arguments against the schema (about 2 us of a small call),
+// and below the autograd keys, as under no_grad: the ops have no derivative of their own. hessext/ops.py
+// takes torch.ops while torch.compile traces.
+using Tensors = std::vector<at::Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+c10::List<c10::optional<at::Tensor>> bias_list(const std::vector<c10::optional<at::Tensor>>& biases) {
+  c10::List<c10::optional<at::Tensor>> out;
+  out.reserve(biases.size());
+  for (const auto& b : biases) out.push_back(b);
+  return out;
+}
+
+// How pybind11 takes an op argument of type T.
+template <typename T>
+struct PyArg {
+  using type = T;
+};
+template <>
+struct PyArg<at::TensorList> {
+  using type = const Tensors&;
+};
+
+// hessext._C.<name>(stack arguments, rest...) calling the op `qualified` with kernel signature
+// Ret(HX_STACK_PARAMS, Rest...).
+template <typename Ret, typename... Rest>
+void bind_direct(py::module& m, const char* name, const char* qualified) {
+  const auto op = typed_op<Ret(HX_STACK_PARAMS, Rest...)>(qualified);
+  m.def(
+      name,
+      [op](const at::Tensor& inputs, const at::Tensor& targets, const Tensors& weights,
+           const std::vector<c10::optional<at::Tensor>>& biases, const std::vector<int64_t>& activations,
+           const std::vector<double>& act_params, int64_t loss, double loss_param, double scale,
+           typename PyArg<Rest>::type... rest) {
+        const at::AutoDispatchBelowADInplaceOrView below_autograd;
+        return op.call(inputs, targets, weights, bias_list(biases), activations, act_params, loss, loss_param, scale,
+                       rest...);
+      },
+      "the op of the same name in torch.ops.hessext, called directly (no autograd)");
+}
+
 int64_t cuda_version() {
 #ifdef WITH_CUDA
   return CUDA_VERSION;
@@ -85,7 +134,19 @@ int64_t cuda_version() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "hessext native kernels; the ops live in torch.ops.hessext";
+  m.doc() = "hessext native kernels: the ops of torch.ops.hessext, and direct entries to them";
+  // The ops' argument errors as torch.ops raises them (ValueError, TypeError), not pybind11's RuntimeError.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
   m.def("cuda_version", &cuda_version, "CUDA_VERSION the extension was built with, -1 without CUDA");
   m.def(
@@ -111,5 +172,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
   m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
+  bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
+  bind_direct<Tensors, at::TensorList>(m, "ggn_vp", "hessext::ggn_vp");
+  bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");
+  bind_direct<Tensors, bool>(m, "hessian", "hessext::hessian");
+  bind_direct<at::Tensor, int64_t>(m, "input_derivatives", "hessext::input_derivatives");
+  m.def(
+      "simd",
+      [](const std::string& name) {
+        const std::string old = hessext::kSimdNames[static_cast<int>(hessext::simd_in_use())];
+        if (name.empty()) return old;
+        for (int j = 0; j <= static_cast<int>(hessext::cpu_simd()); ++j)
+          if (name == hessext::kSimdNames[j]) {
+            hessext::simd_in_use() = static_cast<hessext::Simd>(j);
+            return old;
+          }
+        TORCH_CHECK_VALUE(false, "simd must be one of this CPU's instruction sets, baseline to ",
+                          hessext::kSimdNames[static_cast<int>(hessext::cpu_simd())], ", got '", name, "'");
+      },
+      py::arg("name") = "",
+      "the instruction set of the CPU's sample-lane kernels (cpu/lanes.h); a name sets it (tests); returns the one before");
+  m.def("state_matches", &hessext::guard::state_matches,
+        "hessext.guard.ModelState.read() == its objects, compared as read (csrc/guard.h)");
+  m.def("vector_items", &hessext::arguments::vector_items,
+        "hessext.inputs.pack_vectors' common case: (items, K) or None (csrc/arguments.h)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
 }

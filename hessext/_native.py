@@ -59,6 +59,11 @@ def load():
         return _state["module"]
 
 
+def loaded():
+    """The native module if loading it was tried and succeeded, else None (never starts a build)."""
+    return _state["module"]
+
+
 def status():
     """dict: loaded (bool), source, error, with_cuda, cuda_version, torch_version (of the build)."""
     module = load()

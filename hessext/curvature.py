@@ -79,8 +79,7 @@ def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=Tr
 def run_native(op, call, x, y, scale, *extra):
     """The native op on kernel-layout rows x [M, n_0], y [M, C] with the loss scale."""
     weights, biases = _stack_args(call.plan, call.tensors)
-    with torch.no_grad():  # the kernels compute the derivatives; autograd records nothing
-        return op(x, y, weights, biases, call.plan.spec, scale, *extra)
+    return op(x, y, weights, biases, call.plan.spec, scale, *extra)
 
 
 def _native_raw(op, call, inputs, targets, *extra):

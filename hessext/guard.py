@@ -18,6 +18,7 @@ import weakref
 
 from torch.nn.modules import module as _torch_module
 
+from hessext import _native
 from hessext.capture import HOOK_DICTS
 
 _PRIMITIVES = (int, float, bool, str, bytes, complex, type(None))
@@ -76,9 +77,15 @@ class ModelState:
         """Whether every object read now is the one read at capture, or equal to it. Equal objects
         compute the same: equal numbers and strings, and an equal one-element tensor, of the same dtype
         (the dtypes are read too), holding the same value; larger tensors, which cannot compare as one
-        bool, and anything whose comparison fails count as changed."""
-        if self.root() is None:
+        bool, and anything whose comparison fails count as changed. With the native module loaded the
+        comparison runs in C (csrc/guard.h, the same traversal as read())."""
+        root = self.root()
+        if root is None:
             return False
+        native = _native.loaded()
+        if native is not None:
+            return native.state_matches(self.parts, root, self.params, _GLOBAL_HOOKS, self.fwd_globals, _MISSING,
+                                        self.objects)
         try:
             return self.read() == self.objects
         except Exception:  # noqa: BLE001 - an object that cannot compare is a change

@@ -185,7 +185,14 @@ def pack_vectors(vectors, names, params):
     take either).
 
     Accepted: a dict name -> tensor, a list/tuple in named_parameters() order, or a flat tensor [P];
-    each with an optional leading batch dimension K (dict/list entries [K, *shape], flat [K, P])."""
+    each with an optional leading batch dimension K (dict/list entries [K, *shape], flat [K, P]).
+    A dict or list/tuple as expected is recognised in C (`hessext._C.vector_items`); anything else
+    takes the checks below, which name what is wrong."""
+    native = _native.loaded()
+    found = native.vector_items(vectors, names, params) if native is not None else None
+    if found is not None:
+        items, K = found
+        return items, K > 0, _restorer(vectors, names)
     ref = params[0]
     if isinstance(vectors, torch.Tensor):
         P = sum(p.numel() for p in params)
@@ -237,12 +244,16 @@ def pack_vectors(vectors, names, params):
             raise ValueError(f"{label(j)} must have shape {want} (like {label(0)}{', batched' if batched else ''}), "
                              f"got {tuple(t.shape)}")
 
-    def restore(out):
-        if isinstance(vectors, Mapping):
-            return dict(zip(names, out))
-        return type(vectors)(out) if isinstance(vectors, tuple) else list(out)
+    return items, batched, _restorer(vectors, names)
 
-    return items, batched, restore
+
+def _restorer(vectors, names):
+    """Per-parameter results -> the container the user's vectors came in."""
+    if isinstance(vectors, Mapping):
+        return lambda out: dict(zip(names, out))
+    if isinstance(vectors, tuple):
+        return lambda out: type(vectors)(out)
+    return list
 
 
 def _check_like(t, ref, label, j):

@@ -1,9 +1,23 @@
 """Thin wrappers over torch.ops.hessext.*, each with its fake (meta) implementation beside it so the
 ops trace under torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h.
-The fakes are registered once the native library has loaded (`available()`)."""
+The fakes are registered once the native library has loaded (`available()`).
+
+Each wrapper calls its op with autograd off (the ops have no derivative of their own): while
+torch.compile traces, through torch.ops under no_grad, so that the graph holds the op; otherwise
+through hessext._C's direct entry, the same dispatcher call without torch.ops' parsing of the
+arguments (about 2 us of a small call)."""
 import torch
 
 from hessext import _native
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _call(name, *args):
+    if _is_compiling():
+        with torch.no_grad():
+            return getattr(torch.ops.hessext, name)(*args)
+    return getattr(_native.load(), name)(*args)
 
 _FAKES = {}
 
@@ -19,7 +33,7 @@ def _fake(name):
 def hvp(inputs, targets, weights, biases, spec, scale, vectors):
     """[K, *p.shape] per parameter (stack order): K Hessian-vector products. spec: the plan's
     (activations, act_params, loss, loss_param)."""
-    return torch.ops.hessext.hvp(inputs, targets, weights, biases, *spec, scale, vectors)
+    return _call("hvp", inputs, targets, weights, biases, *spec, scale, vectors)
 
 
 @_fake("hessext::hvp")
@@ -29,7 +43,7 @@ def _hvp_fake(inputs, targets, weights, biases, activations, act_params, loss, l
 
 def ggn_vp(inputs, targets, weights, biases, spec, scale, vectors):
     """[K, *p.shape] per parameter (stack order): K GGN-vector products."""
-    return torch.ops.hessext.ggn_vp(inputs, targets, weights, biases, *spec, scale, vectors)
+    return _call("ggn_vp", inputs, targets, weights, biases, *spec, scale, vectors)
 
 
 @_fake("hessext::ggn_vp")
@@ -39,7 +53,7 @@ def _ggn_vp_fake(inputs, targets, weights, biases, activations, act_params, loss
 
 def diag(inputs, targets, weights, biases, spec, scale, ggn, per_sample):
     """Per parameter (stack order) the exact Hessian/GGN diagonal, [*p.shape] or [M, *p.shape]."""
-    return torch.ops.hessext.diag(inputs, targets, weights, biases, *spec, scale, ggn, per_sample)
+    return _call("diag", inputs, targets, weights, biases, *spec, scale, ggn, per_sample)
 
 
 @_fake("hessext::diag")
@@ -55,7 +69,7 @@ def _diag_fake(inputs, targets, weights, biases, activations, act_params, loss, 
 
 def hessian(inputs, targets, weights, biases, spec, scale, layer_blocks):
     """[H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks."""
-    return torch.ops.hessext.hessian(inputs, targets, weights, biases, *spec, scale, layer_blocks)
+    return _call("hessian", inputs, targets, weights, biases, *spec, scale, layer_blocks)
 
 
 @_fake("hessext::hessian")
@@ -67,7 +81,7 @@ def _hessian_fake(inputs, targets, weights, biases, activations, act_params, los
 
 def input_derivatives(inputs, targets, weights, biases, spec, scale, mode):
     """mode 0: Laplacians [M, C]; 1: input-Hessian diagonals [M, d]; 2: input Hessians [M, d, d]."""
-    return torch.ops.hessext.input_derivatives(inputs, targets, weights, biases, *spec, scale, mode)
+    return _call("input_derivatives", inputs, targets, weights, biases, *spec, scale, mode)
 
 
 @_fake("hessext::input_derivatives")

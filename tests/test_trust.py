@@ -531,3 +531,106 @@ def test_finiteness_check_sees_every_entry(n, dtype):
             assert not check([t, u]) and not check([u.t()]), (bad, j)
     huge = torch.full((n, 3), torch.finfo(dtype).max, dtype=dtype)
     assert check([huge])  # a sum would overflow; every entry is finite
+
+
+# ---- the per-call checks in C agree with their Python definitions -----------------------------------
+
+GUARD_SCALE = 1.0
+
+
+class Guarded(nn.Module):
+    """Reads a module global and carries attributes of every kind the guard compares."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+        self.one = torch.tensor(1.0)
+        self.big = torch.ones(3)
+        self.flag = 3
+
+    def forward(self, x):
+        return GUARD_SCALE * self.b(torch.tanh(self.a(x)))
+
+
+class Unequal:
+    def __eq__(self, other):
+        raise RuntimeError("cannot compare")
+
+
+def _set_global(value):
+    global GUARD_SCALE
+    GUARD_SCALE = value
+
+
+def _global_hook(m):
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    return handle.remove
+
+
+GUARD_CHANGES = {  # name -> (change, returning None or its undo; whether the model still matches its capture)
+    "nothing": (lambda m: None, True),
+    "equal int": (lambda m: setattr(m, "flag", int("3")), True),
+    "equal one-element tensor": (lambda m: setattr(m, "one", torch.tensor(1.0)), True),
+    "other int": (lambda m: setattr(m, "flag", 4), False),
+    "equal larger tensor": (lambda m: setattr(m, "big", torch.ones(3)), False),  # cannot compare as one bool
+    "new attribute": (lambda m: setattr(m, "extra", 1), False),
+    "object whose == raises": (lambda m: setattr(m, "flag", Unequal()), False),
+    "swapped layer": (lambda m: setattr(m, "b", nn.Linear(3, 1).double()), False),
+    "removed bias": (lambda m: setattr(m.a, "bias", None), False),
+    "train/eval": (lambda m: m.train(False) and None, False),
+    "forward hook": (lambda m: m.a.register_forward_hook(lambda *a: None).remove, False),
+    "global hook": (_global_hook, False),
+    "dtype": (lambda m: m.float() and None, False),
+    "forward global": (lambda m: _set_global(2.0), False),
+    "patched forward": (lambda m: setattr(m, "forward", lambda x: x), False),
+}
+
+
+@pytest.mark.parametrize("name", list(GUARD_CHANGES))
+def test_guard_in_c_agrees_with_python(name):
+    from hessext import _native, guard
+
+    native = _native.load()
+    model = Guarded().double()
+    state = guard.ModelState(model)
+    change, expected = GUARD_CHANGES[name]
+    undo = change(model)
+    try:
+        try:
+            python = state.read() == state.objects
+        except Exception:  # noqa: BLE001 - as ModelState.matches: a comparison that fails is a change
+            python = False
+        c = native.state_matches(state.parts, model, state.params, guard._GLOBAL_HOOKS, state.fwd_globals,
+                                 guard._MISSING, state.objects)
+        assert python == expected and c == expected, f"{name}: Python says {python}, C says {c}"
+        assert state.matches() == expected
+    finally:
+        _set_global(1.0)
+        if callable(undo):
+            undo()
+
+
+def test_vector_items_accepts_only_what_the_checks_accept():
+    from hessext import _native, inputs
+
+    native = _native.load()
+    model = mlp(2, 4, 1)
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    good = [torch.randn(p.shape, dtype=torch.float64) for p in params]
+    batched = [torch.randn((3,) + p.shape, dtype=torch.float64) for p in params]
+    for vectors, K in ((good, 0), (tuple(good), 0), (dict(zip(names, good)), 0), (batched, 3),
+                       (dict(zip(names, batched)), 3)):
+        items, k = native.vector_items(vectors, names, params)
+        assert k == K and all(a is b for a, b in zip(items, vectors.values() if isinstance(vectors, dict) else vectors))
+    bad = [
+        good[:-1], good + [good[0]], dict(zip(names[:-1], good)), {**dict(zip(names, good)), "x": good[0]},
+        [good[0].float()] + good[1:], [good[0].t()] + good[1:], batched[:1] + good[1:],
+        [batched[0]] + [b[:2] for b in batched[1:]], [good[0][None][:0]] + [b[:0] for b in batched[1:]],
+        [1.0] + good[1:], {"w": good[0]}, torch.cat([g.reshape(-1) for g in good]),
+    ]
+    for vectors in bad:
+        assert native.vector_items(vectors, names, params) is None, vectors
+    for vectors in bad[:-1]:  # the flat tensor is the Python path's own format
+        with pytest.raises((ValueError, TypeError)):
+            inputs.pack_vectors(vectors, names, params)

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/lanes.h"
 #include "stack.h"
 
 namespace hessext {
@@ -232,6 +233,22 @@ struct ForwardRows {
         std::copy_n(d2[l] + m * n, n, smp.d2 + u);
       } else {
         std::fill_n(smp.d2 + u, n, T(0));
+      }
+    }
+  }
+  // Samples m .. m + count - 1 into lanes 0 .. count - 1 of a lanes scratch; the lanes past count zero.
+  void load_lanes(const fused::Net<T>& net, int64_t m, int count, const fused::Sample<Lanes<T>>& smp) const {
+    for (int l = 0; l <= net.L; ++l) {
+      const int64_t n = net.n[l], u = net.off[l];
+      for (int64_t i = 0; i < n; ++i) {
+        Lanes<T>&a_ = smp.a[u + i], &d_ = smp.d[u + i], &d2_ = smp.d2[u + i];
+        for (int j = 0; j < kLanes; ++j) {
+          const bool in = j < count;
+          const int64_t at = (m + j) * n + i;
+          a_.v[j] = in ? a[l][at] : T(0);
+          d_.v[j] = in ? (d[l] ? d[l][at] : T(1)) : T(0);
+          d2_.v[j] = in && d2[l] ? d2[l][at] : T(0);
+        }
       }
     }
   }

@@ -1,18 +1,109 @@
 // CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
 // Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused
-// per-sample recurrence of fused.h with the K vectors innermost, samples split over threads, each
-// thread accumulating into its own buffer. Wide stacks: the GEMM recurrence of hvp.h with the CPU
+// per-sample recurrence of fused.h, samples split over threads, each thread accumulating into its own
+// buffer: for one vector kLanes samples at a time in SIMD lanes (lanes.h), for K vectors one sample at
+// a time with the K vectors innermost. Wide stacks: the GEMM recurrence of hvp.h with the CPU
 // elementwise steps, once per block of samples (row_blocks.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
+#include "cpu/lanes.h"
 #include "cpu/row_blocks.h"
 #include "hvp.h"
 
 namespace hessext {
 namespace {
 
+// One product (K = 1) for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD
+// lanes (lanes.h): loss head, backward and hvp_sample on Lanes<T>, each lane's terms summed into acc,
+// P lanes in slot order. Lanes past m1 are zero rows: with a zero loss head and delta every term of
+// theirs is zero.
+template <typename T, bool GGN>
+struct HvpLanes {
+  using S = Lanes<T>;
+  const Stack& s;
+  const fused::Net<T>& net;
+  const ForwardRows<T>& rows;
+  const SlotLayout& layout;
+  const T* const* V;
+  const T* const* vb;
+  int64_t m0, m1;
+  S* acc;
+
+  void operator()() const {
+    const int L = net.L, C = net.n[L], U = net.off[L + 1];
+    std::vector<S> scratch(fused::Sample<S>::size(net) + U + 2 * net.maxw);
+    std::vector<T> head_row(3 * C + 1);  // one lane's z, g, h and w
+    const fused::Sample<S> smp(net, scratch.data());
+    S *Rz = smp.end(net), *r0 = Rz + U, *r1 = r0 + net.maxw;
+    S* HW[fused::kMaxLayers];
+    S* Hb[fused::kMaxLayers];
+    for (int l = 0; l < L; ++l) {
+      HW[l] = acc + layout.offset[s.slot_W[l]];
+      Hb[l] = s.slot_b[l] >= 0 ? acc + layout.offset[s.slot_b[l]] : nullptr;
+    }
+    const T* y = s.y.data_ptr<T>();
+    T *z = head_row.data(), *g = z + C, *h = g + C;
+    for (int64_t m = m0; m < m1; m += kLanes) {
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, m1 - m));
+      rows.load_lanes(net, m, count, smp);
+      for (int j = 0; j < kLanes; ++j) {  // the loss head, lane by lane
+        T w = T(0);
+        std::fill_n(g, 2 * C, T(0));
+        if (j < count) {
+          for (int c = 0; c < C; ++c) z[c] = smp.a[net.off[L] + c].v[j];
+          loss_row<T>(net.loss, net.loss_param, net.scale, C, z, y + (m + j) * C, g, h, &w);
+        }
+        for (int c = 0; c < C; ++c) smp.delta[net.off[L] + c].v[j] = g[c], smp.head[c].v[j] = h[c];
+        smp.head[C].v[j] = w;
+      }
+      if (!GGN) fused::backward<T, S>(net, smp.d, smp.delta, smp.e);
+      fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
+                                      HW, Hb);
+    }
+  }
+};
+
+template <typename T, bool GGN>
+std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
+  const fused::Net<T> net = make_net<T>(s);
+  const SlotLayout layout(s);
+  const Forward f = forward<CpuElementwise>(s);
+  const ForwardRows<T> rows(net, f);
+  std::vector<at::Tensor> vt;
+  for (const auto& v : vectors) vt.push_back(v.contiguous());
+  const T* V[fused::kMaxLayers];
+  const T* vb[fused::kMaxLayers];
+  for (int64_t l = 0; l < s.L; ++l) {
+    V[l] = vt[s.slot_W[l]].data_ptr<T>();
+    vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
+  }
+  const int64_t M = s.M, P = layout.total, blocks = (M + kLanes - 1) / kLanes;
+  const int64_t nt = std::min(threads_for(M * P), blocks);
+  std::vector<std::vector<Lanes<T>>> acc(nt);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      acc[t].assign(P, Lanes<T>(T(0)));
+      const int64_t m0 = t * blocks / nt * kLanes, m1 = std::min(M, (t + 1) * blocks / nt * kLanes);
+      run_simd(HvpLanes<T, GGN>{s, net, rows, layout, V, vb, m0, m1, acc[t].data()});
+    }
+  });
+  std::vector<at::Tensor> out;
+  const auto shapes = s.slot_shapes(lead);
+  for (int64_t j = 0; j < s.num_slots; ++j) {
+    out.push_back(at::empty(shapes[j], s.x.options()));
+    T* o = out.back().data_ptr<T>();
+    for (int64_t p = 0; p < layout.numel[j]; ++p) {
+      T sum = acc[0][layout.offset[j] + p].sum();
+      for (int64_t t = 1; t < nt; ++t) sum += acc[t][layout.offset[j] + p].sum();
+      o[p] = sum;
+    }
+  }
+  return out;
+}
+
+// K > 1: one sample at a time, the K vectors innermost (contiguous inner loops).
 template <typename T, bool GGN>
 std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
   const int64_t K = num_vectors(lead);
@@ -20,17 +111,11 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, co
   const SlotLayout layout(s);
   const Forward f = forward<CpuElementwise>(s);
   const ForwardRows<T> rows(net, f);
-  std::vector<at::Tensor> vt;  // each vector slot as [numel, K] (for K = 1 the given layout)
-  for (const auto& v : vectors) vt.push_back(K == 1 ? v.contiguous() : v.reshape({K, -1}).t().contiguous());
+  std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
+  for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
   const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
   const int64_t nt = threads_for(M * K * P);
-  std::vector<at::Tensor> direct;  // one thread, one vector: accumulate straight into the outputs
-  at::Tensor acc;                  // else: slot j at offset[j] * K, as [numel, K], per thread
-  if (nt == 1 && K == 1) {
-    for (const auto& shape : s.slot_shapes(lead)) direct.push_back(at::zeros(shape, s.x.options()));
-  } else {
-    acc = at::zeros({nt, P * K}, s.x.options());
-  }
+  at::Tensor acc = at::zeros({nt, P * K}, s.x.options());  // slot j at offset[j] * K, as [numel, K], per thread
   const T* y = s.y.data_ptr<T>();
   const T* V[fused::kMaxLayers];
   const T* vb[fused::kMaxLayers];
@@ -46,24 +131,20 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, co
     T* HW[fused::kMaxLayers];
     T* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t) {
+      T* base = acc.data_ptr<T>() + t * P * K;
       for (int64_t l = 0; l < L; ++l) {
-        HW[l] = layout.slot_ptr<T>(s.slot_W[l], t, K, direct, acc);
-        Hb[l] = s.slot_b[l] >= 0 ? layout.slot_ptr<T>(s.slot_b[l], t, K, direct, acc) : nullptr;
+        HW[l] = base + layout.offset[s.slot_W[l]] * K;
+        Hb[l] = s.slot_b[l] >= 0 ? base + layout.offset[s.slot_b[l]] * K : nullptr;
       }
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
         rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
-        if (K == 1)
-          fused::hvp_sample<T, 1, GGN>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
-                                       HW, Hb);
-        else
-          fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V,
-                                       vb, Rz, r0, r1, HW, Hb);
+        fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V,
+                                     vb, Rz, r0, r1, HW, Hb);
       }
     }
   });
-  if (!direct.empty()) return direct;
   return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, lead);
 }
 
@@ -75,8 +156,9 @@ std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   if (!PathChoice::fused(s, K))
     return sum_over_row_blocks(s, s.M * K * SlotLayout(s).total,
                                [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, lead, GGN); });
-  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
-                                    [&] { return hvp_fused_cpu<scalar_t, GGN>(s, vectors, lead); });
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu", [&] {
+    return K == 1 ? hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead) : hvp_fused_cpu<scalar_t, GGN>(s, vectors, lead);
+  });
 }
 
 }  // namespace

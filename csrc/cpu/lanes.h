@@ -1,0 +1,117 @@
+// Sample lanes: kLanes samples side by side in one value, so that fused.h's per-sample recurrences
+// (templates on the per-sample type S) run over kLanes samples per instruction, the weights and
+// vectors broadcast. Every operation is lane by lane, so each lane computes exactly what the
+// one-sample code computes for its sample; only the final sum over samples adds in another order.
+//
+// The loops over lanes vectorise to the widest registers the function is compiled for. This file is
+// built for baseline x86-64 (SSE2), so the kernels that use Lanes are compiled three times, for
+// AVX-512, AVX2 with FMA and the baseline, and run_simd() picks the widest the CPU has at run time
+// (GCC's __builtin_cpu_supports).
+#pragma once
+#include <cstdint>
+
+namespace hessext {
+
+constexpr int kLanes = 8;
+
+template <typename T>
+struct Lanes {
+  T v[kLanes];
+  Lanes() = default;
+  Lanes(T x) {  // NOLINT(google-explicit-constructor): a scalar is the same value in every lane
+    for (int j = 0; j < kLanes; ++j) v[j] = x;
+  }
+  Lanes& operator+=(const Lanes& o) {
+    for (int j = 0; j < kLanes; ++j) v[j] += o.v[j];
+    return *this;
+  }
+  T sum() const {
+    T acc = v[0];
+    for (int j = 1; j < kLanes; ++j) acc += v[j];
+    return acc;
+  }
+};
+
+template <typename T>
+inline Lanes<T> operator+(Lanes<T> x, const Lanes<T>& y) {
+  return x += y;
+}
+template <typename T>
+inline Lanes<T> operator-(const Lanes<T>& x, const Lanes<T>& y) {
+  Lanes<T> r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = x.v[j] - y.v[j];
+  return r;
+}
+template <typename T>
+inline Lanes<T> operator*(const Lanes<T>& x, const Lanes<T>& y) {
+  Lanes<T> r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = x.v[j] * y.v[j];
+  return r;
+}
+template <typename T>
+inline Lanes<T> operator*(T x, const Lanes<T>& y) {
+  Lanes<T> r;
+  for (int j = 0; j < kLanes; ++j) r.v[j] = x * y.v[j];
+  return r;
+}
+template <typename T>
+inline Lanes<T> operator*(const Lanes<T>& x, T y) {
+  return y * x;
+}
+
+// The instruction sets run_simd() chooses between.
+enum class Simd { Baseline, AVX2, AVX512 };
+constexpr const char* kSimdNames[] = {"baseline", "avx2", "avx512"};
+
+// The widest this CPU has.
+inline Simd cpu_simd() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Simd best = __builtin_cpu_supports("avx512f") ? Simd::AVX512
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Simd::AVX2
+                                                                                                : Simd::Baseline;
+  return best;
+#else
+  return Simd::Baseline;
+#endif
+}
+
+// The one run_simd() runs: cpu_simd(), or a narrower one set for tests (hessext._C.simd).
+inline Simd& simd_in_use() {
+  static Simd chosen = cpu_simd();
+  return chosen;
+}
+
+// run_simd(job): job() compiled for each instruction set with everything it calls inlined (flatten),
+// the variant for this CPU run.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <class Job>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512"), flatten)) void run_avx512(const Job& job) {
+  job();
+}
+template <class Job>
+__attribute__((target("avx2,fma"), flatten)) void run_avx2(const Job& job) {
+  job();
+}
+template <class Job>
+__attribute__((flatten)) void run_baseline(const Job& job) {
+  job();
+}
+template <class Job>
+void run_simd(const Job& job) {
+  switch (simd_in_use()) {
+    case Simd::AVX512:
+      return run_avx512(job);
+    case Simd::AVX2:
+      return run_avx2(job);
+    default:
+      return run_baseline(job);
+  }
+}
+#else
+template <class Job>
+void run_simd(const Job& job) {
+  job();
+}
+#endif
+
+}  // namespace hessext
