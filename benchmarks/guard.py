@@ -46,7 +46,8 @@ def main():
     print(write("guard_cpu", environment(), rows, columns,
                 ["The guard re-reads, per module, its type and class forward, its attribute names and values,",
                  "its parameters, children and buffers and whether it has hooks; then the parameter dtypes,",
-                 "the global hooks and the globals a user-defined forward names. A new loss object per call",
+                 "the global hooks and the globals a user-defined forward names, comparing each object as it",
+                 "reads it, in C (csrc/guard.h). A new loss object per call",
                  "(nn.MSELoss() or a lambda) is keyed by its settings or code and closure, so it does not re-trace."]))
 
 
