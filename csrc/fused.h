@@ -50,6 +50,24 @@ struct Sample {
   HX_HD S* end(const Net<T>& net) const { return head + net.n[net.L] + 1; }
 };
 
+// The product vectors per layer, and where each layer's products go in one flat accumulator row of
+// the P parameters (slot order) times K: V_l [o, i, K], vb_l [o, K] (nullptr: no bias), and the
+// slots' offsets in P (offb -1: no bias).
+template <typename T>
+struct LayerVectors {
+  const T* V[kMaxLayers];
+  const T* vb[kMaxLayers];
+  int64_t offW[kMaxLayers], offb[kMaxLayers];
+  // HW_l and Hb_l inside `row` (S: the accumulators' type).
+  template <typename S>
+  HX_HD void targets(int L, int K, S* row, S** HW, S** Hb) const {
+    for (int l = 0; l < L; ++l) {
+      HW[l] = row + offW[l] * K;
+      Hb[l] = offb[l] >= 0 ? row + offb[l] * K : nullptr;
+    }
+  }
+};
+
 // Forward: z_l = W_l a_l + b_l;  a_{l+1} = phi_l(z_l), d_{l+1} = phi_l'(z_l), d2_{l+1} = phi_l''(z_l).
 template <typename T>
 HX_HD void forward(const Net<T>& net, const T* x, T* a, T* d, T* d2) {

@@ -367,4 +367,17 @@ struct SlotLayout {
   }
 };
 
+// fused::LayerVectors of vt, the vectors in slot order laid out [numel, K] (for K = 1 as given).
+template <typename T>
+fused::LayerVectors<T> layer_vectors(const Stack& s, const SlotLayout& layout, const std::vector<at::Tensor>& vt) {
+  fused::LayerVectors<T> lv{};
+  for (int64_t l = 0; l < s.L; ++l) {
+    lv.V[l] = vt[s.slot_W[l]].data_ptr<T>();
+    lv.vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
+    lv.offW[l] = layout.offset[s.slot_W[l]];
+    lv.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
+  }
+  return lv;
+}
+
 }  // namespace hessext

@@ -25,9 +25,7 @@ struct HvpLanes {
   const Stack& s;
   const fused::Net<T>& net;
   const ForwardRows<T>& rows;
-  const SlotLayout& layout;
-  const T* const* V;
-  const T* const* vb;
+  const fused::LayerVectors<T>& lv;
   int64_t m0, m1;
   S* acc;
 
@@ -39,10 +37,7 @@ struct HvpLanes {
     S *Rz = smp.end(net), *r0 = Rz + U, *r1 = r0 + net.maxw;
     S* HW[fused::kMaxLayers];
     S* Hb[fused::kMaxLayers];
-    for (int l = 0; l < L; ++l) {
-      HW[l] = acc + layout.offset[s.slot_W[l]];
-      Hb[l] = s.slot_b[l] >= 0 ? acc + layout.offset[s.slot_b[l]] : nullptr;
-    }
+    lv.targets(L, 1, acc, HW, Hb);
     const T* y = s.y.data_ptr<T>();
     T *z = head_row.data(), *g = z + C, *h = g + C;
     for (int64_t m = m0; m < m1; m += kLanes) {
@@ -59,8 +54,8 @@ struct HvpLanes {
         smp.head[C].v[j] = w;
       }
       if (!GGN) fused::backward<T, S>(net, smp.d, smp.delta, smp.e);
-      fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
-                                      HW, Hb);
+      fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, lv.V, lv.vb, Rz, r0,
+                                      r1, HW, Hb);
     }
   }
 };
@@ -73,12 +68,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   const ForwardRows<T> rows(net, f);
   std::vector<at::Tensor> vt;
   for (const auto& v : vectors) vt.push_back(v.contiguous());
-  const T* V[fused::kMaxLayers];
-  const T* vb[fused::kMaxLayers];
-  for (int64_t l = 0; l < s.L; ++l) {
-    V[l] = vt[s.slot_W[l]].data_ptr<T>();
-    vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
-  }
+  const fused::LayerVectors<T> lv = layer_vectors<T>(s, layout, vt);
   const int64_t M = s.M, P = layout.total, blocks = (M + kLanes - 1) / kLanes;
   const int64_t nt = std::min(threads_for(M * P), blocks);
   std::vector<std::vector<Lanes<T>>> acc(nt);
@@ -86,7 +76,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
     for (int64_t t = t0; t < t1; ++t) {
       acc[t].assign(P, Lanes<T>(T(0)));
       const int64_t m0 = t * blocks / nt * kLanes, m1 = std::min(M, (t + 1) * blocks / nt * kLanes);
-      run_simd(HvpLanes<T, GGN>{s, net, rows, layout, V, vb, m0, m1, acc[t].data()});
+      run_simd(HvpLanes<T, GGN>{s, net, rows, lv, m0, m1, acc[t].data()});
     }
   });
   std::vector<at::Tensor> out;
@@ -113,16 +103,11 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, co
   const ForwardRows<T> rows(net, f);
   std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
   for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
-  const int64_t M = s.M, C = s.width(s.L), P = layout.total, L = s.L;
+  const int64_t M = s.M, C = s.width(s.L), P = layout.total;
   const int64_t nt = threads_for(M * K * P);
   at::Tensor acc = at::zeros({nt, P * K}, s.x.options());  // slot j at offset[j] * K, as [numel, K], per thread
   const T* y = s.y.data_ptr<T>();
-  const T* V[fused::kMaxLayers];
-  const T* vb[fused::kMaxLayers];
-  for (int64_t l = 0; l < L; ++l) {
-    V[l] = vt[s.slot_W[l]].data_ptr<T>();
-    vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
-  }
+  const fused::LayerVectors<T> lv = layer_vectors<T>(s, layout, vt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     const int64_t U = net.off[net.L + 1];
     std::vector<T> scratch(fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K);
@@ -131,17 +116,13 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, co
     T* HW[fused::kMaxLayers];
     T* Hb[fused::kMaxLayers];
     for (int64_t t = t0; t < t1; ++t) {
-      T* base = acc.data_ptr<T>() + t * P * K;
-      for (int64_t l = 0; l < L; ++l) {
-        HW[l] = base + layout.offset[s.slot_W[l]] * K;
-        Hb[l] = s.slot_b[l] >= 0 ? base + layout.offset[s.slot_b[l]] * K : nullptr;
-      }
+      lv.targets(net.L, static_cast<int>(K), acc.data_ptr<T>() + t * P * K, HW, Hb);
       for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
         rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
-        fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V,
-                                     vb, Rz, r0, r1, HW, Hb);
+        fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, lv.V,
+                                     lv.vb, Rz, r0, r1, HW, Hb);
       }
     }
   });

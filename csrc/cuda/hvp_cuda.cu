@@ -13,15 +13,8 @@
 namespace hessext {
 namespace {
 
-template <typename T>
-struct VectorPtrs {
-  const T* V[fused::kMaxLayers];   // [o, i, K]
-  const T* vb[fused::kMaxLayers];  // [o, K] or nullptr
-  int64_t offW[fused::kMaxLayers], offb[fused::kMaxLayers];  // slot offsets (times K in the row), -1: none
-};
-
 template <typename T, bool GGN>
-__global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, const T* x, const T* y, T* scratch,
+__global__ void hvp_fused_kernel(fused::Net<T> net, fused::LayerVectors<T> vp, int K, const T* x, const T* y, T* scratch,
                                  int64_t per_sample, T* out, int64_t M, int64_t PK) {
   const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (m >= M) return;
@@ -33,11 +26,7 @@ __global__ void hvp_fused_kernel(fused::Net<T> net, VectorPtrs<T> vp, int K, con
   if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
   T* HW[fused::kMaxLayers];
   T* Hb[fused::kMaxLayers];
-  T* row = out + m * PK;
-  for (int l = 0; l < net.L; ++l) {
-    HW[l] = row + vp.offW[l] * K;
-    Hb[l] = vp.offb[l] >= 0 ? row + vp.offb[l] * K : nullptr;
-  }
+  vp.targets(net.L, K, out + m * PK, HW, Hb);
   fused::hvp_sample<T, 0, GGN>(net, K, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, vp.V, vp.vb, Rz, r0, r1,
                                HW, Hb);
 }
@@ -49,13 +38,7 @@ std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, c
   const SlotLayout layout(s);
   std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
   for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
-  VectorPtrs<T> vp{};
-  for (int64_t l = 0; l < s.L; ++l) {
-    vp.V[l] = vt[s.slot_W[l]].data_ptr<T>();
-    vp.vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
-    vp.offW[l] = layout.offset[s.slot_W[l]];
-    vp.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
-  }
+  const fused::LayerVectors<T> vp = layer_vectors<T>(s, layout, vt);
   const int64_t M = s.M, U = net.off[net.L + 1], per = fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K, PK = layout.total * K;
   at::Tensor scratch = at::empty({M * per}, s.x.options());
   at::Tensor out = at::zeros({M, PK}, s.x.options());
