@@ -21,6 +21,10 @@ void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A
 void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
 // C = alpha A B into a given [m, n] tensor (a Workspace's, say); C may be a view.
 void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha = 1.0);
+// C[k] = A[k] B[k] + beta C[k] for the K matrices of C [K, m, n] (any strides, a view say), A [K, m, k]
+// and B [K, k, n] (an expanded operand's K copies are one matrix): on the CPU one product per k on the
+// views as they are, so a strided C or operand (a column block of a wider matrix) needs no copy.
+void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta);
 
 // Load an OpenBLAS (64-bit integers, scipy-openblas symbol names) from a shared library path; an
 // empty path unloads it. Returns "" on success, else why not (the products then stay ATen's).

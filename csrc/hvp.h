@@ -1,7 +1,8 @@
 // Batched Hessian-vector products of a loss through a Linear/activation stack, by Pearlmutter's
 // R-operator, R(.) = d/dr (.)(theta + r v) at r = 0, for K vectors v = (V_l, vb_l) at once.
 // Indices as in stack.h; R-quantities carry the vector index k in the middle: [M, K, width], so
-// that each product below is one GEMM over all K vectors.
+// that each product below is one GEMM over all K vectors, except the two of delta_l with a per-vector
+// operand (delta_l^T Ra_l, delta_l V_l), one GEMM per vector on views (hx::bmm_into), no copies.
 //
 //   R-forward   Rz_l = Ra_l W_l^T + a_l V_l^T + vb_l           (Ra_0 = 0)
 //               Ra_{l+1} = d_{l+1} * Rz_l                       (identity: Ra_{l+1} = Rz_l)
@@ -16,8 +17,8 @@
 // dropped: (Gv)_{W_l} = Rdelta_l^T a_l, Re_l = Rdelta_l W_l, Rdelta_{l-1} = d_l * Re_l (the
 // linearised network, J^T H_out J v).
 //
-// Cost for K vectors: the forward and delta pass once, then per layer at most four GEMMs of
-// M x (K n_l) x n_{l+1} (two for the first layer); the elementwise work is one fused pass per
+// Cost for K vectors: the forward and delta pass once, then per layer and vector six products of
+// M n_l n_{l+1} multiply-adds (two for the first layer, which has Ra_0 = 0 and no Re_0); the elementwise work is one fused pass per
 // R-forward and R-backward step (E::r_scale, E::r_residual, which forms d2 e on the fly). Rz_{l-1}
 // is kept only where a curved activation needs it for the residual term.
 #pragma once
@@ -25,14 +26,30 @@
 
 namespace hessext {
 
-// vectors (checked by Stack::check_vectors) and the results: [*lead, *param shape], lead {K} or {} (K = 1).
+// The passes every vector shares: forward, loss head and (for the HVP) the delta pass.
+struct SharedPasses {
+  Forward f;
+  LossHead head;
+  Backward g;
+};
+
 template <class E>
-std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead, bool ggn) {
-  const int64_t K = num_vectors(lead), M = s.M, L = s.L;
-  const auto shapes = s.slot_shapes(lead);
-  const Forward f = forward<E>(s);
-  const LossHead head = loss_head<E>(s, f.a[L]);
-  const Backward g = ggn ? Backward{} : backward(s, f, head);
+SharedPasses shared_passes(const Stack& s, bool ggn) {
+  Forward f = forward<E>(s);
+  LossHead head = loss_head<E>(s, f.a[s.L]);
+  Backward g = ggn ? Backward{} : backward(s, f, head);
+  return {std::move(f), std::move(head), std::move(g)};
+}
+
+// The products for vectors (stack order, each [K, *param shape] or, K = 1, [*param shape]) written
+// into out, the same shapes, contiguous; sh holds s's shared passes (s may be a copy of the stack made
+// in another thread, over the same rows).
+template <class E>
+void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, const std::vector<at::Tensor>& out,
+              bool ggn) {
+  const int64_t M = s.M, L = s.L, K = vectors[s.slot_W[0]].numel() / s.W[0].numel();
+  const Forward& f = sh.f;
+  const Backward& g = sh.g;
 
   std::vector<at::Tensor> V(L), Vb(L);
   for (int64_t l = 0; l < L; ++l) {
@@ -58,23 +75,22 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::v
     }
   }
 
-  std::vector<at::Tensor> out(s.num_slots);
-  at::Tensor Rdelta = head.apply(Rz.view({M, K, s.width(L)}));
+  at::Tensor Rdelta = sh.head.apply(Rz.view({M, K, s.width(L)}));
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
-    at::Tensor HW = hx::mm(Rdelta.view({M, K * o}).t(), f.a[l]).view({K, o, i});
-    if (l > 0 && !ggn) {  // + delta_l^T Ra_l per vector: for one, straight into HW
-      if (K == 1) hx::addmm_(HW.view({o, i}), g.delta[l].t(), Ra[l].view({M, i}));
-      else HW.add_(hx::mm(Ra[l].view({M, K * i}).t(), g.delta[l]).view({K, i, o}).transpose(1, 2));
+    const at::Tensor HW = out[s.slot_W[l]].view({K, o, i});
+    hx::mm_into(HW.view({K * o, i}), Rdelta.view({M, K * o}).t(), f.a[l]);
+    if (l > 0 && !ggn) hx::bmm_into(HW, g.delta[l].t().expand({K, o, M}), Ra[l].transpose(0, 1), 1.0);
+    if (s.slot_b[l] >= 0) {
+      at::Tensor Hb = out[s.slot_b[l]].view({K, o});
+      at::sum_out(Hb, Rdelta, 0);
     }
-    out[s.slot_W[l]] = HW.view(shapes[s.slot_W[l]]);
-    if (s.slot_b[l] >= 0) out[s.slot_b[l]] = Rdelta.sum(0).view(shapes[s.slot_b[l]]);
     if (l == 0) break;
     const at::Tensor Re = s.scratch({M, K * i});
     if (ggn) {
       hx::mm_into(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     } else {
-      hx::mm_into(Re, g.delta[l], V[l].permute({1, 0, 2}).reshape({o, K * i}));
+      hx::bmm_into(Re.view({M, K, i}).transpose(0, 1), g.delta[l].expand({K, M, o}), V[l], 0.0);
       hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {
@@ -84,6 +100,14 @@ std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::v
     }
     Rdelta = Re.view({M, K, i});
   }
+}
+
+// The products as new tensors [*lead, *param shape], lead {K} or {} (one unbatched vector).
+template <class E>
+std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead, bool ggn) {
+  std::vector<at::Tensor> out;
+  for (const auto& shape : s.slot_shapes(lead)) out.push_back(at::empty(shape, s.x.options()));
+  hvp_into<E>(s, shared_passes<E>(s, ggn), vectors, out, ggn);
   return out;
 }
 

@@ -1,8 +1,10 @@
-"""The machinery of the CPU GEMM recurrences: the row blocks that split a call over torch's threads
-(csrc/cpu/row_blocks.h) and the per-thread scratch arena (csrc/workspace.h).
+"""The machinery of the CPU GEMM recurrences: the row blocks and vector blocks that split a call over
+torch's threads (csrc/cpu/row_blocks.h, csrc/cpu/hvp.cpp) and the per-thread scratch arena
+(csrc/workspace.h).
 
-- Row blocks: HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks
-  and short ones, against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in
+- Row blocks (one vector) and vector blocks (K = 5: blocks of 1-3 vectors, run in chunks of one vector
+  at N = 1000, whose [N, 1, 80] intermediates exceed half of a 1 MB L2, and in one chunk at N = 100):
+  HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks and short ones, against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in
   float32).
 - The arena: reusing it from call to call never changes an answer and never hands a caller memory
   that a later call writes; it grows to the largest call and stays within its cap; concurrent Python

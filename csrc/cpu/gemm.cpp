@@ -174,6 +174,16 @@ void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, doub
   into(C, A, B, 0.0, alpha);
 }
 
+void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta) {
+  TORCH_CHECK(C.dim() == 3 && A.dim() == 3 && B.dim() == 3 && A.size(0) == C.size(0) && B.size(0) == C.size(0),
+              "hx::bmm_into: batch shapes ", C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
+  if (!C.device().is_cpu()) {
+    C.baddbmm_(A, B, beta, 1.0);
+    return;
+  }
+  for (int64_t k = 0; k < C.size(0); ++k) into(C[k], A[k], B[k], beta, 1.0);
+}
+
 std::string blas_load(const std::string& path) {
   std::lock_guard<std::mutex> guard(blas_mutex());
   Blas& b = blas();

@@ -6,6 +6,7 @@
 // [10,64,64,1], N = 256, 0.29 -> 0.25 ms; [2,50,50,50,1], N = 1024, 1.07 -> 0.96 ms.
 #pragma once
 #include <ATen/Parallel.h>
+#include <unistd.h>
 
 #include "stack.h"
 
@@ -15,6 +16,15 @@ namespace hessext {
 // 256k), at most the pool.
 inline int64_t threads_for(int64_t work, int64_t per_thread = int64_t(1) << 18) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / per_thread));
+}
+
+// This CPU's L2 cache per core in bytes (1 MB where the system does not say).
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return b > 0 ? static_cast<int64_t>(b) : int64_t(1) << 20;
+  }();
+  return bytes;
 }
 
 // run(block) for blocks of s's samples, one per thread, summed; run(s) itself (its products and passes
