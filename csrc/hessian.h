@@ -245,22 +245,32 @@ at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_e
   return out;
 }
 
-// Laplacians (mode 0) and input Hessians (1: diagonal, 2: full) by whichever method costs less:
-// the jets of jets.h, M sum_l n_l n_{l+1} (1+d+q), or the backward recurrence, M (sum n^3 + n_1^2 d).
-template <class E>
-at::Tensor input_derivatives_any(const Stack& s, int64_t mode, int64_t chunk_elems) {
+// Laplacians (mode 0) and input Hessians (1: diagonal, 2: full) by whichever method costs less per
+// sample: the jets of jets.h, sum_l n_l n_{l+1} (1+d+q) multiply-adds, or the backward recurrence,
+// sum n^3 + n_1^2 d (Laplacians: always the jets, q = 1).
+struct InputDerivativesPlan {
+  JetMode mode;
+  bool backward;       // input_hessian_backward rather than the jets
+  int64_t per_sample;  // the chosen method's multiply-adds per sample
+};
+
+inline InputDerivativesPlan input_derivatives_plan(const Stack& s, int64_t mode) {
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (Laplacian), 1 (diagonal) or 2 (full), got ", mode);
   const JetMode jm = static_cast<JetMode>(mode);
-  if (jm != JetMode::Laplacian) {
-    const int64_t d = s.width(0), q = jet_channels(jm, d);
-    int64_t jets = 0, back = s.width(1) * s.width(1) * d;
-    for (int64_t l = 0; l < s.L; ++l) {
-      jets += s.width(l) * s.width(l + 1) * (1 + d + q);
-      if (l > 0) back += 2 * s.width(l) * s.width(l + 1) * s.width(l + 1);
-    }
-    if (back < jets) return input_hessian_backward<E>(s, jm == JetMode::Diagonal, chunk_elems);
+  const int64_t d = s.width(0), q = jet_channels(jm, d);
+  int64_t jets = 0, back = s.width(1) * s.width(1) * d;
+  for (int64_t l = 0; l < s.L; ++l) {
+    jets += s.width(l) * s.width(l + 1) * (1 + d + q);
+    if (l > 0) back += 2 * s.width(l) * s.width(l + 1) * s.width(l + 1);
   }
-  return input_derivatives<E>(s, jm);
+  const bool use_back = jm != JetMode::Laplacian && back < jets;
+  return {jm, use_back, use_back ? back : jets};
+}
+
+template <class E>
+at::Tensor input_derivatives_any(const Stack& s, const InputDerivativesPlan& plan, int64_t chunk_elems) {
+  if (plan.backward) return input_hessian_backward<E>(s, plan.mode == JetMode::Diagonal, chunk_elems);
+  return input_derivatives<E>(s, plan.mode);
 }
 
 }  // namespace hessext

@@ -48,9 +48,13 @@ std::vector<at::Tensor> hessian_cpu(HX_STACK_PARAMS, bool layer_blocks) {
   return {AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hessian_fused_cpu", [&] { return hessian_fused_cpu<scalar_t>(s); })};
 }
 
+// Per-sample results: each thread runs the whole pass for its block of samples (row_blocks.h).
 at::Tensor input_derivatives_cpu(HX_STACK_PARAMS, int64_t mode) {
   const Stack s(HX_STACK_ARGS);
-  return input_derivatives_any<CpuElementwise>(s, mode, kHessianChunkElems);
+  const InputDerivativesPlan plan = input_derivatives_plan(s, mode);
+  return cat_over_row_blocks(s, s.M * plan.per_sample, [&](const Stack& part) {
+    return input_derivatives_any<CpuElementwise>(part, plan, kHessianChunkElems);
+  });
 }
 
 }  // namespace

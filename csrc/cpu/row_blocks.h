@@ -27,24 +27,42 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 
+// run(block) for nt blocks of s's samples, one per thread: the blocks' results in row order.
+template <class Run>
+auto run_row_blocks(const Stack& s, int64_t nt, Run&& run) {
+  std::vector<decltype(run(s))> parts(nt);
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) parts[t] = run(s.rows(t * s.M / nt, (t + 1) * s.M / nt));
+  });
+  return parts;
+}
+
+constexpr int64_t kMinBlockRows = 16;
+
 // run(block) for blocks of s's samples, one per thread, summed; run(s) itself (its products and passes
 // split over the threads) where one thread suffices, or where the blocks would be short and the work
 // large: then each block's weight-sized products (sums over only M / threads samples) and the final
 // sum of the blocks' results cost more than the joins save. Measured at 2 threads, float64, against
-// run(s): [784,256,256,10], N = 256 (128-row blocks), 1 HVP level (3.9 ms), 16 HVPs 45.5 -> 51-59 ms;
-// [2,50,50,50,1], N = 1024 (512-row blocks), 16 HVPs 11.4 -> 11.0 ms.
+// run(s), one HVP: [784,256,256,10], N = 256 (128-row blocks), level (3.9 ms); [2,50,50,50,1],
+// N = 1024 (512-row blocks), 1.07 -> 0.96 ms.
 template <class Run>
 std::vector<at::Tensor> sum_over_row_blocks(const Stack& s, int64_t work, Run&& run) {
-  constexpr int64_t kMinRows = 16, kTallRows = 256, kSmallWork = int64_t(1) << 24;
-  const int64_t nt = std::min(threads_for(work), s.M / kMinRows);
+  constexpr int64_t kTallRows = 256, kSmallWork = int64_t(1) << 24;
+  const int64_t nt = std::min(threads_for(work), s.M / kMinBlockRows);
   if (nt <= 1 || at::in_parallel_region() || (s.M / nt < kTallRows && work > kSmallWork)) return run(s);
-  std::vector<std::vector<at::Tensor>> parts(nt);
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) parts[t] = run(s.rows(t * s.M / nt, (t + 1) * s.M / nt));
-  });
+  std::vector<std::vector<at::Tensor>> parts = run_row_blocks(s, nt, run);
   for (int64_t t = 1; t < nt; ++t)
     for (size_t j = 0; j < parts[0].size(); ++j) parts[0][j].add_(parts[t][j]);
   return parts[0];
+}
+
+// run(block) for blocks of s's samples, one per thread, for results with one row per sample ([M, ...]):
+// the blocks' results stacked in row order. Nothing is summed, so every block size pays.
+template <class Run>
+at::Tensor cat_over_row_blocks(const Stack& s, int64_t work, Run&& run) {
+  const int64_t nt = std::min(threads_for(work), s.M / kMinBlockRows);
+  if (nt <= 1 || at::in_parallel_region()) return run(s);
+  return at::cat(run_row_blocks(s, nt, run), 0);
 }
 
 }  // namespace hessext

@@ -18,7 +18,7 @@ std::vector<at::Tensor> hessian_cuda(HX_STACK_PARAMS, bool layer_blocks) {
 at::Tensor input_derivatives_cuda(HX_STACK_PARAMS, int64_t mode) {
   const c10::cuda::CUDAGuard guard(inputs.device());
   const Stack s(HX_STACK_ARGS);
-  return input_derivatives_any<CudaElementwise>(s, mode, kHessianChunkElems);
+  return input_derivatives_any<CudaElementwise>(s, input_derivatives_plan(s, mode), kHessianChunkElems);
 }
 
 }  // namespace
