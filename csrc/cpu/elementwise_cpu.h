@@ -1,4 +1,5 @@
-// Fused elementwise steps of the stack recurrences on the CPU, one pass each, parallel over rows m.
+// Fused elementwise steps of the stack recurrences on the CPU, one pass each, parallel over rows m, the
+// loops compiled for this CPU's vectors (run_simd).
 // Shapes: per-sample tensors [M, w]; R-quantities [M, K, w] (contiguous).
 #pragma once
 #include <ATen/Dispatch.h>
@@ -127,11 +128,14 @@ struct CpuElementwise {
       scalar_t* r = R.data_ptr<scalar_t>();
       const scalar_t* pd = d.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
-        for (int64_t m = lo; m < hi; ++m)
-          for (int64_t k = 0; k < K; ++k) {
-            scalar_t* row = r + (m * K + k) * w;
-            for (int64_t j = 0; j < w; ++j) row[j] *= pd[m * w + j];
-          }
+        run_simd([&] {
+          for (int64_t m = lo; m < hi; ++m)
+            for (int64_t k = 0; k < K; ++k) {
+              scalar_t* __restrict__ row = r + (m * K + k) * w;
+              const scalar_t* __restrict__ drow = pd + m * w;
+              for (int64_t j = 0; j < w; ++j) row[j] *= drow[j];
+            }
+        });
       });
     });
   }
@@ -146,13 +150,16 @@ struct CpuElementwise {
       const scalar_t *pd = d.data_ptr<scalar_t>(), *pd2 = d2.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(),
                      *prz = Rz.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
-        for (int64_t m = lo; m < hi; ++m)
-          for (int64_t k = 0; k < K; ++k) {
-            scalar_t* row = r + (m * K + k) * w;
-            const scalar_t* rzrow = prz + (m * K + k) * w;
-            for (int64_t j = 0; j < w; ++j)
-              row[j] = pd[m * w + j] * row[j] + pd2[m * w + j] * pe[m * w + j] * rzrow[j];
-          }
+        run_simd([&] {
+          for (int64_t m = lo; m < hi; ++m)
+            for (int64_t k = 0; k < K; ++k) {
+              scalar_t* __restrict__ row = r + (m * K + k) * w;
+              const scalar_t* __restrict__ rzrow = prz + (m * K + k) * w;
+              const scalar_t *__restrict__ drow = pd + m * w, *__restrict__ d2row = pd2 + m * w,
+                                           *__restrict__ erow = pe + m * w;
+              for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
+            }
+        });
       });
     });
   }
