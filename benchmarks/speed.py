@@ -51,12 +51,15 @@ def median(fn, repeat=30):
 
 def product_s(m, k, n, _cache={}):
     """The fastest of hessext's BLAS and ATen for one [m, k] x [k, n] float64 product, computed as is
-    or transposed ([n, k] x [k, m])."""
+    or transposed ([n, k] x [k, m]), each into an output allocated beforehand (a fresh output of some
+    MB would time its page faults, not the product)."""
     if (m, k, n) not in _cache:
         C = _native.load()
         a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
-        _cache[(m, k, n)] = min(median(lambda: C.mm(a, b)), median(lambda: torch.mm(a, b)),
-                                median(lambda: C.mm(b.t(), a.t())), median(lambda: torch.mm(b.t(), a.t())))
+        c, ct = torch.empty(m, n, dtype=torch.float64), torch.empty(n, m, dtype=torch.float64)
+        _cache[(m, k, n)] = min(median(lambda: C.mm_into(c, a, b)), median(lambda: torch.mm(a, b, out=c)),
+                                median(lambda: C.mm_into(ct, b.t(), a.t())),
+                                median(lambda: torch.mm(b.t(), a.t(), out=ct)))
     return _cache[(m, k, n)]
 
 

@@ -162,6 +162,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
   m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
   m.def(
+      "mm_into", [](const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { hx::mm_into(C, A, B); },
+      "C = A @ B into a given tensor, as the kernels compute it (for benchmarks: no allocation timed)");
+  m.def(
       "addmm",
       [](const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
         at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());

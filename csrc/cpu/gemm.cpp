@@ -90,15 +90,20 @@ constexpr int64_t kParallelWork = 1 << 16;
 // C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
 // inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
+Gemm<T> blas_gemm() {
+  if constexpr (std::is_same_v<T, double>) return blas().dgemm;
+  else return blas().sgemm;
+}
+
+// C's leading dimension for BLAS (C row-major, [m, n]).
+int64_t c_ld(const at::Tensor& C) { return C.size(0) == 1 ? std::max<int64_t>(C.size(1), 1) : C.stride(0); }
+
+template <typename T>
 void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T alpha, T beta) {
   const Operand A = operand(A_), B = operand(B_);
   const int ta = A.trans, tb = B.trans;
-  const int64_t m = A_.size(0), k = A_.size(1), n = B_.size(1), lda = A.ld, ldb = B.ld;
-  const int64_t ldc = C.size(0) == 1 ? std::max<int64_t>(n, 1) : C.stride(0);
-  const Gemm<T> f = [] {
-    if constexpr (std::is_same_v<T, double>) return blas().dgemm;
-    else return blas().sgemm;
-  }();
+  const int64_t m = A_.size(0), k = A_.size(1), n = B_.size(1), lda = A.ld, ldb = B.ld, ldc = c_ld(C);
+  const Gemm<T> f = blas_gemm<T>();
   const T *a = A.t.data_ptr<T>(), *bp = B.t.data_ptr<T>();
   T* c = C.data_ptr<T>();
   const int64_t parts = m * n * k >= kParallelWork && !at::in_parallel_region()
@@ -174,14 +179,40 @@ void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, doub
   into(C, A, B, 0.0, alpha);
 }
 
+namespace {
+// C[b] = A[b] B[b] + beta C[b], every matrix read by BLAS in place (checked by the caller): one ?gemm per
+// b at the batch strides from the first, the batch split over torch's threads where the products are
+// large (inside a parallel region: all in this thread).
+template <typename T>
+void gemm_batch(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, T beta) {
+  const auto [ta, lda] = layout(A[0]);
+  const auto [tb, ldb] = layout(B[0]);
+  const int64_t batch = C.size(0), m = C.size(1), n = C.size(2), k = A.size(2), ldc = c_ld(C[0]);
+  const Gemm<T> f = blas_gemm<T>();
+  const T *a = A.data_ptr<T>(), *b = B.data_ptr<T>();
+  T* c = C.data_ptr<T>();
+  at::parallel_for(0, batch, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, m * n * k)),
+                   [&](int64_t b0, int64_t b1) {
+                     for (int64_t j = b0; j < b1; ++j)
+                       f(kRowMajor, ta, tb, m, n, k, T(1), a + j * A.stride(0), std::max<int64_t>(lda, 1),
+                         b + j * B.stride(0), std::max<int64_t>(ldb, 1), beta, c + j * C.stride(0), ldc);
+                   });
+}
+}  // namespace
+
 void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta) {
-  TORCH_CHECK(C.dim() == 3 && A.dim() == 3 && B.dim() == 3 && A.size(0) == C.size(0) && B.size(0) == C.size(0),
-              "hx::bmm_into: batch shapes ", C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
+  TORCH_CHECK(C.dim() == 3 && A.dim() == 3 && B.dim() == 3 && A.size(0) == C.size(0) && B.size(0) == C.size(0) &&
+                  A.size(1) == C.size(1) && B.size(2) == C.size(2) && A.size(2) == B.size(1),
+              "hx::bmm_into: shapes ", C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
   if (!C.device().is_cpu()) {
     C.baddbmm_(A, B, beta, 1.0);
-    return;
+  } else if (C.size(0) > 1 && use_blas(A[0], B[0]) && C.scalar_type() == A.scalar_type() && row_major(C[0]) &&
+             layout(A[0]).first && layout(B[0]).first) {
+    if (A.scalar_type() == at::kDouble) gemm_batch<double>(A, B, C, beta);
+    else gemm_batch<float>(A, B, C, static_cast<float>(beta));
+  } else {  // one matrix (split over the threads by into()), or operands BLAS cannot read in place
+    for (int64_t k = 0; k < C.size(0); ++k) into(C[k], A[k], B[k], beta, 1.0);
   }
-  for (int64_t k = 0; k < C.size(0); ++k) into(C[k], A[k], B[k], beta, 1.0);
 }
 
 std::string blas_load(const std::string& path) {
