@@ -68,9 +68,9 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     if (!ggn && s.curved_after(l)) {
       Rzs[l + 1] = R;
       Ra[l + 1] = s.scratch(R.sizes());
-      at::mul_out(Ra[l + 1], R, f.d[l + 1].unsqueeze(1));
+      E::r_scale(Ra[l + 1], R, f.d[l + 1]);
     } else {
-      if (s.act_after(l)) E::r_scale(R, f.d[l + 1]);
+      if (s.act_after(l)) E::r_scale(R, R, f.d[l + 1]);
       Ra[l + 1] = R;
     }
   }
@@ -96,7 +96,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     if (Rzs[l].defined()) {
       E::r_residual(Re.view({M, K, i}), f.d[l], f.d2[l], g.e[l], Rzs[l]);
     } else if (f.d[l].defined()) {
-      E::r_scale(Re.view({M, K, i}), f.d[l]);
+      E::r_scale(Re.view({M, K, i}), Re.view({M, K, i}), f.d[l]);
     }
     Rdelta = Re.view({M, K, i});
   }

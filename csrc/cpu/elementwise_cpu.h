@@ -121,19 +121,21 @@ struct CpuElementwise {
     });
   }
 
-  // R [M, K, w] -> d * R in place, d [M, w] broadcast over k.
-  static void r_scale(at::Tensor R, const at::Tensor& d) {
+  // out = d * R, R and out [M, K, w] (out may be R), d [M, w] broadcast over k.
+  static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d) {
     const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
-      scalar_t* r = R.data_ptr<scalar_t>();
+      const scalar_t* r = R.data_ptr<scalar_t>();
+      scalar_t* po = out.data_ptr<scalar_t>();
       const scalar_t* pd = d.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         run_simd([&] {
           for (int64_t m = lo; m < hi; ++m)
             for (int64_t k = 0; k < K; ++k) {
-              scalar_t* __restrict__ row = r + (m * K + k) * w;
+              const scalar_t* rrow = r + (m * K + k) * w;
+              scalar_t* orow = po + (m * K + k) * w;
               const scalar_t* __restrict__ drow = pd + m * w;
-              for (int64_t j = 0; j < w; ++j) row[j] *= drow[j];
+              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
             }
         });
       });
