@@ -18,9 +18,10 @@
 // linearised network, J^T H_out J v).
 //
 // Cost for K vectors: the forward and delta pass once, then per layer and vector six products of
-// M n_l n_{l+1} multiply-adds (two for the first layer, which has Ra_0 = 0 and no Re_0); the elementwise work is one fused pass per
-// R-forward and R-backward step (E::r_scale, E::r_residual, which forms d2 e on the fly). Rz_{l-1}
-// is kept only where a curved activation needs it for the residual term.
+// M n_l n_{l+1} multiply-adds (two for the first layer, which has Ra_0 = 0 and no Re_0); the
+// elementwise work is one fused pass per R-forward and R-backward step (E::r_scale, E::r_residual,
+// which forms d2 e on the fly). Rz_{l-1} is kept only where a curved activation needs it for the
+// residual term.
 #pragma once
 #include "stack.h"
 
@@ -105,8 +106,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
 // The products as new tensors [*lead, *param shape], lead {K} or {} (one unbatched vector).
 template <class E>
 std::vector<at::Tensor> hvp(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead, bool ggn) {
-  std::vector<at::Tensor> out;
-  for (const auto& shape : s.slot_shapes(lead)) out.push_back(at::empty(shape, s.x.options()));
+  const std::vector<at::Tensor> out = s.new_slots(lead);
   hvp_into<E>(s, shared_passes<E>(s, ggn), vectors, out, ggn);
   return out;
 }

@@ -104,6 +104,12 @@ struct Stack {
   Stack rows(int64_t m0, int64_t m1) const { return Stack(*this, m0, m1); }
 
   int64_t width(int64_t l) const { return l == 0 ? x.size(1) : W[l - 1].size(0); }
+  // The widest of the inputs, hidden layers and outputs.
+  int64_t max_width() const {
+    int64_t w = 0;
+    for (int64_t l = 0; l <= L; ++l) w = std::max(w, width(l));
+    return w;
+  }
   // An intermediate of this call (workspace.h), with the inputs' dtype and device.
   at::Tensor scratch(at::IntArrayRef shape) const { return ws.empty(shape, x.options()); }
   // alpha (a Wt + bias): a [M, n] x [n, o] product with an optional bias row [o], into scratch.
@@ -120,6 +126,13 @@ struct Stack {
   // whether it has a second derivative (then d2_{l+1} and the residual terms exist).
   bool act_after(int64_t l) const { return l < L - 1 && act[l] != Act::Identity; }
   bool curved_after(int64_t l) const { return l < L - 1 && act_is_curved(act[l]); }
+
+  // New (uninitialised) tensors for per-parameter results, shapes as slot_shapes(lead).
+  std::vector<at::Tensor> new_slots(const std::vector<int64_t>& lead) const {
+    std::vector<at::Tensor> out;
+    for (const auto& shape : slot_shapes(lead)) out.push_back(at::empty(shape, x.options()));
+    return out;
+  }
 
   // Shapes of the parameter list in stack order, each with `lead` prepended.
   std::vector<std::vector<int64_t>> slot_shapes(std::vector<int64_t> lead) const {
@@ -277,10 +290,9 @@ struct PathChoice {
   // The fused diagonal holds each sample's whole pre-activation Hessian: cost M * sum n_{l+1}^2 n_l.
   static bool fused_diag(const Stack& s) {
     if (s.L > fused::kMaxLayers) return false;
-    int64_t work = 0, w = 0;
-    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    int64_t work = 0;
     for (int64_t l = 0; l < s.L; ++l) work += s.width(l + 1) * s.width(l + 1) * s.width(l);
-    return w <= max_width() && s.M * work <= max_work();
+    return s.max_width() <= max_width() && s.M * work <= max_work();
   }
   // The fused HVP runs its M K P multiply-adds in per-sample loops, the GEMM path pays a fixed ATen
   // cost per layer and then runs at BLAS speed: fused while M K P <= L max_work / 256 (measured
@@ -288,17 +300,15 @@ struct PathChoice {
   // The fused dense Hessian adds P^2 products per sample in scalar loops: for small M P^2.
   static bool fused_hessian(const Stack& s) {
     if (s.L > fused::kMaxLayers) return false;
-    int64_t P = 0, w = 0;
-    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    int64_t P = 0;
     for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
-    return w <= max_width() && s.M * P * P <= max_work() / 4;
+    return s.max_width() <= max_width() && s.M * P * P <= max_work() / 4;
   }
   static bool fused(const Stack& s, int64_t K) {
     if (s.L > fused::kMaxLayers) return false;
-    int64_t P = 0, w = 0;
-    for (int64_t l = 0; l <= s.L; ++l) w = std::max(w, s.width(l));
+    int64_t P = 0;
     for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel();
-    return w <= max_width() && s.M * K * P <= s.L * (max_work() / 256);
+    return s.max_width() <= max_width() && s.M * K * P <= s.L * (max_work() / 256);
   }
 };
 

@@ -79,11 +79,9 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
       run_simd(HvpLanes<T, GGN>{s, net, rows, lv, m0, m1, acc[t].data()});
     }
   });
-  std::vector<at::Tensor> out;
-  const auto shapes = s.slot_shapes(lead);
+  const std::vector<at::Tensor> out = s.new_slots(lead);
   for (int64_t j = 0; j < s.num_slots; ++j) {
-    out.push_back(at::empty(shapes[j], s.x.options()));
-    T* o = out.back().data_ptr<T>();
+    T* o = out[j].data_ptr<T>();
     for (int64_t p = 0; p < layout.numel[j]; ++p) {
       T sum = acc[0][layout.offset[j] + p].sum();
       for (int64_t t = 1; t < nt; ++t) sum += acc[t][layout.offset[j] + p].sum();
@@ -143,11 +141,8 @@ std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors
                                           int64_t nt) {
   const SharedPasses sh = shared_passes<CpuElementwise>(s, GGN);
   const int64_t K = num_vectors(lead);
-  int64_t width = 0;
-  for (int64_t l = 0; l <= s.L; ++l) width = std::max(width, s.width(l));
-  const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (s.M * width * s.x.element_size()));
-  std::vector<at::Tensor> out;
-  for (const auto& shape : s.slot_shapes(lead)) out.push_back(at::empty(shape, s.x.options()));
+  const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (s.M * s.max_width() * s.x.element_size()));
+  const std::vector<at::Tensor> out = s.new_slots(lead);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t k0 = t * K / nt, k1 = (t + 1) * K / nt; k0 < k1; k0 += chunk) {

@@ -63,11 +63,9 @@ std::vector<at::Tensor> diag_fused_cuda(const Stack& s, bool ggn, bool per_sampl
 std::vector<at::Tensor> diag_cuda(HX_STACK_PARAMS, bool ggn, bool per_sample) {
   const c10::cuda::CUDAGuard guard(inputs.device());
   const Stack s(HX_STACK_ARGS);
-  int64_t units = 0, w = 0;
-  for (int64_t l = 0; l <= s.L; ++l) {
-    units += s.width(l);
-    w = std::max(w, s.width(l));
-  }
+  const int64_t w = s.max_width();
+  int64_t units = 0;
+  for (int64_t l = 0; l <= s.L; ++l) units += s.width(l);
   if (!PathChoice::fused_diag(s) || s.M * (5 * units + s.width(s.L) + 1 + 3 * w * w) > kMaxScratchElems)
     return diag<CudaElementwise>(s, ggn, per_sample);
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "diag_fused_cuda",
