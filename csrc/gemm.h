@@ -31,5 +31,10 @@ void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, dou
 std::string blas_load(const std::string& path);
 // What the CPU products run on: "OpenBLAS <its config>" or "ATen".
 std::string blas_name();
+// Whether products go to OpenBLAS's small-matrix path in row pieces (gemm.cpp, on by default; off:
+// each product whole, for the measurement that made the choice); returns the old setting.
+bool set_row_pieces(bool on);
+// Whether products are cut so now (the loaded BLAS has the small-matrix path and the setting is on).
+bool row_pieces_on();
 
 }  // namespace hx

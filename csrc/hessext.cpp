@@ -160,6 +160,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
   m.def("blas_load", &hx::blas_load, "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
   m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
+  m.def("set_row_pieces", &hx::set_row_pieces,
+        "cut products into row pieces for OpenBLAS's small-matrix path (default on); returns the old setting");
+  m.def("row_pieces_on", &hx::row_pieces_on, "whether products are cut into row pieces now");
   m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
   m.def(
       "mm_into", [](const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { hx::mm_into(C, A, B); },

@@ -17,6 +17,8 @@ def report():
         blas = status["blas"]
         lines.append(f"CPU matrix products: {blas['name']}" + (f" from {blas['path']}" if blas.get("path") else "")
                      + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else ""))
+        if _native.load().row_pieces_on():
+            lines.append("  products over 10^6 multiply-adds cut into row pieces for its small-matrix path")
         lines.append(f"CPU sample-lane kernels (one vector, narrow stacks): {_native.load().simd()} instructions")
         kept = _native.load().workspace_bytes() / 2**20
         lines.append(f"CPU scratch kept between calls by this thread: {kept:.1f} MB (at most 256 MB a thread)")

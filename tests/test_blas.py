@@ -1,7 +1,8 @@
 """The CPU matrix products (csrc/gemm.h): the loaded OpenBLAS computes what ATen computes for every
 operand layout the kernels pass (views, transposes, size-1 and empty sides, float32/float64, in-place
 accumulation into views), anything it cannot take goes to ATen, a library that will not load leaves
-ATen's products with the reason in `hessext.info`, and every native op gives the same answers on
+ATen's products with the reason in `hessext.info`, products cut into row pieces for OpenBLAS's small-matrix
+path equal the whole, and every native op gives the same answers on
 either BLAS. Tolerances: 1e-12 relative (float64) and 1e-5 (float32) between two BLAS libraries,
 which sum the products in different orders."""
 import pytest
@@ -47,13 +48,27 @@ def operands(dtype):
         (r(0, 5), r(5, 4)), (r(4, 0), r(0, 3)), (r(4, 5), r(5, 0)),  # empty
         (r(300, 120), r(120, 200)),                  # large enough to be split over threads
         (r(120, 300).t(), r(200, 120).t()),
+        # over 10^6 multiply-adds: row pieces on OpenBLAS's small-matrix path (gemm.cpp), uneven ones,
+        (r(1000, 64), r(64, 63)), (r(64, 1001).t(), r(64, 64)),
+        (r(1000, 64), r(64, 80)[:, 3:67].t()),       # B transposed with a long row stride: copied first
+        (r(40, 60), r(900, 60).t()),                 # C split by columns, then row pieces of each part
     ]
 
 
+@pytest.fixture
+def row_pieces():
+    """Set whether products are cut into row pieces (gemm.cpp), and restore the default afterwards."""
+    yield C.set_row_pieces
+    C.set_row_pieces(True)
+
+
 @openblas
+@pytest.mark.parametrize("pieces", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_products_equal_aten(dtype, blas_choice):
+def test_products_equal_aten(dtype, pieces, blas_choice, row_pieces):
     assert blas_choice("openblas").startswith("OpenBLAS")
+    row_pieces(pieces)
+    assert C.row_pieces_on() == (pieces and any(t in C.blas_name() for t in ("SkylakeX", "Cooperlake", "SapphireRapids")))
     for A, B in operands(dtype):
         what = f"{tuple(A.shape)} strides {A.stride()} x {tuple(B.shape)} strides {B.stride()}"
         same(C.mm(A, B), A @ B, TOL[dtype], "mm " + what)
