@@ -10,9 +10,11 @@
 // The Laplacian of the model output is S at the output. The input Hessian of the loss is
 // sum_{c,c'} Jz[c,i] H_out[c,c'] Jz[c',j] + sum_c g_c Sz[c,(i,j)] (g, H_out: the loss head).
 // Cost: M * sum_l n_l n_{l+1} (1 + d + q) multiply-adds, a few forward passes for small d.
-// Layout: unit, then channel, then sample: [n, 1 + d + q, M], so each Linear is one GEMM
-// W @ [n, (1+d+q) M], and each channel of a unit is one contiguous row over the samples (the
-// activation step's loops run along it: vectorised on the CPU, coalesced on the GPU).
+// Layout: channel, then sample, then unit: [1 + d + q, M, n], so each Linear is one GEMM
+// [(1+d+q) M, n] @ W^T, whose long side is its rows (the shape the CPU products run fastest in, row
+// pieces on OpenBLAS's small-matrix path: gemm.cpp), and each channel is one contiguous [M, n] block
+// that the activation step runs along with the same [M, n] derivatives (vectorised on the CPU,
+// coalesced on the GPU).
 #pragma once
 #include "stack.h"
 
@@ -33,7 +35,7 @@ inline std::vector<std::pair<int64_t, int64_t>> jet_pairs(JetMode mode, int64_t 
   return pairs;
 }
 
-// The jet at the network output: [C, 1 + d + q, M]. The bias joins the value channel in the activation
+// The jet at the network output: [1 + d + q, M, C]. The bias joins the value channel in the activation
 // step (or, after the last layer, by itself).
 template <class E>
 at::Tensor output_jet(const Stack& s, JetMode mode) {
@@ -42,18 +44,18 @@ at::Tensor output_jet(const Stack& s, JetMode mode) {
   at::Tensor jet;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
-    const at::Tensor z = s.scratch({o, cols, M});
-    if (l == 0) {  // the start jet is (x, I, 0): z = W x, Jz = W in every sample, Sz = 0, no product over I
-      hx::mm_into(z.select(1, 0), s.W[0], s.x.t());
-      z.narrow(1, 1, d).copy_(s.W[0].unsqueeze(2).expand({o, d, M}));
-      z.narrow(1, 1 + d, q).zero_();
+    const at::Tensor z = s.scratch({cols, M, o});
+    if (l == 0) {  // the start jet is (x, I, 0): z = x W^T, Jz = W in every sample, Sz = 0, no product over I
+      hx::mm_into(z.select(0, 0), s.x, s.W[0].t());
+      z.narrow(0, 1, d).copy_(s.W[0].t().contiguous().unsqueeze(1).expand({d, M, o}));  // rows of W^T, not columns of W
+      z.narrow(0, 1 + d, q).zero_();
     } else {
-      hx::mm_into(z.view({o, cols * M}), s.W[l], jet.view({n, cols * M}));
+      hx::mm_into(z.view({cols * M, o}), jet.view({cols * M, n}), s.W[l].t());
     }
     if (s.act_after(l)) {
       E::jet_activation(z, s.b[l], s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
     } else if (s.b[l].defined()) {
-      z.select(1, 0).add_(s.b[l].unsqueeze(1));
+      z.select(0, 0).add_(s.b[l]);
     }
     jet = z;
   }
@@ -65,12 +67,12 @@ at::Tensor output_jet(const Stack& s, JetMode mode) {
 template <class E>
 at::Tensor input_derivatives(const Stack& s, JetMode mode) {
   const int64_t d = s.width(0);
-  const at::Tensor jet = output_jet<E>(s, mode);  // [C, 1 + d + q, M]
-  if (mode == JetMode::Laplacian) return jet.select(1, 1 + d).t().clone(at::MemoryFormat::Contiguous);
-  const LossHead head = loss_head<E>(s, jet.select(1, 0).t().contiguous());
-  const at::Tensor J = jet.narrow(1, 1, d).permute({2, 1, 0});              // [M, d, C]
-  const at::Tensor S = jet.narrow(1, 1 + d, jet.size(1) - 1 - d);           // [C, q, M]
-  const at::Tensor curvature = (head.g.t().unsqueeze(1) * S).sum(0).t();   // [M, q]
+  const at::Tensor jet = output_jet<E>(s, mode);  // [1 + d + q, M, C]
+  if (mode == JetMode::Laplacian) return jet.select(0, 1 + d).clone();
+  const LossHead head = loss_head<E>(s, jet.select(0, 0));
+  const at::Tensor J = jet.narrow(0, 1, d).permute({1, 0, 2});              // [M, d, C]
+  const at::Tensor S = jet.narrow(0, 1 + d, jet.size(0) - 1 - d);           // [q, M, C]
+  const at::Tensor curvature = (head.g.unsqueeze(0) * S).sum(2).t();       // [M, q]
   const at::Tensor HJ = head.apply(J);                                      // [M, d, C]
   if (mode == JetMode::Diagonal) return (J * HJ).sum(2).add_(curvature);
   at::Tensor H = at::matmul(J, HJ.transpose(1, 2));                         // [M, d, d]

@@ -10,46 +10,67 @@
 
 namespace hessext {
 
-// The jet activation step's per-unit loops (CpuElementwise::jet_activation), for units [lo, hi) of
-// z [o, 1 + d + q, M], given the units' values v, phi' dd and phi'' p2 [o, M]; run through run_simd, so
-// that each loop along the samples is compiled for this CPU's vectors.
+// The jet activation step's loops (CpuElementwise::jet_activation) over elements [lo, hi) of each
+// channel of z [1 + d + q, M, O] (channel stride n = M O), given phi' dd and phi'' p2 [M, O], tile by
+// tile so that the tiles the loops revisit stay in a 32 kB L1; run through run_simd, so that each loop
+// is compiled for this CPU's vectors. The value channel is the caller's. The Laplacian's sum channel
+// takes each J_i in one pass (S += phi'' J_i^2, J_i = phi' J_i), revisiting only S, phi' and phi''
+// (1024-element tiles); the other modes form every S_(i,j) from the unscaled J first.
 template <typename T>
-struct JetUnits {
+struct JetChannels {
   T* z;
-  const T *v, *dd, *p2;
-  int64_t cols, M, d;
+  const T *dd, *p2;
+  int64_t n, d;
   bool sum_channel;
   const std::vector<std::pair<int64_t, int64_t>>& pairs;
 
   void run(int64_t lo, int64_t hi) const {
-    for (int64_t o = lo; o < hi; ++o) {
-      T* __restrict__ unit = z + o * cols * M;
-      const T* __restrict__ vo = v + o * M;
-      const T* __restrict__ d1 = dd + o * M;
-      const T* __restrict__ d2 = p2 + o * M;
-      T* J = unit + M;
-      T* S = unit + (1 + d) * M;
+    const int64_t revisited = sum_channel ? 4 : d + static_cast<int64_t>(pairs.size()) + 2;
+    const int64_t tile = std::clamp<int64_t>(32768 / (revisited * static_cast<int64_t>(sizeof(T))) / 64 * 64, 64, 1024);
+    for (int64_t t0 = lo; t0 < hi; t0 += tile) {
+      const int64_t len = std::min(tile, hi - t0);
+      T* J = z + n + t0;
+      T* S = z + (1 + d) * n + t0;
+      const T* __restrict__ d1 = dd + t0;
+      const T* __restrict__ d2 = p2 + t0;
       if (sum_channel) {
-        for (int64_t m = 0; m < M; ++m) S[m] *= d1[m];
+        T* __restrict__ S0 = S;
+        for (int64_t m = 0; m < len; ++m) S0[m] *= d1[m];
         for (int64_t i = 0; i < d; ++i) {
-          const T* __restrict__ Ji = J + i * M;
-          for (int64_t m = 0; m < M; ++m) S[m] += d2[m] * Ji[m] * Ji[m];
+          T* __restrict__ Ji = J + i * n;
+          for (int64_t m = 0; m < len; ++m) {
+            const T j = Ji[m];
+            S0[m] += d2[m] * j * j;
+            Ji[m] = d1[m] * j;
+          }
         }
-      } else {
-        for (size_t k = 0; k < pairs.size(); ++k) {
-          T* __restrict__ Sk = S + k * M;
-          const T *Ji = J + pairs[k].first * M, *Jj = J + pairs[k].second * M;
-          for (int64_t m = 0; m < M; ++m) Sk[m] = d1[m] * Sk[m] + d2[m] * Ji[m] * Jj[m];
-        }
+        continue;
+      }
+      for (size_t k = 0; k < pairs.size(); ++k) {
+        T* __restrict__ Sk = S + static_cast<int64_t>(k) * n;
+        const T *Ji = J + pairs[k].first * n, *Jj = J + pairs[k].second * n;
+        for (int64_t m = 0; m < len; ++m) Sk[m] = d1[m] * Sk[m] + d2[m] * Ji[m] * Jj[m];
       }
       for (int64_t i = 0; i < d; ++i) {
-        T* __restrict__ Ji = J + i * M;
-        for (int64_t m = 0; m < M; ++m) Ji[m] *= d1[m];
+        T* __restrict__ Ji = J + i * n;
+        for (int64_t m = 0; m < len; ++m) Ji[m] *= d1[m];
       }
-      for (int64_t m = 0; m < M; ++m) unit[m] = vo[m];
     }
   }
 };
+
+// v [M, O] -> scale (v + b), b [O] or null.
+template <typename T>
+void add_bias_scaled(T* __restrict__ v, const T* __restrict__ b, T scale, int64_t M, int64_t O) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* __restrict__ row = v + m * O;
+    if (b) {
+      for (int64_t u = 0; u < O; ++u) row[u] = scale * (row[u] + b[u]);
+    } else {
+      for (int64_t u = 0; u < O; ++u) row[u] *= scale;
+    }
+  }
+}
 
 struct CpuElementwise {
   // The factor that the forward pass's product applies to z for activation(), a power of 2 (exact):
@@ -221,30 +242,28 @@ struct CpuElementwise {
     return F;
   }
 
-  // One activation step of the input jets (jets.h) in place on z [o, 1 + d + q, M], bias [o] (or
-  // undefined) joining the value channel: the values, phi' and phi'' of all units first (activation(),
-  // vectorised), then per unit the second-order channels (they need Jz), J and the value, each a loop
-  // along a contiguous row of samples. sum_channel: one channel, S = phi' S + phi'' sum_i Jz[i]^2.
+  // One activation step of the input jets (jets.h) in place on z [1 + d + q, M, o], bias [o] (or
+  // undefined) joining the value channel: the value channel becomes the values in place, with phi' and
+  // phi'' beside it (activation(), vectorised), then the second-order channels (they need Jz) and J,
+  // each a loop along the contiguous [M, o] block of its channel. sum_channel: one channel,
+  // S = phi' S + phi'' sum_i Jz[i]^2.
   static void jet_activation(const at::Tensor& z, const at::Tensor& bias, Act kind, double p0, double p1, int64_t d,
                              bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
-    const int64_t O = z.size(0), cols = z.size(1), M = z.size(2);
-    at::Tensor value = at::empty({O, M}, z.options()), first = at::empty_like(value), second = at::empty_like(value);
+    const int64_t M = z.size(1), O = z.size(2), n = M * O;
+    at::Tensor value = z.select(0, 0), first = at::empty_like(value), second = at::empty_like(value);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cpu", [&] {
-      scalar_t* pz = z.data_ptr<scalar_t>();
       scalar_t* pv = value.data_ptr<scalar_t>();
       const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       const scalar_t scale = static_cast<scalar_t>(input_scale(kind));
-      for (int64_t o = 0; o < O; ++o) {
-        const scalar_t b = pb ? pb[o] : scalar_t(0);
-        const scalar_t* row = pz + o * cols * M;
-        for (int64_t m = 0; m < M; ++m) pv[o * M + m] = scale * (row[m] + b);
+      if (pb || scale != scalar_t(1)) {
+        at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) {
+          run_simd([&] { add_bias_scaled(pv + lo * O, pb, scale, hi - lo, O); });
+        });
       }
       activation(value, kind, p0, p1, first, second);
-      const JetUnits<scalar_t> units{pz, pv, first.data_ptr<scalar_t>(), second.data_ptr<scalar_t>(), cols, M, d,
-                                     sum_channel, pairs};
-      at::parallel_for(0, O, std::max<int64_t>(1, 8192 / (cols * M)), [&](int64_t lo, int64_t hi) {
-        run_simd([&] { units.run(lo, hi); });
-      });
+      const JetChannels<scalar_t> channels{z.data_ptr<scalar_t>(), first.data_ptr<scalar_t>(),
+                                           second.data_ptr<scalar_t>(), n, d, sum_channel, pairs};
+      at::parallel_for(0, n, 8192, [&](int64_t lo, int64_t hi) { run_simd([&] { channels.run(lo, hi); }); });
     });
   }
 };

@@ -76,31 +76,31 @@ __global__ void residual_factor_kernel(T* F, const T* W, const T* root, const T*
   }
 }
 
-// One activation step of the input jets on z [o, 1 + d + q, M] (see jets.h), one thread per unit and
-// sample (channels at stride M, so neighbouring threads read neighbouring samples), bias [o] or null;
+// One activation step of the input jets on z [1 + d + q, M, O] (see jets.h), one thread per sample and
+// unit (channels at stride n = M O, so neighbouring threads read neighbouring units), bias [O] or null;
 // mode: 0 sum channel, 1 diagonal channels (i, i), 2 full channels (i <= j, row-major).
 template <typename T>
-__global__ void jet_activation_kernel(T* z, const T* bias, int64_t O, int64_t M, int64_t cols, int64_t d, int mode,
-                                      Act kind, T p0, T p1) {
-  HX_GRID_LOOP(r, O * M) {
-    const int64_t o = r / M;
-    T* unit = z + o * cols * M + (r - o * M);
+__global__ void jet_activation_kernel(T* z, const T* bias, int64_t O, int64_t M, int64_t d, int mode, Act kind, T p0,
+                                      T p1) {
+  const int64_t n = M * O;
+  HX_GRID_LOOP(r, n) {
+    T* unit = z + r;
     T av, dd, p2;
-    act_eval(kind, p0, p1, unit[0] + (bias ? bias[o] : T(0)), av, dd, p2);
-    T* J = unit + M;
-    T* S = unit + (1 + d) * M;
+    act_eval(kind, p0, p1, unit[0] + (bias ? bias[r % O] : T(0)), av, dd, p2);
+    T* J = unit + n;
+    T* S = unit + (1 + d) * n;
     if (mode == 0) {
       T acc = 0;
-      for (int64_t i = 0; i < d; ++i) acc += J[i * M] * J[i * M];
+      for (int64_t i = 0; i < d; ++i) acc += J[i * n] * J[i * n];
       S[0] = dd * S[0] + p2 * acc;
     } else if (mode == 1) {
-      for (int64_t i = 0; i < d; ++i) S[i * M] = dd * S[i * M] + p2 * J[i * M] * J[i * M];
+      for (int64_t i = 0; i < d; ++i) S[i * n] = dd * S[i * n] + p2 * J[i * n] * J[i * n];
     } else {
       int64_t k = 0;
       for (int64_t i = 0; i < d; ++i)
-        for (int64_t j = i; j < d; ++j, ++k) S[k * M] = dd * S[k * M] + p2 * J[i * M] * J[j * M];
+        for (int64_t j = i; j < d; ++j, ++k) S[k * n] = dd * S[k * n] + p2 * J[i * n] * J[j * n];
     }
-    for (int64_t i = 0; i < d; ++i) J[i * M] *= dd;
+    for (int64_t i = 0; i < d; ++i) J[i * n] *= dd;
     unit[0] = av;
   }
 }
@@ -183,12 +183,12 @@ struct CudaElementwise {
 
   static void jet_activation(const at::Tensor& z, const at::Tensor& bias, Act kind, double p0, double p1, int64_t d,
                              bool sum_channel, const std::vector<std::pair<int64_t, int64_t>>& pairs) {
-    const int64_t O = z.size(0), cols = z.size(1), M = z.size(2);
+    const int64_t M = z.size(1), O = z.size(2);
     const int mode = sum_channel ? 0 : (static_cast<int64_t>(pairs.size()) == d ? 1 : 2);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cuda", [&] {
       cuda_detail::jet_activation_kernel<scalar_t><<<cuda_detail::blocks_for(O * M), cuda_detail::kThreads, 0,
                                                      at::cuda::getCurrentCUDAStream()>>>(
-          z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, O, M, cols, d, mode, kind,
+          z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, O, M, d, mode, kind,
           static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
