@@ -143,18 +143,16 @@ std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors
   const int64_t K = num_vectors(lead);
   const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (s.M * s.max_width() * s.x.element_size()));
   const std::vector<at::Tensor> out = s.new_slots(lead);
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t k0 = t * K / nt, k1 = (t + 1) * K / nt; k0 < k1; k0 += chunk) {
-        const int64_t kc = std::min(chunk, k1 - k0);
-        const Stack part = s.rows(0, s.M);  // the same stack, its intermediates in this thread's workspace
-        std::vector<at::Tensor> v, o;
-        for (int64_t j = 0; j < s.num_slots; ++j) {
-          v.push_back(vectors[j].narrow(0, k0, kc));
-          o.push_back(out[j].narrow(0, k0, kc));
-        }
-        hvp_into<CpuElementwise>(part, sh, v, o, GGN);
+  run_per_thread(nt, [&](int64_t t) {
+    for (int64_t k0 = t * K / nt, k1 = (t + 1) * K / nt; k0 < k1; k0 += chunk) {
+      const int64_t kc = std::min(chunk, k1 - k0);
+      const Stack part = s.rows(0, s.M);  // the same stack, its intermediates in this thread's workspace
+      std::vector<at::Tensor> v, o;
+      for (int64_t j = 0; j < s.num_slots; ++j) {
+        v.push_back(vectors[j].narrow(0, k0, kc));
+        o.push_back(out[j].narrow(0, k0, kc));
       }
+      hvp_into<CpuElementwise>(part, sh, v, o, GGN);
     }
   });
   return out;
