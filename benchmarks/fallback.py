@@ -12,6 +12,10 @@ from torch.func import functional_call, grad, vjp, vmap
 import hessext
 from common import environment, median_s, write
 
+# Rounds of every method in turn, each keeping its best median: the machines are shared, and a method
+# timed alone can catch another tenant's load that its peer, timed a second later, does not.
+ROUNDS = 5
+
 
 def main():
     torch.set_num_threads(2)
@@ -45,9 +49,14 @@ def main():
     err = max((hessext.hvp(model, loss_fn, x, y, one) - double_backward(one[None])[0]).abs().max().item(),
               (hessext.hvp(model, loss_fn, x, y, many) - vmapped(many)).abs().max().item())
     assert err < 1e-12, err
-    t1, d1 = median_s(lambda: hessext.hvp(model, loss_fn, x, y, one)), median_s(lambda: double_backward(one[None]))
-    t16 = median_s(lambda: hessext.hvp(model, loss_fn, x, y, many))
-    d16, v16 = median_s(lambda: double_backward(many)), median_s(lambda: vmapped(many))
+    methods = {"t1": lambda: hessext.hvp(model, loss_fn, x, y, one), "d1": lambda: double_backward(one[None]),
+               "t16": lambda: hessext.hvp(model, loss_fn, x, y, many), "d16": lambda: double_backward(many),
+               "v16": lambda: vmapped(many)}
+    best = {}
+    for _ in range(ROUNDS):  # methods alternate within each round; each keeps its best median
+        for name, fn in methods.items():
+            best[name] = min(best.get(name, float("inf")), median_s(fn, min_run_time=0.5))
+    t1, d1, t16, d16, v16 = (best[n] for n in ("t1", "d1", "t16", "d16", "v16"))
     rows = [{"config": "[10,64,64,1] + LayerNorm, MSE, N=256", "P": P, "hessext_1_us": t1 * 1e6,
              "double_backward_1_us": d1 * 1e6, "ratio_1": t1 / d1, "hessext_16_us": t16 * 1e6,
              "double_backward_16_us": d16 * 1e6, "vmap_16_us": v16 * 1e6, "ratio_16": t16 / min(d16, v16),
@@ -59,7 +68,8 @@ def main():
                ("vmap_16_us", "vmapped vjp(grad) (us)", "{:.0f}"), ("ratio_16", "hessext / fastest", "{:.2f}"),
                ("max_abs_diff", "max abs. diff", "{:.1e}")]
     print(write("fallback_cpu", environment(), rows, columns,
-                ["hessext is the public call (plan, guard, checks, then the fallback); the target is at most 1.1x."]))
+                ["hessext is the public call (plan, guard, checks, then the fallback); the target is at most 1.1x. "
+                 f"Each time: the best of {ROUNDS} rounds' medians, the methods alternating within a round."]))
 
 
 if __name__ == "__main__":

@@ -66,14 +66,13 @@ def _double_backward(model, loss_fn, inputs, targets, params, vectors):
         grads = torch.autograd.grad(loss_fn(out, targets), leaves, create_graph=True, allow_unused=True)
         used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
         K = vectors[names[0]].shape[0]
-        rows = {n: torch.zeros((K,) + params[n].shape, dtype=params[n].dtype, device=params[n].device) for n in names}
-        for k in range(K if used else 0):
-            hv = torch.autograd.grad([grads[j] for j in used], leaves, [vectors[names[j]][k] for j in used],
-                                     retain_graph=k + 1 < K, allow_unused=True)
-            for n, h in zip(names, hv):
-                if h is not None:
-                    rows[n][k] = h
-    return rows
+        per_vector = [[] for _ in names]  # each parameter's K products, stacked at the end (no copies at K = 1)
+        for k in range(K):
+            hv = (torch.autograd.grad([grads[j] for j in used], leaves, [vectors[names[j]][k] for j in used],
+                                      retain_graph=k + 1 < K, allow_unused=True) if used else [None] * len(names))
+            for j, h in enumerate(hv):
+                per_vector[j].append(h if h is not None else torch.zeros_like(params[names[j]]))
+    return {n: rows[0].unsqueeze(0) if K == 1 else torch.stack(rows) for n, rows in zip(names, per_vector)}
 
 
 def ggn_vp(model, loss_fn, inputs, targets, params, vectors):

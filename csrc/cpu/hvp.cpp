@@ -134,8 +134,9 @@ std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, co
 // and the sum of the blocks' results, and each thread's products keep their full M-row sums. A thread
 // runs its block in chunks whose [M, chunk, width] intermediates fill about half its L2 cache, so
 // that each elementwise pass and product finds its operands there. Measured at 2 threads, float64,
-// 16 HVPs ([M, chunk, width] of 512 kB with this machine's 1 MB L2): [10,64,64,1], N = 256, chunks of
-// 8 vectors 2.0-2.1 ms, of 4 1.77, of 2 1.88-1.96.
+// 16 HVPs ([M, chunk, width] of 512 kB with this machine's 1 MB L2), [10,64,64,1], N = 256, products in
+// row pieces (gemm.cpp): chunks of 4 vectors 1.24-1.26 ms, of 8 1.34-1.44, of 2 1.31-1.34, of 1
+// 1.46-1.51.
 template <bool GGN>
 std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead,
                                           int64_t nt) {
