@@ -4,7 +4,7 @@
 // that each product below is one GEMM over all K vectors, except the two of delta_l with a per-vector
 // operand (delta_l^T Ra_l, delta_l V_l), one GEMM per vector on views (hx::bmm_into), no copies.
 //
-//   R-forward   Rz_l = Ra_l W_l^T + a_l V_l^T + vb_l           (Ra_0 = 0)
+//   R-forward   Rz_l = Ra_l W_l^T + a_l V_l^T + vb_l           (Ra_0 = 0; vb_l added in the next step's pass)
 //               Ra_{l+1} = d_{l+1} * Rz_l                       (identity: Ra_{l+1} = Rz_l)
 //   R-backward  Rdelta_{L-1} = H_out Rz_{L-1}                   (the loss head: diag(h) or softmax)
 //               (Hv)_{W_l} = Rdelta_l^T a_l + delta_l^T Ra_l     [K, o, i]
@@ -62,16 +62,17 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
   at::Tensor Rz;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
-    Rz = s.affine(f.a[l], V[l].view({K * o, i}).t(), Vb[l]);  // [M, K*o]
+    const at::Tensor vb = s.act_after(l) ? Vb[l] : at::Tensor();  // joins the activation step's pass
+    Rz = s.affine(f.a[l], V[l].view({K * o, i}).t(), vb.defined() ? at::Tensor() : Vb[l]);  // [M, K*o]
     if (l > 0) hx::addmm_(Rz.view({M * K, o}), Ra[l].view({M * K, i}), s.W[l].t());
     if (l == L - 1) break;
     const at::Tensor R = Rz.view({M, K, o});
     if (!ggn && s.curved_after(l)) {
       Rzs[l + 1] = R;
       Ra[l + 1] = s.scratch(R.sizes());
-      E::r_scale(Ra[l + 1], R, f.d[l + 1]);
+      E::r_scale(Ra[l + 1], R, f.d[l + 1], vb);
     } else {
-      if (s.act_after(l)) E::r_scale(R, R, f.d[l + 1]);
+      if (s.act_after(l)) E::r_scale(R, R, f.d[l + 1], vb);
       Ra[l + 1] = R;
     }
   }

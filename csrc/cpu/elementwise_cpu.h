@@ -142,26 +142,44 @@ struct CpuElementwise {
     });
   }
 
-  // out = d * R, R and out [M, K, w] (out may be R), d [M, w] broadcast over k.
-  static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d) {
+  // out = d * R, R and out [M, K, w] (out may be R), d [M, w] broadcast over k. With vb [K, w] (the
+  // vectors' bias components): first R += vb (kept in R where out is another tensor), in the same pass.
+  static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
     const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
+    const at::Tensor b = vb.defined() ? vb.contiguous() : vb;  // a view of a user's [K, P] rows may stride
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
-      const scalar_t* r = R.data_ptr<scalar_t>();
+      scalar_t* r = R.data_ptr<scalar_t>();
       scalar_t* po = out.data_ptr<scalar_t>();
       const scalar_t* pd = d.data_ptr<scalar_t>();
+      const scalar_t* pb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         run_simd([&] {
           for (int64_t m = lo; m < hi; ++m)
             for (int64_t k = 0; k < K; ++k) {
-              const scalar_t* rrow = r + (m * K + k) * w;
+              scalar_t* rrow = r + (m * K + k) * w;
               scalar_t* orow = po + (m * K + k) * w;
               const scalar_t* __restrict__ drow = pd + m * w;
-              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
+              if (!pb) {
+                for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
+              } else if (orow == rrow) {
+                const scalar_t* __restrict__ brow = pb + k * w;
+                for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * (rrow[j] + brow[j]);
+              } else {
+                const scalar_t* __restrict__ brow = pb + k * w;
+                scalar_t* __restrict__ rr = rrow;
+                scalar_t* __restrict__ oo = orow;
+                for (int64_t j = 0; j < w; ++j) {
+                  const scalar_t t = rr[j] + brow[j];
+                  rr[j] = t;
+                  oo[j] = drow[j] * t;
+                }
+              }
             }
         });
       });
     });
   }
+
 
   // Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the residual coefficient), d, d2, e [M, w]
   // broadcast over k.
