@@ -55,7 +55,8 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
   std::vector<at::Tensor> V(L), Vb(L);
   for (int64_t l = 0; l < L; ++l) {
     V[l] = vectors[s.slot_W[l]].contiguous().view({K, s.W[l].size(0), s.W[l].size(1)});
-    if (s.slot_b[l] >= 0) Vb[l] = vectors[s.slot_b[l]].reshape({1, -1});
+    // contiguous for E::r_scale: a view of a user's flat [K, P] rows reshapes to a strided view
+    if (s.slot_b[l] >= 0) Vb[l] = vectors[s.slot_b[l]].reshape({1, -1}).contiguous();
   }
 
   std::vector<at::Tensor> Ra(L), Rzs(L);  // Ra[l], Rzs[l] (residual layers only): [M, K, n_l], l >= 1

@@ -143,15 +143,15 @@ struct CpuElementwise {
   }
 
   // out = d * R, R and out [M, K, w] (out may be R), d [M, w] broadcast over k. With vb [K, w] (the
-  // vectors' bias components): first R += vb (kept in R where out is another tensor), in the same pass.
+  // vectors' bias components, contiguous): first R += vb (kept in R where out is another tensor), in the
+  // same pass.
   static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
     const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
-    const at::Tensor b = vb.defined() ? vb.contiguous() : vb;  // a view of a user's [K, P] rows may stride
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
       scalar_t* r = R.data_ptr<scalar_t>();
       scalar_t* po = out.data_ptr<scalar_t>();
       const scalar_t* pd = d.data_ptr<scalar_t>();
-      const scalar_t* pb = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pb = vb.defined() ? vb.data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
         run_simd([&] {
           for (int64_t m = lo; m < hi; ++m)
@@ -179,7 +179,6 @@ struct CpuElementwise {
       });
     });
   }
-
 
   // Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the residual coefficient), d, d2, e [M, w]
   // broadcast over k.

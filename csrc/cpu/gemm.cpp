@@ -88,10 +88,6 @@ bool use_blas(const at::Tensor& A, const at::Tensor& B) {
 // Products of at least this many multiply-adds are split over torch's threads.
 constexpr int64_t kParallelWork = 1 << 16;
 
-// OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
-// torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
-// C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
-// inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
 Gemm<T> blas_gemm() {
   if constexpr (std::is_same_v<T, double>) return blas().dgemm;
@@ -114,21 +110,21 @@ constexpr int64_t kMinCopyRows = 32;
 
 // Whether an [m, k] x [k, n] product (or its row pieces) can take the small-matrix path.
 bool small_path(int64_t n, int64_t k) {
-  return blas().small_kernels && blas().row_pieces && n * k * kMinPieceRows <= kSmallProduct;
+  return row_pieces_on() && n * k * kMinPieceRows <= kSmallProduct;
 }
 
 // How many row pieces the loaded BLAS should see for an [m, k] x [k, n] product (1: the product whole).
-int64_t row_pieces(int64_t m, int64_t n, int64_t k) {
+int64_t piece_count(int64_t m, int64_t n, int64_t k) {
   if (m * n * k <= kSmallProduct || !small_path(n, k)) return 1;
   return (m * n * k + kSmallProduct - 1) / kSmallProduct;
 }
 
-// C [m, n] = alpha A B + beta C as row pieces (row_pieces), every operand at its BLAS layout.
+// C [m, n] = alpha A B + beta C as row pieces (piece_count), every operand at its BLAS layout.
 template <typename T>
 void gemm_rows(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
                int64_t ldb, T beta, T* c, int64_t ldc) {
   const Gemm<T> f = blas_gemm<T>();
-  const int64_t pieces = row_pieces(m, n, k);
+  const int64_t pieces = piece_count(m, n, k);
   for (int64_t p = 0; p < pieces; ++p) {
     const int64_t lo = m * p / pieces, hi = m * (p + 1) / pieces;
     f(kRowMajor, ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, b, ldb, beta, c + lo * ldc,
@@ -153,6 +149,10 @@ const T* transposed_copy(const T* b, int64_t ldb, int64_t k, int64_t n) {
 // C's leading dimension for BLAS (C row-major, [m, n]).
 int64_t c_ld(const at::Tensor& C) { return C.size(0) == 1 ? std::max<int64_t>(C.size(1), 1) : C.stride(0); }
 
+// OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
+// torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
+// C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
+// inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
 void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T alpha, T beta) {
   const Operand A = operand(A_), B = operand(B_);

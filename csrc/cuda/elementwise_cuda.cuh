@@ -32,8 +32,8 @@ __global__ void loss_rows_kernel(Loss kind, T param, T scale, int C, const T* z,
   HX_GRID_LOOP(m, M) { loss_row(kind, param, scale, C, z + m * C, y + m * C, g + m * C, h + m * C, w + m); }
 }
 
-// out [M, K, w] = d [M, w] * r [M, K, w] (out may be r); with vb [K, w], r += vb first (kept in r where
-// out is another tensor)
+// out [M, K, w] = d [M, w] * r [M, K, w] (out may be r); with vb [K, w] (contiguous), r += vb first (kept
+// in r where out is another tensor)
 template <typename T>
 __global__ void r_scale_kernel(T* out, T* r, const T* d, const T* vb, int64_t M, int64_t K, int64_t w) {
   HX_GRID_LOOP(j, M * K * w) {
@@ -139,12 +139,11 @@ struct CudaElementwise {
 
   static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
     const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
-    const at::Tensor b = vb.defined() ? vb.contiguous() : vb;  // a view of a user's [K, P] rows may stride
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cuda", [&] {
       cuda_detail::r_scale_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
                                               at::cuda::getCurrentCUDAStream()>>>(
           out.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
-          b.defined() ? b.data_ptr<scalar_t>() : nullptr, M, K, w);
+          vb.defined() ? vb.data_ptr<scalar_t>() : nullptr, M, K, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
