@@ -24,13 +24,20 @@ def extension():
     return CppExtension("hessext._C", build.sources(False), **kwargs)
 
 
+class Build(BuildExtension.with_options(use_ninja=True)):
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        path = os.path.join(self.build_lib, self.get_ext_filename(self.get_ext_fullname(ext.name)))
+        build.check_shared_libstdcxx(path)
+
+
 setup(
     name="hessext",
     version="0.1.0",
     description="Fast exact second-order derivatives (HVPs, Hessian diagonals, Hessians) for PyTorch MLPs",
     packages=find_packages(include=["hessext", "hessext.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": Build},
     python_requires=">=3.9",
     install_requires=["torch", "numpy", "tqdm", "scipy-openblas64"],
     entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},

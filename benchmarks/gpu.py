@@ -39,6 +39,22 @@ def matmul_bound_s(widths, N, dtype):
     return total
 
 
+def write(reports, out):
+    """The JSON and markdown record of the configs measured so far (rewritten after each one)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_bench.json"), "w") as f:
+        json.dump(reports, f, indent=2)
+    lines = []
+    for report in reports:
+        lines.append(bench.markdown(report))
+        if "matmul_bound_s" in report:
+            hx = report["cases"][0]["methods"]["hessext"].get("median_s")
+            lines.append(f"Matrix-product bound: {report['matmul_bound_s'] * 1e3:.3f} ms; hessext / bound = "
+                         f"{hx / report['matmul_bound_s']:.2f}\n" if hx else "hessext was not timed\n")
+    with open(os.path.join(out, "gpu_bench.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -54,19 +70,8 @@ def main():
         if name == "c":
             report["matmul_bound_s"] = matmul_bound_s(widths, N, torch.float32)
         reports.append(report)
-        print(bench.format_table(report))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(reports, f, indent=2)
-    lines = []
-    for report in reports:
-        lines.append(bench.markdown(report))
-        if "matmul_bound_s" in report:
-            hx = report["cases"][0]["methods"]["hessext"].get("median_s")
-            lines.append(f"Matrix-product bound: {report['matmul_bound_s'] * 1e3:.3f} ms; hessext / bound = "
-                         f"{hx / report['matmul_bound_s']:.2f}\n" if hx else "hessext was not timed\n")
-    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
-        f.write("\n".join(lines))
+        print(bench.format_table(report), flush=True)
+        write(reports, args.out)
 
 
 if __name__ == "__main__":

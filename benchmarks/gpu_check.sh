@@ -1,13 +1,41 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, run the test suite (CUDA cases included), run the
-# GPU benchmark; logs and results under $OUT (default benchmarks/results/gpu).
+# On the GPU machine: build with CUDA, run the test suite (CUDA cases first), run the GPU benchmark and
+# the small-call profile (benchmarks/gpu_profile.py).
+#   bash benchmarks/gpu_check.sh [build] [test] [bench]      (no argument: all three)
+# Logs and results go under $OUT (default benchmarks/results/gpu). A build is reused when hessext._C
+# already imports with CUDA (a warm machine, or a stripped copy carried in as .gpu/_C.so); each build
+# leaves a stripped copy at $OUT/_C.so to carry into the next call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 \
+  PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The GPU image's CC/CXX (/opt/gcc, a g++ wrapper) link libstdc++ statically; setup.py refuses such a
+# build (see hessext/_build.py), so the system compilers build it, as they built torch's own.
+export CC=${HESSEXT_CC:-/usr/bin/gcc} CXX=${HESSEXT_CXX:-/usr/bin/g++}
+phases=${*:-build test bench}
+so=hessext/_C$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+[ -f .gpu/_C.so ] && [ ! -f "$so" ] && cp .gpu/_C.so "$so"
+with_cuda() { python3 -c 'import hessext._C as c, sys; sys.exit(0 if c.with_cuda() else 1)' 2>/dev/null; }
 { nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.version.cuda)'; } > "$OUT/device.txt" 2>&1
-python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-python3 -m hessext.info | tee "$OUT/info.txt"
-python3 -m pytest -q tests -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?"; tail -5 "$OUT/pytest.txt"
-python3 benchmarks/gpu.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt" | tail -40
+if [[ $phases == *build* ]]; then
+  if with_cuda; then echo "build: reusing $so"; else
+    start=$SECONDS
+    python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+    echo "build: $((SECONDS - start)) s"
+    strip --strip-debug -o "$OUT/_C.so" "$so"
+  fi
+  python3 -m hessext.info | tee "$OUT/info.txt"
+fi
+if [[ $phases == *test* ]]; then
+  start=$SECONDS
+  python3 -m pytest -q -p no:cacheprovider --timeout 300 tests/test_cuda.py > "$OUT/pytest_cuda.txt" 2>&1
+  echo "pytest CUDA-only file exit $?"; tail -3 "$OUT/pytest_cuda.txt"
+  python3 -m pytest -q -p no:cacheprovider --timeout 300 -rs tests > "$OUT/pytest.txt" 2>&1
+  echo "pytest suite exit $? ($((SECONDS - start)) s)"; grep -E "^(FAILED|ERROR)" "$OUT/pytest.txt" | head -30; tail -3 "$OUT/pytest.txt"
+fi
+if [[ $phases == *bench* ]]; then
+  python3 benchmarks/gpu.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt" | tail -60
+  python3 benchmarks/gpu_profile.py --out "$OUT"
+fi

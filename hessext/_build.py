@@ -31,3 +31,20 @@ def sources(cuda):
 CXX_FLAGS = ["-O3", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3"]
+
+
+def check_shared_libstdcxx(path):
+    """Refuse a built extension that does not link libstdc++.so: its compiler linked a static copy,
+    whose C++ streams are never initialised inside a Python extension. Seen on a GPU machine whose
+    CXX was such a g++ wrapper: a segmentation fault formatting any error message with a number in it
+    (every shape check). Skipped where `ldd` is missing."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("ldd"):
+        return
+    needed = subprocess.run(["ldd", path], capture_output=True, text=True, timeout=60).stdout
+    if needed and "libstdc++" not in needed:
+        raise RuntimeError(f"{path} does not link libstdc++.so: the C++ compiler ({os.environ.get('CXX', 'c++')}) "
+                           "linked a static copy, which crashes formatting error messages inside Python. Build "
+                           "with a compiler that links it as torch does, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++")

@@ -19,7 +19,7 @@ def _jit_build():
     if not os.path.isdir(_build.CSRC):
         raise ImportError(f"the sources are not installed beside the package (looked in {_build.CSRC})")
     warnings.warn("hessext: hessext._C is not built; compiling csrc/ now (one time, about a minute)")
-    return load(
+    module = load(
         name="hessext_jit",
         sources=_build.sources(cuda),
         extra_include_paths=[_build.CSRC],
@@ -27,6 +27,8 @@ def _jit_build():
         extra_cuda_cflags=_build.NVCC_FLAGS + ["-DWITH_CUDA"],
         extra_ldflags=_build.LINK_FLAGS,
     )
+    _build.check_shared_libstdcxx(module.__file__)
+    return module
 
 
 def load():

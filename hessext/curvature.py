@@ -3,7 +3,8 @@ one native op or the torch.func fallback -> results shaped like the user's input
 import torch
 
 from hessext import fallback, ops
-from hessext.inputs import check_batch, check_params, class_layout, finite, native_batch, pack_vectors, transformed
+from hessext.inputs import (capturing, check_batch, check_params, class_layout, finite, native_batch, pack_vectors,
+                            transformed)
 from hessext.plan import resolve
 
 
@@ -62,16 +63,27 @@ class Call:
 
 def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True):
     """Plan, argument checks and the native/fallback decision for one call. The native path is
-    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's), for
-    cross-entropy only with the classes in the last dim of a [N, C] output, and never under a
-    torch.func transform (the kernels have no derivative of their own)."""
+    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's; not
+    checked under CUDA-graph capture, which forbids reading values back), for cross-entropy only with
+    the classes in the last dim of a [N, C] output, and never under a torch.func transform (the
+    kernels have no derivative of their own)."""
     plan, native = resolve(model, loss_fn, backend)
     tensors = check_params(plan, params)
     check_batch(inputs, targets, tensors[0], plan.loss if native else None, targets_needed)
     batch = (inputs, targets) if targets_needed else (inputs,)
     call = Call(plan, tensors, native, backend)
     call.check_traced(batch + tuple(tensors))
-    if call.native and (not finite(*batch) or (plan.loss.classes and not class_layout(plan, inputs))):
+    if call.native and plan.loss.classes and not class_layout(plan, inputs):
+        call.native = False
+    elif call.native and capturing(inputs):
+        # No value can be read back while a CUDA graph is captured: the finiteness check is left out
+        # (the captured kernels propagate NaN/inf as they compute them). Class indices are checked and
+        # counted on the host; torch's route would differ from the eager call's warm-up, so neither runs.
+        if plan.loss.classes and targets is not None and not targets.is_floating_point():
+            raise ValueError("targets: class indices are checked and counted on the host, which CUDA graph capture "
+                             "forbids; capture with class probabilities [N, C] instead "
+                             "(torch.nn.functional.one_hot(targets, C).to(inputs.dtype))")
+    elif call.native and not finite(*batch):
         call.native = False
     return call
 

@@ -94,6 +94,11 @@ def finite(*tensors):
     return _native.load().all_finite(list(tensors))
 
 
+def capturing(inputs):
+    """Whether `inputs` are CUDA tensors and the current stream is capturing a CUDA graph."""
+    return inputs.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def native_inputs(plan, inputs, tensors):
     """(x [M, n_0], the model's output shape for these inputs, C) for the native kernels."""
     try:

@@ -40,9 +40,14 @@ def test_every_op_on_cuda_matches_cpu(dtype, path):
     assert_close(hessext.laplacian(gpu, xg), hessext.laplacian(cpu, x), rtol, "laplacian")
 
 
-def test_hvp_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
+def test_hvp_captures_in_a_cuda_graph(loss_name):
+    """Under capture the finiteness check (a read-back) is left out, and the replay computes what an
+    eager call on the new vectors computes; cross-entropy takes class probabilities there."""
     _, _, _, gpu, xg, yg = cuda_case(torch.float32)
-    loss = nn.MSELoss()
+    loss = nn.MSELoss() if loss_name == "mse" else nn.CrossEntropyLoss()
+    if loss_name == "cross_entropy":
+        yg = torch.softmax(yg, 1)
     V = torch.randn(4, sum(p.numel() for p in gpu.parameters()), device="cuda")
     eager = hessext.hvp(gpu, loss, xg, yg, V)
     stream = torch.cuda.Stream()
@@ -69,3 +74,13 @@ def test_kernels_run_on_the_current_stream():
         out = hessext.hvp(gpu, nn.MSELoss(), xg, yg, V)
     side.synchronize()
     assert_close(out, hessext.hvp(gpu, nn.MSELoss(), xg, yg, V), 1e-6, "side stream")
+
+
+def test_class_indices_under_capture_are_refused_by_name():
+    _, _, _, gpu, xg, yg = cuda_case(torch.float32)
+    labels = torch.randint(0, yg.shape[1], (yg.shape[0],), device="cuda")
+    V = torch.randn(2, sum(p.numel() for p in gpu.parameters()), device="cuda")
+    hessext.hvp(gpu, nn.CrossEntropyLoss(), xg, labels, V)  # eager: the native path
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        with pytest.raises(ValueError, match="targets: class indices"):
+            hessext.hvp(gpu, nn.CrossEntropyLoss(), xg, labels, V)

@@ -14,10 +14,10 @@ from hessext import fallback
 
 
 def reference_hvp(model, loss_fn, x, y, V):
-    """float64 torch.func HVPs: V [K, P] -> [K, P]."""
+    """float64 torch.func HVPs on the CPU: V [K, P] -> [K, P]."""
     m64 = build_like(model)
-    x64 = x.double() if x.is_floating_point() else x
-    y64 = y.double() if y.is_floating_point() else y
+    x64 = (x.double() if x.is_floating_point() else x).cpu()
+    y64 = (y.double() if y.is_floating_point() else y).cpu()
     params = {k: p.detach() for k, p in m64.named_parameters()}
     vecs, start = {}, 0
     for k, p in params.items():
@@ -30,7 +30,7 @@ def reference_hvp(model, loss_fn, x, y, V):
 def build_like(model):
     import copy
 
-    return copy.deepcopy(model).to(torch.float64)
+    return copy.deepcopy(model).to("cpu", torch.float64)
 
 
 def num_params(model):

@@ -1,8 +1,11 @@
 """Loading the native module: build facts, and the torch.func fallback (with one warning) when
 neither the prebuilt module nor a JIT build is available."""
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import hessext
 from hessext import _native
@@ -43,3 +46,21 @@ print(float((a - b).abs().max()))
     assert lines[1] == "1 warning"
     assert float(lines[2]) == 0.0
     assert hessext.plan(__import__("torch").nn.Linear(2, 2), __import__("torch").nn.MSELoss()).backend == "native"
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and shutil.which("ldd")), reason="needs g++ and ldd")
+def test_a_build_with_a_static_libstdcxx_is_refused(tmp_path):
+    """A compiler that links libstdc++ statically made an extension that crashed formatting numbers
+    in its error messages; the build refuses such a library and accepts a dynamically linked one."""
+    from hessext import _build
+
+    src = tmp_path / "s.cpp"
+    src.write_text("#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+    for flags, ok in (([], True), (["-static-libstdc++"], False)):
+        lib = tmp_path / f"lib{len(flags)}.so"
+        subprocess.run(["g++", "-shared", "-fPIC", *flags, str(src), "-o", str(lib)], check=True)
+        if ok:
+            _build.check_shared_libstdcxx(str(lib))
+        else:
+            with pytest.raises(RuntimeError, match="does not link libstdc"):
+                _build.check_shared_libstdcxx(str(lib))
