@@ -8,6 +8,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <tuple>
@@ -28,7 +29,6 @@ struct Blas {
   Gemm<double> dgemm = nullptr;
   Gemm<float> sgemm = nullptr;
   bool small_kernels = false;  // see kSmallProduct
-  bool row_pieces = true;      // use them (set_row_pieces)
   std::string name = "ATen";
 };
 
@@ -40,6 +40,13 @@ Blas& blas() {
 std::mutex& blas_mutex() {
   static std::mutex m;
   return m;
+}
+
+// Whether products may be cut into row pieces (set_row_pieces): a setting of its own, kept whichever
+// library blas_load loads.
+std::atomic<bool>& row_pieces_setting() {
+  static std::atomic<bool> on{true};
+  return on;
 }
 
 // The first of the scipy-openblas64 / openblas64_ names for a routine that the library exports.
@@ -276,15 +283,12 @@ void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, dou
 std::string blas_load(const std::string& path) {
   std::lock_guard<std::mutex> guard(blas_mutex());
   Blas& b = blas();
-  const bool pieces = b.row_pieces;
   b = Blas{};
-  b.row_pieces = pieces;
   if (path.empty()) return "";
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!handle) return std::string("dlopen failed: ") + dlerror();
   Blas loaded;
   loaded.handle = handle;
-  loaded.row_pieces = pieces;
   loaded.dgemm = reinterpret_cast<Gemm<double>>(symbol(handle, "cblas_dgemm"));
   loaded.sgemm = reinterpret_cast<Gemm<float>>(symbol(handle, "cblas_sgemm"));
   auto set_threads = reinterpret_cast<void (*)(int)>(symbol(handle, "openblas_set_num_threads"));
@@ -308,12 +312,11 @@ std::string blas_name() {
 }
 
 bool row_pieces_on() {
-  return blas().small_kernels && blas().row_pieces;
+  return blas().small_kernels && row_pieces_setting();
 }
 
 bool set_row_pieces(bool on) {
-  std::lock_guard<std::mutex> guard(blas_mutex());
-  return std::exchange(blas().row_pieces, on);
+  return row_pieces_setting().exchange(on);
 }
 
 }  // namespace hx
