@@ -52,7 +52,8 @@ struct Sample {
 
 // The product vectors per layer, and where each layer's products go in one flat accumulator row of
 // the P parameters (slot order) times K: V_l [o, i, K], vb_l [o, K] (nullptr: no bias), and the
-// slots' offsets in P (offb -1: no bias).
+// slots' offsets in P (offb -1: no bias). The CPU lanes run one vector at a time (K = 1), each
+// vector's V_l [o, i] and vb_l [o] found from the [K, numel] slots as given.
 template <typename T>
 struct LayerVectors {
   const T* V[kMaxLayers];
@@ -116,8 +117,9 @@ HX_HD void backward(const Net<T>& net, const S* d, S* delta, S* e) {
 //   Rz_l = W_l (d_l Rz_{l-1}) + V_l a_l + vb_l;  Rdelta_{L-1} = H_out Rz_{L-1}  (the loss head)
 //   HW_l += Rdelta_l a_l^T + delta_l (d_l Rz_{l-1})^T;  Hb_l += Rdelta_l
 //   Re_l = W_l^T Rdelta_l + V_l^T delta_l;  Rdelta_{l-1} = d_l Re_l + d2_l e_l Rz_{l-1}
-// The vector index k is innermost everywhere, so each inner loop runs over K contiguous values:
-// V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Rz: [units, K]; r0, r1: [max n, K].
+// Layouts: V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Rz: [units, K]; r0, r1:
+// [max n, K]. Each R-value and Re entry is summed in a local accumulator (a register for KC = 1, not
+// a chain of stores and loads through the scratch).
 // KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
 // GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
 // S: the per-sample value type (Sample); the weights and vectors are T, the accumulators S.
@@ -133,17 +135,15 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, 
     const S* din = d + net.off[l];
     const S* rin = Rz + net.off[l] * K;
     for (int o = 0; o < no; ++o) {
-      S* __restrict__ rz = Rz + (net.off[l + 1] + o) * K;
-      for (int k = 0; k < K; ++k) rz[k] = vb[l] ? S(vb[l][o * K + k]) : S(0);
-      for (int i = 0; i < ni; ++i) {
-        const T* __restrict__ v = V[l] + (o * ni + i) * K;
-        const S ai = in[i];
-        for (int k = 0; k < K; ++k) rz[k] += v[k] * ai;
-        if (l > 0) {
-          const S wd = net.W[l][o * ni + i] * din[i];
-          const S* __restrict__ ri = rin + i * K;
-          for (int k = 0; k < K; ++k) rz[k] += wd * ri[k];
+      const T* v = V[l] + o * ni * K;
+      const T* w = net.W[l] + o * ni;
+      for (int k = 0; k < K; ++k) {
+        S acc = vb[l] ? S(vb[l][o * K + k]) : S(0);
+        for (int i = 0; i < ni; ++i) {
+          acc += v[i * K + k] * in[i];
+          if (l > 0) acc += (w[i] * din[i]) * rin[i * K + k];
         }
+        Rz[(net.off[l + 1] + o) * K + k] = acc;
       }
     }
   }
@@ -176,26 +176,20 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, 
       }
     }
     if (l == 0) break;
-    for (int j = 0; j < ni * K; ++j) re[j] = S(0);
-    for (int o = 0; o < no; ++o) {
-      const S* __restrict__ r = rd + o * K;
-      const S g = GGN ? S(0) : dl[o];
-      for (int i = 0; i < ni; ++i) {
-        const T w = net.W[l][o * ni + i];
-        const T* __restrict__ v = V[l] + (o * ni + i) * K;
-        S* __restrict__ ro = re + i * K;
-        if (GGN) {
-          for (int k = 0; k < K; ++k) ro[k] += r[k] * w;
-        } else {
-          for (int k = 0; k < K; ++k) ro[k] += r[k] * w + g * v[k];
-        }
-      }
-    }
     for (int i = 0; i < ni; ++i) {
       const S dd = din[i], c = GGN ? S(0) : d2[net.off[l] + i] * e[net.off[l] + i];
-      S* __restrict__ ro = re + i * K;
-      const S* __restrict__ ri = rin + i * K;
-      for (int k = 0; k < K; ++k) ro[k] = dd * ro[k] + c * ri[k];
+      for (int k = 0; k < K; ++k) {
+        S acc = S(0);
+        for (int o = 0; o < no; ++o) {
+          const T w = net.W[l][o * ni + i];
+          if (GGN) {
+            acc += rd[o * K + k] * w;
+          } else {
+            acc += rd[o * K + k] * w + dl[o] * V[l][(o * ni + i) * K + k];
+          }
+        }
+        re[i * K + k] = dd * acc + c * rin[i * K + k];
+      }
     }
     S* t = rd;
     rd = re;

@@ -294,9 +294,13 @@ struct PathChoice {
     for (int64_t l = 0; l < s.L; ++l) work += s.width(l + 1) * s.width(l + 1) * s.width(l);
     return s.max_width() <= max_width() && s.M * work <= max_work();
   }
-  // The fused HVP runs its M K P multiply-adds in per-sample loops, the GEMM path pays a fixed ATen
-  // cost per layer and then runs at BLAS speed: fused while M K P <= L max_work / 256 (measured
-  // crossover on the CPU about 10^4 per layer: seed 1 at K = 1 stays fused, [2,50,50,50,1] does not).
+  // The fused HVP runs its M K P multiply-adds in per-sample loops (samples in SIMD lanes on the CPU)
+  // at about 0.2-0.4 ns each, the GEMM path pays a fixed cost per layer and product and then runs at
+  // BLAS speed, which products with a dimension of 16 or less hardly reach: fused while
+  // M K P <= L max_work / 64 for CPU stacks no wider than 16, L max_work / 256 otherwise (measured
+  // crossovers on the CPU, float64, 2 threads: about 3-11 x 10^4 per layer for [1,16,1], [4,8,8,2],
+  // [4,16,16,1], [16,16,16,16,1] and [2,12,12,12,1], 0.6-1.7 x 10^4 for [3,32,32,1], [8,24,24,1],
+  // [2,50,50,50,1] and [10,64,64,1]: seed 1's 16 HVPs stay fused, [2,50,50,50,1] at K = 1 does not).
   // The fused dense Hessian adds P^2 products per sample in scalar loops: for small M P^2.
   static bool fused_hessian(const Stack& s) {
     if (s.L > fused::kMaxLayers) return false;
@@ -308,7 +312,7 @@ struct PathChoice {
     if (s.L > fused::kMaxLayers) return false;
     int64_t P = 0;
     for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel();
-    return s.max_width() <= max_width() && s.M * K * P <= s.L * (max_work() / 256);
+    return s.max_width() <= max_width() && s.M * K * P <= s.L * (max_work() / (s.x.is_cpu() && s.max_width() <= 16 ? 64 : 256));
   }
 };
 
@@ -377,7 +381,8 @@ struct SlotLayout {
   }
 };
 
-// fused::LayerVectors of vt, the vectors in slot order laid out [numel, K] (for K = 1 as given).
+// fused::LayerVectors of vt, the vectors in slot order, in the layout the caller's kernel reads
+// ([numel, K] for the CUDA kernel, [K, numel] as given for the CPU lanes).
 template <typename T>
 fused::LayerVectors<T> layer_vectors(const Stack& s, const SlotLayout& layout, const std::vector<at::Tensor>& vt) {
   fused::LayerVectors<T> lv{};

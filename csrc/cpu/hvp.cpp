@@ -1,8 +1,7 @@
 // CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
 // Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused
-// per-sample recurrence of fused.h, samples split over threads, each thread accumulating into its own
-// buffer: for one vector kLanes samples at a time in SIMD lanes (lanes.h), for K vectors one sample at
-// a time with the K vectors innermost. Wide stacks: the GEMM recurrence of hvp.h with the CPU
+// per-sample recurrence of fused.h, kLanes samples at a time in SIMD lanes (lanes.h), samples split
+// over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM recurrence of hvp.h with the CPU
 // elementwise steps, once per block of samples (row_blocks.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,10 +14,10 @@
 namespace hessext {
 namespace {
 
-// One product (K = 1) for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD
-// lanes (lanes.h): loss head, backward and hvp_sample on Lanes<T>, each lane's terms summed into acc,
-// P lanes in slot order. Lanes past m1 are zero rows: with a zero loss head and delta every term of
-// theirs is zero.
+// K products for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD lanes
+// (lanes.h): the loss head and backward once per pass, then hvp_sample on Lanes<T> once per vector
+// (the vectors as given, [K, numel] per slot), each lane's terms summed into acc, [K, P] lanes in slot
+// order. Lanes past m1 are zero rows: with a zero loss head and delta every term of theirs is zero.
 template <typename T, bool GGN>
 struct HvpLanes {
   using S = Lanes<T>;
@@ -26,7 +25,7 @@ struct HvpLanes {
   const fused::Net<T>& net;
   const ForwardRows<T>& rows;
   const fused::LayerVectors<T>& lv;
-  int64_t m0, m1;
+  int64_t K, P, m0, m1;
   S* acc;
 
   void operator()() const {
@@ -37,7 +36,8 @@ struct HvpLanes {
     S *Rz = smp.end(net), *r0 = Rz + U, *r1 = r0 + net.maxw;
     S* HW[fused::kMaxLayers];
     S* Hb[fused::kMaxLayers];
-    lv.targets(L, 1, acc, HW, Hb);
+    const T* V[fused::kMaxLayers];
+    const T* vb[fused::kMaxLayers];
     const T* y = s.y.data_ptr<T>();
     T *z = head_row.data(), *g = z + C, *h = g + C;
     for (int64_t m = m0; m < m1; m += kLanes) {
@@ -54,8 +54,15 @@ struct HvpLanes {
         smp.head[C].v[j] = w;
       }
       if (!GGN) fused::backward<T, S>(net, smp.d, smp.delta, smp.e);
-      fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, lv.V, lv.vb, Rz, r0,
-                                      r1, HW, Hb);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int l = 0; l < L; ++l) {
+          V[l] = lv.V[l] + k * net.n[l] * net.n[l + 1];
+          vb[l] = lv.vb[l] ? lv.vb[l] + k * net.n[l + 1] : nullptr;
+        }
+        lv.targets(L, 1, acc + k * P, HW, Hb);
+        fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
+                                        HW, Hb);
+      }
     }
   }
 };
@@ -69,62 +76,29 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   std::vector<at::Tensor> vt;
   for (const auto& v : vectors) vt.push_back(v.contiguous());
   const fused::LayerVectors<T> lv = layer_vectors<T>(s, layout, vt);
-  const int64_t M = s.M, P = layout.total, blocks = (M + kLanes - 1) / kLanes;
-  const int64_t nt = std::min(threads_for(M * P), blocks);
+  const int64_t M = s.M, K = num_vectors(lead), P = layout.total, blocks = (M + kLanes - 1) / kLanes;
+  const int64_t nt = std::min(threads_for(M * K * P, int64_t(1) << 15), blocks);
   std::vector<std::vector<Lanes<T>>> acc(nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      acc[t].assign(P, Lanes<T>(T(0)));
+      acc[t].assign(K * P, Lanes<T>(T(0)));
       const int64_t m0 = t * blocks / nt * kLanes, m1 = std::min(M, (t + 1) * blocks / nt * kLanes);
-      run_simd(HvpLanes<T, GGN>{s, net, rows, lv, m0, m1, acc[t].data()});
+      run_simd(HvpLanes<T, GGN>{s, net, rows, lv, K, P, m0, m1, acc[t].data()});
     }
   });
   const std::vector<at::Tensor> out = s.new_slots(lead);
   for (int64_t j = 0; j < s.num_slots; ++j) {
     T* o = out[j].data_ptr<T>();
-    for (int64_t p = 0; p < layout.numel[j]; ++p) {
-      T sum = acc[0][layout.offset[j] + p].sum();
-      for (int64_t t = 1; t < nt; ++t) sum += acc[t][layout.offset[j] + p].sum();
-      o[p] = sum;
-    }
+    const int64_t n = layout.numel[j];
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t p = 0; p < n; ++p) {
+        const int64_t at = k * P + layout.offset[j] + p;
+        T sum = acc[0][at].sum();
+        for (int64_t t = 1; t < nt; ++t) sum += acc[t][at].sum();
+        o[k * n + p] = sum;
+      }
   }
   return out;
-}
-
-// K > 1: one sample at a time, the K vectors innermost (contiguous inner loops).
-template <typename T, bool GGN>
-std::vector<at::Tensor> hvp_fused_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
-  const int64_t K = num_vectors(lead);
-  const fused::Net<T> net = make_net<T>(s);
-  const SlotLayout layout(s);
-  const Forward f = forward<CpuElementwise>(s);
-  const ForwardRows<T> rows(net, f);
-  std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
-  for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
-  const int64_t M = s.M, C = s.width(s.L), P = layout.total;
-  const int64_t nt = threads_for(M * K * P);
-  at::Tensor acc = at::zeros({nt, P * K}, s.x.options());  // slot j at offset[j] * K, as [numel, K], per thread
-  const T* y = s.y.data_ptr<T>();
-  const fused::LayerVectors<T> lv = layer_vectors<T>(s, layout, vt);
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t U = net.off[net.L + 1];
-    std::vector<T> scratch(fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K);
-    const fused::Sample<T> smp(net, scratch.data());
-    T *Rz = smp.end(net), *r0 = Rz + U * K, *r1 = r0 + net.maxw * K;
-    T* HW[fused::kMaxLayers];
-    T* Hb[fused::kMaxLayers];
-    for (int64_t t = t0; t < t1; ++t) {
-      lv.targets(net.L, static_cast<int>(K), acc.data_ptr<T>() + t * P * K, HW, Hb);
-      for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-        rows.load(net, m, smp);
-        fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
-        if (!GGN) fused::backward(net, smp.d, smp.delta, smp.e);
-        fused::hvp_sample<T, 0, GGN>(net, static_cast<int>(K), smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, lv.V,
-                                     lv.vb, Rz, r0, r1, HW, Hb);
-      }
-    }
-  });
-  return layout.unpack(nt == 1 ? acc[0] : acc.sum(0), s, lead);
 }
 
 // K > 1 vectors on the GEMM path, with at least one vector per thread: the shared passes once (their
@@ -171,7 +145,7 @@ std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
                                [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, lead, GGN); });
   }
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu", [&] {
-    return K == 1 ? hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead) : hvp_fused_cpu<scalar_t, GGN>(s, vectors, lead);
+    return hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead);
   });
 }
 
