@@ -185,11 +185,13 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
         const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
         const at::Tensor cross = block.view({o, p, ib, jb}).permute({0, 2, 1, 3}).narrow(1, 0, n);
         if (o < jb) {
-          const at::Tensor X = (delta.view({mc, o, 1, 1}) * A.unsqueeze(1)).view({mc, o * n * p});
-          cross.add_(hx::mm(X.t(), abar[k]).view({o, n, p, jb}).to(cross.scalar_type()));
+          at::Tensor X = hx::empty_output({mc, o, n, p}, A.options());
+          at::mul_out(X, delta.view({mc, o, 1, 1}), A.unsqueeze(1));
+          cross.add_(hx::mm(X.view({mc, o * n * p}).t(), abar[k]).view({o, n, p, jb}).to(cross.scalar_type()));
         } else {
-          const at::Tensor Y = (A.unsqueeze(3) * abar[k].view({mc, 1, 1, jb})).view({mc, n * p * jb});
-          cross.add_(hx::mm(delta.t(), Y).view({o, n, p, jb}).to(cross.scalar_type()));
+          at::Tensor Y = hx::empty_output({mc, n, p, jb}, A.options());
+          at::mul_out(Y, A.unsqueeze(3), abar[k].view({mc, 1, 1, jb}));
+          cross.add_(hx::mm(delta.t(), Y.view({mc, n * p * jb})).view({o, n, p, jb}).to(cross.scalar_type()));
         }
       }
     }
@@ -198,10 +200,10 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
   if (layer_only) {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
-      H.push_back(at::empty({Pl, Pl}, s.x.options()));
+      H.push_back(hx::empty_output({Pl, Pl}, s.x.options()));
     }
   } else {
-    H.push_back(at::empty({off.total, off.total}, s.x.options()));
+    H.push_back(hx::empty_output({off.total, off.total}, s.x.options()));
   }
   for (int64_t l = 0; l < L; ++l)
     for (int64_t k = 0; k <= l; ++k) {
@@ -232,7 +234,7 @@ at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_e
   int64_t widest = d * d;
   for (int64_t l = 0; l <= s.L; ++l) widest = std::max(widest, s.width(l) * s.width(l));
   const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
-  at::Tensor out = diagonal ? at::empty({M, d}, s.x.options()) : at::empty({M, d, d}, s.x.options());
+  at::Tensor out = diagonal ? hx::empty_output({M, d}, s.x.options()) : hx::empty_output({M, d, d}, s.x.options());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
     const at::Tensor G0 = pre_activation_hessians(s, f, g, head, m0, m0 + mc)[0];

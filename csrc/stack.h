@@ -130,7 +130,7 @@ struct Stack {
   // New (uninitialised) tensors for per-parameter results, shapes as slot_shapes(lead).
   std::vector<at::Tensor> new_slots(const std::vector<int64_t>& lead) const {
     std::vector<at::Tensor> out;
-    for (const auto& shape : slot_shapes(lead)) out.push_back(at::empty(shape, x.options()));
+    for (const auto& shape : slot_shapes(lead)) out.push_back(hx::empty_output(shape, x.options()));
     return out;
   }
 

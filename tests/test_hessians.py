@@ -193,3 +193,43 @@ def test_seed_one_laplacian_shape_and_op_fakes():
         torch.library.opcheck(torch.ops.hessext.hessian.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, layer_blocks), test_utils=utils)
     for mode in (0, 1, 2):
         torch.library.opcheck(torch.ops.hessext.input_derivatives.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, mode), test_utils=utils)
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(h, 16) for h in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+def _huge_pages_on():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _huge_pages_on(), reason="transparent huge pages are off or absent on this kernel")
+def test_large_hessian_asks_for_huge_pages():
+    """A dense Hessian of 32 MB or more (here P = 2904, 67 MB in float64) is allocated with
+    madvise(MADV_HUGEPAGE) before it is written (csrc/workspace.h, empty_output): its mapping carries
+    the kernel's "hg" flag. Its values: H v against hvp (1e-10 relative), exact symmetry, the
+    diagonal against hessian_diag (1e-10)."""
+    model = build_stack([20, 64, 24], [True, True], ["tanh"], seed=3)
+    x, y = random_batch(20, 24, 8, seed=3)
+    H = hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", backend="native")
+    assert H.shape == (2904, 2904) and H.nbytes >= 32 << 20
+    assert "hg" in _vm_flags(H.data_ptr() + H.nbytes // 2)
+    V = torch.randn(2, 2904, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert_close(V @ H, hessext.hvp(model, nn.MSELoss(), x, y, V), 1e-10, "H v")
+    assert torch.equal(H, H.T)
+    names = [n for n, _ in model.named_parameters()]
+    assert_close(torch.diagonal(H), as_dict_flat(hessext.hessian_diag(model, nn.MSELoss(), x, y), names), 1e-10)

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "workspace.h"
+
 namespace hx {
 namespace {
 
@@ -205,7 +207,7 @@ bool row_major(const at::Tensor& C) {
 at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
   if (!use_blas(A, B)) return at::mm(A, B);
   TORCH_CHECK(A.size(1) == B.size(0), "hx::mm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
-  at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
+  at::Tensor C = empty_output({A.size(0), B.size(1)}, A.options());
   blas_into(A, B, C, 0.0);
   return C;
 }

@@ -1,7 +1,10 @@
 // hx::Workspace (workspace.h): one arena per calling thread, handed out last in first out.
 #include "workspace.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdint>
 
 namespace hx {
 namespace {
@@ -39,7 +42,7 @@ Workspace::~Workspace() {
   const bool escaped = a.buf.defined() && a.buf.storage().use_count() > 1;
   if (escaped || a.peak > a.capacity()) {
     a.buf = at::Tensor();
-    if (a.peak <= kKeepBytes) a.buf = at::empty({a.peak}, at::TensorOptions().dtype(at::kByte));
+    if (a.peak <= kKeepBytes) a.buf = empty_output({a.peak}, at::TensorOptions().dtype(at::kByte));
   }
   a.peak = 0;
 }
@@ -63,6 +66,19 @@ at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& opti
 
 int64_t workspace_bytes() {
   return arena().capacity();
+}
+
+at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  const int64_t bytes = t.nbytes();
+  if (!t.is_cpu() || bytes < kHugeBytes) return t;
+  constexpr uintptr_t kPage = 4096;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kPage - 1) / kPage * kPage, last = (begin + bytes) / kPage * kPage;
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  return t;
 }
 
 }  // namespace hx
