@@ -15,14 +15,18 @@
 //   cross term          delta^T [o, m] x (A abar_k^T) [m, (i,p,jbar)], or, where o < jbar,
 //                       (delta A) [m, (o,i,p)]^T x abar_k [m, jbar]  (the smaller per-sample factor)
 // accumulated per block pair over chunks of samples and scattered into H once; the blocks with k > l
-// are the mirrored transposes, so the result is exactly symmetric. Every GEMM sums over a whole chunk
+// are the mirrored transposes, so the result is exactly symmetric. A diagonal block (k = l) is
+// symmetric under (o,i) <-> (p,j), and G_l and abar abar^T are symmetric, so its GEMM forms only the
+// rows of the lower pairs p <= o (half the multiply-adds and accumulator); put_diagonal_block writes
+// them into H's lower triangle, the rest by mirroring. [2,50,50,50,1], N = 1024: 910 -> 505 ms
+// together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM sums over a whole chunk
 // of samples (all of them, unless memory says otherwise), and its per-sample factors are the size of
 // a row of the block, not of the block. The accumulators come from the call's workspace (kept between
 // calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
 // [10,64,64,1], N = 256, float64, 2 threads: 390 -> 195 ms (the earlier form built G abar^T per
-// sample, as large as a block row times o, and zero-filled every accumulator and H). Cost: M * sum_{k<=l}
-// P_l P_k multiply-adds plus O(M n^3) for the G_l and A_{l,k}. Memory: H plus the block accumulators
-// (about 1.5 P^2) and one chunk's factors.
+// sample, as large as a block row times o, and zero-filled every accumulator and H). Cost: M * sum_{k<l}
+// P_l P_k + M * sum_l P_l^2 / 2 multiply-adds plus O(M n^3) for the G_l and A_{l,k}. Memory: H plus
+// the block accumulators (under P^2) and one chunk's factors.
 #pragma once
 #include "jets.h"
 #include "stack.h"
@@ -79,6 +83,43 @@ inline void put_block(at::Tensor& H, const at::Tensor& block, const Stack& s, in
   if (cb >= 0) sub(rw, o, i, cb, p, 1).copy_(block.narrow(1, 0, i).narrow(3, j, 1));
   if (rb >= 0) sub(rb, o, 1, cw, p, j).copy_(block.narrow(1, i, 1).narrow(3, 0, j));
   if (rb >= 0 && cb >= 0) sub(rb, o, 1, cb, p, 1).copy_(block.narrow(1, i, 1).narrow(3, j, 1));
+}
+
+// Row of pair (o, p), p <= o, among a diagonal block's lower pairs (packed row by row).
+inline int64_t lower_pair(int64_t o, int64_t p) { return o * (o + 1) / 2 + p; }
+
+// The flat positions o * n + p of the lower pairs (p <= o) of an [n, n] matrix, in lower_pair order.
+inline at::Tensor lower_index(int64_t n, const at::Device& device) {
+  std::vector<int64_t> idx;
+  for (int64_t o = 0; o < n; ++o)
+    for (int64_t p = 0; p <= o; ++p) idx.push_back(o * n + p);
+  return at::tensor(idx, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+// A diagonal block of layer l from its lower pairs, half [o (o + 1) / 2, ibar, ibar] (H's dtype), into
+// H's lower triangle at the layer's offsets (symmetrize_from_lower fills the rest): the W rows of unit
+// o against the W columns of the units p <= o; the bias row of o against every W column (for p > o
+// the mirrored pair (p, o), transposed) and against the biases p <= o.
+inline void put_diagonal_block(at::Tensor& H, const at::Tensor& half, const Stack& s, int64_t l, int64_t rw,
+                               int64_t rb) {
+  const int64_t O = s.W[l].size(0), n = s.W[l].size(1);
+  const at::Tensor Hww = H.narrow(0, rw, O * n).narrow(1, rw, O * n).view({O, n, O, n});
+  std::vector<int64_t> mirrored;
+  for (int64_t o = 0; o < O; ++o) {
+    const at::Tensor pairs = half.narrow(0, lower_pair(o, 0), o + 1);  // (o, 0..o): [o + 1, ibar, ibar]
+    Hww.select(0, o).narrow(1, 0, o + 1).copy_(pairs.narrow(1, 0, n).narrow(2, 0, n).permute({1, 0, 2}));
+    if (rb < 0) continue;
+    const at::Tensor bias_row = H.select(0, rb + o);
+    bias_row.narrow(0, rw, (o + 1) * n).view({o + 1, n}).copy_(pairs.select(1, n).narrow(1, 0, n));
+    bias_row.narrow(0, rb, o + 1).copy_(pairs.select(1, n).select(1, n));
+    if (o + 1 == O) continue;
+    mirrored.clear();
+    for (int64_t p = o + 1; p < O; ++p) mirrored.push_back(lower_pair(p, o));
+    const at::Tensor idx = at::tensor(mirrored, at::TensorOptions().dtype(at::kLong)).to(half.device());
+    bias_row.narrow(0, rw + (o + 1) * n, (O - o - 1) * n)
+        .view({O - o - 1, n})
+        .copy_(half.index_select(0, idx).select(2, n).narrow(1, 0, n));
+  }
 }
 
 // Mirrors a square block's lower triangle onto its upper one in place, tile by tile (no temporary of
@@ -146,7 +187,8 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     for (int64_t k = 0; k <= l; ++k) {
       const bool wanted = k == l || !layer_only;
       const int64_t o = s.W[l].size(0), p = s.W[k].size(0), ib = s.W[l].size(1) + 1, jb = s.W[k].size(1) + 1;
-      acc.push_back(wanted ? s.ws.empty({o * p, ib * jb}, acc_opts) : at::Tensor());
+      const int64_t rows = k == l ? o * (o + 1) / 2 : o * p;  // a diagonal block: its lower pairs
+      acc.push_back(wanted ? s.ws.empty({rows, ib * jb}, acc_opts) : at::Tensor());
     }
   auto accumulate = [&](const at::Tensor& into, const at::Tensor& A, const at::Tensor& B, bool first) {
     if (widen) {  // into (+)= A B
@@ -165,6 +207,7 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     }
     for (int64_t l = 0; l < L; ++l) {
       const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = n + 1;
+      const at::Tensor G_lower = G[l].view({mc, o * o}).index_select(1, lower_index(o, G[l].device()));  // [mc, pairs]
       const at::Tensor GW = l > 0 && !layer_only ? at::matmul(G[l], s.W[l]) : at::Tensor();  // [mc, o, n_l]
       at::Tensor A;  // A_{l,k}: [mc, n_l, n_{k+1}]
       for (int64_t k = l; k >= 0; --k) {
@@ -176,10 +219,10 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
           A = at::matmul(A, s.W[k + 1]);
           if (f.d[k + 1].defined()) A.mul_(f.d[k + 1].narrow(0, m0, mc).unsqueeze(1));
         }
-        const at::Tensor B = k == l ? G[l] : at::matmul(GW, A);  // [mc, o, p]
+        const at::Tensor B = k == l ? G_lower : at::matmul(GW, A).view({mc, o * p});  // [mc, rows of the block]
         const at::Tensor kron = abar[l].unsqueeze(2) * abar[k].unsqueeze(1);  // [mc, ib, jb]
         const at::Tensor& block = acc[pair(l, k)];
-        accumulate(block, B.reshape({mc, o * p}).t(), kron.view({mc, ib * jb}), m0 == 0);
+        accumulate(block, B.t(), kron.view({mc, ib * jb}), m0 == 0);
         if (k == l) continue;
         // + sum_m delta[m, o] A[m, i, p] abar_k[m, j], i < n: into the block as [o, n, p, jb]
         const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
@@ -209,10 +252,16 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     for (int64_t k = 0; k <= l; ++k) {
       if (!acc[pair(l, k)].defined()) continue;
       const int64_t o = s.W[l].size(0), ib = s.W[l].size(1) + 1, p = s.W[k].size(0), jb = s.W[k].size(1) + 1;
-      // [o, ibar, p, jbar] in H's dtype (one float32 copy of a float64 block: adding it uncast would
-      // compute in float64 through block-sized temporaries)
-      const at::Tensor block = acc[pair(l, k)].view({o, p, ib, jb}).permute({0, 2, 1, 3}).to(s.x.scalar_type());
-      put_block(H[layer_only ? l : 0], block, s, l, k, off.woff[l], off.boff[l], off.woff[k], off.boff[k]);
+      // in H's dtype (one float32 copy of a float64 block: adding it uncast would compute in float64
+      // through block-sized temporaries)
+      const at::Tensor block = acc[pair(l, k)].to(s.x.scalar_type());
+      at::Tensor& into = H[layer_only ? l : 0];
+      if (k == l) {
+        put_diagonal_block(into, block.view({o * (o + 1) / 2, ib, ib}), s, l, off.woff[l], off.boff[l]);
+      } else {  // [o, ibar, p, jbar]
+        put_block(into, block.view({o, p, ib, jb}).permute({0, 2, 1, 3}), s, l, k, off.woff[l], off.boff[l],
+                  off.woff[k], off.boff[k]);
+      }
       acc[pair(l, k)] = at::Tensor();
     }
   if (layer_only) {  // exact symmetry

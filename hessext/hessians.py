@@ -110,8 +110,9 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
 
 def _native_peak(call, inputs, blocks):
     """Bytes the native hessian op holds at its peak (csrc/hessian.h): the block accumulators (float64
-    for float32) while the samples are summed, with one chunk's G_l, A_{l,k} and per-sample factors and
-    one block-sized product; then the result with the accumulators. The fused per-sample path instead
+    for float32; a diagonal block's lower unit pairs only) while the samples are summed, with one
+    chunk's G_l (and its lower pairs), A_{l,k} and per-sample factors and one block-sized product; then
+    the result with the accumulators. The fused per-sample path instead
     holds one [P, P] per thread and their sum. Plus the forward/backward activations."""
     plan, tensors = call.plan, call.tensors
     es = tensors[0].element_size()
@@ -129,10 +130,14 @@ def _native_peak(call, inputs, blocks):
     x = plan.stack.pre(inputs)
     M = x.numel() // shapes[0][1]
     mc = max(1, min(M, _HESSIAN_CHUNK_ELEMS // widest, 256 if acc_es != es else M))
-    rows = [shapes[l][0] * (shapes[l][1] + 1) * shapes[k][0] * (shapes[k][1] + 1) for l, k in wanted]
+    # a diagonal block holds the rows of its lower unit pairs o >= p only
+    rows = [(shapes[l][0] * (shapes[l][0] + 1) // 2 if l == k else shapes[l][0] * shapes[k][0])
+            * (shapes[l][1] + 1) * (shapes[k][1] + 1) for l, k in wanted]
     acc = sum(rows) * acc_es
     maxw = max(max(o, n) for o, n in shapes)
-    chunk = ((L + 3) * mc * maxw * maxw + mc * widest) * es + max(rows) * (es + (acc_es if acc_es != es else 0))
+    # G_l, A, GW, G_l A and kron per chunk, G_l's lower pairs, the per-sample factors, one block product
+    chunk = (((L + 3) * maxw + (maxw + 1) // 2) * mc * maxw + mc * widest) * es + max(rows) * (
+        es + (acc_es if acc_es != es else 0))
     sizes = [o * n + (o if b else 0) for (o, n), b in zip(shapes, biased)]
     result = (sum(sizes) ** 2 if blocks == "full" else sum(n * n for n in sizes)) * es
     P = sum(sizes)
