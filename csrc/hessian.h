@@ -197,6 +197,18 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
       first ? hx::mm_into(into, A, B) : hx::addmm_(into, A, B);
     }
   };
+  // The cross terms' per-sample factor and its product, allocated once for all chunks (a fresh block of
+  // 100 MB or more per chunk and pair would be faulted in and zeroed every time: [2,50,50,50,1],
+  // N = 1024, 2.8 GB per call) and released before H is.
+  int64_t factor_max = 0, product_max = 0;
+  for (int64_t l = 0; l < L && !layer_only; ++l)
+    for (int64_t k = 0; k < l; ++k) {
+      const int64_t o = s.W[l].size(0), n = s.W[l].size(1), p = s.W[k].size(0), jb = s.W[k].size(1) + 1;
+      factor_max = std::max(factor_max, n * p * std::min(o, jb));
+      product_max = std::max(product_max, o * n * p * jb);
+    }
+  at::Tensor factor_buf = hx::empty_output({mc_max * factor_max}, s.x.options());
+  at::Tensor product_buf = hx::empty_output({product_max}, s.x.options());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
     const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, head, m0, mc + m0);
@@ -227,18 +239,21 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
         // + sum_m delta[m, o] A[m, i, p] abar_k[m, j], i < n: into the block as [o, n, p, jb]
         const at::Tensor delta = g.delta[l].narrow(0, m0, mc);
         const at::Tensor cross = block.view({o, p, ib, jb}).permute({0, 2, 1, 3}).narrow(1, 0, n);
+        const at::Tensor product = product_buf.narrow(0, 0, o * n * p * jb);
         if (o < jb) {
-          at::Tensor X = hx::empty_output({mc, o, n, p}, A.options());
+          at::Tensor X = factor_buf.narrow(0, 0, mc * o * n * p).view({mc, o, n, p});
           at::mul_out(X, delta.view({mc, o, 1, 1}), A.unsqueeze(1));
-          cross.add_(hx::mm(X.view({mc, o * n * p}).t(), abar[k]).view({o, n, p, jb}).to(cross.scalar_type()));
+          hx::mm_into(product.view({o * n * p, jb}), X.view({mc, o * n * p}).t(), abar[k]);
         } else {
-          at::Tensor Y = hx::empty_output({mc, n, p, jb}, A.options());
+          at::Tensor Y = factor_buf.narrow(0, 0, mc * n * p * jb).view({mc, n, p, jb});
           at::mul_out(Y, A.unsqueeze(3), abar[k].view({mc, 1, 1, jb}));
-          cross.add_(hx::mm(delta.t(), Y.view({mc, n * p * jb})).view({o, n, p, jb}).to(cross.scalar_type()));
+          hx::mm_into(product.view({o, n * p * jb}), delta.t(), Y.view({mc, n * p * jb}));
         }
+        cross.add_(product.view({o, n, p, jb}).to(cross.scalar_type()));
       }
     }
   }
+  factor_buf = product_buf = at::Tensor();
   std::vector<at::Tensor> H;
   if (layer_only) {
     for (int64_t l = 0; l < L; ++l) {

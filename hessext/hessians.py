@@ -16,7 +16,7 @@ BLOCKS = ("full", "layer")
 _MODEL_ONLY = nn.MSELoss()
 _HESSIAN_CHUNK_ELEMS = 2**24  # csrc/hessian.h kHessianChunkElems
 _FUSED_HESSIAN_WORK = 2**20   # csrc/stack.h PathChoice::fused_hessian: M P^2 at most this
-_SLACK = 16 * 2**20           # small temporaries; plus 10% for freed heap memory the allocator keeps  # the loss a model-only quantity (the Laplacian) is planned with
+_SLACK = 32 * 2**20           # small temporaries and 2 MB pages; plus 10% for freed heap memory the allocator keeps  # the loss a model-only quantity (the Laplacian) is planned with
 
 
 def available_bytes(device):
