@@ -19,8 +19,8 @@
 // symmetric under (o,i) <-> (p,j), and G_l and abar abar^T are symmetric, so its GEMM forms only the
 // rows of the lower pairs p <= o (half the multiply-adds and accumulator); put_diagonal_block writes
 // them into H's lower triangle, the rest by mirroring. [2,50,50,50,1], N = 1024: 910 -> 505 ms
-// together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM sums over a whole chunk
-// of samples (all of them, unless memory says otherwise), and its per-sample factors are the size of
+// together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM
+// sums over a whole chunk of samples (all of them, unless memory says otherwise), and its per-sample factors are the size of
 // a row of the block, not of the block. The accumulators come from the call's workspace (kept between
 // calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
 // [10,64,64,1], N = 256, float64, 2 threads: 390 -> 195 ms (the earlier form built G abar^T per
@@ -209,6 +209,8 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     }
   at::Tensor factor_buf = hx::empty_output({mc_max * factor_max}, s.x.options());
   at::Tensor product_buf = hx::empty_output({product_max}, s.x.options());
+  std::vector<at::Tensor> lower(L);  // per layer, the lower pairs' positions in G_l (once for all chunks)
+  for (int64_t l = 0; l < L; ++l) lower[l] = lower_index(s.W[l].size(0), s.x.device());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
     const std::vector<at::Tensor> G = pre_activation_hessians(s, f, g, head, m0, mc + m0);
@@ -219,7 +221,7 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     }
     for (int64_t l = 0; l < L; ++l) {
       const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = n + 1;
-      const at::Tensor G_lower = G[l].view({mc, o * o}).index_select(1, lower_index(o, G[l].device()));  // [mc, pairs]
+      const at::Tensor G_lower = G[l].view({mc, o * o}).index_select(1, lower[l]);  // [mc, pairs]
       const at::Tensor GW = l > 0 && !layer_only ? at::matmul(G[l], s.W[l]) : at::Tensor();  // [mc, o, n_l]
       at::Tensor A;  // A_{l,k}: [mc, n_l, n_{k+1}]
       for (int64_t k = l; k >= 0; --k) {
