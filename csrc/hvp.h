@@ -2,7 +2,9 @@
 // R-operator, R(.) = d/dr (.)(theta + r v) at r = 0, for K vectors v = (V_l, vb_l) at once.
 // Indices as in stack.h; R-quantities carry the vector index k in the middle: [M, K, width], so
 // that each product below is one GEMM over all K vectors, except the two of delta_l with a per-vector
-// operand (delta_l^T Ra_l, delta_l V_l), one GEMM per vector on views (hx::bmm_into), no copies.
+// operand (delta_l^T Ra_l, delta_l V_l), one batched GEMM on views, no copies. The CUDA kernels run it
+// on these tensors; the CPU runs the same recurrence on raw rows (cpu/hvp.cpp: hvp_rows), where each
+// ATen view here would be a dispatched op.
 //
 //   R-forward   Rz_l = Ra_l W_l^T + a_l V_l^T + vb_l           (Ra_0 = 0; vb_l added in the next step's pass)
 //               Ra_{l+1} = d_{l+1} * Rz_l                       (identity: Ra_{l+1} = Rz_l)
@@ -83,7 +85,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor HW = out[s.slot_W[l]].view({K, o, i});
     hx::mm_into(HW.view({K * o, i}), Rdelta.view({M, K * o}).t(), f.a[l]);
-    if (l > 0 && !ggn) hx::bmm_into(HW, g.delta[l].t().expand({K, o, M}), Ra[l].transpose(0, 1), 1.0);
+    if (l > 0 && !ggn) HW.baddbmm_(g.delta[l].t().expand({K, o, M}), Ra[l].transpose(0, 1));
     if (s.slot_b[l] >= 0) {
       at::Tensor Hb = out[s.slot_b[l]].view({K, o});
       at::sum_out(Hb, Rdelta, 0);
@@ -93,7 +95,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     if (ggn) {
       hx::mm_into(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     } else {
-      hx::bmm_into(Re.view({M, K, i}).transpose(0, 1), g.delta[l].expand({K, M, o}), V[l], 0.0);
+      Re.view({M, K, i}).transpose(0, 1).baddbmm_(g.delta[l].expand({K, M, o}), V[l], 0.0);
       hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {

@@ -146,36 +146,37 @@ struct CpuElementwise {
   // vectors' bias components, contiguous): first R += vb (kept in R where out is another tensor), in the
   // same pass.
   static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
-    const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
-      scalar_t* r = R.data_ptr<scalar_t>();
-      scalar_t* po = out.data_ptr<scalar_t>();
-      const scalar_t* pd = d.data_ptr<scalar_t>();
-      const scalar_t* pb = vb.defined() ? vb.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
-        run_simd([&] {
-          for (int64_t m = lo; m < hi; ++m)
-            for (int64_t k = 0; k < K; ++k) {
-              scalar_t* rrow = r + (m * K + k) * w;
-              scalar_t* orow = po + (m * K + k) * w;
-              const scalar_t* __restrict__ drow = pd + m * w;
-              if (!pb) {
-                for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
-              } else if (orow == rrow) {
-                const scalar_t* __restrict__ brow = pb + k * w;
-                for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * (rrow[j] + brow[j]);
-              } else {
-                const scalar_t* __restrict__ brow = pb + k * w;
-                scalar_t* __restrict__ rr = rrow;
-                scalar_t* __restrict__ oo = orow;
-                for (int64_t j = 0; j < w; ++j) {
-                  const scalar_t t = rr[j] + brow[j];
-                  rr[j] = t;
-                  oo[j] = drow[j] * t;
-                }
+      r_scale_rows<scalar_t>(out.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+                             vb.defined() ? vb.data_ptr<scalar_t>() : nullptr, R.size(0), R.size(1), R.size(2));
+    });
+  }
+  // r_scale on contiguous rows: po, r [M, K, w], pd [M, w], pb [K, w] or null.
+  template <typename T>
+  static void r_scale_rows(T* po, T* r, const T* pd, const T* pb, int64_t M, int64_t K, int64_t w) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
+      run_simd([&] {
+        for (int64_t m = lo; m < hi; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            T* rrow = r + (m * K + k) * w;
+            T* orow = po + (m * K + k) * w;
+            const T* __restrict__ drow = pd + m * w;
+            if (!pb) {
+              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
+            } else if (orow == rrow) {
+              const T* __restrict__ brow = pb + k * w;
+              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * (rrow[j] + brow[j]);
+            } else {
+              const T* __restrict__ brow = pb + k * w;
+              T* __restrict__ rr = rrow;
+              T* __restrict__ oo = orow;
+              for (int64_t j = 0; j < w; ++j) {
+                const T t = rr[j] + brow[j];
+                rr[j] = t;
+                oo[j] = drow[j] * t;
               }
             }
-        });
+          }
       });
     });
   }
@@ -184,22 +185,24 @@ struct CpuElementwise {
   // broadcast over k.
   static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& d2, const at::Tensor& e,
                          const at::Tensor& Rz) {
-    const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
     AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cpu", [&] {
-      scalar_t* r = Re.data_ptr<scalar_t>();
-      const scalar_t *pd = d.data_ptr<scalar_t>(), *pd2 = d2.data_ptr<scalar_t>(), *pe = e.data_ptr<scalar_t>(),
-                     *prz = Rz.data_ptr<scalar_t>();
-      at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
-        run_simd([&] {
-          for (int64_t m = lo; m < hi; ++m)
-            for (int64_t k = 0; k < K; ++k) {
-              scalar_t* __restrict__ row = r + (m * K + k) * w;
-              const scalar_t* __restrict__ rzrow = prz + (m * K + k) * w;
-              const scalar_t *__restrict__ drow = pd + m * w, *__restrict__ d2row = pd2 + m * w,
-                                           *__restrict__ erow = pe + m * w;
-              for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
-            }
-        });
+      r_residual_rows<scalar_t>(Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(),
+                                e.data_ptr<scalar_t>(), Rz.data_ptr<scalar_t>(), Re.size(0), Re.size(1), Re.size(2));
+    });
+  }
+  // r_residual on contiguous rows: r, prz [M, K, w], pd, pd2, pe [M, w].
+  template <typename T>
+  static void r_residual_rows(T* r, const T* pd, const T* pd2, const T* pe, const T* prz, int64_t M, int64_t K,
+                              int64_t w) {
+    at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
+      run_simd([&] {
+        for (int64_t m = lo; m < hi; ++m)
+          for (int64_t k = 0; k < K; ++k) {
+            T* __restrict__ row = r + (m * K + k) * w;
+            const T* __restrict__ rzrow = prz + (m * K + k) * w;
+            const T *__restrict__ drow = pd + m * w, *__restrict__ d2row = pd2 + m * w, *__restrict__ erow = pe + m * w;
+            for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
+          }
       });
     });
   }

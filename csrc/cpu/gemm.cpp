@@ -60,28 +60,24 @@ void* symbol(void* handle, const char* base) {
   return nullptr;
 }
 
-// How BLAS reads A [r, c] in place: (transpose flag, leading dimension), or {0, 0} when it cannot.
-std::pair<int, int64_t> layout(const at::Tensor& A) {
-  const int64_t r = A.size(0), c = A.size(1), s0 = A.stride(0), s1 = A.stride(1);
-  if ((c == 1 || s1 == 1) && (r == 1 || s0 >= std::max<int64_t>(c, 1))) return {kNoTrans, r == 1 ? c : s0};
-  if ((r == 1 || s0 == 1) && (c == 1 || s1 >= std::max<int64_t>(r, 1))) return {kTrans, c == 1 ? r : s1};
+// How BLAS reads an [r, c] matrix of strides (s0, s1) in place: (transpose flag, leading dimension,
+// at least 1), or {0, 0} when it cannot.
+std::pair<int, int64_t> layout(int64_t r, int64_t c, int64_t s0, int64_t s1) {
+  if ((c == 1 || s1 == 1) && (r == 1 || s0 >= std::max<int64_t>(c, 1)))
+    return {kNoTrans, std::max<int64_t>(r == 1 ? c : s0, 1)};
+  if ((r == 1 || s0 == 1) && (c == 1 || s1 >= std::max<int64_t>(r, 1)))
+    return {kTrans, std::max<int64_t>(c == 1 ? r : s1, 1)};
   return {0, 0};
 }
+template <typename T>
+std::pair<int, int64_t> layout(const Mat<T>& A) {
+  return layout(A.rows, A.cols, A.rs, A.cs);
+}
+std::pair<int, int64_t> layout(const at::Tensor& A) { return layout(A.size(0), A.size(1), A.stride(0), A.stride(1)); }
 
-// An operand as BLAS reads it: the tensor itself where its strides allow, else a contiguous copy,
-// with its transpose flag and (at least 1) leading dimension.
-struct Operand {
-  at::Tensor t;
-  int trans;
-  int64_t ld;
-};
-
-Operand operand(const at::Tensor& X) {
-  auto [trans, ld] = layout(X);
-  if (trans) return {X, trans, std::max<int64_t>(ld, 1)};
-  const at::Tensor c = X.contiguous();
-  std::tie(trans, ld) = layout(c);
-  return {c, trans, std::max<int64_t>(ld, 1)};
+template <typename T>
+Mat<T> mat(const at::Tensor& X) {
+  return {X.data_ptr<T>(), X.size(0), X.size(1), X.stride(0), X.stride(1)};
 }
 
 // Whether this product goes to the loaded BLAS.
@@ -155,23 +151,18 @@ const T* transposed_copy(const T* b, int64_t ldb, int64_t k, int64_t n) {
   return buf.data();
 }
 
-// C's leading dimension for BLAS (C row-major, [m, n]).
-int64_t c_ld(const at::Tensor& C) { return C.size(0) == 1 ? std::max<int64_t>(C.size(1), 1) : C.stride(0); }
-
 // OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
 // torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
 // C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
 // inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
-void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T alpha, T beta) {
-  const Operand A = operand(A_), B = operand(B_);
-  const int ta = A.trans;
-  int tb = B.trans;
-  const int64_t m = A_.size(0), k = A_.size(1), n = B_.size(1), lda = A.ld, ldc = c_ld(C);
-  int64_t ldb = B.ld;
-  const T* a = A.t.data_ptr<T>();
-  const T* bp = B.t.data_ptr<T>();
-  T* c = C.data_ptr<T>();
+void gemm_blas(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
+  const auto [ta, lda] = layout(A);
+  auto [tb, ldb] = layout(B);
+  const int64_t m = A.rows, k = A.cols, n = B.cols, ldc = C.rows == 1 ? std::max<int64_t>(C.cols, 1) : C.rs;
+  const T* a = A.p;
+  const T* bp = B.p;
+  T* c = C.p;
   const int64_t parts = m * n * k >= kParallelWork && !at::in_parallel_region()
                             ? std::min<int64_t>(at::get_num_threads(), std::max(m, n))
                             : 1;
@@ -192,10 +183,12 @@ void gemm(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, T alp
   });
 }
 
-// C (row-major, unit column stride) = alpha A B + beta C.
-void blas_into(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, double beta, double alpha = 1.0) {
-  if (A.scalar_type() == at::kDouble) gemm<double>(A, B, C, alpha, beta);
-  else gemm<float>(A, B, C, static_cast<float>(alpha), static_cast<float>(beta));
+// C (row-major, unit column stride) = alpha A B + beta C; an operand BLAS cannot read in place is
+// made contiguous first.
+void blas_into(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, double beta, double alpha = 1.0) {
+  const at::Tensor A = layout(A_).first ? A_ : A_.contiguous(), B = layout(B_).first ? B_ : B_.contiguous();
+  if (A.scalar_type() == at::kDouble) gemm_blas<double>(mat<double>(A), mat<double>(B), mat<double>(C), alpha, beta);
+  else gemm_blas<float>(mat<float>(A), mat<float>(B), mat<float>(C), static_cast<float>(alpha), static_cast<float>(beta));
 }
 
 bool row_major(const at::Tensor& C) {
@@ -247,40 +240,24 @@ void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, doub
   into(C, A, B, 0.0, alpha);
 }
 
-namespace {
-// C[b] = A[b] B[b] + beta C[b], every matrix read by BLAS in place (checked by the caller): one ?gemm per
-// b at the batch strides from the first, the batch split over torch's threads where the products are
-// large (inside a parallel region: all in this thread).
 template <typename T>
-void gemm_batch(const at::Tensor& A, const at::Tensor& B, const at::Tensor& C, T beta) {
-  const auto [ta, lda] = layout(A[0]);
-  const auto [tb, ldb] = layout(B[0]);
-  const int64_t batch = C.size(0), m = C.size(1), n = C.size(2), k = A.size(2), ldc = c_ld(C[0]);
-  const T *a = A.data_ptr<T>(), *b = B.data_ptr<T>();
-  T* c = C.data_ptr<T>();
-  at::parallel_for(0, batch, std::max<int64_t>(1, kParallelWork / std::max<int64_t>(1, m * n * k)),
-                   [&](int64_t b0, int64_t b1) {
-                     for (int64_t j = b0; j < b1; ++j)
-                       gemm_rows<T>(ta, tb, m, n, k, T(1), a + j * A.stride(0), std::max<int64_t>(lda, 1),
-                                    b + j * B.stride(0), std::max<int64_t>(ldb, 1), beta, c + j * C.stride(0), ldc);
-                   });
-}
-}  // namespace
-
-void bmm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta) {
-  TORCH_CHECK(C.dim() == 3 && A.dim() == 3 && B.dim() == 3 && A.size(0) == C.size(0) && B.size(0) == C.size(0) &&
-                  A.size(1) == C.size(1) && B.size(2) == C.size(2) && A.size(2) == B.size(1),
-              "hx::bmm_into: shapes ", C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
-  if (!C.device().is_cpu()) {
-    C.baddbmm_(A, B, beta, 1.0);
-  } else if (C.size(0) > 1 && use_blas(A[0], B[0]) && C.scalar_type() == A.scalar_type() && row_major(C[0]) &&
-             layout(A[0]).first && layout(B[0]).first) {
-    if (A.scalar_type() == at::kDouble) gemm_batch<double>(A, B, C, beta);
-    else gemm_batch<float>(A, B, C, static_cast<float>(beta));
-  } else {  // one matrix (split over the threads by into()), or operands BLAS cannot read in place
-    for (int64_t k = 0; k < C.size(0); ++k) into(C[k], A[k], B[k], beta, 1.0);
+void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
+  TORCH_CHECK(A.cols == B.rows && C.rows == A.rows && C.cols == B.cols && (C.cols == 1 || C.cs == 1),
+              "hx::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ",
+              B.cols, "] do not match, or C is not row-major");
+  if (C.rows == 0 || C.cols == 0) return;
+  if (blas_gemm<T>() && A.cols > 0 && layout(A).first && layout(B).first && layout(C).first == kNoTrans) {
+    gemm_blas<T>(A, B, C, alpha, beta);
+    return;
   }
+  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const auto wrap = [&](const auto& X) {
+    return at::from_blob(const_cast<T*>(X.p), {X.rows, X.cols}, {X.rs, X.cs}, options);
+  };
+  wrap(C).addmm_(wrap(A), wrap(B), beta, alpha);
 }
+template void gemm<float>(const Mat<const float>&, const Mat<const float>&, const Mat<float>&, float, float);
+template void gemm<double>(const Mat<const double>&, const Mat<const double>&, const Mat<double>&, double, double);
 
 std::string blas_load(const std::string& path) {
   std::lock_guard<std::mutex> guard(blas_mutex());

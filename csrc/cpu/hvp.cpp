@@ -6,6 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <utility>
+
 #include "cpu/elementwise_cpu.h"
 #include "cpu/lanes.h"
 #include "cpu/row_blocks.h"
@@ -13,6 +16,44 @@
 
 namespace hessext {
 namespace {
+
+// x [M, K, C] -> the output Hessian times x in place (LossHead::apply on rows): h x, or for the
+// softmax w (x - (x . p)) p with p = h.
+template <typename T>
+void head_rows(const LossHead& head, T* x, int64_t M, int64_t K, int64_t C) {
+  const T* h = head.h.data_ptr<T>();
+  const T* w = head.softmax() ? head.w.data_ptr<T>() : nullptr;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      T* __restrict__ row = x + (m * K + k) * C;
+      const T* __restrict__ p = h + m * C;
+      if (!w) {
+        for (int64_t c = 0; c < C; ++c) row[c] *= p[c];
+        continue;
+      }
+      T dot = 0;
+      for (int64_t c = 0; c < C; ++c) dot += row[c] * p[c];
+      for (int64_t c = 0; c < C; ++c) row[c] = (row[c] - dot) * p[c] * w[m];
+    }
+}
+
+// out [n] = the sums of the columns of x [M, n] (row-major), in blocks of kRows rows summed apart and
+// then added, so that the rounding grows with kRows + M / kRows, not with M.
+template <typename T>
+void column_sums(const T* x, int64_t M, int64_t n, T* out) {
+  constexpr int64_t kRows = 64;
+  std::fill_n(out, n, T(0));
+  std::vector<T> part(n);
+  for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+    std::copy_n(x + m0 * n, n, part.data());
+    for (int64_t m = m0 + 1; m < std::min(M, m0 + kRows); ++m) {
+      const T* __restrict__ row = x + m * n;
+      T* __restrict__ acc = part.data();
+      for (int64_t j = 0; j < n; ++j) acc[j] += row[j];
+    }
+    for (int64_t j = 0; j < n; ++j) out[j] += part[j];
+  }
+}
 
 // K products for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD lanes
 // (lanes.h): the loss head and backward once per pass, then hvp_sample on Lanes<T> once per vector
@@ -101,6 +142,92 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   return out;
 }
 
+// The GEMM path's R-recurrence (hvp.h has the math) for the K vectors (stack order, [K, *param shape]
+// or [*param shape]) into out (the same shapes, contiguous), given s's shared passes. The same products
+// and fused passes as hvp.h's hvp_into, but every operand a Mat over the shared passes' rows, the
+// vectors, the outputs and one scratch block: no ATen view, select or expand per step (one HVP of
+// [10,64,64,1] made about 140 of them, 25 us of fixed cost).
+//   buffers: Rz_l [M, K, n_{l+1}] per layer (Ra_{l+1} in place where phi is not curved, else
+//   Ra_{l+1} [M, K, n_{l+1}] beside it, Rz_l kept for the residual), and two [M, K, max width] for Re.
+template <typename T, bool GGN>
+void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, const std::vector<at::Tensor>& out) {
+  const int64_t M = s.M, L = s.L, K = vectors[s.slot_W[0]].numel() / s.W[0].numel(), maxw = s.max_width();
+  const Forward& f = sh.f;
+  const Backward& g = sh.g;
+  const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  std::vector<at::Tensor> vt(s.num_slots);
+  for (int64_t j = 0; j < s.num_slots; ++j) vt[j] = vectors[j].contiguous();
+  int64_t total = 2 * M * K * maxw;
+  for (int64_t l = 0; l < L; ++l) total += M * K * s.width(l + 1) * (!GGN && s.curved_after(l) ? 2 : 1);
+  const at::Tensor block = s.scratch({total});
+  T* next = block.data_ptr<T>();
+  const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
+
+  std::vector<T*> Rz(L), Ra(L, nullptr), Rzs(L, nullptr);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t i = s.width(l), o = s.width(l + 1);
+    const T* V = ptr(vt[s.slot_W[l]]);
+    const T* vb = s.slot_b[l] >= 0 ? ptr(vt[s.slot_b[l]]) : nullptr;
+    T* Z = Rz[l] = take(M * K * o);
+    T beta = 0;
+    if (vb && !s.act_after(l)) {  // else vb joins the activation step's pass
+      for (int64_t m = 0; m < M; ++m) std::copy_n(vb, K * o, Z + m * K * o);
+      beta = 1;
+    }
+    hx::gemm<T>(hx::rows_of(ptr(f.a[l]), M, i), hx::rows_of(V, K * o, i).t(), hx::rows_of(Z, M, K * o), 1, beta);
+    if (l > 0) hx::gemm<T>(hx::rows_of(Ra[l], M * K, i), hx::rows_of(ptr(s.W[l]), o, i).t(), hx::rows_of(Z, M * K, o), 1, 1);
+    if (l == L - 1) break;
+    const T* d = ptr(f.d[l + 1]);
+    if (!GGN && s.curved_after(l)) {
+      Rzs[l + 1] = Z;
+      Ra[l + 1] = take(M * K * o);
+      CpuElementwise::r_scale_rows<T>(Ra[l + 1], Z, d, vb, M, K, o);
+    } else {
+      if (s.act_after(l)) CpuElementwise::r_scale_rows<T>(Z, Z, d, vb, M, K, o);
+      Ra[l + 1] = Z;
+    }
+  }
+
+  T* Rdelta = Rz[L - 1];
+  head_rows<T>(sh.head, Rdelta, M, K, s.width(L));
+  T* Re_buf[2] = {take(M * K * maxw), take(M * K * maxw)};
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const int64_t i = s.width(l), o = s.width(l + 1);
+    const T* V = ptr(vt[s.slot_W[l]]);
+    const T* W = ptr(s.W[l]);
+    const T* delta = GGN ? nullptr : ptr(g.delta[l]);
+    T* HW = ptr(out[s.slot_W[l]]);
+    hx::gemm<T>(hx::rows_of(Rdelta, M, K * o).t(), hx::rows_of(ptr(f.a[l]), M, i), hx::rows_of(HW, K * o, i), 1, 0);
+    if (l > 0 && !GGN)
+      for (int64_t k = 0; k < K; ++k)
+        hx::gemm<T>(hx::rows_of(delta, M, o).t(), hx::rows_of(Ra[l] + k * i, M, i, K * i),
+                    hx::rows_of(HW + k * o * i, o, i), 1, 1);
+    if (s.slot_b[l] >= 0) column_sums<T>(Rdelta, M, K * o, ptr(out[s.slot_b[l]]));
+    if (l == 0) break;
+    T* Re = Re_buf[l % 2];
+    if (!GGN)
+      for (int64_t k = 0; k < K; ++k)
+        hx::gemm<T>(hx::rows_of(delta, M, o), hx::rows_of(V + k * o * i, o, i), hx::rows_of(Re + k * i, M, i, K * i),
+                    1, 0);
+    hx::gemm<T>(hx::rows_of(Rdelta, M * K, o), hx::rows_of(W, o, i), hx::rows_of(Re, M * K, i), 1, GGN ? 0 : 1);
+    if (Rzs[l]) {
+      CpuElementwise::r_residual_rows<T>(Re, ptr(f.d[l]), ptr(f.d2[l]), ptr(g.e[l]), Rzs[l], M, K, i);
+    } else if (f.d[l].defined()) {
+      CpuElementwise::r_scale_rows<T>(Re, Re, ptr(f.d[l]), nullptr, M, K, i);
+    }
+    Rdelta = Re;
+  }
+}
+
+// hvp_rows into new outputs [*lead, *param shape], the shared passes computed here.
+template <bool GGN>
+std::vector<at::Tensor> hvp_gemm(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
+  const std::vector<at::Tensor> out = s.new_slots(lead);
+  const SharedPasses sh = shared_passes<CpuElementwise>(s, GGN);
+  AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_rows", [&] { hvp_rows<scalar_t, GGN>(s, sh, vectors, out); });
+  return out;
+}
+
 // K > 1 vectors on the GEMM path, with at least one vector per thread: the shared passes once (their
 // products split over the threads), then one block of vectors per thread, its recurrence over all M
 // rows with single-threaded products, written straight into its rows of the outputs. Against the
@@ -127,7 +254,7 @@ std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors
         v.push_back(vectors[j].narrow(0, k0, kc));
         o.push_back(out[j].narrow(0, k0, kc));
       }
-      hvp_into<CpuElementwise>(part, sh, v, o, GGN);
+      AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_rows", [&] { hvp_rows<scalar_t, GGN>(part, sh, v, o); });
     }
   });
   return out;
@@ -141,8 +268,7 @@ std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
   if (!PathChoice::fused(s, K)) {
     const int64_t work = s.M * K * SlotLayout(s).total, nt = threads_for(work);
     if (K >= nt && nt > 1 && !at::in_parallel_region()) return hvp_vector_blocks<GGN>(s, vectors, lead, nt);
-    return sum_over_row_blocks(s, work,
-                               [&](const Stack& part) { return hvp<CpuElementwise>(part, vectors, lead, GGN); });
+    return sum_over_row_blocks(s, work, [&](const Stack& part) { return hvp_gemm<GGN>(part, vectors, lead); });
   }
   return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu", [&] {
     return hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead);
