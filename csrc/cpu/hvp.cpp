@@ -259,17 +259,19 @@ std::vector<at::Tensor> hvp_gemm(const Stack& s, at::TensorList vectors, const s
 // rows with single-threaded products, written straight into its rows of the outputs. Against the
 // row blocks (or one recurrence with every product split) this saves the fork and join of each step
 // and the sum of the blocks' results, and each thread's products keep their full M-row sums. A thread
-// runs its block in chunks whose [M, chunk, width] intermediates fill about half its L2 cache, so
-// that each elementwise pass and product finds its operands there. Measured at 2 threads, float64,
-// 16 HVPs ([M, chunk, width] of 512 kB with this machine's 1 MB L2), [10,64,64,1], N = 256, products in
-// row pieces (gemm.cpp): chunks of 4 vectors 1.24-1.26 ms, of 8 1.34-1.44, of 2 1.31-1.34, of 1
-// 1.46-1.51.
+// runs its block in chunks of vectors whose [rows, chunk, width] intermediates fill about half its L2
+// cache: rows = M, or at most 256 where hvp_rows runs the rows in chunks that fit L2 (stacks no wider
+// than kChunkMaxWidth). Measured at 2 threads, float64, 16 HVPs (512 kB with this machine's 1 MB L2),
+// [10,64,64,1], N = 256, products in row pieces (gemm.cpp): chunks of 4 vectors 1.24-1.26 ms, of 8
+// 1.34-1.44, of 2 1.31-1.34, of 1 1.46-1.51; [2,50,50,50,1], N = 1024, with hvp_rows' row chunks:
+// 5 vectors (256 rows) 5.67 ms against 5.99 for 1 (all 1024 rows) and 5.74 for all 8.
 template <bool GGN>
 std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead,
                                           int64_t nt) {
   const SharedPasses sh = shared_passes<CpuElementwise>(s, GGN);
   const int64_t K = num_vectors(lead);
-  const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (s.M * s.max_width() * s.x.element_size()));
+  const int64_t rows = s.max_width() <= kChunkMaxWidth ? std::min<int64_t>(s.M, 256) : s.M;  // hvp_rows' chunks
+  const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (rows * s.max_width() * s.x.element_size()));
   const std::vector<at::Tensor> out = s.new_slots(lead);
   run_per_thread(nt, [&](int64_t t) {
     for (int64_t k0 = t * K / nt, k1 = (t + 1) * K / nt; k0 < k1; k0 += chunk) {
