@@ -120,7 +120,10 @@ HX_HD void backward(const Net<T>& net, const S* d, S* delta, S* e) {
 // Layouts: V_l: [o, i, K], vb_l: [o, K], HW_l: [o, i, K], Hb_l: [o, K]; Rz: [units, K]; r0, r1:
 // [max n, K]. Each R-value and Re entry is summed in a local accumulator (a register for KC = 1, not
 // a chain of stores and loads through the scratch).
-// KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code).
+// KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code); KC > 1
+// sums the KC vectors' R-values and Re entries side by side in KC accumulators, so that each sample
+// value and weight is loaded once for all of them (the CPU lanes' groups of 4 vectors: seed 1's 16
+// HVPs 30.6 -> 24.4 us for the op, [4,16,16,1] N=256 8 HVPs 166 -> 144 us).
 // GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
 // S: the per-sample value type (Sample); the weights and vectors are T, the accumulators S.
 template <typename T, int KC = 0, bool GGN = false, typename S = T>
@@ -137,6 +140,21 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, 
     for (int o = 0; o < no; ++o) {
       const T* v = V[l] + o * ni * K;
       const T* w = net.W[l] + o * ni;
+      if constexpr (KC > 1) {  // the KC sums side by side: each a_i, d_i W_i loaded once for all of them
+        S acc[KC > 1 ? KC : 1];
+        for (int k = 0; k < K; ++k) acc[k] = vb[l] ? S(vb[l][o * K + k]) : S(0);
+        for (int i = 0; i < ni; ++i) {
+          const S x = in[i];
+          if (l > 0) {
+            const S wd = w[i] * din[i];
+            for (int k = 0; k < K; ++k) acc[k] += v[i * K + k] * x + wd * rin[i * K + k];
+          } else {
+            for (int k = 0; k < K; ++k) acc[k] += v[i * K + k] * x;
+          }
+        }
+        for (int k = 0; k < K; ++k) Rz[(net.off[l + 1] + o) * K + k] = acc[k];
+        continue;
+      }
       for (int k = 0; k < K; ++k) {
         S acc = vb[l] ? S(vb[l][o * K + k]) : S(0);
         for (int i = 0; i < ni; ++i) {
@@ -178,6 +196,22 @@ HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, 
     if (l == 0) break;
     for (int i = 0; i < ni; ++i) {
       const S dd = din[i], c = GGN ? S(0) : d2[net.off[l] + i] * e[net.off[l] + i];
+      if constexpr (KC > 1) {  // the KC sums side by side: each W_oi, delta_o loaded once for all of them
+        S acc[KC > 1 ? KC : 1];
+        for (int k = 0; k < K; ++k) acc[k] = S(0);
+        for (int o = 0; o < no; ++o) {
+          const T w = net.W[l][o * ni + i];
+          const T* v = V[l] + (o * ni + i) * K;
+          if (GGN) {
+            for (int k = 0; k < K; ++k) acc[k] += rd[o * K + k] * w;
+          } else {
+            const S g = dl[o];
+            for (int k = 0; k < K; ++k) acc[k] += rd[o * K + k] * w + g * v[k];
+          }
+        }
+        for (int k = 0; k < K; ++k) re[i * K + k] = dd * acc[k] + c * rin[i * K + k];
+        continue;
+      }
       for (int k = 0; k < K; ++k) {
         S acc = S(0);
         for (int o = 0; o < no; ++o) {

@@ -1,8 +1,9 @@
 // CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
 // Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused
-// per-sample recurrence of fused.h, kLanes samples at a time in SIMD lanes (lanes.h), samples split
-// over threads, each thread accumulating into its own buffer. Wide stacks: the GEMM recurrence of hvp.h with the CPU
-// elementwise steps, once per block of samples (row_blocks.h).
+// per-sample recurrence of fused.h, kLanes samples at a time in SIMD lanes (lanes.h), the vectors in
+// groups of kGroup, samples split over threads, each thread accumulating into its own buffer. Wide
+// stacks: the GEMM recurrence of hvp.h on raw rows (hvp_rows) with the CPU elementwise steps, per
+// block of samples (row_blocks.h) or of vectors (hvp_vector_blocks).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -58,31 +59,45 @@ void column_sums(const T* x, int64_t M, int64_t n, T* out, bool add) {
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kChunkMaxWidth = 128;
 
+// Vectors per group of the sample lanes: a group's vectors run through fused.h's recurrence together
+// (KC = kGroup), so that each sample value, derivative and weight loaded serves all of them.
+constexpr int64_t kGroup = 4;
+
+// Where vector k's product for parameter q (slot order) accumulates among the [K, P] lanes of a thread:
+// the first G = K / kGroup groups as [G][P][kGroup], the rest (K % kGroup vectors, one at a time) as
+// [k][P] after them.
+inline int64_t acc_index(int64_t k, int64_t q, int64_t P, int64_t G) {
+  return k < G * kGroup ? (k / kGroup) * P * kGroup + q * kGroup + k % kGroup : k * P + q;
+}
+
 // K products for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD lanes
-// (lanes.h): the loss head and backward once per pass, then hvp_sample on Lanes<T> once per vector
-// (the vectors as given, [K, numel] per slot), each lane's terms summed into acc, [K, P] lanes in slot
-// order. Lanes past m1 are zero rows: with a zero loss head and delta every term of theirs is zero.
+// (lanes.h): the loss head and backward once per pass, then hvp_sample on Lanes<T> once per group of
+// kGroup vectors (their entries interleaved, lv[g]) and once per remaining vector (the vectors as
+// given, [K, numel] per slot, lv.back()), each lane's terms summed into acc (acc_index). Lanes past m1
+// are zero rows: with a zero loss head and delta every term of theirs is zero.
 template <typename T, bool GGN>
 struct HvpLanes {
   using S = Lanes<T>;
   const Stack& s;
   const fused::Net<T>& net;
   const ForwardRows<T>& rows;
-  const fused::LayerVectors<T>& lv;
+  const std::vector<fused::LayerVectors<T>>& lv;
   int64_t K, P, m0, m1;
   S* acc;
 
   void operator()() const {
     const int L = net.L, C = net.n[L], U = net.off[L + 1];
-    std::vector<S> scratch(fused::Sample<S>::size(net) + U + 2 * net.maxw);
+    const int64_t G = K / kGroup;
+    std::vector<S> scratch(fused::Sample<S>::size(net) + kGroup * (U + 2 * net.maxw));
     std::vector<T> head_row(3 * C + 1);  // one lane's z, g, h and w
     const fused::Sample<S> smp(net, scratch.data());
-    S *Rz = smp.end(net), *r0 = Rz + U, *r1 = r0 + net.maxw;
+    S *Rz = smp.end(net), *r0 = Rz + kGroup * U, *r1 = r0 + kGroup * net.maxw;
     S* HW[fused::kMaxLayers];
     S* Hb[fused::kMaxLayers];
     const T* V[fused::kMaxLayers];
     const T* vb[fused::kMaxLayers];
     const T* y = s.y.data_ptr<T>();
+    const fused::LayerVectors<T>& single = lv.back();
     T *z = head_row.data(), *g = z + C, *h = g + C;
     for (int64_t m = m0; m < m1; m += kLanes) {
       const int count = static_cast<int>(std::min<int64_t>(kLanes, m1 - m));
@@ -98,12 +113,17 @@ struct HvpLanes {
         smp.head[C].v[j] = w;
       }
       if (!GGN) fused::backward<T, S>(net, smp.d, smp.delta, smp.e);
-      for (int64_t k = 0; k < K; ++k) {
+      for (int64_t grp = 0; grp < G; ++grp) {
+        lv[grp].targets(L, kGroup, acc + grp * P * kGroup, HW, Hb);
+        fused::hvp_sample<T, kGroup, GGN, S>(net, kGroup, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, lv[grp].V,
+                                             lv[grp].vb, Rz, r0, r1, HW, Hb);
+      }
+      for (int64_t k = G * kGroup; k < K; ++k) {
         for (int l = 0; l < L; ++l) {
-          V[l] = lv.V[l] + k * net.n[l] * net.n[l + 1];
-          vb[l] = lv.vb[l] ? lv.vb[l] + k * net.n[l + 1] : nullptr;
+          V[l] = single.V[l] + k * net.n[l] * net.n[l + 1];
+          vb[l] = single.vb[l] ? single.vb[l] + k * net.n[l + 1] : nullptr;
         }
-        lv.targets(L, 1, acc + k * P, HW, Hb);
+        single.targets(L, 1, acc + k * P, HW, Hb);
         fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
                                         HW, Hb);
       }
@@ -119,8 +139,26 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   const ForwardRows<T> rows(net, f);
   std::vector<at::Tensor> vt;
   for (const auto& v : vectors) vt.push_back(v.contiguous());
-  const fused::LayerVectors<T> lv = layer_vectors<T>(s, layout, vt);
   const int64_t M = s.M, K = num_vectors(lead), P = layout.total, blocks = (M + kLanes - 1) / kLanes;
+  const int64_t G = K / kGroup;
+  // groups' vectors interleaved, [G][P][kGroup] in slot order (fused.h's V_l [o, i, K] per group)
+  std::vector<T> grouped(G * P * kGroup);
+  for (int64_t j = 0; j < s.num_slots; ++j) {
+    const T* v = vt[j].data_ptr<T>();
+    const int64_t n = layout.numel[j];
+    for (int64_t k = 0; k < G * kGroup; ++k)
+      for (int64_t p = 0; p < n; ++p) grouped[acc_index(k, layout.offset[j] + p, P, G)] = v[k * n + p];
+  }
+  std::vector<fused::LayerVectors<T>> lv;
+  for (int64_t grp = 0; grp < G; ++grp) {
+    fused::LayerVectors<T> group = layer_vectors<T>(s, layout, vt);
+    for (int64_t l = 0; l < s.L; ++l) {
+      group.V[l] = grouped.data() + grp * P * kGroup + layout.offset[s.slot_W[l]] * kGroup;
+      group.vb[l] = s.slot_b[l] >= 0 ? grouped.data() + grp * P * kGroup + layout.offset[s.slot_b[l]] * kGroup : nullptr;
+    }
+    lv.push_back(group);
+  }
+  lv.push_back(layer_vectors<T>(s, layout, vt));  // the remaining vectors, as given
   const int64_t nt = std::min(threads_for(M * K * P, int64_t(1) << 15), blocks);
   std::vector<std::vector<Lanes<T>>> acc(nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
@@ -136,7 +174,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
     const int64_t n = layout.numel[j];
     for (int64_t k = 0; k < K; ++k)
       for (int64_t p = 0; p < n; ++p) {
-        const int64_t at = k * P + layout.offset[j] + p;
+        const int64_t at = acc_index(k, layout.offset[j] + p, P, G);
         T sum = acc[0][at].sum();
         for (int64_t t = 1; t < nt; ++t) sum += acc[t][at].sum();
         o[k * n + p] = sum;
