@@ -63,6 +63,10 @@ struct Stack {
     CHECK_SAME_DTYPE(inputs, W0);
     CHECK_SAME_DEVICE(inputs, W0);
     TORCH_CHECK_VALUE(M > 0, "inputs must hold at least one sample, got shape ", inputs.sizes());
+    for (auto* v : {&W, &b}) v->reserve(L);  // one allocation each (small calls pay for every one)
+    for (auto* v : {&slot_W, &slot_b}) v->reserve(L);
+    for (auto* v : {&p0, &p1}) v->reserve(L);
+    act.reserve(L);
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& w = weights[l];
       TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == (l == 0 ? inputs.size(1) : weights[l - 1].size(0)),
@@ -130,6 +134,7 @@ struct Stack {
   // New (uninitialised) tensors for per-parameter results, shapes as slot_shapes(lead).
   std::vector<at::Tensor> new_slots(const std::vector<int64_t>& lead) const {
     std::vector<at::Tensor> out;
+    out.reserve(num_slots);
     for (const auto& shape : slot_shapes(lead)) out.push_back(hx::empty_output(shape, x.options()));
     return out;
   }
@@ -185,6 +190,7 @@ struct Forward {
 template <class E>
 Forward forward(const Stack& s) {
   Forward f;
+  for (auto* v : {&f.a, &f.d, &f.d2}) v->reserve(s.L + 1);
   f.a.push_back(s.x);
   f.d.emplace_back();
   f.d2.emplace_back();

@@ -138,6 +138,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   const Forward f = forward<CpuElementwise>(s);
   const ForwardRows<T> rows(net, f);
   std::vector<at::Tensor> vt;
+  vt.reserve(vectors.size());
   for (const auto& v : vectors) vt.push_back(v.contiguous());
   const int64_t M = s.M, K = num_vectors(lead), P = layout.total, blocks = (M + kLanes - 1) / kLanes;
   const int64_t G = K / kGroup;
@@ -150,6 +151,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
       for (int64_t p = 0; p < n; ++p) grouped[acc_index(k, layout.offset[j] + p, P, G)] = v[k * n + p];
   }
   std::vector<fused::LayerVectors<T>> lv;
+  lv.reserve(G + 1);
   for (int64_t grp = 0; grp < G; ++grp) {
     fused::LayerVectors<T> group = layer_vectors<T>(s, layout, vt);
     for (int64_t l = 0; l < s.L; ++l) {
