@@ -52,8 +52,9 @@ struct Sample {
 
 // The product vectors per layer, and where each layer's products go in one flat accumulator row of
 // the P parameters (slot order) times K: V_l [o, i, K], vb_l [o, K] (nullptr: no bias), and the
-// slots' offsets in P (offb -1: no bias). The CPU lanes run one vector at a time (K = 1), each
-// vector's V_l [o, i] and vb_l [o] found from the [K, numel] slots as given.
+// slots' offsets in P (offb -1: no bias). The CPU lanes run groups of 4 vectors (K = 4, their entries
+// interleaved into this layout) and the rest one at a time (K = 1, each vector's V_l [o, i] and vb_l
+// [o] found from the [K, numel] slots as given).
 template <typename T>
 struct LayerVectors {
   const T* V[kMaxLayers];
