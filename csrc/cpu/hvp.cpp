@@ -18,24 +18,6 @@
 namespace hessext {
 namespace {
 
-// x [M, K, C] -> the output Hessian times x in place (LossHead::apply on rows): h x, or for the
-// softmax (w not null) w (x - (x . p)) p with p = h; h [M, C], w [M].
-template <typename T>
-void head_rows(const T* h, const T* w, T* x, int64_t M, int64_t K, int64_t C) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      T* __restrict__ row = x + (m * K + k) * C;
-      const T* __restrict__ p = h + m * C;
-      if (!w) {
-        for (int64_t c = 0; c < C; ++c) row[c] *= p[c];
-        continue;
-      }
-      T dot = 0;
-      for (int64_t c = 0; c < C; ++c) dot += row[c] * p[c];
-      for (int64_t c = 0; c < C; ++c) row[c] = (row[c] - dot) * p[c] * w[m];
-    }
-}
-
 // out [n] = (add: out +) the sums of the columns of x [M, n] (row-major), in blocks of kRows rows summed
 // apart and then added, so that the rounding grows with kRows + M / kRows, not with M.
 template <typename T>
@@ -252,7 +234,9 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
 
     T* Rdelta = Rz[L - 1];
     const int64_t C = s.width(L);
-    head_rows<T>(at_rows(sh.head.h, C), sh.head.softmax() ? at_rows(sh.head.w, 1) : nullptr, Rdelta, M, K, C);
+    const T *h = at_rows(sh.head.h, C), *w = at_rows(sh.head.w, 1);
+    for (int64_t r = 0; r < M * K; ++r)  // each row [C] of Rz_{L-1} [M, K, C] times its sample's H_out
+      loss_hessian_apply<T>(s.loss, static_cast<int>(C), 1, h + r / K * C, w[r / K], Rdelta + r * C, Rdelta + r * C);
     T* Re_buf[2] = {take(M * K * maxw), take(M * K * maxw)};
     for (int64_t l = L - 1; l >= 0; --l) {
       const int64_t i = s.width(l), o = s.width(l + 1);
