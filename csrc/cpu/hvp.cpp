@@ -132,17 +132,18 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
     for (int64_t k = 0; k < G * kGroup; ++k)
       for (int64_t p = 0; p < n; ++p) grouped[acc_index(k, layout.offset[j] + p, P, G)] = v[k * n + p];
   }
+  const fused::LayerVectors<T> given = layer_vectors<T>(s, layout, vt);  // the remaining vectors, as given
   std::vector<fused::LayerVectors<T>> lv;
   lv.reserve(G + 1);
   for (int64_t grp = 0; grp < G; ++grp) {
-    fused::LayerVectors<T> group = layer_vectors<T>(s, layout, vt);
+    fused::LayerVectors<T> group = given;  // the slots' offsets; the vectors from the interleaved copy
     for (int64_t l = 0; l < s.L; ++l) {
       group.V[l] = grouped.data() + grp * P * kGroup + layout.offset[s.slot_W[l]] * kGroup;
       group.vb[l] = s.slot_b[l] >= 0 ? grouped.data() + grp * P * kGroup + layout.offset[s.slot_b[l]] * kGroup : nullptr;
     }
     lv.push_back(group);
   }
-  lv.push_back(layer_vectors<T>(s, layout, vt));  // the remaining vectors, as given
+  lv.push_back(given);
   const int64_t nt = std::min(threads_for(M * K * P, int64_t(1) << 15), blocks);
   std::vector<std::vector<Lanes<T>>> acc(nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
