@@ -36,10 +36,8 @@ HX_HD bool act_is_curved(Act kind) {
   return !(kind == Act::Identity || kind == Act::ReLU || kind == Act::LeakyReLU);
 }
 
-// Rows whose derivatives are functions of the value a alone: the CPU takes a from ATen's vectorised
-// tanh/sigmoid and the derivatives from act_derivatives_of_value, the same formulas act_eval uses.
-HX_HD bool act_has_value_form(Act kind) { return kind == Act::Tanh || kind == Act::Sigmoid; }
-
+// The derivatives of tanh and sigmoid from their value a (the CPU's vectorised loops take a from
+// exp_cpu.h and then these, the same formulas act_eval uses).
 template <typename T>
 HX_HD void act_derivatives_of_value(Act kind, T a, T& d1, T& d2) {
   if (kind == Act::Tanh) {  // 1 - a^2, -2 a (1 - a^2)

@@ -10,6 +10,7 @@
 #include <torch/version.h>
 
 #include "arguments.h"
+#include "cpu/elementwise_cpu.h"
 #include "cpu/lanes.h"
 #include "gemm.h"
 #include "guard.h"
@@ -192,6 +193,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "bias + A @ B as the kernels compute it (for tests)");
   m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
+  m.def(
+      "activation",
+      [](const at::Tensor& z, int64_t kind, double p0, double p1) {
+        TORCH_CHECK_VALUE(z.device().is_cpu() && z.is_floating_point(), "z must be a floating-point CPU tensor");
+        TORCH_CHECK_VALUE(kind >= 0 && kind < hessext::kNumActs, "kind must be an activations.h row, 0 to ",
+                          hessext::kNumActs - 1, ", got ", kind);
+        const auto act = static_cast<hessext::Act>(kind);
+        at::Tensor a = z.mul(hessext::CpuElementwise::input_scale(act)).contiguous();
+        at::Tensor d = at::empty_like(a), d2 = at::empty_like(a);
+        hessext::CpuElementwise::activation(a, act, p0, p1, d, d2);
+        return std::make_tuple(a, d, d2);
+      },
+      "phi(z), phi'(z), phi''(z) of an activations.h row as the CPU kernels compute them (for tests)");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
   m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
