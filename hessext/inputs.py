@@ -175,7 +175,7 @@ def native_batch(plan, inputs, targets, tensors):
     if known is not None:
         M, n0, C, scale, reshape_y = known
         x = plan.stack.pre(inputs)
-        return (x if x.dim() == 2 else x.reshape(M, n0)), (targets.reshape(M, C) if reshape_y else targets), scale
+        return (x if x.dim() == 2 else x.reshape(M, n0)), _target_rows(targets, M, C, reshape_y), scale
     x, out_shape, C = native_inputs(plan, inputs, tensors)
     M = x.shape[0]
     if loss.classes:
@@ -194,7 +194,11 @@ def native_batch(plan, inputs, targets, tensors):
     if len(plan.batch_layouts) >= _LAYOUTS_PER_PLAN:
         plan.batch_layouts.pop(next(iter(plan.batch_layouts)))
     plan.batch_layouts[key] = (M, x.shape[1], C, scale, reshape_y)
-    return x, (targets.reshape(M, C) if reshape_y else targets), scale
+    return x, _target_rows(targets, M, C, reshape_y), scale
+
+
+def _target_rows(targets, M, C, reshape_y):
+    return targets.reshape(M, C) if reshape_y else targets
 
 
 def pack_vectors(vectors, names, params):

@@ -40,6 +40,7 @@ void column_sums(const T* x, int64_t M, int64_t n, T* out, bool add) {
 // the widest stack that is cut into chunks.
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kChunkMaxWidth = 128;
+inline bool rows_in_chunks(const Stack& s) { return s.max_width() <= kChunkMaxWidth; }
 
 // Vectors per group of the sample lanes: a group's vectors run through fused.h's recurrence together
 // (KC = kGroup), so that each sample value, derivative and weight loaded serves all of them.
@@ -185,8 +186,8 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
 template <typename T, bool GGN>
 void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, const std::vector<at::Tensor>& out) {
   const int64_t L = s.L, K = vectors[s.slot_W[0]].numel() / s.W[0].numel(), maxw = s.max_width();
-  const int64_t fit = maxw > kChunkMaxWidth ? s.M
-                                            : std::max(kMinChunkRows, l2_cache_bytes() / 8 / (K * maxw * int64_t(sizeof(T))));
+  const int64_t fit = !rows_in_chunks(s) ? s.M
+                                          : std::max(kMinChunkRows, l2_cache_bytes() / 8 / (K * maxw * int64_t(sizeof(T))));
   const int64_t chunks = (s.M + fit - 1) / fit;
   const int64_t rows = (s.M + chunks - 1) / chunks;
   const Forward& f = sh.f;
@@ -295,7 +296,7 @@ std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors
                                           int64_t nt) {
   const SharedPasses sh = shared_passes<CpuElementwise>(s, GGN);
   const int64_t K = num_vectors(lead);
-  const int64_t rows = s.max_width() <= kChunkMaxWidth ? std::min<int64_t>(s.M, 256) : s.M;  // hvp_rows' chunks
+  const int64_t rows = rows_in_chunks(s) ? std::min<int64_t>(s.M, 256) : s.M;  // hvp_rows' chunks
   const int64_t chunk = std::max<int64_t>(1, l2_cache_bytes() / 2 / (rows * s.max_width() * s.x.element_size()));
   const std::vector<at::Tensor> out = s.new_slots(lead);
   run_per_thread(nt, [&](int64_t t) {
