@@ -58,9 +58,10 @@ bool with_cuda() {
 // Whether every entry of every floating-point tensor is finite (the native path's precondition, see
 // hessext/inputs.py). Contiguous CPU tensors in one loop (x - x is 0 for finite x, NaN for inf and
 // NaN; the sums of x - x run in SIMD lanes, compiled for this CPU's vectors by run_simd: 2816 values
-// 0.3 us against 1.7 us for a scalar loop, 3 us for ATen's isfinite/all/item per tensor). The rest (CUDA tensors above all) as one max-abs reduction each and one
-// read-back for all of them: the max propagates NaN and shows inf, and cannot overflow. On an H100,
-// seed 1's CUDA call spent 161 of its 329 us in ATen's isfinite/all/item per tensor (two syncs).
+// 0.3 us against 1.7 us for a scalar loop, 3 us for ATen's isfinite/all/item per tensor). The rest
+// (CUDA tensors above all) as one max-abs reduction each and one read-back for all of them: the max
+// propagates NaN and shows inf, and cannot overflow. On an H100, seed 1's CUDA call spent 161 of its
+// 329 us in ATen's isfinite/all/item per tensor (two syncs).
 bool all_finite(const std::vector<at::Tensor>& tensors) {
   std::vector<at::Tensor> maxima;
   for (const auto& t : tensors) {

@@ -20,8 +20,8 @@
 // rows of the lower pairs p <= o (half the multiply-adds and accumulator); put_diagonal_block writes
 // them into H's lower triangle, the rest by mirroring. [2,50,50,50,1], N = 1024: 910 -> 505 ms
 // together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM
-// sums over a whole chunk of samples (all of them, unless memory says otherwise), and its per-sample factors are the size of
-// a row of the block, not of the block. The accumulators come from the call's workspace (kept between
+// sums over a whole chunk of samples (all of them, unless memory says otherwise), and its per-sample
+// factors are the size of a row of the block, not of the block. The accumulators come from the call's workspace (kept between
 // calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
 // [10,64,64,1], N = 256, float64, 2 threads: 390 -> 195 ms (the earlier form built G abar^T per
 // sample, as large as a block row times o, and zero-filled every accumulator and H). Cost: M * sum_{k<l}

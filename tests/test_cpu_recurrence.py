@@ -164,8 +164,8 @@ def test_row_chunks_match_reference(loss_name, K, threads):
     cache, each chunk's sums over samples added to the last ones': N = 700 at width 96 takes several
     chunks per call (a 64-row chunk at K = 4), with each activation kind (curved, piecewise linear, none),
     bias on and off, and the softmax head (its weights per row, 0 for ignored targets, read at the
-    chunk's rows). HVPs and
-    GGN-vector products against the float64 torch.func reference, 1e-10 relative."""
+    chunk's rows). HVPs and GGN-vector products against the float64 torch.func reference, 1e-10
+    relative."""
     torch.manual_seed(K)
     model = nn.Sequential(nn.Linear(7, 96), nn.Tanh(), nn.Linear(96, 96, bias=False), nn.ReLU(),
                           nn.Linear(96, 90), nn.Sigmoid(), nn.Linear(90, 5)).double()

@@ -153,16 +153,9 @@ struct CpuElementwise {
     });
   }
 
-  // out = d * R, R and out [M, K, w] (out may be R), d [M, w] broadcast over k. With vb [K, w] (the
-  // vectors' bias components, contiguous): first R += vb (kept in R where out is another tensor), in the
-  // same pass.
-  static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
-    AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cpu", [&] {
-      r_scale_rows<scalar_t>(out.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
-                             vb.defined() ? vb.data_ptr<scalar_t>() : nullptr, R.size(0), R.size(1), R.size(2));
-    });
-  }
-  // r_scale on contiguous rows: po, r [M, K, w], pd [M, w], pb [K, w] or null.
+  // The R-forward step on contiguous rows: po = pd * r, r and po [M, K, w] (po may be r), pd [M, w]
+  // broadcast over k. With pb [K, w] (the vectors' bias components): first r += pb (kept in r where po
+  // is another buffer), in the same pass.
   template <typename T>
   static void r_scale_rows(T* po, T* r, const T* pd, const T* pb, int64_t M, int64_t K, int64_t w) {
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
@@ -192,16 +185,8 @@ struct CpuElementwise {
     });
   }
 
-  // Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the residual coefficient), d, d2, e [M, w]
-  // broadcast over k.
-  static void r_residual(at::Tensor Re, const at::Tensor& d, const at::Tensor& d2, const at::Tensor& e,
-                         const at::Tensor& Rz) {
-    AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cpu", [&] {
-      r_residual_rows<scalar_t>(Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(),
-                                e.data_ptr<scalar_t>(), Rz.data_ptr<scalar_t>(), Re.size(0), Re.size(1), Re.size(2));
-    });
-  }
-  // r_residual on contiguous rows: r, prz [M, K, w], pd, pd2, pe [M, w].
+  // The R-backward step on contiguous rows: Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the
+  // residual coefficient), r = Re and prz = Rz [M, K, w], pd, pd2, pe [M, w] broadcast over k.
   template <typename T>
   static void r_residual_rows(T* r, const T* pd, const T* pd2, const T* pe, const T* prz, int64_t M, int64_t K,
                               int64_t w) {
