@@ -62,8 +62,8 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
       a = tanh(z);
       act_derivatives_of_value(kind, a, d1, d2);
       return;
-    case Act::ReLU:  // torch: z > 0 ? z : 0, gradient 0 at z = 0
-      a = z > T(0) ? z : T(0), d1 = z > T(0) ? T(1) : T(0), d2 = T(0);
+    case Act::ReLU:  // torch: z <= 0 ? 0 : z, gradient 0 at z = 0; a NaN z passes through (value NaN, gradient 1)
+      a = z <= T(0) ? T(0) : z, d1 = z <= T(0) ? T(0) : T(1), d2 = T(0);
       return;
     case Act::LeakyReLU:  // gradient negative_slope at z = 0
       a = z > T(0) ? z : z * p0, d1 = z > T(0) ? T(1) : p0, d2 = T(0);
@@ -86,8 +86,12 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
     case Act::GELUTanh: {  // z (1 + t) / 2, t = tanh(u), u = k (z + c z^3)
       const T k = T(0.79788456080286535588), c = T(0.044715);
       const T t = tanh(k * (z + c * z * z * z)), s = T(1) - t * t;
-      const T du = k * (T(1) + T(3) * c * z * z), ddu = k * T(6) * c * z;
       a = T(0.5) * z * (T(1) + t);
+      if (s == T(0)) {  // tanh saturated: the terms below are 0 * (z^5 overflowing to inf), torch's 0
+        d1 = T(0.5) * (T(1) + t), d2 = T(0);
+        return;
+      }
+      const T du = k * (T(1) + T(3) * c * z * z), ddu = k * T(6) * c * z;
       d1 = T(0.5) * (T(1) + t) + T(0.5) * z * s * du;
       d2 = s * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
       return;

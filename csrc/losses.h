@@ -31,12 +31,11 @@ HX_HD void loss_row(Loss kind, T param, T scale, int C, const T* z, const T* y, 
     case Loss::MSE:
       for (int c = 0; c < C; ++c) g[c] = T(2) * scale * (z[c] - y[c]), h[c] = T(2) * scale;
       return;
-    case Loss::Huber:  // torch's convention: |r| <= delta is the quadratic branch
-      for (int c = 0; c < C; ++c) {
+    case Loss::Huber:  // torch's convention: the gradient is r for |r| <= delta (the branches agree at
+      for (int c = 0; c < C; ++c) {  // |r| = delta), and autograd's second derivative 1 only for |r| < delta
         const T r = z[c] - y[c];
-        const bool inside = r <= param && r >= -param;
-        g[c] = scale * (inside ? r : (r > T(0) ? param : -param));
-        h[c] = inside ? scale : T(0);
+        g[c] = scale * (r > param ? param : (r < -param ? -param : r));
+        h[c] = (r < param && r > -param) ? scale : T(0);
       }
       return;
     case Loss::BCEWithLogits:

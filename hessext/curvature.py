@@ -27,11 +27,12 @@ class Call:
     torch.func transforms the arguments (then the fallback runs without detaching, so that the
     result can be differentiated or batched further)."""
 
-    __slots__ = ("plan", "tensors", "native", "traced", "backend")
+    __slots__ = ("plan", "tensors", "native", "traced", "backend", "why")
 
     def __init__(self, plan, tensors, native, backend):
         self.plan, self.tensors, self.native, self.backend = plan, tensors, native, backend
         self.traced = False
+        self.why = plan.reason  # why this call is not native (None while it is)
 
     def check_traced(self, tensors):
         """Leave the native path when torch.func transforms any of `tensors`."""
@@ -40,12 +41,19 @@ class Call:
                 raise ValueError("backend='native' cannot run under a torch.func transform (grad, vjp, jvp, vmap): "
                                  "the kernels have no derivative of their own; use backend='auto' (torch.func then)")
             self.traced, self.native = True, False
+            self.why = "a torch.func transform (grad, vjp, jvp, vmap) differentiates or batches this call"
+
+    def keep_graph(self, why):
+        """Differentiate through the result: torch.func on the live tensors, the graph kept (the
+        kernels have no backward of their own); backend='native' raises with `why`."""
+        self.leave_native(why)
+        self.traced = True
 
     def leave_native(self, why):
         """Take the fallback for this call; backend='native' raises with `why`."""
         if self.backend == "native":
             raise ValueError(f"backend='native' is not possible for this call: {why}")
-        self.native = False
+        self.native, self.why = False, why
 
     def ggn_split(self):
         """Leave the native path where the GGN is not the kernels' (Plan.ggn_reason)."""
@@ -61,20 +69,31 @@ class Call:
         return t if self.traced else t.detach()
 
 
-def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True):
+def check_create_graph(create_graph):
+    if not isinstance(create_graph, bool):
+        raise TypeError(f"create_graph must be True or False, got {create_graph!r}")
+
+
+def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True, create_graph=False):
     """Plan, argument checks and the native/fallback decision for one call. The native path is
     taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's; not
     checked under CUDA-graph capture, which forbids reading values back), for cross-entropy only with
-    the classes in the last dim of a [N, C] output, and never under a torch.func transform (the
-    kernels have no derivative of their own)."""
+    the classes in the last dim of a [N, C] output, never under a torch.func transform and never
+    with create_graph=True (the kernels have no derivative of their own); backend='native' raises
+    wherever the call leaves the kernels."""
+    check_create_graph(create_graph)
     plan, native = resolve(model, loss_fn, backend)
     tensors = check_params(plan, params)
     check_batch(inputs, targets, tensors[0], plan.loss if native else None, targets_needed)
     batch = (inputs, targets) if targets_needed else (inputs,)
     call = Call(plan, tensors, native, backend)
     call.check_traced(batch + tuple(tensors))
+    if create_graph and not call.traced:
+        call.keep_graph("create_graph=True differentiates through the result, which the kernels cannot "
+                        "(torch.func computes it; use backend='auto')")
     if call.native and plan.loss.classes and not class_layout(plan, inputs):
-        call.native = False
+        call.leave_native("cross-entropy reads the classes from dim 1 of this output; the kernels need them "
+                          "in the last dim of an [N, C] output")
     elif call.native and capturing(inputs):
         # No value can be read back while a CUDA graph is captured: the finiteness check is left out
         # (the captured kernels propagate NaN/inf as they compute them). Class indices are checked and
@@ -84,7 +103,7 @@ def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=Tr
                              "forbids; capture with class probabilities [N, C] instead "
                              "(torch.nn.functional.one_hot(targets, C).to(inputs.dtype))")
     elif call.native and not finite(*batch):
-        call.native = False
+        call.leave_native("inputs or targets hold NaN or inf, whose propagation torch.func reproduces exactly")
     return call
 
 
@@ -104,8 +123,8 @@ def _native_call(op, call, inputs, targets, *extra):
     return _from_stack_order(call.plan, _native_raw(op, call, inputs, targets, *extra))
 
 
-def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend):
-    call = route(model, loss_fn, inputs, targets, params, backend)
+def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend, create_graph):
+    call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
     plan = call.plan
     if native_op is ops.ggn_vp:
         call.ggn_split()
@@ -114,11 +133,15 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
     if call.native:
         return restore(_native_call(native_op, call, inputs, targets, [vecs[j] for j in plan.stack_order]))
     vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
-    result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), dict(zip(plan.param_names, vecs)))
+    vecs = dict(zip(plan.param_names, vecs if call.traced else [v.detach() for v in vecs]))
+    if fallback_op is fallback.hvp:
+        result = fallback.hvp(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
+    else:
+        result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs)
     return restore([call.result(result[n] if batched else result[n][0]) for n in plan.param_names])
 
 
-def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):
+def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
     """Hessian-vector products of `loss_fn(model(inputs), targets)` with respect to the parameters.
 
     vectors: a dict name -> tensor, a list/tuple in `model.named_parameters()` order, or a flat tensor
@@ -127,18 +150,21 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
     params: optional dict name -> tensor used instead of the module's parameters.
     backend: "auto" (native when `hessext.plan(model, loss_fn)` allows, else torch.func),
     "native" (error if not possible) or "torch.func".
-    Leaves no .grad and no graph behind."""
-    return _products(ops.hvp, fallback.hvp, model, loss_fn, inputs, targets, vectors, params, backend)
+    create_graph: as in torch.autograd.grad: False (default) returns detached results and leaves no
+    .grad and no graph behind; True returns results differentiable in the parameters, inputs,
+    targets and vectors (computed by torch.func; backend="native" then raises)."""
+    return _products(ops.hvp, fallback.hvp, model, loss_fn, inputs, targets, vectors, params, backend, create_graph)
 
 
-def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"):
+def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
     """Generalised Gauss-Newton-vector products J^T H_out J v (J: the Jacobian of the model output in
-    the parameters, H_out: the Hessian of the loss in the output). Formats as in `hvp`."""
-    return _products(ops.ggn_vp, fallback.ggn_vp, model, loss_fn, inputs, targets, vectors, params, backend)
+    the parameters, H_out: the Hessian of the loss in the output). Formats and create_graph as in `hvp`."""
+    return _products(ops.ggn_vp, fallback.ggn_vp, model, loss_fn, inputs, targets, vectors, params, backend,
+                     create_graph)
 
 
-def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample):
-    call = route(model, loss_fn, inputs, targets, params, backend)
+def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph):
+    call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
     plan = call.plan
     if ggn:
         call.ggn_split()
@@ -146,26 +172,30 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample):
         return dict(zip(plan.param_names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
     if per_sample:
         raise ValueError(f"per_sample=True needs the native path (a loss that is a sum over samples); "
-                         f"this model and loss take torch.func: {plan.reason}")
+                         f"this call takes torch.func because {call.why}")
     p = call.fallback_params()
     op = fallback.ggn_vp if ggn else fallback.hvp
-    out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v), p,
+    kw = {"keep_graph": call.traced} if op is fallback.hvp else {}
+    out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, **kw), p,
                               "GGN diagonal" if ggn else "Hessian diagonal")
     return {n: call.result(t) for n, t in out.items()}
 
 
-def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False):
+def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
+                 create_graph=False):
     """The exact diagonal of the Hessian of the loss in every parameter, as a dict name -> tensor shaped
     like the parameter, including tanh's second-derivative (residual) terms; not an estimate.
     per_sample=True: a leading dimension M (the rows of the batch), the diagonal of each sample's
     term of the loss (they sum to the full diagonal). Native for Linear/Tanh/MSE stacks; otherwise
-    exact through P torch.func HVPs (refused beyond fallback.MAX_BASIS_PRODUCTS parameters)."""
-    return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample)
+    exact through P torch.func HVPs (refused beyond fallback.MAX_BASIS_PRODUCTS parameters).
+    create_graph: as in `hvp` (True: differentiable, through torch.func)."""
+    return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
-def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False):
+def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
+             create_graph=False):
     """The exact diagonal of the generalised Gauss-Newton matrix J^T H_out J; as `hessian_diag`."""
-    return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample)
+    return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
 def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None,

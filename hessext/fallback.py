@@ -30,11 +30,12 @@ def loss_function(model, loss_fn, inputs, targets):
     return f
 
 
-def hvp(model, loss_fn, inputs, targets, params, vectors):
-    """params: dict name -> tensor; vectors: dict name -> [K, *shape]. Returns dict name -> [K, *shape]."""
+def hvp(model, loss_fn, inputs, targets, params, vectors, keep_graph=False):
+    """params: dict name -> tensor; vectors: dict name -> [K, *shape]. Returns dict name -> [K, *shape].
+    keep_graph: the result stays differentiable in params, inputs, targets and vectors (torch.func)."""
     K = next(iter(vectors.values())).shape[0]
     tensors = list(params.values()) + list(vectors.values()) + [inputs, targets]
-    if K <= LOOP_MAX_K and not transformed(*tensors):
+    if K <= LOOP_MAX_K and not keep_graph and not transformed(*tensors):
         return _double_backward(model, loss_fn, inputs, targets, params, vectors)
     f = loss_function(model, loss_fn, inputs, targets)
     with torch.enable_grad():
@@ -125,18 +126,11 @@ def basis_diag(product, params, desc):
     """The diagonal of `product` (see _basis_products) as a dict name -> tensor."""
     names = list(params)
     sizes = [params[n].numel() for n in names]
-    ref = params[names[0]]
-    diag = torch.empty(sum(sizes), dtype=ref.dtype, device=ref.device)
-    for j0, j1, rows in _basis_products(product, params, desc):
-        diag[j0:j1] = rows[torch.arange(j1 - j0), torch.arange(j0, j1)]
+    pieces = [torch.diagonal(rows, j0) for j0, j1, rows in _basis_products(product, params, desc)]
+    diag = torch.cat(pieces)  # out of place: differentiable and batchable (vmap)
     return {n: part.reshape(params[n].shape) for n, part in zip(names, diag.split(sizes))}
 
 
 def basis_matrix(product, params, desc):
     """The dense matrix [P, P] of `product` (see _basis_products), rows in params' order."""
-    ref = next(iter(params.values()))
-    P = sum(p.numel() for p in params.values())
-    H = torch.empty(P, P, dtype=ref.dtype, device=ref.device)
-    for j0, j1, rows in _basis_products(product, params, desc):
-        H[j0:j1] = rows
-    return H
+    return torch.cat([rows for _, _, rows in _basis_products(product, params, desc)])

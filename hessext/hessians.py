@@ -60,7 +60,7 @@ def _layers(plan):
 
 
 def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", output="dict", blocks="full",
-            max_bytes=None):
+            max_bytes=None, create_graph=False):
     """The Hessian of the loss in the parameters, exact and exactly symmetric.
 
     output="dict": the torch.func layout, H[name1][name2].shape == p1.shape + p2.shape;
@@ -68,13 +68,14 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     blocks="layer": only the per-layer diagonal blocks (the block-diagonal Hessian): the dict holds
     only same-layer pairs; the matrix form is a list of one [P_l, P_l] matrix per layer.
     The bytes are estimated before allocating; beyond `max_bytes` (default: the memory available)
-    the call is refused with the figure and a suggestion."""
+    the call is refused with the figure and a suggestion. create_graph: as in `hessext.hvp` (True:
+    differentiable, through torch.func)."""
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if blocks not in BLOCKS:
         raise ValueError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
     check_max_bytes(max_bytes)
-    call = route(model, loss_fn, inputs, targets, params, backend)
+    call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
     plan, native, tensors = call.plan, call.native, call.tensors
     ref = tensors[0]
     sizes = [t.numel() for t in tensors]
@@ -177,10 +178,11 @@ def _fallback_block(model, loss_fn, inputs, targets, call, group):
         full = {n: vectors[n] if n in vectors else torch.zeros((next(iter(vectors.values())).shape[0],) + t.shape,
                                                                dtype=t.dtype, device=t.device)
                 for n, t in p.items()}
-        out = fallback.hvp(model, loss_fn, inputs, targets, p, full)
+        out = fallback.hvp(model, loss_fn, inputs, targets, p, full, keep_graph=call.traced)
         return {n: out[n] for n in names}
 
-    return symmetrize_(fallback.basis_matrix(product, sub, "Hessian"))
+    H = fallback.basis_matrix(product, sub, "Hessian")
+    return (H + H.T) / 2 if call.traced else symmetrize_(H)
 
 
 def symmetrize_(H, tile=256):
@@ -195,13 +197,28 @@ def symmetrize_(H, tile=256):
     return H
 
 
+def _value_graph(call, what, *batch):
+    """Input derivatives are values of the model, differentiable like its output: when grad mode is
+    on and a parameter, the inputs or the targets require grad, the result carries their gradient
+    (torch.func on the live tensors)."""
+    if not call.traced and torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (*call.tensors, *batch)):
+        call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
+                        f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
+                        f"parameters that do not require grad for the native forward")
+
+
 def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=None, backend="auto", max_bytes=None):
     """For each sample n, the Hessian of the loss with respect to that sample's input row: [N, d, d]
     (the diagonal blocks of torch.func's [N, d, N, d]; the others are zero), or its diagonal [N, d]
-    with diagonal=True. d is the number of input features per sample (inputs [N, *features])."""
+    with diagonal=True. d is the number of input features per sample (inputs [N, *features]).
+    Differentiable like the model's output: in grad mode, when a parameter, the inputs or the targets
+    require grad, the result carries their gradient (through torch.func); otherwise it is detached
+    and the kernels compute it (under torch.no_grad(), or with frozen parameters and plain inputs)."""
     check_max_bytes(max_bytes)
     call = route(model, loss_fn, inputs, targets, params, backend)
     check_samples(inputs, "input_hessian")
+    _value_graph(call, "input_hessian", inputs, targets)
     N = inputs.shape[0]
     d = inputs[0].numel()
     _check_memory(f"hessext.input_hessian of {N} samples x {d} features", N * d * (1 if diagonal else d) *
@@ -236,9 +253,14 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
 def laplacian(model, inputs, *, params=None, backend="auto"):
     """For each sample and each output, the sum of the unmixed second derivatives of the model output
     with respect to that sample's inputs: shaped like the model output ([N, C]). Native: one
-    forward-mode pass carrying value, first and unmixed second derivatives through the stack."""
+    forward-mode pass carrying value, first and unmixed second derivatives through the stack.
+    Differentiable like the model's output: in grad mode, when a parameter or the inputs require
+    grad, the result carries their gradient (through torch.func; a PINN loss trains through it);
+    otherwise it is detached and the kernels compute it (under torch.no_grad(), or with frozen
+    parameters and plain inputs)."""
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, "laplacian")
+    _value_graph(call, "laplacian", inputs)
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
         if rows_are_samples(inputs, x):

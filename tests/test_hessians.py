@@ -147,6 +147,7 @@ def input_reference(model, loss, x, y):
 @pytest.mark.parametrize("case", range(8))
 def test_input_hessian_and_laplacian(case, dtype):
     label, model, x, y, loss = case_model(case, dtype)
+    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     m64, x64, y64 = build_stack(*random_stack(random.Random(200 + case), max_width=12), seed=case), x.double(), y.double()
     ref = input_reference(m64, loss, x64, y64)
     got = hessext.input_hessian(model, loss, x, y, backend="native")
@@ -164,6 +165,7 @@ def test_wide_input_uses_backward_recurrence():
     model = build_stack([40, 6, 5, 2], [True, True, False], ["tanh", "tanh"])
     x, y = random_batch(40, 2, 7)
     ref = input_reference(model, nn.MSELoss(), x, y)
+    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y), ref, 1e-10, "full")
     assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y, diagonal=True),
                  torch.diagonal(ref, dim1=1, dim2=2), 1e-10, "diagonal")
