@@ -129,6 +129,7 @@ def seed_two():
     def func():  # the per-sample loss's input Hessian; the mean over N scales each by 1/N
         return vmap(hessian(lambda xi, yi: nll(model(xi[None]), yi[None])))(x, y) / x.shape[0]
 
+    @torch.no_grad()  # evaluated (in grad mode the result carries a gradient, through torch.func)
     def ours():
         return hessext.input_hessian(model, nll, x, y)
 

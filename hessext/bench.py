@@ -289,8 +289,9 @@ def builders():
         "diagonal": {"hessext": lambda pb: (lambda: hessext.hessian_diag(pb.model, mse, pb.x, pb.y)),
                      "backpack": _backpack_diag},
         "hessian": {"hessext": lambda pb: (lambda: hessext.hessian(pb.model, mse, pb.x, pb.y, output="matrix"))},
-        "input-hessian": {"hessext": lambda pb: (lambda: hessext.input_hessian(pb.model, mse, pb.x, pb.y))},
-        "laplacian": {"hessext": lambda pb: (lambda: hessext.laplacian(pb.model, pb.x))},
+        # input derivatives evaluated, as the peers evaluate them (in grad mode they carry a gradient)
+        "input-hessian": {"hessext": lambda pb: torch.no_grad()(lambda: hessext.input_hessian(pb.model, mse, pb.x, pb.y))},
+        "laplacian": {"hessext": lambda pb: torch.no_grad()(lambda: hessext.laplacian(pb.model, pb.x))},
     }
     for q in QUANTITIES:
         table[q]["torch.func"] = func[q]

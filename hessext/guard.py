@@ -8,13 +8,14 @@ hooks; the dtype of every parameter; whether global module hooks exist; and the 
 globals that a user-defined `forward` names. Any reassignment, swapped or appended layer, removed
 bias, tied weight, train/eval switch, hook or patched `forward` changes it.
 
-A loss is keyed by what determines its behaviour: a torch loss module by its type and settings
-(users build `nn.MSELoss()` per call), a function by its code, defaults, closure values and the
-globals it names (a new lambda per call hits the cache), a `functools.partial` by its function and
-arguments. Objects in keys are held weakly where they can be."""
+A loss is keyed by what determines its behaviour (`loss_key`); one that reads objects which can
+change in place (a dict, a list, an arbitrary callable object) is captured afresh on every call.
+Objects in keys are held weakly where they can be."""
 import functools
 import types
 import weakref
+
+import torch
 
 from torch.nn.modules import module as _torch_module
 
@@ -127,36 +128,90 @@ class _Ref:
         return isinstance(other, _Ref) and mine is not None and mine is other.get()
 
 
-def _token(value):
-    if type(value) in _PRIMITIVES:
+class Unstable(Exception):
+    """A loss reads an object whose contents can change without a new identity (a dict, a list, an
+    arbitrary object): its capture cannot be cached."""
+
+
+def _is_torch_code(fn):
+    return (getattr(fn, "__module__", None) or "").startswith("torch")
+
+
+def _token(value, depth=0):
+    """A hashable stand-in for a value a loss reads: the value itself for numbers and strings,
+    identity for objects that do not change in place (modules of code, classes, torch functions,
+    tensors, whose values the captured loss never bakes in), a key of their own for functions, partials
+    and torch loss modules; Unstable for anything else."""
+    t = type(value)
+    if t in _PRIMITIVES:
         return value
-    if type(value) is tuple:
-        return tuple(map(_token, value))
-    return _Ref(value)
+    if t is tuple or t is frozenset:
+        return t(_token(v, depth) for v in value)
+    if isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device,
+                          torch.Tensor)) or (callable(value) and _is_torch_code(value)
+                                             and not isinstance(value, torch.nn.Module)):
+        return _Ref(value)
+    if depth < 4 and isinstance(value, (types.FunctionType, functools.partial, torch.nn.Module, types.MethodType)):
+        key, state = loss_key(value, depth + 1)
+        if key is not None and state is None:
+            return key
+    raise Unstable
 
 
-def _function_key(fn):
+def _function_key(fn, depth):
     code = fn.__code__
     g = fn.__globals__
-    cells = tuple(_token(c.cell_contents) for c in fn.__closure__) if fn.__closure__ else ()
-    names = tuple((n, _token(g[n])) for n in code.co_names if n in g)
-    kwdefaults = tuple(sorted((k, _token(v)) for k, v in fn.__kwdefaults__.items())) if fn.__kwdefaults__ else ()
-    return ("function", code, _token(fn.__defaults__), kwdefaults, cells, names)
+    cells = tuple(_token(c.cell_contents, depth) for c in fn.__closure__) if fn.__closure__ else ()
+    names = tuple((n, _token(g[n], depth)) for n in code.co_names if n in g)
+    kwdefaults = (tuple(sorted((k, _token(v, depth)) for k, v in fn.__kwdefaults__.items()))
+                  if fn.__kwdefaults__ else ())
+    return ("function", code, _token(fn.__defaults__, depth), kwdefaults, cells, names)
 
 
-def loss_key(loss_fn):
-    """A hashable key that equals another loss's key only when both compute the same thing."""
-    if isinstance(loss_fn, types.FunctionType):
-        return _function_key(loss_fn)
-    if isinstance(loss_fn, functools.partial):
-        keywords = tuple(sorted((k, _token(v)) for k, v in loss_fn.keywords.items()))
-        return ("partial", loss_key(loss_fn.func), _token(loss_fn.args), keywords)
-    cls = type(loss_fn)
-    if cls.__module__ == "torch.nn.modules.loss":
-        d = loss_fn.__dict__
-        plain = (not any(d[h] for h in HOOK_DICTS) and not d["_parameters"] and not d["_buffers"]
-                 and not d["_modules"])
-        settings = tuple((k, v) for k, v in d.items() if not k.startswith("_"))
-        if plain and all(type(v) in _PRIMITIVES for _, v in settings):
-            return ("torch loss", cls, settings)
-    return ("object", _Ref(loss_fn))
+def _torch_loss_key(loss_fn):
+    """A torch loss module's key: its type and settings (public attributes, buffers such as `weight`
+    and `pos_weight`, None or a tensor), or None when it carries hooks, parameters or submodules."""
+    d = loss_fn.__dict__
+    if any(d[h] for h in HOOK_DICTS) or d["_parameters"] or d["_modules"]:
+        return None
+    settings = tuple((k, v) for k, v in d.items() if not k.startswith("_"))
+    if not all(type(v) in _PRIMITIVES for _, v in settings):
+        return None
+    buffers = tuple((k, None if v is None else _Ref(v)) for k, v in d["_buffers"].items())
+    return ("torch loss", type(loss_fn), settings, buffers)
+
+
+def loss_key(loss_fn, depth=0):
+    """(key, state) for a loss: `key` equals another loss's key only when both compute the same
+    thing as long as `state` (a ModelState, or None) still matches; key None: not cacheable (the loss
+    reads objects that can change in place), captured afresh on every call.
+
+    A torch loss module is keyed by its type, settings and buffers (users build `nn.MSELoss()` or
+    `nn.CrossEntropyLoss()` per call), a function by its code, defaults, closure values and the
+    globals it names (a new lambda per call hits the cache), a `functools.partial` by its function
+    and arguments, any other module (a custom loss module) or a method of one by identity with its
+    state re-read on every call (guard.ModelState: attributes, submodules, hooks)."""
+    try:
+        if _is_torch_code(loss_fn) and not isinstance(loss_fn, torch.nn.Module):  # F.mse_loss, torch.nn.functional
+            return ("torch function", _Ref(loss_fn)), None
+        if isinstance(loss_fn, types.FunctionType):
+            return _function_key(loss_fn, depth), None
+        if isinstance(loss_fn, functools.partial):
+            keywords = tuple(sorted((k, _token(v, depth)) for k, v in loss_fn.keywords.items()))
+            inner, state = loss_key(loss_fn.func, depth + 1)
+            return (None, None) if inner is None else (("partial", inner, _token(loss_fn.args, depth), keywords),
+                                                        state)
+        if isinstance(loss_fn, torch.nn.Module):
+            if type(loss_fn).__module__ == "torch.nn.modules.loss":
+                key = _torch_loss_key(loss_fn)
+                if key is not None:
+                    return key, None
+            return ("module", _Ref(loss_fn)), ModelState(loss_fn)
+        if isinstance(loss_fn, types.MethodType) and isinstance(loss_fn.__self__, torch.nn.Module):
+            return ("method", _function_key(loss_fn.__func__, depth), _Ref(loss_fn.__self__)), \
+                ModelState(loss_fn.__self__)
+        if isinstance(loss_fn, types.BuiltinFunctionType):
+            return ("torch function", _Ref(loss_fn)), None
+    except Unstable:
+        pass
+    return None, None

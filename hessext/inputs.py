@@ -191,10 +191,19 @@ def native_batch(plan, inputs, targets, tensors):
                          f"it does not return a scalar")
     scale = loss.factor / (M * C) if loss.reduction == "mean" else loss.factor
     reshape_y = not (targets.dim() == 2 and targets.shape[1] == C)
-    if len(plan.batch_layouts) >= _LAYOUTS_PER_PLAN:
-        plan.batch_layouts.pop(next(iter(plan.batch_layouts)))
-    plan.batch_layouts[key] = (M, x.shape[1], C, scale, reshape_y)
+    _remember(plan.batch_layouts, key, (M, x.shape[1], C, scale, reshape_y), _LAYOUTS_PER_PLAN)
     return x, _target_rows(targets, M, C, reshape_y), scale
+
+
+def _remember(cache, key, value, limit):
+    """cache[key] = value, evicting the oldest entry past `limit`; safe when threads share the cache
+    (another thread may evict the same entry, or change the dict while its first key is read)."""
+    if len(cache) >= limit:
+        try:
+            cache.pop(next(iter(cache)), None)
+        except (StopIteration, RuntimeError):
+            pass
+    cache[key] = value
 
 
 def _target_rows(targets, M, C, reshape_y):

@@ -26,6 +26,7 @@ class Plan:
     def __init__(self, model, loss_fn, state):
         self.param_names = [name for name, _ in model.named_parameters()]
         self._params = state.params
+        self.loss_state = None  # the loss module's guard.ModelState, where its key is its identity
         self.stack = self.loss = None
         try:
             self.stack = capture.capture_model(model)
@@ -92,11 +93,11 @@ def plan(model, loss_fn):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    key = guard.loss_key(loss_fn)
+    key, loss_state = guard.loss_key(loss_fn)
     entry = _cache.get(model)
-    if entry is not None and entry.state.matches():
+    if key is not None and entry is not None and entry.state.matches():
         found = entry.plans.get(key)
-        if found is not None:
+        if found is not None and (found.loss_state is None or found.loss_state.matches()):
             return found
     with _lock:
         entry = _cache.get(model)
@@ -104,12 +105,14 @@ def plan(model, loss_fn):
             entry = _Entry(guard.ModelState(model))
             if not entry.state.refers_to(model):  # else caching would keep the model alive: plan per call
                 _cache[model] = entry
-        found = entry.plans.get(key)
-        if found is None:
+        found = entry.plans.get(key) if key is not None else None
+        if found is None or (found.loss_state is not None and not found.loss_state.matches()):
             found = Plan(model, loss_fn, entry.state)
-            if len(entry.plans) >= _CACHE_PER_MODEL:
-                entry.plans.pop(next(iter(entry.plans)))
-            entry.plans[key] = found
+            found.loss_state = loss_state
+            if key is not None:  # a loss that reads mutable objects is captured on every call
+                if len(entry.plans) >= _CACHE_PER_MODEL and key not in entry.plans:
+                    entry.plans.pop(next(iter(entry.plans)))
+                entry.plans[key] = found
         return found
 
 
