@@ -146,6 +146,27 @@ def _trace(fn, nargs, param_names, what, owner):
         raise Unsupported(f"{what} cannot be traced as a chain of torch functions ({type(exc).__name__}: {exc})")
 
 
+def _trace_untouched(model, param_names):
+    """The model's forward traced, with every module's attributes as they were before: a forward that
+    stores on self (`self.last = h`) would leave a tracing Proxy there. Such a forward has a side
+    effect the kernels would skip, so it is refused (it runs through torch)."""
+    before = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        graph = _trace(model, 1, param_names, type(model).__name__, "forward")
+    finally:
+        changed = []
+        for m, d in before:
+            now = m.__dict__
+            names = [k for k in now if k not in d or now[k] is not d[k]] + [k for k in d if k not in now]
+            if names:
+                changed += [f"{type(m).__name__}.{k}" for k in names]
+                now.clear()
+                now.update(d)
+    if changed:
+        raise Unsupported(f"forward assigns {', '.join(changed)} (a side effect on the module; runs through torch)")
+    return graph
+
+
 def _shape_op(node):
     """A function applying this shape-only node to a tensor, or None if the node is not one."""
     args, kwargs = node.args[1:], node.kwargs
@@ -257,7 +278,7 @@ def capture_model(model: nn.Module) -> Stack:
     hook = hooks_of(model.named_modules())
     if hook:
         raise Unsupported(f"{hook} (hooks run only through torch)")
-    graph = _trace(model, 1, param_names, type(model).__name__, "forward")
+    graph = _trace_untouched(model, param_names)
     layers, acts, pre, post = [], [], [], []
     pending_act, log_softmax = None, None
     where = "the input"

@@ -28,21 +28,100 @@ _GLOBAL_HOOKS = [getattr(_torch_module, f"_global_{k}_hooks") for k in ("forward
 _MISSING = object()
 
 
+def _is_user_code(obj):
+    return not (getattr(obj, "__module__", None) or "torch.").startswith("torch.")
+
+
 def _user_forward_globals(modules):
-    """(globals dict, names) for each forward defined outside torch whose globals it may read."""
-    found = []
+    """(globals dict, names) for each forward defined outside torch whose globals it may read, and for
+    the user functions those globals name (helpers a forward calls), three calls deep."""
+    found, seen = [], set()
+
+    def add(fn, depth):
+        code = getattr(fn, "__code__", None)
+        if code is None or id(code) in seen or not _is_user_code(fn):
+            return
+        seen.add(id(code))
+        g = fn.__globals__
+        found.append((g, code.co_names))
+        if depth < 3:
+            for n in code.co_names:
+                if isinstance(g.get(n), types.FunctionType):
+                    add(g[n], depth + 1)
+
     for m in modules:
-        fwd = type(m).forward
-        code = getattr(fwd, "__code__", None)
-        if code is not None and not type(m).__module__.startswith("torch."):
-            found.append((fwd.__globals__, code.co_names))
+        if _is_user_code(type(m)):
+            add(type(m).forward, 0)
     return found
+
+
+_PLAIN = (torch.nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+          types.ModuleType, staticmethod, classmethod, property)
+
+
+def _contents(obj, depth=0):
+    """What a forward could read from obj, as a value that compares equal while obj's contents are
+    unchanged: containers and plain objects by their items (a dict mutated in place keeps its
+    identity), tensors by identity and version, everything else by identity."""
+    t = type(obj)
+    if t in _PRIMITIVES:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return ("tensor", id(obj), obj._version)
+    if depth < 4:
+        if isinstance(obj, (list, tuple)):
+            return (t, tuple(_contents(v, depth + 1) for v in obj))
+        if isinstance(obj, dict):
+            return (t, tuple((k, _contents(v, depth + 1)) for k, v in obj.items()))
+        if isinstance(obj, (set, frozenset)):
+            return (t, frozenset(_contents(v, depth + 1) for v in obj))
+        if not isinstance(obj, _PLAIN) and isinstance(getattr(obj, "__dict__", None), dict):
+            return (t, _contents(obj.__dict__, depth + 1))
+    return ("id", id(obj))
+
+
+def _watched(modules, fwd_globals):
+    """Objects whose contents a capture may have read and whose changes keep their identity: the
+    containers and plain objects among the modules' attributes and the forwards' globals, and the
+    data attributes of the user's module classes (a class attribute changed after the capture)."""
+    watch = []
+    for m in modules:
+        for k, v in m.__dict__.items():
+            if not k.startswith("_") and type(v) not in _PRIMITIVES and not isinstance(v, _PLAIN):
+                watch.append(v)
+        for cls in type(m).__mro__:
+            if _is_user_code(cls) and cls is not object:
+                names = tuple(k for k, v in vars(cls).items() if not k.startswith("__") and not isinstance(v, _PLAIN))
+                if names:
+                    watch.append(_ClassData(cls, names))
+    for g, names in fwd_globals:
+        for n in names:
+            v = g.get(n)
+            if v is not None and type(v) not in _PRIMITIVES and not isinstance(v, _PLAIN):
+                watch.append(v)
+    return watch
+
+
+class _ClassData:
+    """A class's data attributes, read afresh (a class attribute may be reassigned)."""
+
+    __slots__ = ("cls", "names")
+
+    def __init__(self, cls, names):
+        self.cls, self.names = cls, names
+
+    def values(self):
+        return {n: getattr(self.cls, n, _MISSING) for n in self.names}
+
+
+def _snapshot(watch):
+    return [_contents(w.values() if isinstance(w, _ClassData) else w) for w in watch]
 
 
 class ModelState:
     """The objects a capture of `model` depends on; `matches()` re-reads them (a few microseconds)."""
 
-    __slots__ = ("root", "parts", "params", "fwd_globals", "objects")
+    __slots__ = ("root", "parts", "params", "fwd_globals", "objects", "watch", "contents")
 
     def __init__(self, model):
         modules = list(model.modules())
@@ -54,6 +133,8 @@ class ModelState:
         self.params = list(model.parameters())
         self.fwd_globals = _user_forward_globals(modules)
         self.objects = self.read()
+        self.watch = _watched(modules, self.fwd_globals)  # usually empty: nothing more to compare
+        self.contents = _snapshot(self.watch)
 
     def read(self):
         objects = []
@@ -84,11 +165,13 @@ class ModelState:
         if root is None:
             return False
         native = _native.loaded()
-        if native is not None:
-            return native.state_matches(self.parts, root, self.params, _GLOBAL_HOOKS, self.fwd_globals, _MISSING,
-                                        self.objects)
         try:
-            return self.read() == self.objects
+            if native is not None:
+                same = native.state_matches(self.parts, root, self.params, _GLOBAL_HOOKS, self.fwd_globals, _MISSING,
+                                            self.objects)
+            else:
+                same = self.read() == self.objects
+            return same and (not self.watch or _snapshot(self.watch) == self.contents)
         except Exception:  # noqa: BLE001 - an object that cannot compare is a change
             return False
 
@@ -96,7 +179,7 @@ class ModelState:
         """Whether a held object leads back to a module of the model (then caching it would keep the
         model alive): the model itself, or a bound method or closure of one of its modules."""
         ids = {id(part[0]) for part in self.parts[1:]} | {id(model)}
-        for obj in self.objects:
+        for obj in self.objects + self.watch:
             if obj is model or id(getattr(obj, "__self__", None)) in ids:
                 return True
             for cell in getattr(obj, "__closure__", None) or ():

@@ -150,3 +150,68 @@ def test_concurrent_calls_with_many_batch_sizes():
     finally:
         sys.setswitchinterval(old)
     assert errors == []
+
+
+SCALE = {"value": 1.0}
+
+
+def helper_scale():
+    return SCALE["value"]
+
+
+class Configured(nn.Module):
+    """A forward that reads a dict, a list and a namespace attribute, a class attribute and a global
+    through a helper function."""
+
+    factor = 1.0
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 2)
+        self.cfg = {"scale": 1.0}
+        self.steps = [1.0]
+        self.ns = types.SimpleNamespace(shift=1.0)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x) * self.cfg["scale"] * self.steps[0] * self.ns.shift)
+        return self.fc2(h) * Configured.factor * helper_scale()
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.cfg.update(scale=2.0), lambda m: m.steps.__setitem__(0, 0.5),
+    lambda m: setattr(m.ns, "shift", 3.0), lambda m: setattr(Configured, "factor", 2.0),
+    lambda m: SCALE.update(value=1.5),
+], ids=["dict", "list", "namespace", "class attribute", "global via helper"])
+def test_forward_reading_mutated_state(change):
+    torch.manual_seed(0)
+    model = Configured().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    try:
+        check(model, F.mse_loss, x, y, "before")
+        change(model)
+        check(model, F.mse_loss, x, y, "after")
+    finally:
+        Configured.factor, SCALE["value"] = 1.0, 1.0
+
+
+class Remembers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        self.last_hidden = torch.tanh(self.fc1(x))
+        return self.fc2(self.last_hidden)
+
+
+def test_forward_that_stores_on_self():
+    """A forward that assigns self.last_hidden: no tracing Proxy is left behind (every later call
+    raised TraceError), and the call runs through torch."""
+    torch.manual_seed(0)
+    model = Remembers().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert "assigns Remembers.last_hidden" in hessext.plan(model, F.mse_loss).reason
+    for _ in range(2):
+        check(model, F.mse_loss, x, y, "stores on self")
+    model(x)
+    assert isinstance(model.last_hidden, torch.Tensor)
