@@ -230,9 +230,54 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal)
 
 
+def _probe_rows(N, like):
+    """A 0/1 mask [N] of probe samples: sample 0 and a fixed pseudo-random half of the others."""
+    g = torch.Generator().manual_seed(N)
+    mask = torch.rand(N, generator=g) < 0.5
+    mask[0] = True
+    if N > 1 and bool(mask.all()):
+        mask[-1] = False
+    return mask.to(device=like.device)
+
+
+def _reaches_other_rows(apply, N, shape, like):
+    """Whether `apply` (a linear map of [N, *shape] row blocks, such as an input HVP or the model's
+    vjp) carries a block supported on the probe samples into any other sample's rows: the samples
+    are coupled (a batch statistic in forward or loss). Exact zeros are expected otherwise."""
+    if N == 1:
+        return False
+    mask = _probe_rows(N, like)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn((N,) + tuple(shape), generator=g, dtype=torch.float64).to(like)
+    out = apply(v * mask.reshape((N,) + (1,) * len(shape)).to(like.dtype))
+    return bool((out[~mask] != 0).any())
+
+
+def _directions(N, shape, d, like, coupled, start=0, count=None):
+    """Basis directions in the inputs [count, N, *shape]: each along one feature in every sample at once
+    (d of them, independent samples), or along one feature of one sample (N d of them, coupled samples;
+    direction q is feature q % d of sample q // d), from `start`."""
+    if not coupled:
+        return torch.eye(d, dtype=like.dtype, device=like.device).reshape((d, 1) + shape).expand((d, N) + shape)
+    q = torch.arange(start, start + count, device=like.device)
+    basis = torch.zeros(count, N * d, dtype=like.dtype, device=like.device)
+    basis[torch.arange(count, device=like.device), q] = 1
+    return basis.reshape((count, N) + shape)
+
+
+def _chunks(N, d, es, coupled):
+    """(start, count) chunks of the N d coupled directions, each chunk's basis and products within
+    fallback.CHUNK_BYTES; one chunk of d directions for independent samples."""
+    if not coupled:
+        return [(0, d)]
+    step = max(1, fallback.CHUNK_BYTES // max(1, 4 * N * d * es))
+    return [(q, min(step, N * d - q)) for q in range(0, N * d, step)]
+
+
 def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
-    """d HVPs in the inputs, each along one feature direction in every sample at once (samples are
-    independent, so each product holds one column of every sample's block)."""
+    """HVPs in the inputs: d of them, each along one feature direction in every sample at once, when
+    the samples are independent (each product then holds one column of every sample's block);
+    N d of them, one feature of one sample each, when forward or the loss couples the samples."""
     N, shape = inputs.shape[0], inputs.shape[1:]
     d = inputs[0].numel()
     params = call.fallback_params()
@@ -243,9 +288,16 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
     x = call.result(inputs)
     with torch.enable_grad():
         _, vjp_fn = vjp(grad(f), x)
-        basis = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d, 1) + shape).expand((d, N) + shape)
-        cols = vmap(vjp_fn)(basis)[0].reshape(d, N, d)  # [j, n, i] = H_n[i, j]
-    H = call.result(cols.permute(1, 2, 0))
+        coupled = _reaches_other_rows(lambda v: vjp_fn(v)[0], N, shape, x)
+        columns = []
+        for start, count in _chunks(N, d, x.element_size(), coupled):
+            out = vmap(vjp_fn)(_directions(N, shape, d, x, coupled, start, count))[0].reshape(count, N, d)
+            if coupled:  # direction q: column q % d of sample q // d's block
+                out = out[torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d]
+            columns.append(out)
+    cols = torch.cat(columns)
+    cols = cols.reshape(N, d, d).transpose(1, 2) if coupled else cols.permute(1, 2, 0)  # [n, i, j] = H_n[i, j]
+    H = call.result(cols)
     H = (H + H.transpose(1, 2)) / 2
     return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
 
@@ -266,15 +318,35 @@ def laplacian(model, inputs, *, params=None, backend="auto"):
         if rows_are_samples(inputs, x):
             y = x.new_zeros(()).expand(x.shape[0], C)
             return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
+    return _laplacian_fallback(model, inputs, call)
+
+
+def _laplacian_fallback(model, inputs, call):
+    """Second directional derivatives of the output by forward-over-forward mode: d of them, each along
+    one feature in every sample at once, when the samples are independent; N d of them, one feature of
+    one sample each (that sample's output row kept), when forward couples the samples."""
     p = call.fallback_params()
     N, shape = inputs.shape[0], inputs.shape[1:]
     d = inputs[0].numel()
+    x = call.result(inputs)
 
-    def out_fn(x):
-        return functional_call(model, p, (x,))
+    def out_fn(xx):
+        return functional_call(model, p, (xx,))
 
-    def second(v):  # d^2/dt^2 model(x + t v) at t = 0, v one feature direction in every sample
-        return jvp(lambda x: jvp(out_fn, (x,), (v,))[1], (call.result(inputs),), (v,))[1]
+    def second(v):  # d^2/dt^2 model(x + t v) at t = 0
+        return jvp(lambda xx: jvp(out_fn, (xx,), (v,))[1], (x,), (v,))[1]
 
-    basis = torch.eye(d, dtype=inputs.dtype, device=inputs.device).reshape((d, 1) + shape).expand((d, N) + shape)
-    return call.result(vmap(second)(basis).sum(0))
+    with torch.enable_grad():
+        out, vjp_out = vjp(out_fn, x)
+    coupled = out.dim() == 0 or out.shape[0] != N or _reaches_other_rows(lambda u: vjp_out(u)[0], N, out.shape[1:], x)
+    if coupled and (out.dim() == 0 or out.shape[0] != N):
+        raise ValueError(f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
+                         f"(inputs hold {N} samples); the Laplacian is taken per sample and output")
+    if not coupled:
+        return call.result(vmap(second)(_directions(N, shape, d, x, False)).sum(0))
+    lap = torch.zeros_like(out)
+    for start, count in _chunks(N, d, x.element_size(), True):
+        rows = vmap(second)(_directions(N, shape, d, x, True, start, count))  # [count, N, *out]
+        q = torch.arange(start, start + count, device=x.device)
+        lap = lap.index_add(0, q // d, rows[torch.arange(count, device=x.device), q // d])
+    return call.result(lap)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import hessian as func_hessian, jacfwd, jacrev, vmap
 
 import hessext
@@ -235,3 +236,31 @@ def test_large_hessian_asks_for_huge_pages():
     assert torch.equal(H, H.T)
     names = [n for n, _ in model.named_parameters()]
     assert_close(torch.diagonal(H), as_dict_flat(hessext.hessian_diag(model, nn.MSELoss(), x, y), names), 1e-10)
+
+
+class Centred(nn.Module):
+    """Couples the samples: the batch mean is subtracted in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x - x.mean(0))))
+
+
+@pytest.mark.parametrize("N", [1, 6])
+def test_input_derivatives_of_a_model_that_couples_samples(N):
+    """A batch-centring forward: each sample's block of the [N, d, N, d] input Hessian and each
+    sample's Laplacian, exactly (the fallback's one-direction-per-feature shortcut gave zeros)."""
+    torch.manual_seed(0)
+    model = Centred().double()
+    x, y = torch.randn(N, 3, dtype=torch.float64), torch.randn(N, 2, dtype=torch.float64)
+    H = func_hessian(lambda xx: F.mse_loss(model(xx), y))(x)
+    ref = torch.stack([H[n, :, n, :] for n in range(N)])
+    assert_close(hessext.input_hessian(model, F.mse_loss, x, y).detach(), ref, 1e-12, "input Hessian")
+    assert_close(hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True).detach(),
+                 torch.diagonal(ref, dim1=1, dim2=2), 1e-12, "input Hessian diagonal")
+    J = jacfwd(jacrev(model))(x)  # [N, C, N, d, N, d]
+    lap = torch.stack([torch.diagonal(J[n, :, n, :, n, :], dim1=-2, dim2=-1).sum(-1) for n in range(N)])
+    assert_close(hessext.laplacian(model, x).detach(), lap, 1e-12, "Laplacian")

@@ -350,14 +350,19 @@ class Regroup(nn.Module):
 
 
 def test_regrouped_rows_match_torch():
-    model = Regroup().requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    """Kernel rows that hold two samples each: the per-sample input Hessians are the diagonal blocks
+    of torch's [N, d, N, d]; the Laplacian, taken per sample and output row, is refused (no row per sample)."""
+    model = Regroup()
     x, y = torch.randn(8, 1, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
     assert hessext.plan(model, F.mse_loss).backend == "native"
-    got = hessext.input_hessian(model, F.mse_loss, x, y)
-    ref = hessext.input_hessian(model, F.mse_loss, x, y, backend="torch.func")
+    with torch.no_grad():
+        got = hessext.input_hessian(model, F.mse_loss, x, y)
+    H = torch.func.hessian(lambda xx: F.mse_loss(model(xx), y))(x)
+    ref = torch.stack([H[n, :, n, :] for n in range(8)])
     assert got.shape == ref.shape == (8, 1, 1)
     assert_close(got, ref, RTOL, "regrouped input Hessian")
-    assert_close(hessext.laplacian(model, x), hessext.laplacian(model, x, backend="torch.func"), RTOL, "Laplacian")
+    with pytest.raises(ValueError, match="no row per sample"):
+        hessext.laplacian(model, x)
 
 
 # ---- 10. non-finite input --------------------------------------------------------------------------------
