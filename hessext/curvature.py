@@ -176,8 +176,9 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     p = call.fallback_params()
     op = fallback.ggn_vp if ggn else fallback.hvp
     kw = {"keep_graph": call.traced} if op is fallback.hvp else {}
+    per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, p)
     out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, **kw), p,
-                              "GGN diagonal" if ggn else "Hessian diagonal")
+                              "GGN diagonal" if ggn else "Hessian diagonal", per_vector)
     return {n: call.result(t) for n, t in out.items()}
 
 

@@ -82,7 +82,9 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan)
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
     result = sum(n * n for n in group_sizes) * ref.element_size()
-    work = (_native_peak(call, inputs, blocks) if native else _fallback_peak(result, ref))
+    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets,
+                                                                             call.fallback_params())
+    work = _native_peak(call, inputs, blocks) if native else _fallback_peak(result, ref, max(group_sizes), per_vector)
     reordered = native and output == "matrix" and plan.stack_order != sorted(plan.stack_order)
     _check_memory(f"hessext.hessian(blocks={blocks!r}, output={output!r}) of {sum(sizes)} parameters",
                   work + (result if reordered else 0), ref, max_bytes,
@@ -92,7 +94,7 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         mats = _native_raw(ops.hessian, call, inputs, targets, blocks == "layer")
         order = [plan.stack_order] if blocks == "full" else groups  # stack order within each matrix
     else:
-        mats = [_fallback_block(model, loss_fn, inputs, targets, call, g) for g in groups]
+        mats = [_fallback_block(model, loss_fn, inputs, targets, call, g, per_vector) for g in groups]
         order = groups
     if blocks == "layer":  # layers listed in the order their parameters appear in named_parameters()
         mats, order = zip(*sorted(zip(mats, order), key=lambda pair: min(pair[1])))
@@ -150,11 +152,14 @@ def _native_peak(call, inputs, blocks):
     return int(peak * 1.1) + _SLACK
 
 
-def _fallback_peak(result, ref):
-    """Bytes the torch.func basis products hold: the result, and per chunk the basis vectors, their
-    products and the vmapped graph behind them (measured on MLPs: about five chunks' bytes with tanh,
-    7.8 with softsign; a model with much wider activations than parameters needs more)."""
-    return int((result + 9 * fallback.CHUNK_BYTES) * 1.1) + _SLACK
+def _fallback_peak(result, ref, P, per_vector):
+    """Bytes the torch.func basis products hold: the result, its rows before they are joined, and
+    per chunk the basis vectors, their products and the vmapped graphs behind them (a chunk holds
+    about fallback.CHUNK_BYTES of vectors and graphs, or one vector's; measured on MLPs: about five
+    chunks' bytes with tanh, 7.8 with softsign)."""
+    one = P * ref.element_size() + per_vector
+    chunk = min(max(fallback.CHUNK_BYTES, one), P * one)
+    return int((2 * result + 9 * chunk) * 1.1) + _SLACK
 
 
 def _to_named_order(matrix, sizes, order):
@@ -168,7 +173,7 @@ def _to_named_order(matrix, sizes, order):
     return matrix[index[:, None], index]
 
 
-def _fallback_block(model, loss_fn, inputs, targets, call, group):
+def _fallback_block(model, loss_fn, inputs, targets, call, group, per_vector):
     """Rows/columns `group` of the Hessian through torch.func HVPs with basis vectors, symmetrised."""
     p = call.fallback_params()
     names = [call.plan.param_names[j] for j in group]
@@ -181,7 +186,7 @@ def _fallback_block(model, loss_fn, inputs, targets, call, group):
         out = fallback.hvp(model, loss_fn, inputs, targets, p, full, keep_graph=call.traced)
         return {n: out[n] for n in names}
 
-    H = fallback.basis_matrix(product, sub, "Hessian")
+    H = fallback.basis_matrix(product, sub, "Hessian", per_vector)
     return (H + H.T) / 2 if call.traced else symmetrize_(H)
 
 
@@ -221,13 +226,49 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     _value_graph(call, "input_hessian", inputs, targets)
     N = inputs.shape[0]
     d = inputs[0].numel()
-    _check_memory(f"hessext.input_hessian of {N} samples x {d} features", N * d * (1 if diagonal else d) *
-                  inputs.element_size(), inputs, max_bytes, "use diagonal=True, or fewer samples at a time")
-    if call.native:
-        batch = native_batch(call.plan, inputs, targets, call.tensors)
-        if rows_are_samples(inputs, batch[0]):
-            return run_native(ops.input_derivatives, call, *batch, 1 if diagonal else 2)
-    return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal)
+    mode = 1 if diagonal else 2
+    batch = native_batch(call.plan, inputs, targets, call.tensors) if call.native else None
+    native = batch is not None and rows_are_samples(inputs, batch[0])
+    out = N * d * (1 if diagonal else d) * inputs.element_size()
+    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets,
+                                                                             call.fallback_params())
+    _check_memory(f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features",
+                  _jet_peak(call, N, mode) if native else _fallback_input_peak(out, per_vector, N, d, inputs),
+                  inputs, max_bytes, ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time")
+    if native:
+        return run_native(ops.input_derivatives, call, *batch, mode)
+    return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per_vector)
+
+
+def _jet_peak(call, M, mode):
+    """Bytes the native input_derivatives op holds (csrc/hessian.h input_derivatives_plan): the jets'
+    per-layer channels [1 + d + q, M, o_l] (q: 1 for the Laplacian, d for the diagonal, d(d+1)/2 for
+    the full Hessian) and their products at the output, or the backward recurrence's chunks of at most
+    2^24 entries per thread; the result, twice where the threads' row blocks are joined. Measured
+    peaks ([784,256,256,10], [50,128,128,1], [20,64,3], [2,50,50,50,1], 200-4096 samples): 0.3-1.0 of it."""
+    plan, tensors = call.plan, call.tensors
+    es = tensors[0].element_size()
+    outs = [tensors[j].shape[0] for j in plan.weight_pos]
+    widths = [tensors[plan.weight_pos[0]].shape[1]] + outs
+    d, C = widths[0], outs[-1]
+    q = {0: 1, 1: d, 2: d * (d + 1) // 2}[mode]
+    jets = sum(n * o for n, o in zip(widths[:-1], outs)) * (1 + d + q)
+    back = widths[1] ** 2 * d + sum(2 * n * o * o for n, o in zip(widths[1:-1], outs[1:]))
+    result = M * {0: C, 1: d, 2: d * d}[mode] * es
+    if mode == 0 or jets <= back:
+        work = M * (1 + d + q) * (sum(outs) + 2 * C) * es
+    else:
+        widest = max(w * w for w in widths)
+        work = 3 * min(M * widest, torch.get_num_threads() * _HESSIAN_CHUNK_ELEMS) * es
+    return int((work + 2 * result) * 1.1) + _SLACK
+
+
+def _fallback_input_peak(result, per_vector, N, d, like):
+    """Bytes the torch.func input derivatives hold: the result and its pieces, and per chunk of
+    directions their basis, products and graphs (as `_fallback_peak`)."""
+    one = per_vector + 2 * N * d * like.element_size()
+    chunk = min(max(fallback.CHUNK_BYTES, one), N * d * one)
+    return int((2 * result + 9 * chunk) * 1.1) + _SLACK
 
 
 def _probe_rows(N, like):
@@ -253,28 +294,28 @@ def _reaches_other_rows(apply, N, shape, like):
     return bool((out[~mask] != 0).any())
 
 
-def _directions(N, shape, d, like, coupled, start=0, count=None):
-    """Basis directions in the inputs [count, N, *shape]: each along one feature in every sample at once
-    (d of them, independent samples), or along one feature of one sample (N d of them, coupled samples;
-    direction q is feature q % d of sample q // d), from `start`."""
+def _directions(N, shape, d, like, coupled, start, count):
+    """`count` basis directions in the inputs [count, N, *shape] from `start`: each along one feature
+    in every sample at once (d of them, independent samples), or along one feature of one sample
+    (N d of them, coupled samples; direction q is feature q % d of sample q // d)."""
     if not coupled:
-        return torch.eye(d, dtype=like.dtype, device=like.device).reshape((d, 1) + shape).expand((d, N) + shape)
+        eye = torch.eye(d, dtype=like.dtype, device=like.device)[start:start + count]
+        return eye.reshape((count, 1) + shape).expand((count, N) + shape)
     q = torch.arange(start, start + count, device=like.device)
     basis = torch.zeros(count, N * d, dtype=like.dtype, device=like.device)
     basis[torch.arange(count, device=like.device), q] = 1
     return basis.reshape((count, N) + shape)
 
 
-def _chunks(N, d, es, coupled):
-    """(start, count) chunks of the N d coupled directions, each chunk's basis and products within
-    fallback.CHUNK_BYTES; one chunk of d directions for independent samples."""
-    if not coupled:
-        return [(0, d)]
-    step = max(1, fallback.CHUNK_BYTES // max(1, 4 * N * d * es))
-    return [(q, min(step, N * d - q)) for q in range(0, N * d, step)]
+def _chunks(N, d, es, coupled, per_vector):
+    """(start, count) chunks of the directions (d of them, or N d where the samples are coupled), each
+    chunk's basis, products and graphs (`per_vector` bytes a direction) within fallback.CHUNK_BYTES."""
+    total = N * d if coupled else d
+    step = max(1, fallback.CHUNK_BYTES // max(1, 2 * N * d * es + per_vector))
+    return [(q, min(step, total - q)) for q in range(0, total, step)]
 
 
-def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
+def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per_vector):
     """HVPs in the inputs: d of them, each along one feature direction in every sample at once, when
     the samples are independent (each product then holds one column of every sample's block);
     N d of them, one feature of one sample each, when forward or the loss couples the samples."""
@@ -290,38 +331,49 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal):
         _, vjp_fn = vjp(grad(f), x)
         coupled = _reaches_other_rows(lambda v: vjp_fn(v)[0], N, shape, x)
         columns = []
-        for start, count in _chunks(N, d, x.element_size(), coupled):
+        for start, count in _chunks(N, d, x.element_size(), coupled, per_vector):
             out = vmap(vjp_fn)(_directions(N, shape, d, x, coupled, start, count))[0].reshape(count, N, d)
             if coupled:  # direction q: column q % d of sample q // d's block
                 out = out[torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d]
             columns.append(out)
-    cols = torch.cat(columns)
+    cols = torch.cat(columns)  # [direction, N, d]: independent samples; [direction, d]: coupled
     cols = cols.reshape(N, d, d).transpose(1, 2) if coupled else cols.permute(1, 2, 0)  # [n, i, j] = H_n[i, j]
     H = call.result(cols)
     H = (H + H.transpose(1, 2)) / 2
     return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
 
 
-def laplacian(model, inputs, *, params=None, backend="auto"):
+def laplacian(model, inputs, *, params=None, backend="auto", max_bytes=None):
     """For each sample and each output, the sum of the unmixed second derivatives of the model output
     with respect to that sample's inputs: shaped like the model output ([N, C]). Native: one
     forward-mode pass carrying value, first and unmixed second derivatives through the stack.
     Differentiable like the model's output: in grad mode, when a parameter or the inputs require
     grad, the result carries their gradient (through torch.func; a PINN loss trains through it);
     otherwise it is detached and the kernels compute it (under torch.no_grad(), or with frozen
-    parameters and plain inputs)."""
+    parameters and plain inputs). The bytes are estimated first; beyond `max_bytes` (default: the
+    memory available) the call is refused with the figure."""
+    check_max_bytes(max_bytes)
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, "laplacian")
     _value_graph(call, "laplacian", inputs)
+    native = None
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
-        if rows_are_samples(inputs, x):
-            y = x.new_zeros(()).expand(x.shape[0], C)
-            return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
-    return _laplacian_fallback(model, inputs, call)
+        native = (x, out_shape, C) if rows_are_samples(inputs, x) else None
+    N, d = inputs.shape[0], inputs[0].numel()
+    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None,
+                                                                             call.fallback_params())
+    _check_memory(f"hessext.laplacian of {N} samples x {d} features",
+                  _jet_peak(call, N, 0) if native else _fallback_input_peak(0, per_vector, N, d, inputs),
+                  inputs, max_bytes, "use fewer samples at a time")
+    if native:
+        x, out_shape, C = native
+        y = x.new_zeros(()).expand(x.shape[0], C)
+        return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
+    return _laplacian_fallback(model, inputs, call, per_vector)
 
 
-def _laplacian_fallback(model, inputs, call):
+def _laplacian_fallback(model, inputs, call, per_vector):
     """Second directional derivatives of the output by forward-over-forward mode: d of them, each along
     one feature in every sample at once, when the samples are independent; N d of them, one feature of
     one sample each (that sample's output row kept), when forward couples the samples."""
@@ -342,11 +394,12 @@ def _laplacian_fallback(model, inputs, call):
     if coupled and (out.dim() == 0 or out.shape[0] != N):
         raise ValueError(f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
                          f"(inputs hold {N} samples); the Laplacian is taken per sample and output")
-    if not coupled:
-        return call.result(vmap(second)(_directions(N, shape, d, x, False)).sum(0))
     lap = torch.zeros_like(out)
-    for start, count in _chunks(N, d, x.element_size(), True):
-        rows = vmap(second)(_directions(N, shape, d, x, True, start, count))  # [count, N, *out]
-        q = torch.arange(start, start + count, device=x.device)
-        lap = lap.index_add(0, q // d, rows[torch.arange(count, device=x.device), q // d])
+    for start, count in _chunks(N, d, x.element_size(), coupled, per_vector):
+        rows = vmap(second)(_directions(N, shape, d, x, coupled, start, count))  # [count, N, *out]
+        if coupled:  # direction q: feature q % d of sample q // d, whose output row it adds to
+            q = torch.arange(start, start + count, device=x.device)
+            lap = lap.index_add(0, q // d, rows[torch.arange(count, device=x.device), q // d])
+        else:
+            lap = lap + rows.sum(0)
     return call.result(lap)
