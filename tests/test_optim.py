@@ -162,3 +162,48 @@ def test_exact_estimator_warns_once_with_the_cost_of_the_basis_fallback():
         hessext.optim.AdaHessian(native, nn.MSELoss()).step(x, y)
         hessext.optim.Sophia(native, nn.MSELoss()).step(x, y)
     assert not [w for w in caught if "Hessian-vector products" in str(w.message)]
+
+
+def test_add_param_group_refuses_a_foreign_parameter():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    opt = AdaHessian(net, nn.MSELoss(), params=net[0].parameters())
+    with pytest.raises(ValueError, match="params must be parameters of the model; 1 are not"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, dtype=torch.float64))]})
+    opt.add_param_group({"params": net[2].parameters(), "lr": 0.01})
+    assert len(opt.param_groups) == 2
+
+
+def _digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    X, Y = datasets.load_digits(return_X_y=True)
+    X, Y = torch.tensor(X / 16.0), torch.tensor(Y)
+    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+    return X[perm[:1400]], Y[perm[:1400]], X[perm[1400:]], Y[perm[1400:]]
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, l: AdaHessian(m, l, estimator="exact"), lambda m, l: AdaHessian(m, l, estimator="ggn"),
+    lambda m, l: AdaHessian(m, l, estimator="hutchinson", generator=torch.Generator().manual_seed(0)),
+    lambda m, l: Sophia(m, l, lr=1e-2, rho=0.04, update_every=10, estimator="hutchinson",
+                        generator=torch.Generator().manual_seed(0)),
+], ids=["adahessian-exact", "adahessian-ggn", "adahessian-hutchinson", "sophia-hutchinson"])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.GELU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_readme_optimizers_train_on_digits(make, act, dtype):
+    """The README's optimizer lines, with their defaults, train a 64-64-64-10 MLP on sklearn's digits
+    (1400 training images, 10 epochs of batches of 128) to at least 90% test accuracy (measured:
+    AdaHessian exact 96.7-97.2%, GGN 97.0-97.2%, Hutchinson 95.7-96.2%, Sophia 93.2-95.7%). With the
+    reference's lr=0.15, eps=1e-4, the exact diagonal's steps diverged to NaN within 8 steps."""
+    Xtr, Ytr, Xte, Yte = _digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), act(), nn.Linear(64, 64), act(), nn.Linear(64, 10)).to(dtype)
+    opt = make(model, nn.CrossEntropyLoss())
+    for epoch in range(10):
+        order = torch.randperm(1400, generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, 1400, 128):
+            batch = order[i:i + 128]
+            loss = opt.step(Xtr[batch].to(dtype), Ytr[batch])
+            assert torch.isfinite(loss), f"loss {float(loss)} at epoch {epoch}"
+    with torch.no_grad():
+        accuracy = float((model(Xte.to(dtype)).argmax(1) == Yte).double().mean())
+    assert accuracy >= 0.9, accuracy
