@@ -95,7 +95,10 @@ def ggn_vp(model, loss_fn, inputs, targets, params, vectors):
 
 def graph_bytes(model, loss_fn, inputs, targets, params):
     """The bytes autograd saves for the backward pass of one loss evaluation (each storage once): the
-    activations a product's graph holds, the unit of the fallback's memory per vector."""
+    activations a product's graph holds, the unit of the fallback's memory per vector. 0 under a
+    torch.func transform, which cannot record a plain autograd graph (chunks then count vectors only)."""
+    if transformed(inputs, *params.values()):
+        return 0
     sizes = {}
 
     def pack(t):

@@ -264,3 +264,24 @@ def test_input_derivatives_of_a_model_that_couples_samples(N):
     J = jacfwd(jacrev(model))(x)  # [N, C, N, d, N, d]
     lap = torch.stack([torch.diagonal(J[n, :, n, :, n, :], dim1=-2, dim2=-1).sum(-1) for n in range(N)])
     assert_close(hessext.laplacian(model, x).detach(), lap, 1e-12, "Laplacian")
+
+
+def test_vmap_over_hessian_and_diagonal():
+    """vmap of a function calling hessext.hessian or hessian_diag (each batch element its own data):
+    equal to the loop (crashed with 'inplace arithmetic ... is not possible' before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X, Y = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 5, 1, dtype=torch.float64)
+
+    def hess(x, y):
+        return hessext.hessian(model, F.mse_loss, x, y, output="matrix")
+
+    def diag(x, y):
+        return hessext.hessian_diag(model, F.mse_loss, x, y)["0.weight"]
+
+    for fn in (hess, diag):
+        got = torch.func.vmap(fn)(X, Y).detach()
+        ref = torch.stack([fn(X[i], Y[i]) for i in range(3)]).detach()
+        assert_close(got, ref, 1e-12, fn.__name__)
+    nested = torch.func.vmap(lambda x, y: hessext.hessian(model, F.mse_loss, x, y))(X, Y)
+    assert nested["0.weight"]["0.bias"].shape == (3, 4, 2, 4)
