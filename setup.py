@@ -39,6 +39,7 @@ setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": Build},
     python_requires=">=3.9",
+    license="MIT",
     install_requires=["torch", "numpy", "tqdm", "scipy-openblas64"],
     entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},
     extras_require={"test": ["pytest", "scipy"], "bench": ["backpack-for-pytorch", "matplotlib", "jax", "folx"],

@@ -9,7 +9,7 @@ namespace hessext {
 namespace arguments {
 
 // (items in parameter order, K) when `vectors` (a dict name -> tensor with exactly `names`, or a list or
-// tuple of as many tensors) holds tensors of params[0]'s dtype and device shaped like `params`
+// tuple of as many tensors) holds dense tensors of params[0]'s dtype and device shaped like `params`
 // (K = 0) or each with the same leading K >= 1 (K); else None.
 inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list names, const std::vector<at::Tensor>& params) {
   PyObject* v = vectors.ptr();
@@ -31,7 +31,8 @@ inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list na
     }
     if (!THPVariable_Check(item)) return pybind11::none();
     const at::Tensor& t = THPVariable_Unpack(item);
-    if (t.scalar_type() != ref.scalar_type() || t.device() != ref.device()) return pybind11::none();
+    if (t.scalar_type() != ref.scalar_type() || t.device() != ref.device() || t.layout() != at::kStrided)
+      return pybind11::none();
     const at::IntArrayRef shape = t.sizes(), want = params[j].sizes();
     if (K < 0) K = shape == want ? 0 : (shape.size() == want.size() + 1 && shape[0] >= 1 ? shape[0] : -2);
     if (K == -2 || (K == 0 ? shape != want : (shape.size() != want.size() + 1 || shape[0] != K || shape.slice(1) != want)))

@@ -31,6 +31,30 @@ def _jit_build():
     return module
 
 
+REBUILD = "rebuild it against the running torch: pip install --no-build-isolation --force-reinstall <hessext source>"
+
+
+def _torch_version():
+    import torch
+
+    return torch.__version__
+
+
+def check_torch_version(built):
+    """A build for another torch: a different major.minor (whose C++ ABI differs: refused, ImportError)
+    or another patch release (a warning). As xformers and torch_scatter do."""
+    import torch
+
+    running = torch.__version__.split("+")[0]
+    built_base = built.split("+")[0]
+    if running.split(".")[:2] != built_base.split(".")[:2]:
+        raise ImportError(f"hessext._C was built against torch {built}, but torch {torch.__version__} is running; "
+                          + REBUILD)
+    if running != built_base:
+        warnings.warn(f"hessext: hessext._C was built against torch {built}, torch {torch.__version__} is running "
+                      f"(same minor release, so it loads); if anything misbehaves, {REBUILD}", stacklevel=3)
+
+
 def load():
     """The native module, or None when neither the prebuilt module nor a JIT build is usable."""
     if _state["tried"]:
@@ -42,9 +66,12 @@ def load():
         try:
             from hessext import _C
 
+            check_torch_version(_C.torch_version())
             _state.update(module=_C, source="prebuilt (hessext._C)")
         except ImportError as exc:
-            errors.append(f"hessext._C: {exc}")
+            hint = (f" (a build for another torch than the running {_torch_version()}? {REBUILD})"
+                    if "undefined symbol" in str(exc) else "")
+            errors.append(f"hessext._C: {exc}{hint}")
             if os.environ.get("HESSEXT_NO_JIT", "0") != "1":
                 try:
                     _state.update(module=_jit_build(), source="JIT build of csrc/")

@@ -570,6 +570,16 @@ def _ints(text):
     return values
 
 
+def _positive(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def main(argv=None):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
@@ -582,9 +592,9 @@ def main(argv=None):
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    parser.add_argument("--k", type=int, default=16, help="vectors for hvp-batched")
+    parser.add_argument("--k", type=_positive, default=16, help="vectors for hvp-batched")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per method")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=_positive, default=None)
     parser.add_argument("--out", default=None, help="JSON report path (none written unless given)")
     parser.add_argument("--plot", default=None, help="PNG path (needs matplotlib)")
     parser.add_argument("--md", default=None, help="markdown table path")
@@ -597,8 +607,16 @@ def main(argv=None):
     for m in methods:
         if m not in METHODS:
             parser.error(f"--methods: {m!r} is not one of {METHODS}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device (cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {args.device!r} is not cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if not args.min_run_time > 0:
+        parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["seed1"]]

@@ -272,6 +272,8 @@ def capture_model(model: nn.Module) -> Stack:
         if id(p) in seen:
             raise Unsupported(f"parameters '{seen[id(p)]}' and '{name}' are the same tensor (tied weights)")
         seen[id(p)] = param_names[id(p)] = name
+        if p.numel() == 0:
+            raise Unsupported(f"parameter '{name}' has shape {tuple(p.shape)}: a layer of width 0")
     dtypes = {p.dtype for _, p in named}
     if dtypes - set(NATIVE_DTYPES):
         raise Unsupported(f"the parameters are {sorted(map(str, dtypes))}: the native kernels serve float32 and float64")

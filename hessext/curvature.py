@@ -134,10 +134,11 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
         return restore(_native_call(native_op, call, inputs, targets, [vecs[j] for j in plan.stack_order]))
     vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
     vecs = dict(zip(plan.param_names, vecs if call.traced else [v.detach() for v in vecs]))
-    if fallback_op is fallback.hvp:
-        result = fallback.hvp(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
-    else:
-        result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs)
+    with fallback.batch_statistics(model):
+        if fallback_op is fallback.hvp:
+            result = fallback.hvp(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
+        else:
+            result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs)
     return restore([call.result(result[n] if batched else result[n][0]) for n in plan.param_names])
 
 
@@ -164,6 +165,8 @@ def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="au
 
 
 def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph):
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
     call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
     plan = call.plan
     if ggn:
@@ -177,8 +180,9 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     op = fallback.ggn_vp if ggn else fallback.hvp
     kw = {"keep_graph": call.traced} if op is fallback.hvp else {}
     per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, p)
-    out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, **kw), p,
-                              "GGN diagonal" if ggn else "Hessian diagonal", per_vector)
+    with fallback.batch_statistics(model):
+        out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, **kw), p,
+                                  "GGN diagonal" if ggn else "Hessian diagonal", per_vector)
     return {n: call.result(t) for n, t in out.items()}
 
 

@@ -10,6 +10,8 @@ functional_call); more vectors, or any call under a transform, take `vjp` of `gr
 the vectors.
 GGN products are J^T H_out J v: a jvp through the model, an HVP of the loss in its outputs, a vjp.
 Exact diagonals are read off products with basis vectors, in chunks, with a progress bar."""
+import contextlib
+
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
@@ -19,6 +21,22 @@ from hessext.inputs import transformed
 MAX_BASIS_PRODUCTS = 200_000
 LOOP_MAX_K = 4
 CHUNK_BYTES = 64 * 2**20
+
+
+@contextlib.contextmanager
+def batch_statistics(model):
+    """While the fallback differentiates, batch norm in training mode normalises with the batch's
+    statistics, as its forward does, without updating the running statistics: torch.func cannot
+    write them under a transform, and every product (every vector) would move them again."""
+    changed = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+               and m.training and m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
 
 
 def loss_function(model, loss_fn, inputs, targets):
@@ -107,7 +125,7 @@ def graph_bytes(model, loss_fn, inputs, targets, params):
         return t
 
     live = {n: p.detach().requires_grad_() for n, p in params.items()}
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), batch_statistics(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = functional_call(model, live, (inputs,))
         if loss_fn is not None:
             loss_fn(out, targets)

@@ -94,7 +94,8 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         mats = _native_raw(ops.hessian, call, inputs, targets, blocks == "layer")
         order = [plan.stack_order] if blocks == "full" else groups  # stack order within each matrix
     else:
-        mats = [_fallback_block(model, loss_fn, inputs, targets, call, g, per_vector) for g in groups]
+        with fallback.batch_statistics(model):
+            mats = [_fallback_block(model, loss_fn, inputs, targets, call, g, per_vector) for g in groups]
         order = groups
     if blocks == "layer":  # layers listed in the order their parameters appear in named_parameters()
         mats, order = zip(*sorted(zip(mats, order), key=lambda pair: min(pair[1])))
@@ -221,6 +222,8 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     require grad, the result carries their gradient (through torch.func); otherwise it is detached
     and the kernels compute it (under torch.no_grad(), or with frozen parameters and plain inputs)."""
     check_max_bytes(max_bytes)
+    if not isinstance(diagonal, bool):
+        raise TypeError(f"diagonal must be True or False, got {diagonal!r}")
     call = route(model, loss_fn, inputs, targets, params, backend)
     check_samples(inputs, "input_hessian")
     _value_graph(call, "input_hessian", inputs, targets)
@@ -237,7 +240,8 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
                   inputs, max_bytes, ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time")
     if native:
         return run_native(ops.input_derivatives, call, *batch, mode)
-    return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per_vector)
+    with fallback.batch_statistics(model):
+        return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per_vector)
 
 
 def _jet_peak(call, M, mode):
@@ -370,7 +374,8 @@ def laplacian(model, inputs, *, params=None, backend="auto", max_bytes=None):
         x, out_shape, C = native
         y = x.new_zeros(()).expand(x.shape[0], C)
         return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
-    return _laplacian_fallback(model, inputs, call, per_vector)
+    with fallback.batch_statistics(model):
+        return _laplacian_fallback(model, inputs, call, per_vector)
 
 
 def _laplacian_fallback(model, inputs, call, per_vector):

@@ -14,6 +14,9 @@ def report():
     if status["loaded"]:
         cuda = f"CUDA {status['cuda_version']}" if status["with_cuda"] else "CPU only"
         lines.append(f"native kernels: usable, {status['source']}, built against torch {status['torch_version']}, {cuda}")
+        if status["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
+            lines.append(f"  warning: built against torch {status['torch_version']}, running {torch.__version__}; "
+                         + _native.REBUILD)
         blas = status["blas"]
         lines.append(f"CPU matrix products: {blas['name']}" + (f" from {blas['path']}" if blas.get("path") else "")
                      + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else ""))

@@ -51,12 +51,16 @@ def check_batch(inputs, targets, ref, loss, targets_needed=True):
     for name, t in checked:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; pass {name}.to_dense()")
         if t.device != ref.device:
             raise ValueError(f"{name} must be on {ref.device} like the model's parameters, got {t.device}")
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
+    if loss is None and not inputs.is_floating_point():
+        return  # integer inputs (token ids of an Embedding) reach the model as they are, through torch.func
     if not inputs.is_floating_point() or inputs.dtype != ref.dtype:
         raise TypeError(f"inputs must have dtype {ref.dtype} like the model's parameters, got {inputs.dtype}")
-    if inputs.dim() == 0 or inputs.numel() == 0:
-        raise ValueError(f"inputs must hold at least one sample, got shape {tuple(inputs.shape)}")
     if loss is None or not targets_needed:
         return
     indices = targets.dtype in _INDEX_DTYPES
@@ -71,7 +75,9 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_samples(inputs, what):
-    """Per-sample quantities need a leading batch dimension: inputs [N, *features]."""
+    """Per-sample quantities need a leading batch dimension: inputs [N, *features], floating point."""
+    if not inputs.is_floating_point():
+        raise TypeError(f"{what} differentiates in the inputs, which must be floating point, got {inputs.dtype}")
     if inputs.dim() < 2:
         raise ValueError(f"{what} needs inputs with a batch dimension [N, *features], got shape "
                          f"{tuple(inputs.shape)}; for one sample pass inputs.unsqueeze(0)")
@@ -292,6 +298,8 @@ def _check_like(t, ref, label, j):
     """t is a tensor with ref's dtype and device; label(j) names it in the error."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{label(j)} must be a tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{label(j)} must be a dense tensor, got layout {t.layout}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{label(j)} must have dtype {ref.dtype} like the model's parameters, got {t.dtype}")
     if t.device != ref.device:

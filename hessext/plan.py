@@ -91,6 +91,9 @@ def plan(model, loss_fn):
     """The Plan for `model` and `loss_fn` as they are now: cached, re-captured when either changed."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script or trace), "
+                        "whose parameters torch.func cannot substitute; pass the nn.Module it was made from")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     key, loss_state = guard.loss_key(loss_fn)

@@ -123,3 +123,20 @@ def test_shape_checks_hold_after_the_layout_is_cached(setup):
         for k in v:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12 * ref[k].abs().max().item())
     assert all(torch.equal(first[k], call(setup)[k]) for k in v)
+
+
+def test_a_build_for_another_torch_is_refused_or_warned(monkeypatch):
+    """The build's torch is compared with the running one when hessext._C loads: another minor release
+    is refused with an ImportError that says how to rebuild, another patch release warns."""
+    import warnings
+
+    from hessext import _native
+
+    monkeypatch.setattr(torch, "__version__", "2.13.0+cpu")
+    with pytest.raises(ImportError, match=r"built against torch 2\.14\.1.*torch 2\.13\.0\+cpu is running.*--no-build-isolation"):
+        _native.check_torch_version("2.14.1")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _native.check_torch_version("2.13.1")
+        _native.check_torch_version("2.13.0")
+    assert len(seen) == 1 and "built against torch 2.13.1" in str(seen[0].message)
