@@ -23,16 +23,32 @@ def _from_stack_order(plan, out):
 
 
 class Call:
-    """One call's route: the plan, the parameter tensors, whether the kernels serve it, and whether
-    torch.func transforms the arguments (then the fallback runs without detaching, so that the
-    result can be differentiated or batched further)."""
+    """One call's route: the plan, the parameter tensors (all of the model's, in named_parameters()
+    order) and the positions `sel` of those the quantities are taken in (inputs.check_params), whether
+    the kernels serve it, and whether torch.func transforms the arguments (then the fallback runs
+    without detaching, so that the result can be differentiated or batched further)."""
 
-    __slots__ = ("plan", "tensors", "native", "traced", "backend", "why")
+    __slots__ = ("plan", "tensors", "sel", "native", "traced", "backend", "why")
 
-    def __init__(self, plan, tensors, native, backend):
-        self.plan, self.tensors, self.native, self.backend = plan, tensors, native, backend
+    def __init__(self, plan, tensors, sel, native, backend):
+        self.plan, self.tensors, self.sel, self.native, self.backend = plan, tensors, sel, native, backend
         self.traced = False
         self.why = plan.reason  # why this call is not native (None while it is)
+
+    @property
+    def names(self):
+        """The names of the parameters the quantities are taken in."""
+        return [self.plan.param_names[j] for j in self.sel]
+
+    @property
+    def selected(self):
+        """Their tensors."""
+        return [self.tensors[j] for j in self.sel]
+
+    @property
+    def partial(self):
+        """Whether some parameters are left out (frozen, or not named in `params`)."""
+        return len(self.sel) < len(self.tensors)
 
     def check_traced(self, tensors):
         """Leave the native path when torch.func transforms any of `tensors`."""
@@ -62,8 +78,8 @@ class Call:
             self.leave_native(why)
 
     def fallback_params(self):
-        names = self.plan.param_names
-        return dict(zip(names, self.tensors if self.traced else [t.detach() for t in self.tensors]))
+        """The selected parameters for torch.func (the others: the module's own, in functional_call)."""
+        return dict(zip(self.names, self.selected if self.traced else [t.detach() for t in self.selected]))
 
     def result(self, t):
         return t if self.traced else t.detach()
@@ -83,10 +99,10 @@ def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=Tr
     wherever the call leaves the kernels."""
     check_create_graph(create_graph)
     plan, native = resolve(model, loss_fn, backend)
-    tensors = check_params(plan, params)
+    tensors, sel = check_params(plan, params)
     check_batch(inputs, targets, tensors[0], plan.loss if native else None, targets_needed)
     batch = (inputs, targets) if targets_needed else (inputs,)
-    call = Call(plan, tensors, native, backend)
+    call = Call(plan, tensors, sel, native, backend)
     call.check_traced(batch + tuple(tensors))
     if create_graph and not call.traced:
         call.keep_graph("create_graph=True differentiates through the result, which the kernels cannot "
@@ -119,8 +135,9 @@ def _native_raw(op, call, inputs, targets, *extra):
 
 
 def _native_call(op, call, inputs, targets, *extra):
-    """A native op with per-parameter outputs, in named_parameters() order."""
-    return _from_stack_order(call.plan, _native_raw(op, call, inputs, targets, *extra))
+    """A native op with per-parameter outputs, for the selected parameters in named_parameters() order."""
+    out = _from_stack_order(call.plan, _native_raw(op, call, inputs, targets, *extra))
+    return [out[j] for j in call.sel] if call.partial else out
 
 
 def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend, create_graph):
@@ -128,18 +145,25 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
     plan = call.plan
     if native_op is ops.ggn_vp:
         call.ggn_split()
-    vecs, batched, restore = pack_vectors(vectors, plan.param_names, call.tensors)
+    names = call.names
+    vecs, batched, restore = pack_vectors(vectors, names, call.selected)
     call.check_traced(vecs)
     if call.native:
-        return restore(_native_call(native_op, call, inputs, targets, [vecs[j] for j in plan.stack_order]))
+        full = vecs
+        if call.partial:  # the kernels take every parameter: zeros along the left-out ones
+            lead = tuple(vecs[0].shape[:1]) if batched else ()
+            full = [t.new_zeros(lead + t.shape) for t in call.tensors]
+            for v, j in zip(vecs, call.sel):
+                full[j] = v
+        return restore(_native_call(native_op, call, inputs, targets, [full[j] for j in plan.stack_order]))
     vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
-    vecs = dict(zip(plan.param_names, vecs if call.traced else [v.detach() for v in vecs]))
+    vecs = dict(zip(names, vecs if call.traced else [v.detach() for v in vecs]))
     with fallback.batch_statistics(model):
         if fallback_op is fallback.hvp:
             result = fallback.hvp(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
         else:
             result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs)
-    return restore([call.result(result[n] if batched else result[n][0]) for n in plan.param_names])
+    return restore([call.result(result[n] if batched else result[n][0]) for n in names])
 
 
 def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
@@ -172,7 +196,7 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     if ggn:
         call.ggn_split()
     if call.native:
-        return dict(zip(plan.param_names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
+        return dict(zip(call.names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
     if per_sample:
         raise ValueError(f"per_sample=True needs the native path (a loss that is a sum over samples); "
                          f"this call takes torch.func because {call.why}")
@@ -215,7 +239,7 @@ def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=N
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     call = route(model, loss_fn, inputs, targets, params, backend)
-    plan, tensors = call.plan, call.tensors
+    names, tensors = call.names, call.selected
     ref = tensors[0]
     P = sum(t.numel() for t in tensors)
     total = torch.zeros(P, dtype=ref.dtype, device=ref.device)
@@ -225,7 +249,7 @@ def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=N
         total += (v * hvp(model, loss_fn, inputs, targets, v, params=params, backend=backend)).sum(0)
     total /= samples
     sizes = [t.numel() for t in tensors]
-    return {n: c.reshape(t.shape) for n, c, t in zip(plan.param_names, total.split(sizes), tensors)}
+    return {n: c.reshape(t.shape) for n, c, t in zip(names, total.split(sizes), tensors)}
 
 
 def rademacher(shape, generator=None):

@@ -79,20 +79,26 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     plan, native, tensors = call.plan, call.native, call.tensors
     ref = tensors[0]
     sizes = [t.numel() for t in tensors]
-    groups = [list(range(len(tensors)))] if blocks == "full" else _layers(plan)
+    chosen = set(call.sel)
+    layers = _layers(plan)
+    groups = [list(call.sel)] if blocks == "full" else [[j for j in g if j in chosen] for g in layers]
+    groups = [g for g in groups if g]
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
     result = sum(n * n for n in group_sizes) * ref.element_size()
     per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets,
                                                                              call.fallback_params())
     work = _native_peak(call, inputs, blocks) if native else _fallback_peak(result, ref, max(group_sizes), per_vector)
     reordered = native and output == "matrix" and plan.stack_order != sorted(plan.stack_order)
-    _check_memory(f"hessext.hessian(blocks={blocks!r}, output={output!r}) of {sum(sizes)} parameters",
+    _check_memory(f"hessext.hessian(blocks={blocks!r}, output={output!r}) of {sum(group_sizes) if blocks == 'full' else sum(sizes[j] for j in call.sel)} parameters",
                   work + (result if reordered else 0), ref, max_bytes,
                   ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
                   + "hessext.hvp for products")
     if native:
         mats = _native_raw(ops.hessian, call, inputs, targets, blocks == "layer")
-        order = [plan.stack_order] if blocks == "full" else groups  # stack order within each matrix
+        order = [plan.stack_order] if blocks == "full" else layers  # stack order within each matrix
+        if call.partial:  # the kernels take every parameter: keep the rows and columns of the chosen ones
+            mats, order = zip(*[(_restrict(m, o, sizes, chosen), [j for j in o if j in chosen])
+                                for m, o in zip(mats, order) if any(j in chosen for j in o)])
     else:
         with fallback.batch_statistics(model):
             mats = [_fallback_block(model, loss_fn, inputs, targets, call, g, per_vector) for g in groups]
@@ -102,14 +108,23 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     if output == "matrix":
         mats = [_to_named_order(m, [sizes[j] for j in o], o) for m, o in zip(mats, order)]
         return mats[0] if blocks == "full" else mats
-    result = {n: {} for n in plan.param_names}
+    names = plan.param_names
+    result = {names[j]: {} for j in call.sel}
     for m, o in zip(mats, order):
         starts = torch.tensor([0] + [sizes[j] for j in o]).cumsum(0).tolist()
         for a, ja in enumerate(o):
             for b, jb in enumerate(o):
                 block = m[starts[a]:starts[a + 1], starts[b]:starts[b + 1]]
-                result[plan.param_names[ja]][plan.param_names[jb]] = block.reshape(tensors[ja].shape + tensors[jb].shape)
-    return {n: {k: result[n][k] for k in plan.param_names if k in result[n]} for n in plan.param_names}
+                result[names[ja]][names[jb]] = block.reshape(tensors[ja].shape + tensors[jb].shape)
+    return {n: {k: result[n][k] for k in result if k in result[n]} for n in result}
+
+
+def _restrict(matrix, order, sizes, chosen):
+    """The rows and columns of `matrix` (over the parameters `order`) that belong to `chosen` ones."""
+    starts = torch.tensor([0] + [sizes[j] for j in order]).cumsum(0).tolist()
+    index = torch.cat([torch.arange(starts[k], starts[k + 1]) for k, j in enumerate(order) if j in chosen])
+    index = index.to(matrix.device)
+    return matrix[index[:, None], index]
 
 
 def _native_peak(call, inputs, blocks):
@@ -176,7 +191,7 @@ def _to_named_order(matrix, sizes, order):
 
 def _fallback_block(model, loss_fn, inputs, targets, call, group, per_vector):
     """Rows/columns `group` of the Hessian through torch.func HVPs with basis vectors, symmetrised."""
-    p = call.fallback_params()
+    p = call.fallback_params()  # the chosen parameters; the others are the module's own
     names = [call.plan.param_names[j] for j in group]
     sub = {n: p[n] for n in names}
 

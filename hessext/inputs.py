@@ -14,23 +14,30 @@ def _describe(t):
 
 
 def check_params(plan, params):
-    """The parameter tensors in named_parameters() order: the module's own, or `params`."""
+    """(the parameter tensors in named_parameters() order, the positions of those the quantities are
+    taken in). Without `params`: the module's own tensors, and the positions of those that require
+    grad, as torch.optim trains them (all of them when none does). With `params` (a dict name ->
+    tensor, all of the model's names or some of them): its tensors replace the module's, and its names
+    are the positions; the others keep the module's tensors."""
     own = plan.parameters()
     if not own:
         raise ValueError("model has no parameters: there is no Hessian with respect to its weights")
     if params is None:
-        return own
+        trainable = [j for j, t in enumerate(own) if t.requires_grad]
+        return own, (trainable if trainable and len(trainable) < len(own) else range(len(own)))
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict name -> tensor like dict(model.named_parameters()), "
                         f"got {type(params).__name__}")
     names = plan.param_names
-    missing = [n for n in names if n not in params]
     extra = [n for n in params if n not in names]
-    if missing or extra:
-        raise ValueError(f"params must have exactly the model's parameter names {names}; "
-                         f"missing {missing}, unexpected {extra}")
-    tensors = []
-    for name, ref in zip(names, own):
+    if extra or not params:
+        raise ValueError(f"params must map some or all of the model's parameter names {names} to tensors; "
+                         f"unexpected {extra}" if extra else "params is empty: name at least one parameter")
+    tensors, selected = [], []
+    for j, (name, ref) in enumerate(zip(names, own)):
+        if name not in params:
+            tensors.append(ref)
+            continue
         t = params[name]
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"params['{name}'] must be a tensor, got {type(t).__name__}")
@@ -39,7 +46,8 @@ def check_params(plan, params):
         if t.dtype != ref.dtype or t.device != ref.device:
             raise TypeError(f"params['{name}'] must be {ref.dtype} on {ref.device} like the model, got {_describe(t)}")
         tensors.append(t)
-    return tensors
+        selected.append(j)
+    return tensors, (range(len(own)) if len(selected) == len(own) else selected)
 
 
 def check_batch(inputs, targets, ref, loss, targets_needed=True):
@@ -251,7 +259,8 @@ def pack_vectors(vectors, names, params):
         if len(vectors) != len(names) or any(n not in vectors for n in names):
             missing = [n for n in names if n not in vectors]
             extra = [n for n in vectors if n not in names]
-            raise ValueError(f"vectors must have exactly the model's parameter names {names}; "
+            raise ValueError(f"vectors must have exactly the names of the parameters differentiated in {names} "
+                             f"(those in params=, else those that require grad, else all); "
                              f"missing {missing}, unexpected {extra}")
         items = [vectors[n] for n in names]
 
@@ -259,7 +268,7 @@ def pack_vectors(vectors, names, params):
             return f"vectors['{names[j]}']"
     elif isinstance(vectors, (list, tuple)):
         if len(vectors) != len(names):
-            raise ValueError(f"vectors must hold {len(names)} tensors, one per parameter in "
+            raise ValueError(f"vectors must hold {len(names)} tensors, one per parameter differentiated in "
                              f"named_parameters() order {names}, got {len(vectors)}")
         items = list(vectors)
 

@@ -61,8 +61,8 @@ class HessianOperator:
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.curvature, self.backend, self.progress = curvature, backend, progress
         self.params = params
-        tensors = check_params(make_plan(model, loss_fn), params)
-        P = sum(t.numel() for t in tensors)
+        tensors, sel = check_params(make_plan(model, loss_fn), params)
+        P = sum(tensors[j].numel() for j in sel)  # the parameters that require grad, or those in `params`
         self.shape = (P, P)
         self.dtype, self.device = tensors[0].dtype, tensors[0].device
         self._reduction = reduction or _loss_reduction(loss_fn)

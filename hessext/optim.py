@@ -111,7 +111,7 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
             d = curvature.ggn_diag(self.model, self.loss_fn, inputs, targets)
         else:
             d = curvature.hessian_diag(self.model, self.loss_fn, inputs, targets)
-        return {p: d[name] for p, name in self._names.items()}
+        return {p: d[name] for p, name in self._names.items() if name in d}  # frozen ones are left out
 
 
 # AdaHessian's defaults (lr, eps) per estimator. The reference's (0.15, 1e-4) are tuned for one-sample
