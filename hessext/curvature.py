@@ -2,7 +2,8 @@
 one native op or the torch.func fallback -> results shaped like the user's input."""
 import torch
 
-from hessext import fallback, ops
+from hessext import compiled, fallback, ops
+from hessext.compiled import unwrap
 from hessext.inputs import (capturing, check_batch, check_params, class_layout, finite, native_batch, pack_vectors,
                             transformed)
 from hessext.plan import resolve
@@ -178,17 +179,28 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
     create_graph: as in torch.autograd.grad: False (default) returns detached results and leaves no
     .grad and no graph behind; True returns results differentiable in the parameters, inputs,
     targets and vectors (computed by torch.func; backend="native" then raises)."""
-    return _products(ops.hvp, fallback.hvp, model, loss_fn, inputs, targets, vectors, params, backend, create_graph)
+    if torch.compiler.is_compiling():
+        return compiled.products("hvp", unwrap(model), loss_fn, inputs, targets, vectors, params=params, backend=backend,
+                                 create_graph=create_graph)
+    return _products(ops.hvp, fallback.hvp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend,
+                     create_graph)
 
 
 def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
     """Generalised Gauss-Newton-vector products J^T H_out J v (J: the Jacobian of the model output in
     the parameters, H_out: the Hessian of the loss in the output). Formats and create_graph as in `hvp`."""
-    return _products(ops.ggn_vp, fallback.ggn_vp, model, loss_fn, inputs, targets, vectors, params, backend,
+    if torch.compiler.is_compiling():
+        return compiled.products("ggn_vp", unwrap(model), loss_fn, inputs, targets, vectors, params=params,
+                                 backend=backend, create_graph=create_graph)
+    return _products(ops.ggn_vp, fallback.ggn_vp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend,
                      create_graph)
 
 
 def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph):
+    model = unwrap(model)
+    if torch.compiler.is_compiling():
+        return compiled.diag(ggn, model, loss_fn, inputs, targets, params=params, backend=backend,
+                             per_sample=per_sample, create_graph=create_graph)
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
     call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
@@ -238,6 +250,7 @@ def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=N
         raise ValueError(f"batch must be a positive int (vectors per product call), got {batch!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    model = unwrap(model)
     call = route(model, loss_fn, inputs, targets, params, backend)
     names, tensors = call.names, call.selected
     ref = tensors[0]

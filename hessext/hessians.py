@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from hessext import fallback, ops
+from hessext import compiled, fallback, ops
+from hessext.compiled import unwrap
 from hessext.curvature import _native_raw, route, run_native
 from hessext.inputs import check_samples, native_batch, native_inputs, rows_are_samples
 
@@ -70,6 +71,10 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     The bytes are estimated before allocating; beyond `max_bytes` (default: the memory available)
     the call is refused with the figure and a suggestion. create_graph: as in `hessext.hvp` (True:
     differentiable, through torch.func)."""
+    model = unwrap(model)
+    if torch.compiler.is_compiling():
+        return compiled.hessian(model, loss_fn, inputs, targets, params=params, backend=backend, output=output,
+                                blocks=blocks, max_bytes=max_bytes, create_graph=create_graph)
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if blocks not in BLOCKS:
@@ -236,6 +241,10 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     Differentiable like the model's output: in grad mode, when a parameter, the inputs or the targets
     require grad, the result carries their gradient (through torch.func); otherwise it is detached
     and the kernels compute it (under torch.no_grad(), or with frozen parameters and plain inputs)."""
+    model = unwrap(model)
+    if torch.compiler.is_compiling():
+        return compiled.input_derivatives("diagonal" if diagonal else "full", model, loss_fn, inputs, targets,
+                                          params=params, backend=backend, max_bytes=max_bytes)
     check_max_bytes(max_bytes)
     if not isinstance(diagonal, bool):
         raise TypeError(f"diagonal must be True or False, got {diagonal!r}")
@@ -371,6 +380,10 @@ def laplacian(model, inputs, *, params=None, backend="auto", max_bytes=None):
     otherwise it is detached and the kernels compute it (under torch.no_grad(), or with frozen
     parameters and plain inputs). The bytes are estimated first; beyond `max_bytes` (default: the
     memory available) the call is refused with the figure."""
+    model = unwrap(model)
+    if torch.compiler.is_compiling():
+        return compiled.input_derivatives("laplacian", model, _MODEL_ONLY, inputs, None, params=params,
+                                          backend=backend, max_bytes=max_bytes)
     check_max_bytes(max_bytes)
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, "laplacian")

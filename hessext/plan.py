@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from hessext import capture, guard, ops
+from hessext.compiled import unwrap
 
 BACKENDS = ("auto", "native", "torch.func")
 _CACHE_PER_MODEL = 8
@@ -91,6 +92,7 @@ def plan(model, loss_fn):
     """The Plan for `model` and `loss_fn` as they are now: cached, re-captured when either changed."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError(f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script or trace), "
                         "whose parameters torch.func cannot substitute; pass the nn.Module it was made from")
