@@ -95,7 +95,9 @@ def _double_backward(model, loss_fn, inputs, targets, params, vectors):
 
 
 def ggn_vp(model, loss_fn, inputs, targets, params, vectors):
-    """GGN-vector products J^T H_out J v, same formats as hvp."""
+    """GGN-vector products J^T H_out J v, same formats as hvp. J v by forward mode; where a layer has
+    no forward-mode derivative (float32 LSTM on the CPU: mkldnn_rnn_layer), by reverse over reverse:
+    J v is the vjp, with cotangent v, of the linear map u -> J^T u."""
 
     def out_fn(p):
         return functional_call(model, p, (inputs,))
@@ -104,11 +106,19 @@ def ggn_vp(model, loss_fn, inputs, targets, params, vectors):
         out, out_vjp = vjp(out_fn, params)
         _, loss_hvp = vjp(grad(lambda o: loss_fn(o, targets)), out)
 
-        def one(v):
-            Jv = jvp(out_fn, (params,), (v,))[1]
-            return out_vjp(loss_hvp(Jv)[0])[0]
+        def forward_mode(v):
+            return jvp(out_fn, (params,), (v,))[1]
 
-        return vmap(one)(vectors)
+        def product(jacobian_times):
+            return vmap(lambda v: out_vjp(loss_hvp(jacobian_times(v))[0])[0])(vectors)
+
+        try:
+            return product(forward_mode)
+        except NotImplementedError as exc:
+            if "forward AD" not in str(exc):
+                raise
+        _, transpose_vjp = vjp(lambda u: out_vjp(u)[0], torch.zeros_like(out))
+        return product(lambda v: transpose_vjp(v)[0])
 
 
 def graph_bytes(model, loss_fn, inputs, targets, params):

@@ -110,3 +110,25 @@ def test_bench_command_arguments(argv, message, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_ggn_of_a_float32_lstm_without_forward_mode():
+    """A float32 LSTM on the CPU has no forward-mode derivative (mkldnn_rnn_layer): the GGN's J v is
+    taken in reverse mode instead; equal to the float64 model's GGN (forward mode) to float32 rounding."""
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.out = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent()
+    x, y = torch.randn(6, 5, 3), torch.randn(6, 2)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    got = flat(hessext.ggn_vp(model, F.mse_loss, x, y, v))
+    m64 = Recurrent().double()
+    m64.load_state_dict(model.state_dict())
+    ref = flat(hessext.ggn_vp(m64, F.mse_loss, x.double(), y.double(), [t.double() for t in v]))
+    assert_close(got.double(), ref, 1e-5, "float32 LSTM GGN")

@@ -366,3 +366,19 @@ def test_operator_data_checks_and_determinism():
     shuffled = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)
     H = hessext.HessianOperator(model, loss, shuffled)  # a shuffle over all of the data: the same operator
     assert_close(H @ torch.eye(H.shape[0], dtype=torch.float64), dense(model, loss, x, y), 1e-10, "shuffled")
+
+
+def test_density_and_trace_of_a_rank_deficient_matrix():
+    """A rank-3 float64 matrix of size 50: the Lanczos runs end when their Krylov spaces do (no noise
+    columns), the density puts the null space's 47/50 of the mass near 0 and integrates to 1, and
+    Hutch++ with a sketch wider than the rank is exact."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    H = A @ A.T
+    grid, dens = linalg.density(H, num_steps=40, samples=8, generator=g)
+    assert torch.isfinite(dens).all()
+    assert abs(float(torch.trapezoid(dens, grid)) - 1) < 1e-9
+    top = float(torch.linalg.eigvalsh(H).max())
+    near_zero = float(torch.trapezoid(dens * (grid.abs() < 0.05 * top), grid))
+    assert abs(near_zero - 47 / 50) < 0.05, near_zero
+    assert abs(linalg.trace(H, samples=30, generator=g) - float(torch.trace(H))) < 1e-9 * float(torch.trace(H))
