@@ -51,7 +51,7 @@ def main():
     print(f"backend for the diagonal: {hessext.plan(init, nn.MSELoss()).backend}")
     runs = {
         "Adam (lr 0.01)": lambda m, f: torch.optim.Adam(m.parameters(), lr=0.01),
-        "AdaHessian, exact diagonal (lr 0.05)": lambda m, f: AdaHessian(m, f, lr=0.05, estimator="exact"),
+        "AdaHessian, exact diagonal (defaults)": lambda m, f: AdaHessian(m, f, estimator="exact"),
         "AdaHessian, Hutchinson (lr 0.05)": lambda m, f: AdaHessian(m, f, lr=0.05, estimator="hutchinson",
                                                                     generator=torch.Generator().manual_seed(0)),
         "Sophia, exact diagonal (lr 0.01)": lambda m, f: Sophia(m, f, lr=0.01, estimator="exact", update_every=1),
