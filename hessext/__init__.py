@@ -6,10 +6,10 @@ NLL-after-LogSoftmax losses; any other model or loss goes through torch.func wit
 the same answers (`hessext.plan(model, loss_fn).reason` says why)."""
 from hessext import linalg, optim
 from hessext.curvature import ggn_diag, ggn_vp, hessian_diag, hutchinson_diag, hvp
-from hessext.hessians import hessian, input_hessian, laplacian
+from hessext.hessians import hessian, input_hessian, laplacian, value_gradient_laplacian
 from hessext.operator import HessianOperator
 from hessext.plan import Plan, plan
 
 __all__ = ["hvp", "ggn_vp", "hessian_diag", "ggn_diag", "hutchinson_diag", "hessian", "input_hessian", "laplacian",
-           "plan", "Plan", "optim", "HessianOperator", "linalg"]
+           "value_gradient_laplacian", "plan", "Plan", "optim", "HessianOperator", "linalg"]
 __version__ = "0.1.0"

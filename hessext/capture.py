@@ -24,7 +24,8 @@ import dataclasses
 import inspect
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -61,6 +62,7 @@ class Activation:
     kind: int                         # a row of csrc/activations.h
     p0: float = 0.0                   # negative_slope, beta or alpha
     p1: float = 0.0                   # Softplus's threshold
+    fn: Optional[Callable] = field(default=None, compare=False)  # the torch function captured (None: identity)
 
 
 @dataclass(frozen=True)
@@ -198,34 +200,39 @@ def _number(x):
 
 
 def _activation(node):
-    """The Activation row for an activation call node, None if the node is none (or has no row)."""
+    """The Activation row for an activation call node (with the torch function it calls), None if the
+    node is none (or has no row)."""
     target = node.target
     if node.op == "call_method":
+        fn = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}.get(target)
         kind = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID}.get(target)
-        return Activation(kind) if kind is not None and len(node.args) == 1 and not node.kwargs else None
+        return Activation(kind, fn=fn) if kind is not None and len(node.args) == 1 and not node.kwargs else None
     if node.op != "call_function":
         return None
     if target in (torch.tanh, F.tanh):
-        return Activation(TANH)
+        return Activation(TANH, fn=torch.tanh)
     if target in (torch.relu, F.relu):
-        return Activation(RELU)
+        return Activation(RELU, fn=torch.relu)
     if target in (torch.sigmoid, F.sigmoid):
-        return Activation(SIGMOID)
+        return Activation(SIGMOID, fn=torch.sigmoid)
     if target is F.silu:
-        return Activation(SILU)
+        return Activation(SILU, fn=F.silu)
     if target is F.leaky_relu:
         slope = _arg(node, 1, "negative_slope", 0.01)
-        return Activation(LEAKY_RELU, float(slope)) if _number(slope) else None
+        return Activation(LEAKY_RELU, float(slope), fn=partial(F.leaky_relu, negative_slope=slope)) if _number(
+            slope) else None
     if target is F.gelu:
         approximate = _arg(node, 1, "approximate", "none")
-        return {"none": Activation(GELU), "tanh": Activation(GELU_TANH)}.get(approximate)
+        kind = {"none": GELU, "tanh": GELU_TANH}.get(approximate)
+        return Activation(kind, fn=partial(F.gelu, approximate=approximate)) if kind is not None else None
     if target is F.softplus:
         beta, threshold = _arg(node, 1, "beta", 1.0), _arg(node, 2, "threshold", 20.0)
         ok = _number(beta) and _number(threshold) and beta != 0
-        return Activation(SOFTPLUS, float(beta), float(threshold)) if ok else None
+        return Activation(SOFTPLUS, float(beta), float(threshold),
+                          fn=partial(F.softplus, beta=beta, threshold=threshold)) if ok else None
     if target is F.elu:
         alpha = _arg(node, 1, "alpha", 1.0)
-        return Activation(ELU, float(alpha)) if _number(alpha) else None
+        return Activation(ELU, float(alpha), fn=partial(F.elu, alpha=alpha)) if _number(alpha) else None
     return None
 
 

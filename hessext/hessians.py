@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from hessext import compiled, fallback, ops
+from hessext import compiled, fallback, jets, ops
 from hessext.compiled import unwrap
 from hessext.curvature import _native_raw, route, run_native
 from hessext.inputs import check_samples, native_batch, native_inputs, rows_are_samples
@@ -322,23 +322,26 @@ def _reaches_other_rows(apply, N, shape, like):
     return bool((out[~mask] != 0).any())
 
 
-def _directions(N, shape, d, like, coupled, start, count):
-    """`count` basis directions in the inputs [count, N, *shape] from `start`: each along one feature
-    in every sample at once (d of them, independent samples), or along one feature of one sample
-    (N d of them, coupled samples; direction q is feature q % d of sample q // d)."""
+def _directions(N, shape, features, like, coupled, start, count):
+    """`count` basis directions in the inputs [count, N, *shape] from `start`, over the input `features`
+    (k of them): each along one feature in every sample at once (k directions, independent samples),
+    or along one feature of one sample (N k directions, coupled samples; direction q is feature
+    features[q % k] of sample q // k)."""
+    d, k = int(torch.Size(shape).numel()), len(features)
     if not coupled:
-        eye = torch.eye(d, dtype=like.dtype, device=like.device)[start:start + count]
+        eye = torch.eye(d, dtype=like.dtype, device=like.device)[features[start:start + count]]
         return eye.reshape((count, 1) + shape).expand((count, N) + shape)
-    q = torch.arange(start, start + count, device=like.device)
+    q = torch.arange(start, start + count)
+    flat = (q // k) * d + torch.tensor(features)[q % k]
     basis = torch.zeros(count, N * d, dtype=like.dtype, device=like.device)
-    basis[torch.arange(count, device=like.device), q] = 1
+    basis[torch.arange(count), flat.to(like.device)] = 1
     return basis.reshape((count, N) + shape)
 
 
-def _chunks(N, d, es, coupled, per_vector):
-    """(start, count) chunks of the directions (d of them, or N d where the samples are coupled), each
+def _chunks(N, d, k, es, coupled, per_vector):
+    """(start, count) chunks of the directions (k of them, or N k where the samples are coupled), each
     chunk's basis, products and graphs (`per_vector` bytes a direction) within fallback.CHUNK_BYTES."""
-    total = N * d if coupled else d
+    total = N * k if coupled else k
     step = max(1, fallback.CHUNK_BYTES // max(1, 2 * N * d * es + per_vector))
     return [(q, min(step, total - q)) for q in range(0, total, step)]
 
@@ -359,8 +362,9 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per
         _, vjp_fn = vjp(grad(f), x)
         coupled = _reaches_other_rows(lambda v: vjp_fn(v)[0], N, shape, x)
         columns = []
-        for start, count in _chunks(N, d, x.element_size(), coupled, per_vector):
-            out = vmap(vjp_fn)(_directions(N, shape, d, x, coupled, start, count))[0].reshape(count, N, d)
+        features = list(range(d))
+        for start, count in _chunks(N, d, d, x.element_size(), coupled, per_vector):
+            out = vmap(vjp_fn)(_directions(N, shape, features, x, coupled, start, count))[0].reshape(count, N, d)
             if coupled:  # direction q: column q % d of sample q // d's block
                 out = out[torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d]
             columns.append(out)
@@ -371,55 +375,102 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per
     return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
 
 
-def laplacian(model, inputs, *, params=None, backend="auto", max_bytes=None):
+def laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_bytes=None):
     """For each sample and each output, the sum of the unmixed second derivatives of the model output
-    with respect to that sample's inputs: shaped like the model output ([N, C]). Native: one
-    forward-mode pass carrying value, first and unmixed second derivatives through the stack.
-    Differentiable like the model's output: in grad mode, when a parameter or the inputs require
-    grad, the result carries their gradient (through torch.func; a PINN loss trains through it);
+    with respect to that sample's inputs: shaped like the model output ([N, C]). dims: the input
+    features the sum runs over (a list of indices, e.g. the space coordinates and not time), or None
+    for all. Native: one forward-mode pass carrying value, first and unmixed second derivatives
+    through the stack. Differentiable like the model's output: in grad mode, when a parameter or the
+    inputs require grad, the result carries their gradient (a PINN loss trains through it: the
+    forward Laplacian in torch ops for the stacks the kernels serve, hessext/jets.py, else torch.func);
     otherwise it is detached and the kernels compute it (under torch.no_grad(), or with frozen
     parameters and plain inputs). The bytes are estimated first; beyond `max_bytes` (default: the
     memory available) the call is refused with the figure."""
     model = unwrap(model)
     if torch.compiler.is_compiling():
+        if dims is not None:
+            raise ValueError("hessext.laplacian(dims=...) under torch.compile: not yet; call it eagerly")
         return compiled.input_derivatives("laplacian", model, _MODEL_ONLY, inputs, None, params=params,
                                           backend=backend, max_bytes=max_bytes)
+    return _input_jets(model, inputs, dims, params, backend, max_bytes, "laplacian")[2]
+
+
+def value_gradient_laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_bytes=None):
+    """(u, grad_u, lap_u) from one forward-mode pass: the model output u ([N, *out]), its gradient in
+    the input features `dims` of each sample ([N, *out, k], k = len(dims), all d features for None)
+    and the Laplacian over them ([N, *out]), the three a PDE residual with first-order terms (heat,
+    advection, Burgers) needs. Differentiable as `laplacian` is; detached under torch.no_grad()."""
+    model = unwrap(model)
+    if torch.compiler.is_compiling():
+        raise ValueError("hessext.value_gradient_laplacian under torch.compile: not yet; call it eagerly")
+    return _input_jets(model, inputs, dims, params, backend, max_bytes, "value_gradient_laplacian")
+
+
+def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
+    """(u, grad u, lap u) shaped like the output: the kernels' Laplacian where only it is asked for,
+    over every feature and with no gradient; else the forward Laplacian in torch ops (jets.py) for a
+    stack the kernels serve; else torch.func."""
     check_max_bytes(max_bytes)
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
-    check_samples(inputs, "laplacian")
-    _value_graph(call, "laplacian", inputs)
-    native = None
+    check_samples(inputs, what)
+    N, d = inputs.shape[0], inputs[0].numel()
+    features = jets.check_dims(dims, d)
+    graph = not call.traced and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*call.tensors, inputs))
+    stack = None
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
-        native = (x, out_shape, C) if rows_are_samples(inputs, x) else None
-    N, d = inputs.shape[0], inputs[0].numel()
-    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None,
-                                                                             call.fallback_params())
-    _check_memory(f"hessext.laplacian of {N} samples x {d} features",
-                  _jet_peak(call, N, 0) if native else _fallback_input_peak(0, per_vector, N, d, inputs),
-                  inputs, max_bytes, "use fewer samples at a time")
-    if native:
-        x, out_shape, C = native
+        if rows_are_samples(inputs, x) and call.plan.stack.log_softmax is None:
+            stack = (x, out_shape, C)
+    kernels = stack is not None and not graph and dims is None and what == "laplacian"
+    if stack is not None and not kernels and backend == "native":
+        call.leave_native(f"the kernels give the Laplacian alone, over every feature, without a gradient; "
+                          f"{what}{' with dims' if dims is not None else ''}{' carrying a gradient' if graph else ''} "
+                          f"takes the forward Laplacian in torch ops (use backend='auto')")
+    if graph and stack is None:
+        call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
+                        f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
+                        f"parameters that do not require grad for the native forward")
+    es = inputs.element_size()
+    if stack is not None:
+        outs = [call.tensors[j].shape[0] for j in call.plan.weight_pos]
+        k = len(features)
+        work = _jet_peak(call, N, 0) if kernels else int(N * (k + 2) * sum(outs) * es * (4 if graph else 2) * 1.1) + _SLACK
+        per_vector = 0
+    else:
+        per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
+        work = _fallback_input_peak(0, per_vector, N, d, inputs)
+    _check_memory(f"hessext.{what} of {N} samples x {d} features", work, inputs, max_bytes,
+                  "use fewer samples at a time")
+    if kernels:
+        x, out_shape, C = stack
         y = x.new_zeros(()).expand(x.shape[0], C)
-        return run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
+        return None, None, run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
+    if stack is not None:
+        x, out_shape, C = stack
+        weights = [call.tensors[j] for j in call.plan.weight_pos]
+        biases = [call.tensors[j] if j is not None else None for j in call.plan.bias_pos]
+        with torch.set_grad_enabled(graph):
+            u, g, lap = jets.value_gradient_laplacian(call.plan.stack, weights, biases, x, features)
+        return u.reshape(out_shape), g.reshape(tuple(out_shape) + (len(features),)), lap.reshape(out_shape)
     with fallback.batch_statistics(model):
-        return _laplacian_fallback(model, inputs, call, per_vector)
+        return _jets_fallback(model, inputs, call, per_vector, features)
 
 
-def _laplacian_fallback(model, inputs, call, per_vector):
-    """Second directional derivatives of the output by forward-over-forward mode: d of them, each along
-    one feature in every sample at once, when the samples are independent; N d of them, one feature of
-    one sample each (that sample's output row kept), when forward couples the samples."""
+def _jets_fallback(model, inputs, call, per_vector, features):
+    """(u, grad u [N, *out, k], lap u) by forward-over-forward mode along one feature direction at a
+    time: in every sample at once when the samples are independent; one feature of one sample each
+    (that sample's output row kept) when forward couples the samples."""
     p = call.fallback_params()
     N, shape = inputs.shape[0], inputs.shape[1:]
-    d = inputs[0].numel()
+    d, k = inputs[0].numel(), len(features)
     x = call.result(inputs)
 
     def out_fn(xx):
         return functional_call(model, p, (xx,))
 
-    def second(v):  # d^2/dt^2 model(x + t v) at t = 0
-        return jvp(lambda xx: jvp(out_fn, (xx,), (v,))[1], (x,), (v,))[1]
+    def both(v):  # (d/dt, d^2/dt^2) of model(x + t v) at t = 0
+        return jvp(lambda xx: jvp(out_fn, (xx,), (v,))[1], (x,), (v,))
 
     with torch.enable_grad():
         out, vjp_out = vjp(out_fn, x)
@@ -427,12 +478,17 @@ def _laplacian_fallback(model, inputs, call, per_vector):
     if coupled and (out.dim() == 0 or out.shape[0] != N):
         raise ValueError(f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
                          f"(inputs hold {N} samples); the Laplacian is taken per sample and output")
+    grads = out.new_zeros((k,) + tuple(out.shape))
     lap = torch.zeros_like(out)
-    for start, count in _chunks(N, d, x.element_size(), coupled, per_vector):
-        rows = vmap(second)(_directions(N, shape, d, x, coupled, start, count))  # [count, N, *out]
-        if coupled:  # direction q: feature q % d of sample q // d, whose output row it adds to
+    for start, count in _chunks(N, d, k, x.element_size(), coupled, per_vector):
+        first, second = vmap(both)(_directions(N, shape, features, x, coupled, start, count))  # [count, N, *out]
+        if coupled:  # direction q: feature q % k of sample q // k, whose output row it adds to
             q = torch.arange(start, start + count, device=x.device)
-            lap = lap.index_add(0, q // d, rows[torch.arange(count, device=x.device), q // d])
+            rows, taken = q // k, torch.arange(count, device=x.device)
+            lap = lap.index_add(0, rows, second[taken, rows])
+            grads = grads.index_put((q % k, rows), first[taken, rows], accumulate=True)
         else:
-            lap = lap + rows.sum(0)
-    return call.result(lap)
+            lap = lap + second.sum(0)
+            grads = torch.cat([grads[:start], first, grads[start + count:]])
+    grad = grads.permute(tuple(range(1, grads.dim())) + (0,))
+    return call.result(out), call.result(grad), call.result(lap)
