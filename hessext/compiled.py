@@ -22,8 +22,10 @@ _handles = {}  # handle -> (weak reference to the model, loss_fn)
 def unwrap(model):
     """The module a torch.compile'd model (an OptimizedModule) wraps; hessext differentiates that
     module's parameters (named as in it) and never re-enters dynamo."""
+    if type(model).__name__ != "OptimizedModule":  # first: a module's getattr of a missing name is slow
+        return model
     inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
+    return inner if isinstance(inner, torch.nn.Module) else model
 
 
 @torch._dynamo.assume_constant_result

@@ -29,10 +29,11 @@ class Call:
     the kernels serve it, and whether torch.func transforms the arguments (then the fallback runs
     without detaching, so that the result can be differentiated or batched further)."""
 
-    __slots__ = ("plan", "tensors", "sel", "native", "traced", "backend", "why")
+    __slots__ = ("plan", "tensors", "sel", "partial", "native", "traced", "backend", "why")
 
     def __init__(self, plan, tensors, sel, native, backend):
         self.plan, self.tensors, self.sel, self.native, self.backend = plan, tensors, sel, native, backend
+        self.partial = len(sel) < len(tensors)  # some parameters left out (frozen, or not named in `params`)
         self.traced = False
         self.why = plan.reason  # why this call is not native (None while it is)
 
@@ -45,11 +46,6 @@ class Call:
     def selected(self):
         """Their tensors."""
         return [self.tensors[j] for j in self.sel]
-
-    @property
-    def partial(self):
-        """Whether some parameters are left out (frozen, or not named in `params`)."""
-        return len(self.sel) < len(self.tensors)
 
     def check_traced(self, tensors):
         """Leave the native path when torch.func transforms any of `tensors`."""

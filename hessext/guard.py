@@ -257,7 +257,7 @@ def _torch_loss_key(loss_fn):
     d = loss_fn.__dict__
     if any(d[h] for h in HOOK_DICTS) or d["_parameters"] or d["_modules"]:
         return None
-    settings = tuple((k, v) for k, v in d.items() if not k.startswith("_"))
+    settings = tuple((k, v) for k, v in d.items() if k[0] != "_")
     if not all(type(v) in _PRIMITIVES for _, v in settings):
         return None
     buffers = tuple((k, None if v is None else _Ref(v)) for k, v in d["_buffers"].items())

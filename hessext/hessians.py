@@ -3,6 +3,8 @@ inputs (per-sample input Hessians of the loss, Laplacians of the model output).
 
 Each call: plan (cached capture) -> argument checks (and a memory estimate before allocating) ->
 one native op or the torch.func fallback -> results shaped like the user's parameters/inputs."""
+import math
+
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -10,7 +12,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from hessext import compiled, fallback, jets, ops
 from hessext.compiled import unwrap
 from hessext.curvature import _native_raw, route, run_native
-from hessext.inputs import check_samples, native_batch, native_inputs, rows_are_samples
+from hessext.inputs import check_samples, native_batch, native_inputs, remember, rows_are_samples
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
@@ -276,6 +278,10 @@ def _jet_peak(call, M, mode):
     peaks ([784,256,256,10], [50,128,128,1], [20,64,3], [2,50,50,50,1], 200-4096 samples): 0.3-1.0 of it."""
     plan, tensors = call.plan, call.tensors
     es = tensors[0].element_size()
+    key = (M, mode, es, torch.get_num_threads())
+    known = plan.peaks.get(key)
+    if known is not None:  # the same shapes: the same estimate (it costs more than a small call's kernel)
+        return known
     outs = [tensors[j].shape[0] for j in plan.weight_pos]
     widths = [tensors[plan.weight_pos[0]].shape[1]] + outs
     d, C = widths[0], outs[-1]
@@ -288,7 +294,9 @@ def _jet_peak(call, M, mode):
     else:
         widest = max(w * w for w in widths)
         work = 3 * min(M * widest, torch.get_num_threads() * _HESSIAN_CHUNK_ELEMS) * es
-    return int((work + 2 * result) * 1.1) + _SLACK
+    peak = int((work + 2 * result) * 1.1) + _SLACK
+    remember(plan.peaks, key, peak, 64)
+    return peak
 
 
 def _fallback_input_peak(result, per_vector, N, d, like):
@@ -413,16 +421,21 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
     check_max_bytes(max_bytes)
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, what)
-    N, d = inputs.shape[0], inputs[0].numel()
-    features = jets.check_dims(dims, d)
-    graph = not call.traced and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (*call.tensors, inputs))
+    N, d = inputs.shape[0], math.prod(inputs.shape[1:])
+    graph = not call.traced and torch.is_grad_enabled() and (
+        inputs.requires_grad or any(t.requires_grad for t in call.tensors))
     stack = None
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
         if rows_are_samples(inputs, x) and call.plan.stack.log_softmax is None:
             stack = (x, out_shape, C)
     kernels = stack is not None and not graph and dims is None and what == "laplacian"
+    if kernels:  # the common call, first
+        _check_memory(f"hessext.{what} of {N} samples x {d} features", _jet_peak(call, N, 0), inputs, max_bytes,
+                      "use fewer samples at a time")
+        return None, None, run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0,
+                                      0).reshape(out_shape)
+    features = jets.check_dims(dims, d)
     if stack is not None and not kernels and backend == "native":
         call.leave_native(f"the kernels give the Laplacian alone, over every feature, without a gradient; "
                           f"{what}{' with dims' if dims is not None else ''}{' carrying a gradient' if graph else ''} "
@@ -432,20 +445,15 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
                         f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
                         f"parameters that do not require grad for the native forward")
     es = inputs.element_size()
-    if stack is not None:
-        outs = [call.tensors[j].shape[0] for j in call.plan.weight_pos]
-        k = len(features)
-        work = _jet_peak(call, N, 0) if kernels else int(N * (k + 2) * sum(outs) * es * (4 if graph else 2) * 1.1) + _SLACK
-        per_vector = 0
+    per_vector = 0
+    if stack is not None:  # the channels of every layer, kept for the backward where there is one
+        outs = sum(call.tensors[j].shape[0] for j in call.plan.weight_pos)
+        work = int(N * (len(features) + 2) * outs * es * (4 if graph else 2) * 1.1) + _SLACK
     else:
         per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
         work = _fallback_input_peak(0, per_vector, N, d, inputs)
     _check_memory(f"hessext.{what} of {N} samples x {d} features", work, inputs, max_bytes,
                   "use fewer samples at a time")
-    if kernels:
-        x, out_shape, C = stack
-        y = x.new_zeros(()).expand(x.shape[0], C)
-        return None, None, run_native(ops.input_derivatives, call, x, y, 1.0, 0).reshape(out_shape)
     if stack is not None:
         x, out_shape, C = stack
         weights = [call.tensors[j] for j in call.plan.weight_pos]

@@ -205,11 +205,11 @@ def native_batch(plan, inputs, targets, tensors):
                          f"it does not return a scalar")
     scale = loss.factor / (M * C) if loss.reduction == "mean" else loss.factor
     reshape_y = not (targets.dim() == 2 and targets.shape[1] == C)
-    _remember(plan.batch_layouts, key, (M, x.shape[1], C, scale, reshape_y), _LAYOUTS_PER_PLAN)
+    remember(plan.batch_layouts, key, (M, x.shape[1], C, scale, reshape_y), _LAYOUTS_PER_PLAN)
     return x, _target_rows(targets, M, C, reshape_y), scale
 
 
-def _remember(cache, key, value, limit):
+def remember(cache, key, value, limit):
     """cache[key] = value, evicting the oldest entry past `limit`; safe when threads share the cache
     (another thread may evict the same entry, or change the dict while its first key is read)."""
     if len(cache) >= limit:

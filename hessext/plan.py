@@ -50,6 +50,7 @@ class Plan:
             self.bias_pos = [index[layer.bias] if layer.bias else None for layer in self.stack.layers]
             self._shapes = {}
             self.batch_layouts = {}  # (inputs.shape, targets.shape) -> inputs.native_batch's layout
+            self.peaks = {}          # (rows, mode, element size, threads) -> hessians._jet_peak's bytes
         if reason is None:  # the kernels' description: (activations, act_params, loss, loss_param)
             acts = self.stack.activations
             self.spec = ([a.kind for a in acts], [p for a in acts for p in (a.p0, a.p1)], self.loss.kind,
