@@ -4,6 +4,7 @@ inputs (per-sample input Hessians of the loss, Laplacians of the model output).
 Each call: plan (cached capture) -> argument checks (and a memory estimate before allocating) ->
 one native op or the torch.func fallback -> results shaped like the user's parameters/inputs."""
 import math
+import random
 
 import torch
 import torch.nn as nn
@@ -12,7 +13,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from hessext import compiled, fallback, jets, ops
 from hessext.compiled import unwrap
 from hessext.curvature import _native_raw, route, run_native
-from hessext.inputs import check_samples, native_batch, native_inputs, remember, rows_are_samples
+from hessext.inputs import check_samples, native_batch, native_inputs, remember, rows_are_samples, transformed
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
@@ -309,9 +310,8 @@ def _fallback_input_peak(result, per_vector, N, d, like):
 
 def _probe_rows(N, like):
     """A 0/1 mask [N] of probe samples: sample 0 and a fixed pseudo-random half of the others."""
-    g = torch.Generator().manual_seed(N)
-    mask = torch.rand(N, generator=g) < 0.5
-    mask[0] = True
+    rng = random.Random(N)
+    mask = torch.tensor([j == 0 or rng.random() < 0.5 for j in range(N)])
     if N > 1 and bool(mask.all()):
         mask[-1] = False
     return mask.to(device=like.device)
@@ -320,9 +320,12 @@ def _probe_rows(N, like):
 def _reaches_other_rows(apply, N, shape, like):
     """Whether `apply` (a linear map of [N, *shape] row blocks, such as an input HVP or the model's
     vjp) carries a block supported on the probe samples into any other sample's rows: the samples
-    are coupled (a batch statistic in forward or loss). Exact zeros are expected otherwise."""
+    are coupled (a batch statistic in forward or loss). Exact zeros are expected otherwise. Under a
+    torch.func transform the values cannot be read: the samples are taken as coupled (the exact path)."""
     if N == 1:
         return False
+    if transformed(like):
+        return True
     mask = _probe_rows(N, like)
     g = torch.Generator().manual_seed(1)
     v = torch.randn((N,) + tuple(shape), generator=g, dtype=torch.float64).to(like)

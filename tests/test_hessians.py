@@ -285,3 +285,6 @@ def test_vmap_over_hessian_and_diagonal():
         assert_close(got, ref, 1e-12, fn.__name__)
     nested = torch.func.vmap(lambda x, y: hessext.hessian(model, F.mse_loss, x, y))(X, Y)
     assert nested["0.weight"]["0.bias"].shape == (3, 4, 2, 4)
+    for fn in (lambda x, y: hessext.laplacian(model, x), lambda x, y: hessext.input_hessian(model, F.mse_loss, x, y)):
+        got = torch.func.vmap(fn)(X, Y).detach()  # the coupling probe cannot read values there: the exact path
+        assert_close(got, torch.stack([fn(X[i], Y[i]) for i in range(3)]).detach(), 1e-12, "input derivatives")
