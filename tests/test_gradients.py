@@ -161,3 +161,24 @@ def test_create_graph_is_checked_and_native_refuses_it():
         hessext.hvp(model, F.mse_loss, x, y, v, create_graph=True, backend="native")
     with pytest.raises(ValueError, match="create_graph=True"):
         hessext.hessian_diag(model, F.mse_loss, x, y, create_graph=True, per_sample=True)
+
+
+def test_ggn_products_with_create_graph_match_autograd():
+    """G v = J^T (2 / (N C)) J v for the mean squared error, J the output's Jacobian in the weights
+    built by autograd with create_graph: the gradient of ||G v||^2 in the weights agrees."""
+    model = mlp((2, 4, 1))
+    params = list(model.parameters())
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    v = [torch.randn_like(p) for p in params]
+    out = model(x).reshape(-1)
+    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, create_graph=True)])
+                     for i in range(out.numel())])
+    vf = torch.cat([t.reshape(-1) for t in v])
+    ref = J.T @ (2.0 / out.numel() * (J @ vf))
+    got = torch.cat([t.reshape(-1) for t in hessext.ggn_vp(model, F.mse_loss, x, y, v, create_graph=True)])
+    assert_close(got.detach(), ref.detach(), RTOL, "GGN product")
+    assert_close(flat_grad((got ** 2).sum(), params), flat_grad((ref ** 2).sum(), params), RTOL, "GGN product gradient")
+    diag = hessext.ggn_diag(model, F.mse_loss, x, y, create_graph=True)
+    dref = (2.0 / out.numel() * (J * J).sum(0))
+    got_d = torch.cat([t.reshape(-1) for t in diag.values()])
+    assert_close(flat_grad((got_d ** 2).sum(), params), flat_grad((dref ** 2).sum(), params), RTOL, "GGN diagonal gradient")
