@@ -94,14 +94,25 @@ def _needs_graph(h, grad_enabled, inputs_grad):
 _LIBRARY = torch.library.Library("hessext", "FRAGMENT")
 
 
+_DISPATCH = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
 def _op(schema):
     """Register fn as the CPU/CUDA-agnostic kernel of hessext::<schema> (torch.library's Library, whose
     dispatch costs about 13 us a call where torch.library.custom_op's Python wrapper cost 80 us);
-    returns the op."""
+    returns the op. The kernel runs in the dispatch state of an ordinary eager call: a compiled graph
+    calls it below autograd, where the eager call's own autograd (the torch.func fallback, the jets'
+    derivatives) would record nothing."""
     def register(fn):
         name = schema.split("(")[0]
+
+        def kernel(*args):  # outputs contiguous, as the fakes promise
+            with torch._C._ForceDispatchKeyGuard(*_DISPATCH):
+                out = fn(*args)
+            return out.contiguous() if isinstance(out, torch.Tensor) else [t.contiguous() for t in out]
+
         _LIBRARY.define(schema)
-        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
         return getattr(torch.ops.hessext, name)
 
     return register
@@ -181,30 +192,43 @@ def _(h, backend, inputs, targets, blocks, max_bytes, params, keys):
     return [inputs.new_empty(n, n) for n in sizes]
 
 
-@_op("call_input_derivatives(int h, str what, str backend, Tensor inputs, Tensor? targets, int? max_bytes, "
-     "Tensor[] params, str? keys) -> Tensor")
-def _input_op(h, what, backend, inputs, targets, max_bytes, params, keys):
-    from hessext import hessians
-
+@_op("call_input_derivatives(int h, str what, str backend, Tensor inputs, Tensor? targets, int[]? dims, "
+     "int? max_bytes, Tensor[] params, str? keys) -> Tensor[]")
+def _input_op(h, what, backend, inputs, targets, dims, max_bytes, params, keys):
     names = keys.split("\n") if keys is not None else None
-    p = _as_dict(names, params)
-    if what == "laplacian":
-        return hessians.laplacian(_model(h), inputs, params=p, backend=backend, max_bytes=max_bytes)
-    return hessians.input_hessian(_model(h), _handles[h][1], inputs, targets, diagonal=what == "diagonal", params=p,
-                                  backend=backend, max_bytes=max_bytes)
+    out = _input_call(what, _model(h), _handles[h][1], inputs, targets, dims, _as_dict(names, params), backend,
+                      max_bytes)
+    return list(out) if isinstance(out, tuple) else [out]
 
 
 @_fake("call_input_derivatives")
-def _(h, what, backend, inputs, targets, max_bytes, params, keys):
+def _(h, what, backend, inputs, targets, dims, max_bytes, params, keys):
     N, d = inputs.shape[0], inputs[0].numel()
     if what == "diagonal":
-        return inputs.new_empty(N, d)
+        return [inputs.new_empty(N, d)]
     if what == "full":
-        return inputs.new_empty(N, d, d)
+        return [inputs.new_empty(N, d, d)]
     model = _model(h)
     state = {n: torch.empty(t.shape, dtype=t.dtype, device=inputs.device)
              for n, t in list(model.named_parameters()) + list(model.named_buffers())}
-    return torch.empty_like(torch.func.functional_call(model, state, (inputs,)))
+    out = torch.empty_like(torch.func.functional_call(model, state, (inputs,)))
+    if what == "laplacian":
+        return [out]
+    k = d if dims is None else len(dims)
+    return [out, out.new_empty(tuple(out.shape) + (k,)), torch.empty_like(out)]
+
+
+def _input_call(what, model, loss_fn, inputs, targets, dims, params, backend, max_bytes):
+    """The eager call behind the op (or behind a graph break)."""
+    from hessext import hessians
+
+    if what == "laplacian":
+        return hessians.laplacian(model, inputs, dims=dims, params=params, backend=backend, max_bytes=max_bytes)
+    if what == "value_gradient_laplacian":
+        return hessians.value_gradient_laplacian(model, inputs, dims=dims, params=params, backend=backend,
+                                                 max_bytes=max_bytes)
+    return hessians.input_hessian(model, loss_fn, inputs, targets, diagonal=what == "diagonal", params=params,
+                                  backend=backend, max_bytes=max_bytes)
 
 
 _eager = torch.compiler.disable(lambda fn, *args, **kwargs: fn(*args, **kwargs),
@@ -292,23 +316,16 @@ _GRAPH_REASON = ("hessext: input derivatives in grad mode, with parameters or in
                  "or call them under torch.no_grad() in the compiled function")
 
 
-def _eager_input_derivatives(what, model, loss_fn, inputs, targets, params, backend, max_bytes):
-    from hessext import hessians
-
-    if what == "laplacian":
-        return hessians.laplacian(model, inputs, params=params, backend=backend, max_bytes=max_bytes)
-    return hessians.input_hessian(model, loss_fn, inputs, targets, diagonal=what == "diagonal", params=params,
-                                  backend=backend, max_bytes=max_bytes)
+_eager_with_gradient = torch.compiler.disable(_input_call, reason=_GRAPH_REASON)
 
 
-_eager_with_gradient = torch.compiler.disable(_eager_input_derivatives, reason=_GRAPH_REASON)
-
-
-def input_derivatives(what, model, loss_fn, inputs, targets, *, params=None, backend="auto", max_bytes=None):
+def input_derivatives(what, model, loss_fn, inputs, targets, *, dims=None, params=None, backend="auto",
+                      max_bytes=None):
     h = _handle(model, loss_fn)
     if h < 0 or _needs_graph(h, torch.is_grad_enabled(), inputs.requires_grad):
-        return _eager_with_gradient(what, model, loss_fn, inputs, targets, params, backend, max_bytes)
+        return _eager_with_gradient(what, model, loss_fn, inputs, targets, dims, params, backend, max_bytes)
     keys = _keys(params)
     names = _names(h, keys)
-    return _input_op(h, what, backend, inputs, targets, max_bytes, _params(h, params, names),
-                     None if keys is None else "\n".join(names))
+    out = _input_op(h, what, backend, inputs, targets, None if dims is None else list(dims), max_bytes,
+                    _params(h, params, names), None if keys is None else "\n".join(names))
+    return tuple(out) if what == "value_gradient_laplacian" else out[0]

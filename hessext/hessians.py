@@ -399,9 +399,7 @@ def laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_byte
     memory available) the call is refused with the figure."""
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        if dims is not None:
-            raise ValueError("hessext.laplacian(dims=...) under torch.compile: not yet; call it eagerly")
-        return compiled.input_derivatives("laplacian", model, _MODEL_ONLY, inputs, None, params=params,
+        return compiled.input_derivatives("laplacian", model, _MODEL_ONLY, inputs, None, dims=dims, params=params,
                                           backend=backend, max_bytes=max_bytes)
     return _input_jets(model, inputs, dims, params, backend, max_bytes, "laplacian")[2]
 
@@ -413,7 +411,8 @@ def value_gradient_laplacian(model, inputs, *, dims=None, params=None, backend="
     advection, Burgers) needs. Differentiable as `laplacian` is; detached under torch.no_grad()."""
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        raise ValueError("hessext.value_gradient_laplacian under torch.compile: not yet; call it eagerly")
+        return compiled.input_derivatives("value_gradient_laplacian", model, _MODEL_ONLY, inputs, None, dims=dims,
+                                          params=params, backend=backend, max_bytes=max_bytes)
     return _input_jets(model, inputs, dims, params, backend, max_bytes, "value_gradient_laplacian")
 
 

@@ -1,5 +1,5 @@
-"""hessext under torch.compile: every public call traces with fullgraph=True (one custom op each) and
-equals the eager call (float64, 1e-12 relative); a torch.compile'd model passed to hessext is
+"""hessext under torch.compile: every public call traces with fullgraph=True (one op each) and equals
+the eager call (float64, 1e-12 relative), on the native path and on torch.func's; a torch.compile'd model passed to hessext is
 differentiated through the module it wraps, without recompiling or printing; a call that would need
 a gradient under compile raises (fullgraph) or runs eagerly with its gradient (graph break)."""
 import contextlib
@@ -22,10 +22,11 @@ def flat(obj):
     return obj.reshape(-1)
 
 
-@pytest.fixture(scope="module")
-def problem():
+@pytest.fixture(scope="module", params=[nn.Tanh, nn.Softsign], ids=["native", "torch.func"])
+def problem(request):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    act = request.param
+    model = nn.Sequential(nn.Linear(3, 8), act(), nn.Linear(8, 8), act(), nn.Linear(8, 2)).double()
     x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
     return model, x, y
 
@@ -37,12 +38,13 @@ def every_call(model, x, y):
     with torch.no_grad():
         input_derivatives = (hessext.input_hessian(model, F.mse_loss, x, y),
                              hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True),
-                             hessext.laplacian(model, x))
+                             hessext.laplacian(model, x), hessext.laplacian(model, x, dims=[0, 2]),
+                             hessext.value_gradient_laplacian(model, x, dims=[1]))
     return (hessext.hvp(model, F.mse_loss, x, y, v),
             hessext.hvp(model, F.mse_loss, x, y, torch.ones(3, P, dtype=x.dtype)),
             hessext.ggn_vp(model, F.mse_loss, x, y, dict(zip(names, v))),
             hessext.hessian_diag(model, F.mse_loss, x, y),
-            hessext.ggn_diag(model, F.mse_loss, x, y, per_sample=True),
+            hessext.ggn_diag(model, F.mse_loss, x, y, per_sample=isinstance(model[1], nn.Tanh)),  # native only
             hessext.hessian(model, F.mse_loss, x, y, output="matrix"),
             hessext.hessian(model, F.mse_loss, x, y),
             hessext.hessian(model, F.mse_loss, x, y, blocks="layer"),
@@ -72,7 +74,7 @@ def test_a_compiled_model_passed_to_hessext(problem):
             got = hessext.hvp(compiled_model, F.mse_loss, x[:n], y[:n], v)
             assert_close(flat(got), flat(hessext.hvp(model, F.mse_loss, x[:n], y[:n], v)), 1e-12, f"N={n}")
     assert err.getvalue() == ""
-    assert hessext.plan(compiled_model, F.mse_loss).backend == "native"
+    assert hessext.plan(compiled_model, F.mse_loss).backend == hessext.plan(model, F.mse_loss).backend
 
 
 def test_a_result_that_needs_a_gradient(problem):
@@ -82,6 +84,10 @@ def test_a_result_that_needs_a_gradient(problem):
     with pytest.raises(Exception, match="create_graph=True needs eager mode"):
         torch.compile(lambda x: hessext.hvp(model, F.mse_loss, x, y, [torch.ones_like(p) for p in model.parameters()],
                                             create_graph=True), fullgraph=True)(x)
+    u, g, lap = torch.compile(lambda x: hessext.value_gradient_laplacian(model, x, dims=[0]))(x)
+    ref = hessext.value_gradient_laplacian(model, x, dims=[0])
+    assert_close(torch.autograd.grad((g ** 2).sum(), model[0].weight)[0],
+                 torch.autograd.grad((ref[1] ** 2).sum(), model[0].weight)[0], 1e-12, "through a compiled gradient")
     lap = torch.compile(lambda x: hessext.laplacian(model, x))(x)  # a graph break: eager, with its gradient
     g = torch.autograd.grad(lap.sum(), model[0].weight)[0]
     ref = torch.autograd.grad(hessext.laplacian(model, x).sum(), model[0].weight)[0]
