@@ -31,8 +31,9 @@ class HessianOperator:
 
     data: an (inputs, targets) pair, or a re-iterable collection of pairs such as a list or a
     DataLoader (iterated afresh for every product; a one-shot iterator is refused). curvature:
-    "hessian" or "ggn". params: a dict name -> tensor used instead of the module's parameters (P
-    and the vector layout follow `model.named_parameters()`). reduction: "mean" or "sum", needed
+    "hessian" or "ggn". P and the vector layout are the parameters that require grad (all of them
+    when none does), in `model.named_parameters()` order, or those named in params: a dict name ->
+    tensor used instead of the module's parameters. reduction: "mean" or "sum", needed
     only when hessext cannot read it from `loss_fn` and `data` has several batches.
     batch_size_fn: (inputs, targets) -> the number a mean-reduced loss divides by on that batch
     (default: read from the loss, see above). process_group: a torch.distributed group (or `True`
