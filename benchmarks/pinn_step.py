@@ -1,0 +1,81 @@
+"""One physics-informed training step, side by side in one run (2 threads): the Laplacian loss
+mean((-lap u - f)^2) over N points and its gradient in every weight, for a Tanh network.
+
+Methods: hessext.laplacian in grad mode (the forward Laplacian in torch ops, its reverse by autograd);
+the same call on hessext's torch.func path (second directional derivatives, one feature at a time);
+nested autograd (the gradient with create_graph, then each second derivative: the usual PINN code);
+torch.func vmap over points of hessian. Each gradient is checked against nested autograd first
+(1e-10 relative in float64, 1e-4 in float32). "forward only" is hessext's native Laplacian without a
+gradient (torch.no_grad()): what the step's forward costs in the kernels.
+
+    python benchmarks/pinn_step.py   ->   benchmarks/results/pinn_step_cpu.{json,md}"""
+import torch
+from torch.func import hessian, vmap
+
+import hessext
+from common import environment, median_s, mlp, write
+
+NETS = [[2, 50, 50, 50, 1], [5, 64, 64, 64, 1]]
+N = 1024
+
+
+def problem(widths, dtype):
+    torch.manual_seed(0)
+    model = mlp(widths).to(dtype)
+    x = torch.rand(N, widths[0], dtype=dtype)
+    return model, x, torch.sin(x[:, :1])
+
+
+def step(model, f, laplacian):
+    params = list(model.parameters())
+    loss = ((-laplacian() - f) ** 2).mean()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def nested_autograd(model, x):
+    x = x.clone().requires_grad_()
+    u = model(x)
+    g = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+    return sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True)[0][:, i:i + 1] for i in range(x.shape[1]))
+
+
+def vmap_hessian(model, x):
+    H = vmap(hessian(lambda p: model(p[None])[0, 0]))(x)
+    return torch.diagonal(H, dim1=1, dim2=2).sum(-1, keepdim=True)
+
+
+def main():
+    torch.set_num_threads(2)
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        for widths in NETS:
+            model, x, f = problem(widths, dtype)
+            methods = {
+                "hessext": lambda: step(model, f, lambda: hessext.laplacian(model, x)),
+                "hessext_torch_func": lambda: step(model, f, lambda: hessext.laplacian(model, x, backend="torch.func")),
+                "nested": lambda: step(model, f, lambda: nested_autograd(model, x)),
+                "vmap_hessian": lambda: step(model, f, lambda: vmap_hessian(model, x)),
+            }
+            ref = methods["nested"]()
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            for name, fn in methods.items():
+                err = float((fn() - ref).abs().max() / ref.abs().max())
+                assert err <= tol, f"{name} on {widths} {dtype}: relative error {err:.2e}"
+            ms = {name: median_s(fn) * 1e3 for name, fn in methods.items()}
+            with torch.no_grad():
+                ms["forward"] = median_s(lambda: hessext.laplacian(model, x)) * 1e3
+            rows.append({"net": str(widths), "N": N, "dtype": str(dtype).replace("torch.", ""), **ms,
+                         "x_nested": ms["nested"] / ms["hessext"], "x_vmap_hessian": ms["vmap_hessian"] / ms["hessext"]})
+            print(rows[-1])
+    columns = [("net", "net", "{}"), ("N", "N", "{}"), ("dtype", "dtype", "{}"), ("hessext", "hessext (ms)", "{:.2f}"),
+               ("nested", "nested autograd (ms)", "{:.2f}"), ("vmap_hessian", "torch.func vmap(hessian) (ms)", "{:.2f}"),
+               ("hessext_torch_func", "hessext's torch.func path (ms)", "{:.2f}"),
+               ("forward", "forward only, no gradient (ms)", "{:.2f}"), ("x_nested", "x nested", "{:.2f}"),
+               ("x_vmap_hessian", "x vmap(hessian)", "{:.2f}")]
+    print(write("pinn_step_cpu", environment(), rows, columns,
+                ["One step: the Laplacian loss and its gradient in every weight. x: the method's time over hessext's."]))
+
+
+if __name__ == "__main__":
+    main()
