@@ -200,7 +200,6 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
     call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
-    plan = call.plan
     if ggn:
         call.ggn_split()
     if call.native:

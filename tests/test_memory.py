@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch.nn as nn
 
 import hessext
 from cases import SeedOneModel, seed_one_loss
