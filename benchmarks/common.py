@@ -81,6 +81,21 @@ def median_s(fn, min_run_time=1.0):
     return m.median
 
 
+def instruction_set():
+    """The vector instructions hessext's CPU kernels were compiled for here (AVX-512, AVX2, ...)."""
+    from hessext import _native
+
+    native = _native.load()
+    return native.simd() if native is not None else None
+
+
+def product_rate(n=256):
+    """GFLOP/s of a float64 [n, n] x [n, n] product with torch.mm at the current thread count: the
+    machine's product rate, which the timings of a run are to be read against."""
+    a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
+    return 2 * n ** 3 / median_s(lambda: torch.mm(a, b), 0.3) / 1e9
+
+
 def environment():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -95,6 +110,7 @@ def environment():
         pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+            "isa": instruction_set(), "product_gflops": product_rate(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "python": platform.python_version(), "git_commit": commit}
 
@@ -104,8 +120,10 @@ def write(name, env, rows, columns, notes=()):
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=2)
-    lines = [f"Measured {env['date']} on {env['cpu']} ({env['threads']} threads), torch {env['torch']}, "
-             f"commit {env['git_commit']}. Medians of torch.utils.benchmark.Timer.", ""]
+    rate = f", float64 products at {env['product_gflops']:.1f} GFLOP/s" if env.get("product_gflops") else ""
+    lines = [f"Measured {env['date']} on {env['cpu']} ({env.get('isa') or 'unknown'} instructions{rate}, "
+             f"{env['threads']} threads), torch {env['torch']}, commit {env['git_commit']}. Medians of "
+             "torch.utils.benchmark.Timer.", ""]
     lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:

@@ -87,7 +87,7 @@ def _names(h, keys):
 
 @torch._dynamo.assume_constant_result
 def _needs_graph(h, grad_enabled, inputs_grad):
-    """Whether input derivatives would carry a gradient here (hessians._value_graph's rule)."""
+    """Whether input derivatives would carry a gradient here (hessians._needs_graph's rule)."""
     return grad_enabled and (inputs_grad or any(p.requires_grad for p in _model(h).parameters()))
 
 

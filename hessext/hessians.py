@@ -226,15 +226,18 @@ def symmetrize_(H, tile=256):
     return H
 
 
-def _value_graph(call, what, *batch):
-    """Input derivatives are values of the model, differentiable like its output: when grad mode is
-    on and a parameter, the inputs or the targets require grad, the result carries their gradient
-    (torch.func on the live tensors)."""
-    if not call.traced and torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (*call.tensors, *batch)):
-        call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
-                        f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
-                        f"parameters that do not require grad for the native forward")
+def _needs_graph(call, *batch):
+    """Input derivatives are values of the model, differentiable like its output: whether this one
+    must carry a gradient (grad mode on, and a parameter, the inputs or the targets require grad)."""
+    return not call.traced and torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (*batch, *call.tensors))
+
+
+def _through_torch_func(call, what):
+    """Carry the gradient through torch.func on the live tensors; backend='native' raises."""
+    call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
+                    f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
+                    f"parameters that do not require grad for the native forward")
 
 
 def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=None, backend="auto", max_bytes=None):
@@ -253,7 +256,8 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
         raise TypeError(f"diagonal must be True or False, got {diagonal!r}")
     call = route(model, loss_fn, inputs, targets, params, backend)
     check_samples(inputs, "input_hessian")
-    _value_graph(call, "input_hessian", inputs, targets)
+    if _needs_graph(call, inputs, targets):
+        _through_torch_func(call, "input_hessian")
     N = inputs.shape[0]
     d = inputs[0].numel()
     mode = 1 if diagonal else 2
@@ -424,8 +428,7 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, what)
     N, d = inputs.shape[0], math.prod(inputs.shape[1:])
-    graph = not call.traced and torch.is_grad_enabled() and (
-        inputs.requires_grad or any(t.requires_grad for t in call.tensors))
+    graph = _needs_graph(call, inputs)
     stack = None
     if call.native:
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
@@ -443,9 +446,7 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
                           f"{what}{' with dims' if dims is not None else ''}{' carrying a gradient' if graph else ''} "
                           f"takes the forward Laplacian in torch ops (use backend='auto')")
     if graph and stack is None:
-        call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
-                        f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
-                        f"parameters that do not require grad for the native forward")
+        _through_torch_func(call, what)
     es = inputs.element_size()
     per_vector = 0
     if stack is not None:  # the channels of every layer, kept for the backward where there is one
