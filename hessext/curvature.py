@@ -156,10 +156,7 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
     vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
     vecs = dict(zip(names, vecs if call.traced else [v.detach() for v in vecs]))
     with fallback.batch_statistics(model):
-        if fallback_op is fallback.hvp:
-            result = fallback.hvp(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
-        else:
-            result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs)
+        result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
     return restore([call.result(result[n] if batched else result[n][0]) for n in names])
 
 
@@ -209,10 +206,9 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
                          f"this call takes torch.func because {call.why}")
     p = call.fallback_params()
     op = fallback.ggn_vp if ggn else fallback.hvp
-    kw = {"keep_graph": call.traced} if op is fallback.hvp else {}
     per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, p)
     with fallback.batch_statistics(model):
-        out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, **kw), p,
+        out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, keep_graph=call.traced), p,
                                   "GGN diagonal" if ggn else "Hessian diagonal", per_vector)
     return {n: call.result(t) for n, t in out.items()}
 

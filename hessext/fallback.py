@@ -94,8 +94,9 @@ def _double_backward(model, loss_fn, inputs, targets, params, vectors):
     return {n: rows[0].unsqueeze(0) if K == 1 else torch.stack(rows) for n, rows in zip(names, per_vector)}
 
 
-def ggn_vp(model, loss_fn, inputs, targets, params, vectors):
-    """GGN-vector products J^T H_out J v, same formats as hvp. J v by forward mode; where a layer has
+def ggn_vp(model, loss_fn, inputs, targets, params, vectors, keep_graph=False):
+    """GGN-vector products J^T H_out J v, same formats and keep_graph as hvp (torch.func throughout,
+    so the result always stays differentiable where its inputs are). J v by forward mode; where a layer has
     no forward-mode derivative (float32 LSTM on the CPU: mkldnn_rnn_layer), by reverse over reverse:
     J v is the vjp, with cotangent v, of the linear map u -> J^T u."""
 
