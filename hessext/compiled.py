@@ -55,11 +55,10 @@ def _model(h):
 
 def _chosen(model, keys):
     """Names of the parameters a call covers (inputs.check_params's rule), in named_parameters() order."""
-    named = list(model.named_parameters())
-    if keys is not None:
-        return [n for n, _ in named if n in keys]
-    trainable = [n for n, p in named if p.requires_grad]
-    return trainable or [n for n, _ in named]
+    from hessext.inputs import chosen
+
+    names, tensors = zip(*model.named_parameters())
+    return [names[j] for j in chosen(names, tensors, keys)]
 
 
 @torch._dynamo.assume_constant_result

@@ -13,6 +13,15 @@ def _describe(t):
     return f"{tuple(t.shape)} {t.dtype} on {t.device}"
 
 
+def chosen(names, tensors, keys):
+    """Positions of the parameters a call covers: those named in `keys` (the names of `params=`), or,
+    without keys, those that require grad, as torch.optim trains them (all of them when none does)."""
+    if keys is not None:
+        return [j for j, n in enumerate(names) if n in keys]
+    trainable = [j for j, t in enumerate(tensors) if t.requires_grad]
+    return trainable if trainable and len(trainable) < len(tensors) else range(len(tensors))
+
+
 def check_params(plan, params):
     """(the parameter tensors in named_parameters() order, the positions of those the quantities are
     taken in). Without `params`: the module's own tensors, and the positions of those that require
@@ -23,8 +32,7 @@ def check_params(plan, params):
     if not own:
         raise ValueError("model has no parameters: there is no Hessian with respect to its weights")
     if params is None:
-        trainable = [j for j, t in enumerate(own) if t.requires_grad]
-        return own, (trainable if trainable and len(trainable) < len(own) else range(len(own)))
+        return own, chosen(plan.param_names, own, None)
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict name -> tensor like dict(model.named_parameters()), "
                         f"got {type(params).__name__}")
