@@ -105,16 +105,32 @@ def _op(schema):
     def register(fn):
         name = schema.split("(")[0]
 
-        def kernel(*args):  # outputs contiguous, as the fakes promise
+        def kernel(*args):
             with torch._C._ForceDispatchKeyGuard(*_DISPATCH):
                 out = fn(*args)
-            return out.contiguous() if isinstance(out, torch.Tensor) else [t.contiguous() for t in out]
+            return _own(out, args)
 
         _LIBRARY.define(schema)
         _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
         return getattr(torch.ops.hessext, name)
 
     return register
+
+
+def _own(outs, args):
+    """The op's outputs as the fakes promise and a custom op must return them: contiguous, each in
+    storage of its own (a result split from one flat tensor, or a tensor the call was given, is
+    copied)."""
+    seen = {t.untyped_storage()._cdata for a in args
+            for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)}
+    owned = []
+    for t in outs:
+        t = t.contiguous()
+        if t.untyped_storage()._cdata in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage()._cdata)
+        owned.append(t)
+    return owned
 
 
 def _fake(name):

@@ -22,6 +22,13 @@ def flat(obj):
     return obj.reshape(-1)
 
 
+@pytest.fixture(autouse=True)
+def strict_aliasing():
+    """An op whose outputs alias its inputs or each other is an error (torch's default under CI)."""
+    with torch._functorch.config.patch(error_on_custom_op_aliasing=True):
+        yield
+
+
 @pytest.fixture(scope="module", params=[nn.Tanh, nn.Softsign], ids=["native", "torch.func"])
 def problem(request):
     torch.manual_seed(0)
