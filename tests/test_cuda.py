@@ -1,5 +1,8 @@
 """CUDA-only checks (skipped without a GPU): every op on both CUDA paths against the float64 CPU
-reference, a CUDA-graph capture of hessext.hvp, and work on the current stream."""
+reference, a CUDA-graph capture of hessext.hvp, work on the current stream, and the input derivatives
+with the gradients through them (float32 within 10x the ops' tolerance)."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -85,3 +88,45 @@ def test_class_indices_under_capture_are_refused_by_name():
     with torch.cuda.graph(torch.cuda.CUDAGraph()):
         with pytest.raises(ValueError, match="targets: class indices"):
             hessext.hvp(gpu, nn.CrossEntropyLoss(), xg, labels, V)
+
+
+ACTIVATIONS = [nn.Tanh, nn.SiLU, nn.GELU, lambda: nn.Softplus(beta=2.0), nn.ReLU]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", range(len(ACTIVATIONS)))
+def test_input_derivatives_and_their_gradients_on_cuda(dtype, act):
+    """value_gradient_laplacian, laplacian(dims), input_hessian and the PINN loss's weight and input
+    gradients through them, on the GPU in grad mode, against the same calls on the float64 CPU model."""
+    torch.manual_seed(act)
+    make = ACTIVATIONS[act]
+    cpu = nn.Sequential(nn.Linear(3, 16), make(), nn.Linear(16, 16), make(), nn.Linear(16, 2)).double()
+    gpu = copy.deepcopy(cpu).to("cuda", dtype)
+    x = torch.randn(37, 3, dtype=torch.float64)
+    xg = x.to("cuda", dtype).requires_grad_()
+    x.requires_grad_()
+    rtol = CUDA_RTOL[dtype] * 10
+    for dims in (None, [0, 2]):
+        got = hessext.value_gradient_laplacian(gpu, xg, dims=dims)
+        ref = hessext.value_gradient_laplacian(cpu, x, dims=dims)
+        for a, b, what in zip(got, ref, ("u", "grad u", "lap u")):
+            assert_close(a.detach(), b.detach(), rtol, f"{what} dims={dims}")
+
+        def pinn(model, inputs, lap):
+            return ((-lap - torch.sin(inputs[:, :1])) ** 2).mean() + (model(inputs[:4]) ** 2).mean()
+
+        gpu_params, cpu_params = list(gpu.parameters()) + [xg], list(cpu.parameters()) + [x]
+        g_gpu = torch.autograd.grad(pinn(gpu, xg, hessext.laplacian(gpu, xg, dims=dims)), gpu_params)
+        g_cpu = torch.autograd.grad(pinn(cpu, x, hessext.laplacian(cpu, x, dims=dims)), cpu_params)
+        assert_close(torch.cat([g.reshape(-1) for g in g_gpu]), torch.cat([g.reshape(-1) for g in g_cpu]), rtol,
+                     f"PINN loss gradient dims={dims}")
+    loss = nn.MSELoss()
+    y = torch.randn(37, 2, dtype=torch.float64)
+    H_gpu = hessext.input_hessian(gpu, loss, xg, y.to("cuda", dtype))
+    H_cpu = hessext.input_hessian(cpu, loss, x, y)
+    assert_close(H_gpu.detach(), H_cpu.detach(), rtol, "input_hessian")
+    g_gpu = torch.autograd.grad(H_gpu.square().sum(), gpu[0].weight)[0]
+    g_cpu = torch.autograd.grad(H_cpu.square().sum(), cpu[0].weight)[0]
+    assert_close(g_gpu, g_cpu, rtol, "gradient through input_hessian")
+    with torch.no_grad():  # the kernels' detached values
+        assert_close(hessext.laplacian(gpu, xg), hessext.laplacian(cpu, x), rtol, "laplacian, no_grad")
