@@ -98,6 +98,27 @@ def profile_net(widths, N):
     return line, tables
 
 
+def profile_quantities(widths, N):
+    """The whole call and kernels per call of the other quantities on one net."""
+    pb = bench.make_problem(widths, N, "cuda", torch.float32, 16)
+    calls = {"diagonal": lambda: hessext.hessian_diag(pb.model, bench.mse, pb.x, pb.y),
+             "hessian": lambda: hessext.hessian(pb.model, bench.mse, pb.x, pb.y, output="matrix"),
+             "laplacian": lambda: torch.no_grad()(hessext.laplacian)(pb.model, pb.x)}
+    lines, tables = [], []
+    for name, call in calls.items():
+        whole = median_us(call, 100)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                call()
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        kernels = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 10
+        lines.append(f"{widths} N={N} {name}: call {whole:.1f} us, kernels per call {kernels:.0f}")
+        tables.append(f"{name}\n" + averages.table(sort_by="self_device_time_total", row_limit=10,
+                                                     max_name_column_width=60))
+    return lines, tables
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results")
@@ -109,6 +130,10 @@ def main():
         print(line, flush=True)
         lines.append(line)
         tables.append(table)
+    more, more_tables = profile_quantities(*NETS[0])
+    print("\n".join(more), flush=True)
+    lines += more
+    tables += more_tables
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_profile.txt"), "w") as f:
         f.write("\n".join(lines) + "\n\n" + "\n".join(tables))
