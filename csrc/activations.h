@@ -1,9 +1,11 @@
 // The activation table: every elementwise activation the kernels serve, as one row each, shared by
 // the CPU loops and the CUDA kernels (host/device functions). A row gives, for a pre-activation z,
-// the value a = phi(z), the first derivative d1 = phi'(z) and the second derivative d2 = phi''(z),
-// at autograd's convention where phi is not differentiable (the branch torch's backward takes).
+// the value a = phi(z), the first derivative d1 = phi'(z) and the second derivative d2 = phi''(z)
+// (act_eval), and the third (act_third, for the reverse of the input jets), at autograd's convention
+// where phi is not differentiable (the branch torch's backward takes).
 // Two parameters per row (p0, p1): LeakyReLU's negative_slope, Softplus's beta and threshold, ELU's alpha.
-// Adding an activation: an enum value, a case below, and its name in hessext/capture.py.
+// Adding an activation: an enum value, a case in act_eval and in act_third, and its name in
+// hessext/capture.py.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -115,6 +117,40 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
       }
       return;
     }
+  }
+}
+
+// The third derivative phi'''(z), given the row's a, d1 and d2 at z from act_eval (the pieces it
+// shares with them). Piecewise-linear rows and the linear pieces of Softplus and ELU: 0, as autograd
+// differentiates them.
+template <typename T>
+HX_HD T act_third(Act kind, T p0, T z, T a, T d1, T d2) {
+  switch (kind) {
+    case Act::Tanh:  // d/dz (-2 a d1) = -2 d1^2 - 2 a d2
+      return T(-2) * d1 * d1 - T(2) * a * d2;
+    case Act::Sigmoid:  // d/dz (d1 (1 - 2 a)) = d2 (1 - 2 a) - 2 d1^2
+      return d2 * (T(1) - T(2) * a) - T(2) * d1 * d1;
+    case Act::SiLU: {  // z s: 3 s'' + z s''', s' = s (1 - s), s'' = s' (1 - 2 s), s''' = s'' (1 - 2 s) - 2 s'^2
+      const T s = sigmoid_of(z), s1 = s * (T(1) - s), s2 = s1 * (T(1) - T(2) * s);
+      return T(3) * s2 + z * (s2 * (T(1) - T(2) * s) - T(2) * s1 * s1);
+    }
+    case Act::GELU:  // d/dz phi (2 - z^2) = phi z (z^2 - 4)
+      return T(0.39894228040143267794) * exp(T(-0.5) * z * z) * z * (z * z - T(4));
+    case Act::GELUTanh: {  // d2 = s B, B = u' + z (u'' - 2 t u'^2) / 2, s = 1 - t^2, t' = s u', s' = -2 t s u'
+      const T k = T(0.79788456080286535588), c = T(0.044715);
+      const T t = tanh(k * (z + c * z * z * z)), s = T(1) - t * t;
+      if (s == T(0)) return T(0);  // saturated, as act_eval's d2
+      const T du = k * (T(1) + T(3) * c * z * z), ddu = k * T(6) * c * z, dddu = k * T(6) * c;
+      const T B = du + T(0.5) * z * (ddu - T(2) * t * du * du);
+      const T dB = T(1.5) * ddu - t * du * du + T(0.5) * z * (dddu - T(2) * s * du * du * du - T(4) * t * du * ddu);
+      return s * (dB - T(2) * t * du * B);
+    }
+    case Act::Softplus:  // beta^2 s (1 - s) (1 - 2 s) = beta d2 (1 - 2 d1) where d2 is not 0 (d1 = s)
+      return d2 == T(0) ? T(0) : p0 * d2 * (T(1) - T(2) * d1);
+    case Act::ELU:  // alpha e^z where d2 is (z < 0)
+      return d2;
+    default:
+      return T(0);
   }
 }
 

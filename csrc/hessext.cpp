@@ -44,6 +44,18 @@ TORCH_LIBRARY(hessext, m) {
   m.def(
       "input_derivatives(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
       "int[] activations, float[] act_params, int loss, float loss_param, float scale, int mode) -> Tensor");
+  // The Laplacian's jet at the output, [k + 2, M, C]: the model output, its derivatives in the k input
+  // features `features`, its Laplacian over them (targets unused); with save, then each hidden layer's
+  // jet before and after its activation, for laplacian_jets_backward (the op's autograd formula).
+  m.def(
+      "laplacian_jets(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float[] act_params, int loss, float loss_param, float scale, int[] features, bool save) -> Tensor[]");
+  // Gradients [dx, dW_0, ..., dW_{L-1}, db_l of each layer with a bias] from grad [k + 2, M, C], the
+  // gradient in laplacian_jets' output jet, and its saved jets.
+  m.def(
+      "laplacian_jets_backward(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
+      "int[] activations, float[] act_params, int loss, float loss_param, float scale, int[] features, "
+      "Tensor[] saved, Tensor grad) -> Tensor[]");
 }
 
 namespace {
@@ -122,6 +134,10 @@ struct PyArg {
 template <>
 struct PyArg<at::TensorList> {
   using type = const Tensors&;
+};
+template <>
+struct PyArg<at::IntArrayRef> {
+  using type = const std::vector<int64_t>&;
 };
 
 // hessext._C.<name>(stack arguments, rest...) calling the op `qualified` with kernel signature
@@ -214,6 +230,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");
   bind_direct<Tensors, bool>(m, "hessian", "hessext::hessian");
   bind_direct<at::Tensor, int64_t>(m, "input_derivatives", "hessext::input_derivatives");
+  bind_direct<Tensors, at::IntArrayRef, bool>(m, "laplacian_jets", "hessext::laplacian_jets");
+  bind_direct<Tensors, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "laplacian_jets_backward",
+                                                                          "hessext::laplacian_jets_backward");
   m.def(
       "simd",
       [](const std::string& name) {

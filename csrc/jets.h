@@ -10,6 +10,7 @@
 // The Laplacian of the model output is S at the output. The input Hessian of the loss is
 // sum_{c,c'} Jz[c,i] H_out[c,c'] Jz[c',j] + sum_c g_c Sz[c,(i,j)] (g, H_out: the loss head).
 // Cost: M * sum_l n_l n_{l+1} (1 + d + q) multiply-adds, a few forward passes for small d.
+// The Laplacian's reverse pass (output_jet_backward) differentiates it, for training through it.
 // Layout: channel, then sample, then unit: [1 + d + q, M, n], so each Linear is one GEMM
 // [(1+d+q) M, n] @ W^T, whose long side is its rows (the shape the CPU products run fastest in, row
 // pieces on OpenBLAS's small-matrix path: gemm.cpp), and each channel is one contiguous [M, n] block
@@ -35,31 +36,87 @@ inline std::vector<std::pair<int64_t, int64_t>> jet_pairs(JetMode mode, int64_t 
   return pairs;
 }
 
+// The feature indices as a tensor on the stack's device.
+inline at::Tensor feature_index(const Stack& s, const std::vector<int64_t>& features) {
+  return at::tensor(features, at::TensorOptions().dtype(at::kLong)).to(s.x.device());
+}
+
 // The jet at the network output: [1 + d + q, M, C]. The bias joins the value channel in the activation
-// step (or, after the last layer, by itself).
+// step (or, after the last layer, by itself). features (Laplacian mode only): the input features the
+// first-order channels follow and the Laplacian sums over (default all d; then d = their number).
+// saved (for the reverse pass below): each hidden layer's jet before and after its activation,
+// [Z_0, A_1, Z_1, A_2, ..., Z_{L-2}, A_{L-1}], as new tensors (else the jets are the call's scratch).
 template <class E>
-at::Tensor output_jet(const Stack& s, JetMode mode) {
-  const int64_t M = s.M, d = s.width(0), q = jet_channels(mode, d), cols = 1 + d + q;
+at::Tensor output_jet(const Stack& s, JetMode mode, const std::vector<int64_t>* features = nullptr,
+                      std::vector<at::Tensor>* saved = nullptr) {
+  const int64_t M = s.M, d = features ? static_cast<int64_t>(features->size()) : s.width(0);
+  const int64_t q = jet_channels(mode, d), cols = 1 + d + q;
   const auto pairs = jet_pairs(mode, d);
   at::Tensor jet;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
-    const at::Tensor z = s.scratch({cols, M, o});
+    const at::Tensor z = saved ? at::empty({cols, M, o}, s.x.options()) : s.scratch({cols, M, o});
     if (l == 0) {  // the start jet is (x, I, 0): z = x W^T, Jz = W in every sample, Sz = 0, no product over I
       hx::mm_into(z.select(0, 0), s.x, s.W[0].t());
-      z.narrow(0, 1, d).copy_(s.W[0].t().contiguous().unsqueeze(1).expand({d, M, o}));  // rows of W^T, not columns of W
+      const at::Tensor rows = features ? s.W[0].t().index_select(0, feature_index(s, *features))
+                                       : s.W[0].t().contiguous();  // rows of W^T, not columns of W
+      z.narrow(0, 1, d).copy_(rows.unsqueeze(1).expand({d, M, o}));
       z.narrow(0, 1 + d, q).zero_();
     } else {
       hx::mm_into(z.view({cols * M, o}), jet.view({cols * M, n}), s.W[l].t());
     }
     if (s.act_after(l)) {
-      E::jet_activation(z, s.b[l], s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
+      at::Tensor bias = s.b[l];
+      if (saved) {  // the jet before the activation, bias included, is what the reverse pass differentiates at
+        if (bias.defined()) z.select(0, 0).add_(bias);
+        saved->push_back(z.clone());
+        bias = at::Tensor();
+      }
+      E::jet_activation(z, bias, s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
+      if (saved) saved->push_back(z);
     } else if (s.b[l].defined()) {
       z.select(0, 0).add_(s.b[l]);
     }
     jet = z;
   }
   return jet;
+}
+
+// The reverse of the Laplacian's jets: given G [1 + k + 1, M, C], the gradient of a loss in the output
+// jet (u, grad u over the k features, lap u), the gradients in the inputs x, each weight and each bias
+// (undefined where the layer has none), from output_jet's saved jets. Per layer l, from the top, with
+// G the gradient in the layer's output jet (z, Jz, Sz) and A its input jet (a, Ja, Sa):
+//   Linear     dW = sum over channels G_c^T A_c   (one GEMM over all k + 2 channels)
+//              db = sum over samples G_value,     dA = G W   (one GEMM)
+//   phi        dz  = phi' da + phi'' sum_i dJa_i Jz_i + dSa (phi'' Sz + phi''' sum_i Jz_i^2)
+//              dJz_i = phi' dJa_i + 2 phi'' dSa Jz_i,       dSz = phi' dSa
+//   start      A = (x, e_features, 0): dx = G_value W, and dW[:, feature i] += the sample sum of G_(J_i)
+// Cost: twice the forward's products (dW and dA per layer) and one elementwise pass per activation.
+template <class E>
+std::vector<at::Tensor> output_jet_backward(const Stack& s, const std::vector<int64_t>& features,
+                                            const std::vector<at::Tensor>& saved, at::Tensor G) {
+  const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = k + 2;
+  std::vector<at::Tensor> grads(1 + 2 * s.L);  // dx, dW_0..dW_{L-1}, db_0..db_{L-1}
+  for (int64_t l = s.L - 1; l >= 0; --l) {
+    const int64_t o = s.W[l].size(0), n = s.width(l);
+    const at::Tensor Gm = G.view({cols * M, o});
+    if (s.b[l].defined()) grads[1 + s.L + l] = G.select(0, 0).sum(0);
+    if (l == 0) {
+      at::Tensor dW = hx::mm(G.select(0, 0).t(), s.x);
+      dW.index_add_(1, feature_index(s, features), G.narrow(0, 1, k).sum(1).t());
+      grads[1] = dW;
+      grads[0] = hx::mm(G.select(0, 0), s.W[0]);
+      break;
+    }
+    const at::Tensor& Z = saved[2 * (l - 1)];
+    const at::Tensor& A = saved[2 * (l - 1) + 1];
+    grads[1 + l] = hx::mm(Gm.t(), A.view({cols * M, n}));
+    at::Tensor dA = at::empty({cols, M, n}, G.options());
+    hx::mm_into(dA.view({cols * M, n}), Gm, s.W[l]);
+    E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k);
+    G = dA;
+  }
+  return grads;
 }
 
 // mode Laplacian: the Laplacian of each output, [M, C]. Diagonal/Full: the input Hessian of the

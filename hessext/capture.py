@@ -199,40 +199,44 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def torch_function(kind, p0=0.0, p1=0.0):
+    """The torch function of an activations.h row with its parameters (None: the identity)."""
+    return {IDENTITY: None, TANH: torch.tanh, RELU: torch.relu, SIGMOID: torch.sigmoid, SILU: F.silu,
+            LEAKY_RELU: partial(F.leaky_relu, negative_slope=p0), GELU: partial(F.gelu, approximate="none"),
+            GELU_TANH: partial(F.gelu, approximate="tanh"), SOFTPLUS: partial(F.softplus, beta=p0, threshold=p1),
+            ELU: partial(F.elu, alpha=p0)}[kind]
+
+
+def _row(kind, p0=0.0, p1=0.0):
+    return Activation(kind, p0, p1, fn=torch_function(kind, p0, p1))
+
+
 def _activation(node):
     """The Activation row for an activation call node (with the torch function it calls), None if the
     node is none (or has no row)."""
     target = node.target
     if node.op == "call_method":
-        fn = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}.get(target)
         kind = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID}.get(target)
-        return Activation(kind, fn=fn) if kind is not None and len(node.args) == 1 and not node.kwargs else None
+        return _row(kind) if kind is not None and len(node.args) == 1 and not node.kwargs else None
     if node.op != "call_function":
         return None
-    if target in (torch.tanh, F.tanh):
-        return Activation(TANH, fn=torch.tanh)
-    if target in (torch.relu, F.relu):
-        return Activation(RELU, fn=torch.relu)
-    if target in (torch.sigmoid, F.sigmoid):
-        return Activation(SIGMOID, fn=torch.sigmoid)
-    if target is F.silu:
-        return Activation(SILU, fn=F.silu)
+    simple = {torch.tanh: TANH, F.tanh: TANH, torch.relu: RELU, F.relu: RELU, torch.sigmoid: SIGMOID,
+              F.sigmoid: SIGMOID, F.silu: SILU}
+    if target in simple:
+        return _row(simple[target])
     if target is F.leaky_relu:
         slope = _arg(node, 1, "negative_slope", 0.01)
-        return Activation(LEAKY_RELU, float(slope), fn=partial(F.leaky_relu, negative_slope=slope)) if _number(
-            slope) else None
+        return _row(LEAKY_RELU, float(slope)) if _number(slope) else None
     if target is F.gelu:
-        approximate = _arg(node, 1, "approximate", "none")
-        kind = {"none": GELU, "tanh": GELU_TANH}.get(approximate)
-        return Activation(kind, fn=partial(F.gelu, approximate=approximate)) if kind is not None else None
+        kind = {"none": GELU, "tanh": GELU_TANH}.get(_arg(node, 1, "approximate", "none"))
+        return _row(kind) if kind is not None else None
     if target is F.softplus:
         beta, threshold = _arg(node, 1, "beta", 1.0), _arg(node, 2, "threshold", 20.0)
         ok = _number(beta) and _number(threshold) and beta != 0
-        return Activation(SOFTPLUS, float(beta), float(threshold),
-                          fn=partial(F.softplus, beta=beta, threshold=threshold)) if ok else None
+        return _row(SOFTPLUS, float(beta), float(threshold)) if ok else None
     if target is F.elu:
         alpha = _arg(node, 1, "alpha", 1.0)
-        return Activation(ELU, float(alpha), fn=partial(F.elu, alpha=alpha)) if _number(alpha) else None
+        return _row(ELU, float(alpha)) if _number(alpha) else None
     return None
 
 

@@ -422,8 +422,9 @@ def value_gradient_laplacian(model, inputs, *, dims=None, params=None, backend="
 
 def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
     """(u, grad u, lap u) shaped like the output: the kernels' Laplacian where only it is asked for,
-    over every feature and with no gradient; else the forward Laplacian in torch ops (jets.py) for a
-    stack the kernels serve; else torch.func."""
+    over every feature and with no gradient; else, for a stack the kernels serve, the kernels' jets
+    with their reverse pass as the autograd formula (CPU) or the same jets in torch ops (jets.py:
+    CUDA); else torch.func."""
     check_max_bytes(max_bytes)
     call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
     check_samples(inputs, what)
@@ -441,10 +442,12 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
         return None, None, run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0,
                                       0).reshape(out_shape)
     features = jets.check_dims(dims, d)
-    if stack is not None and not kernels and backend == "native":
-        call.leave_native(f"the kernels give the Laplacian alone, over every feature, without a gradient; "
-                          f"{what}{' with dims' if dims is not None else ''}{' carrying a gradient' if graph else ''} "
-                          f"takes the forward Laplacian in torch ops (use backend='auto')")
+    reverse = stack is not None and inputs.device.type == "cpu"  # the kernels' jets and their reverse pass
+    if stack is not None and not reverse and backend == "native":
+        call.leave_native(f"on {inputs.device.type}, the kernels give the Laplacian alone, over every feature, "
+                          f"without a gradient; {what}{' with dims' if dims is not None else ''}"
+                          f"{' carrying a gradient' if graph else ''} takes the forward Laplacian in torch ops "
+                          f"(use backend='auto')")
     if graph and stack is None:
         _through_torch_func(call, what)
     es = inputs.element_size()
@@ -459,11 +462,16 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
                   "use fewer samples at a time")
     if stack is not None:
         x, out_shape, C = stack
-        weights = [call.tensors[j] for j in call.plan.weight_pos]
-        biases = [call.tensors[j] if j is not None else None for j in call.plan.bias_pos]
-        with torch.set_grad_enabled(graph):
-            u, g, lap = jets.value_gradient_laplacian(call.plan.stack, weights, biases, x, features)
-        return u.reshape(out_shape), g.reshape(tuple(out_shape) + (len(features),)), lap.reshape(out_shape)
+        if reverse:
+            jet = run_native(ops.laplacian_jets, call, x, x.new_zeros(()).expand(N, C), 1.0, features, graph)
+        else:
+            weights = [call.tensors[j] for j in call.plan.weight_pos]
+            biases = [call.tensors[j] if j is not None else None for j in call.plan.bias_pos]
+            with torch.set_grad_enabled(graph):
+                jet = jets.output_jet([a.fn for a in call.plan.stack.activations], weights, biases, x, features)
+        k = len(features)
+        return (jet[0].reshape(out_shape), jet[1:1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
+                jet[1 + k].reshape(out_shape))
     with fallback.batch_statistics(model):
         return _jets_fallback(model, inputs, call, per_vector, features)
 

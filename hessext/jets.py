@@ -46,10 +46,17 @@ def _derivatives(fn, z):
     return value, first, second
 
 
-def value_gradient_laplacian(stack, weights, biases, x, dims):
-    """(u [M, C], grad u [M, C, k], lap u [M, C]) for rows x [M, n_0] of a stack (capture.Stack) with
-    these weights and biases, over the k input features `dims`."""
-    L = len(weights)
+def torch_functions(activations, act_params):
+    """The torch function of each hidden layer's activation from an op's (activations, act_params)."""
+    from hessext.capture import torch_function
+
+    return [torch_function(kind, *act_params[2 * j:2 * j + 2]) for j, kind in enumerate(activations)]
+
+
+def output_jet(fns, weights, biases, x, dims):
+    """The jet [2 + k, M, C] (u, its derivatives in the k input features `dims`, lap u over them) for
+    rows x [M, n_0] of a stack with these weights, biases and hidden activations' torch functions (None:
+    the identity): the layout of the native op hessext::laplacian_jets."""
     a, J, S = x, None, None
     for l, (W, b) in enumerate(zip(weights, biases)):
         z = a @ W.T if b is None else torch.addmm(b, a, W.T)
@@ -58,11 +65,11 @@ def value_gradient_laplacian(stack, weights, biases, x, dims):
             Sz = None
         else:
             Jz, Sz = J @ W.T, S @ W.T
-        act = stack.activations[l] if l < L - 1 else None
-        if act is None or act.fn is None:
+        fn = fns[l] if l < len(fns) else None
+        if fn is None:
             a, J, S = z, Jz, (Sz if Sz is not None else torch.zeros_like(z))
             continue
-        a, d1, d2 = _derivatives(act.fn, z)
+        a, d1, d2 = _derivatives(fn, z)
         J = d1 * Jz
         S = d2 * (Jz * Jz).sum(0) + (d1 * Sz if Sz is not None else 0)
-    return a, J.permute(1, 2, 0), S
+    return torch.cat([a[None], J, S[None]])

@@ -75,13 +75,40 @@ def test_laplacian_gradient_in_the_inputs_and_detached_without_grad():
         assert not hessext.laplacian(mlp((3, 6, 2)), x).requires_grad
 
 
-def test_native_backend_refuses_a_differentiated_laplacian():
+def test_the_differentiated_laplacian_is_native_on_the_cpu():
+    """backend="native" holds for a Laplacian that carries a gradient (the kernels' reverse pass is the
+    op's autograd formula, hessext::laplacian_jets); under no_grad nothing is recorded."""
     model = mlp((2, 5, 1))
     x = torch.randn(4, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="laplacian carrying a gradient takes the forward Laplacian"):
-        hessext.laplacian(model, x, backend="native")
+    lap = hessext.laplacian(model, x, backend="native")
+    nodes, seen = [lap.grad_fn], []
+    while nodes:
+        node = nodes.pop()
+        seen.append(type(node).__name__)
+        nodes += [n for n, _ in node.next_functions if n is not None]
+    assert any("laplacian_jets" in name for name in seen), seen
+    ref = flat_grad((autograd_laplacian(model, x) ** 2).sum(), list(model.parameters()))
+    assert_close(flat_grad((lap ** 2).sum(), list(model.parameters())), ref, RTOL, "native reverse pass")
     with torch.no_grad():
-        hessext.laplacian(model, x, backend="native")
+        assert hessext.laplacian(model, x, backend="native").grad_fn is None
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.GELU])
+def test_a_second_derivative_through_the_laplacian(act):
+    """A Hessian-vector product of a PINN loss (double backward through the Laplacian's reverse pass)
+    equals nested autograd's, in the weights and in the inputs."""
+    model = mlp((2, 6, 6, 1), act)
+    params = list(model.parameters())
+    x = torch.rand(7, 2, dtype=torch.float64, requires_grad=True)
+    v = [torch.randn_like(p) for p in params]
+
+    def hvp(lap):
+        loss = ((lap - x[:, :1]) ** 2).mean()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        dot = sum((g * w).sum() for g, w in zip(grads, v) if g is not None)
+        return flat_grad(dot, params + [x])  # the last bias does not reach the Laplacian: zeros
+
+    assert_close(hvp(hessext.laplacian(model, x)), hvp(autograd_laplacian(model, x)), RTOL, "HVP of a PINN loss")
 
 
 def test_input_hessian_in_a_loss():

@@ -119,6 +119,63 @@ struct JetStep {
   }
 };
 
+// The reverse of the Laplacian's activation step (CpuElementwise::jet_activation_backward) over
+// samples [lo, hi) of G, Z, A [k + 2, M, O] (channel stride n = M O), in tiles of rows that stay in L1.
+template <typename T>
+struct JetReverse {
+  T* G;
+  const T *Z, *A;
+  Act kind;
+  double p0, p1;
+  int64_t M, O, k;
+
+  void run(int64_t lo, int64_t hi) const {
+    const int64_t n = M * O, rows = std::max<int64_t>(1, 2048 / O);
+    std::vector<T> buffer(5 * rows * O);
+    for (int64_t r0 = lo; r0 < hi; r0 += rows) {
+      const int64_t t0 = r0 * O, len = std::min(rows, hi - r0) * O;
+      T *d1 = buffer.data(), *d2 = d1 + len, *d3 = d2 + len, *dot = d3 + len, *sq = dot + len;
+      derivatives(Z + t0, A + t0, d1, d2, d3, len);
+      run_simd([&] { channels(G + t0, Z + t0, d1, d2, d3, dot, sq, n, len); });
+    }
+  }
+
+  void derivatives(const T* z, const T* a, T* d1, T* d2, T* d3, int64_t len) const {
+    const T q0 = static_cast<T>(p0), q1 = static_cast<T>(p1);
+    for (int64_t m = 0; m < len; ++m) {
+      T value = a[m], first, second;
+      if (kind == Act::Tanh || kind == Act::Sigmoid) {
+        act_derivatives_of_value(kind, value, first, second);
+      } else {
+        act_eval(kind, q0, q1, z[m], value, first, second);
+      }
+      d1[m] = first, d2[m] = second, d3[m] = act_third(kind, q0, z[m], value, first, second);
+    }
+  }
+
+  void channels(T* G, const T* Z, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+                T* __restrict__ dot, T* __restrict__ sq, int64_t n, int64_t len) const {
+    T* __restrict__ gS = G + (1 + k) * n;
+    for (int64_t m = 0; m < len; ++m) dot[m] = T(0), sq[m] = T(0);
+    for (int64_t i = 0; i < k; ++i) {  // dot = sum_i dJa_i Jz_i, sq = sum_i Jz_i^2, dJz_i
+      T* __restrict__ gJ = G + (1 + i) * n;
+      const T* __restrict__ J = Z + (1 + i) * n;
+      for (int64_t m = 0; m < len; ++m) {
+        const T j = J[m], g = gJ[m];
+        dot[m] += g * j;
+        sq[m] += j * j;
+        gJ[m] = d1[m] * g + T(2) * d2[m] * gS[m] * j;
+      }
+    }
+    T* __restrict__ g0 = G;
+    const T* __restrict__ S = Z + (1 + k) * n;
+    for (int64_t m = 0; m < len; ++m) {
+      g0[m] = d1[m] * g0[m] + d2[m] * dot[m] + gS[m] * (d2[m] * S[m] + d3[m] * sq[m]);
+      gS[m] *= d1[m];
+    }
+  }
+};
+
 struct CpuElementwise {
   // The factor that the forward pass's product applies to z for activation(), a power of 2 (exact):
   // tanh takes 2 z.
@@ -283,6 +340,22 @@ struct CpuElementwise {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }
+  // The reverse of jet_activation with the Laplacian's sum channel (jets.h, output_jet_backward), in
+  // place: G [k + 2, M, O] holds the gradient in the jet after the activation and becomes the
+  // gradient in the jet before it; Z is that jet before (value with bias, k first-order channels, the
+  // sum channel), A after (its value channel holds phi(z), from which tanh and sigmoid take their
+  // derivatives). Tile by tile of samples: phi', phi'', phi''' of the tile, then the channels in
+  // loops compiled for this CPU's vectors (JetReverse).
+  static void jet_activation_backward(const at::Tensor& G, const at::Tensor& Z, const at::Tensor& A, Act kind,
+                                      double p0, double p1, int64_t k) {
+    const int64_t M = G.size(1), O = G.size(2);
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jet_activation_backward_cpu", [&] {
+      const JetReverse<scalar_t> step{G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                                      kind, p0, p1, M, O, k};
+      at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
+    });
+  }
+
 };
 
 // The batched forward pass's rows as raw pointers, read once per call (not per sample): a, d (null
