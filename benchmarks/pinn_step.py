@@ -1,12 +1,16 @@
 """One physics-informed training step, side by side in one run (2 threads): the Laplacian loss
 mean((-lap u - f)^2) over N points and its gradient in every weight, for a Tanh network.
 
-Methods: hessext.laplacian in grad mode (the forward Laplacian in torch ops, its reverse by autograd);
-the same call on hessext's torch.func path (second directional derivatives, one feature at a time);
-nested autograd (the gradient with create_graph, then each second derivative: the usual PINN code);
-torch.func vmap over points of hessian. Each gradient is checked against nested autograd first
-(1e-10 relative in float64, 1e-4 in float32). "forward only" is hessext's native Laplacian without a
-gradient (torch.no_grad()): what the step's forward costs in the kernels.
+Methods: hessext.laplacian in grad mode (on the CPU the kernels' forward Laplacian, its reverse pass
+native as the op's autograd formula); the same call on hessext's torch.func path (second directional
+derivatives, one feature at a time: the narrow-input net only); nested autograd (the gradient with
+create_graph, then each second derivative: the usual PINN code); torch.func vmap over points of
+hessian; JAX, jit of jax.grad over folx's forward Laplacian, in a process of its own (CPU). Each
+gradient is checked against nested autograd first (1e-10 relative in float64, 1e-4 in float32).
+"forward only" is hessext's native Laplacian without a gradient (torch.no_grad()). The floor is the
+step's products timed one by one; the peaks are the rise of resident memory over one step, beside
+the bytes of the jets hessext keeps for its backward. Nets: [2,50,50,50,1] at N=1024 and the
+collapsed-Taylor paper's [50,768,768,512,512,1] at N=256.
 
 On a GPU (--device cuda: float32, N=4096) torch.compile joins them (compile time apart: the warm-up):
 the step with vmap(hessian) compiled, and the whole step in torch.func compiled as one graph; a method
@@ -14,18 +18,20 @@ that raises is recorded with its error instead of a time.
 
     python benchmarks/pinn_step.py [--device cuda]   ->   benchmarks/results/pinn_step_{cpu,gpu}.{json,md}"""
 import argparse
+import os
 
 import torch
 from torch.func import hessian, jacrev, vmap
 
 import hessext
 from common import environment, median_s, mlp, write
+from hessext import _native
+from hessext.bench import External
 
-NETS = [[2, 50, 50, 50, 1], [5, 64, 64, 64, 1]]
-N = 1024
+NETS = [([2, 50, 50, 50, 1], 1024), ([50, 768, 768, 512, 512, 1], 256)]  # the second: the collapsed-Taylor paper's
 
 
-def problem(widths, dtype, device="cpu", n=N):
+def problem(widths, dtype, device="cpu", n=1024):
     torch.manual_seed(0)
     model = mlp(widths).to(device, dtype)
     x = torch.rand(n, widths[0], dtype=dtype, device=device)
@@ -66,6 +72,88 @@ def compiled_step(model, x, f):
     return torch.cat([g.reshape(-1) for g in grads.values()])
 
 
+def jax_step(model, x, f):
+    """The same step in JAX (jit of jax.grad over folx's forward Laplacian), in a process of its own:
+    (flat gradient in torch's order, median seconds), or an error string."""
+    import importlib.util
+
+    if importlib.util.find_spec("jax") is None or importlib.util.find_spec("folx") is None:
+        return "JAX or folx not installed (pip install jax folx)"
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    arrays = {"quantity": "pinn-step", "layers": len(linears), "x": x, "y": f}
+    for j, m in enumerate(linears):
+        arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
+    peer = External("hessext.bench_jax", {k: (t.detach().numpy() if isinstance(t, torch.Tensor) else t)
+                                          for k, t in arrays.items()})
+    try:
+        grad, timing = peer.run(1.0)
+    except RuntimeError as e:
+        return f"JAX failed: {e}"
+    return grad, timing["median_s"]
+
+
+def floor_s(widths, N, dtype):
+    """Seconds of the products one step needs, each timed alone as the kernels run it: per layer the
+    forward jet's [(k+2) N, n] x [n, o] (the first layer: the value channel's [N, n] x [n, o] alone),
+    the reverse's weight gradient [o, (k+2) N] x [(k+2) N, n] (ATen) and, past the first layer, its
+    [(k+2) N, o] x [o, n]. Returns (seconds, count of products)."""
+    C = _native.load()
+    rows = (widths[0] + 2) * N
+    total, count = 0.0, 0
+    for layer, (n, o) in enumerate(zip(widths[:-1], widths[1:])):
+        m = N if layer == 0 else rows
+        a, w = torch.randn(m, n, dtype=dtype), torch.randn(o, n, dtype=dtype)
+        g, out = torch.randn(m, o, dtype=dtype), torch.empty(m, o, dtype=dtype)
+        products = [lambda: C.mm_into(out, a, w.t()), lambda: torch.mm(g.t(), a)]
+        if layer > 0:
+            back = torch.empty(m, n, dtype=dtype)
+            products.append(lambda: C.mm_into(back, g, w))
+        total += sum(median_s(p, 0.2) for p in products)
+        count += len(products)
+    return total, count
+
+
+def peak_mb(method, widths, n, dtype):
+    """Resident memory one step of `method` takes, MB: the peak (VmHWM) over the first step in a fresh
+    process, less the resident memory before it (the model and data built)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import torch; "
+            f"torch.set_num_threads(2); import pinn_step as p; "
+            f"print(p.one_step_mb({method!r}, {widths!r}, {n}, torch.{str(dtype).replace('torch.', '')}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(done.stdout.split()[-1]) if done.returncode == 0 else None
+
+
+def one_step_mb(method, widths, n, dtype):
+    def status(key):
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(key))
+
+    model, x, f = problem(widths, dtype, "cpu", n)
+    laplacian = {"hessext": lambda: hessext.laplacian(model, x), "vmap_hessian": lambda: vmap_hessian(model, x)}[method]
+    base = status("VmRSS:")
+    step(model, f, laplacian)
+    return (status("VmHWM:") - base) / 1024
+
+
+def saved_mb(model, x):
+    """What hessext's backward keeps: the bytes of the jets the op saves."""
+    lap = hessext.laplacian(model, x)
+    node, total, seen = lap.grad_fn, 0, set()
+    nodes = [node]
+    while nodes:
+        node = nodes.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "laplacian_jets" in type(node).__name__:
+            total += sum(t.nbytes for t in node.saved_tensors if t.dim() == 3)
+        nodes += [n for n, _ in node.next_functions]
+    return total / 2 ** 20
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -77,15 +165,18 @@ def main():
         torch.set_num_threads(2)
     rows = []
     for dtype in (torch.float32,) if gpu else (torch.float64, torch.float32):
-        for widths in NETS[:1] if gpu else NETS:
-            n = 4096 if gpu else N
+        for widths, n in NETS[:1] if gpu else NETS:
+            n = 4096 if gpu else n
             model, x, f = problem(widths, dtype, args.device, n)
+            small = widths[0] <= 5
             methods = {
                 "hessext": lambda: step(model, f, lambda: hessext.laplacian(model, x)),
-                "hessext_torch_func": lambda: step(model, f, lambda: hessext.laplacian(model, x, backend="torch.func")),
                 "nested": lambda: step(model, f, lambda: nested_autograd(model, x)),
                 "vmap_hessian": lambda: step(model, f, lambda: vmap_hessian(model, x)),
             }
+            if small:  # one feature at a time: 50 passes on the wide-input net
+                methods["hessext_torch_func"] = lambda: step(model, f, lambda: hessext.laplacian(
+                    model, x, backend="torch.func"))
             if gpu:  # torch.compile'd steps
                 compiled = torch.compile(vmap_hessian)
                 compiled_grad = torch.compile(lambda: compiled_step(model, x, f))
@@ -102,30 +193,46 @@ def main():
                     del methods[name]
                     continue
                 assert errors[name] <= tol, f"{name} on {widths} {dtype}: relative error {errors[name]:.2e}"
-            ms = {name: median_s(fn) * 1e3 for name, fn in methods.items()}
+            budget = 1.0 if small else 3.0
+            ms = {name: median_s(fn, budget) * 1e3 for name, fn in methods.items()}
             with torch.no_grad():
-                ms["forward"] = median_s(lambda: hessext.laplacian(model, x)) * 1e3
-            rows.append({"net": str(widths), "N": n, "dtype": str(dtype).replace("torch.", ""), **ms,
-                         "x_nested": ms["nested"] / ms["hessext"], "x_vmap_hessian": ms["vmap_hessian"] / ms["hessext"]})
-            rows[-1]["max_relative_error"] = max(errors.values())
-            rows[-1]["failed"] = "; ".join(f"{k}: {v}".replace("|", "/") for k, v in failed.items()) or None
-            for name in ("compiled", "compiled_grad"):
-                if name in ms:
-                    rows[-1]["x_" + name] = ms[name] / ms["hessext"]
-            print(rows[-1])
-    columns = [("net", "net", "{}"), ("N", "N", "{}"), ("dtype", "dtype", "{}"), ("hessext", "hessext (ms)", "{:.2f}"),
-               ("nested", "nested autograd (ms)", "{:.2f}"), ("vmap_hessian", "torch.func vmap(hessian) (ms)", "{:.2f}"),
-               ("hessext_torch_func", "hessext's torch.func path (ms)", "{:.2f}"),
-               ("forward", "forward only, no gradient (ms)", "{:.2f}"), ("x_nested", "x nested", "{:.2f}"),
-               ("x_vmap_hessian", "x vmap(hessian)", "{:.2f}")]
-    if gpu:
-        columns += [(k, h, "{:.2f}") for k, h in (("compiled", "vmap(hessian) under torch.compile (ms)"),
-                                                   ("compiled_grad", "torch.func step under torch.compile (ms)"),
-                                                   ("x_compiled", "x compiled vmap(hessian)"),
-                                                   ("x_compiled_grad", "x compiled torch.func step")) if k in rows[0]]
-        columns.append(("failed", "could not run", "{}"))
-    print(write(f"pinn_step_{'gpu' if gpu else 'cpu'}", environment(), rows, columns,
-                ["One step: the Laplacian loss and its gradient in every weight. x: the method's time over hessext's."]))
+                ms["forward"] = median_s(lambda: hessext.laplacian(model, x), budget) * 1e3
+            row = {"net": str(widths), "N": n, "dtype": str(dtype).replace("torch.", ""), **ms}
+            if not gpu:
+                peer = jax_step(model, x, f)
+                if isinstance(peer, str):
+                    failed["jax"] = peer
+                else:
+                    errors["jax"] = float((peer[0].to(ref) - ref).abs().max() / ref.abs().max())
+                    assert errors["jax"] <= tol, f"JAX on {widths} {dtype}: relative error {errors['jax']:.2e}"
+                    row["jax"] = peer[1] * 1e3
+                floor, count = floor_s(widths, n, dtype)
+                row.update(floor=floor * 1e3, products=count, x_floor=ms["hessext"] / (floor * 1e3),
+                           saved_mb=saved_mb(model, x), peak_hessext_mb=peak_mb("hessext", widths, n, dtype),
+                           peak_vmap_hessian_mb=peak_mb("vmap_hessian", widths, n, dtype))
+            for name in ("nested", "vmap_hessian", "jax", "compiled", "compiled_grad"):
+                if name in row:
+                    row["x_" + name] = row[name] / ms["hessext"]
+            row["max_relative_error"] = max(errors.values())
+            row["failed"] = "; ".join(f"{k}: {v}".replace("|", "/") for k, v in failed.items()) or None
+            rows.append(row)
+            print(row, flush=True)
+    columns = [("net", "net", "{}"), ("N", "N", "{}"), ("dtype", "dtype", "{}"), ("hessext", "hessext (ms)", "{:.2f}")]
+    columns += [(k, h, "{:.2f}") for k, h in (
+        ("jax", "JAX jit(grad) over folx (ms)"), ("nested", "nested autograd (ms)"),
+        ("vmap_hessian", "torch.func vmap(hessian) (ms)"), ("hessext_torch_func", "hessext's torch.func path (ms)"),
+        ("compiled", "vmap(hessian) under torch.compile (ms)"), ("compiled_grad", "torch.func step under torch.compile (ms)"),
+        ("forward", "forward only, no gradient (ms)"), ("floor", "floor: its products alone (ms)"),
+        ("x_jax", "x JAX"), ("x_nested", "x nested"), ("x_vmap_hessian", "x vmap(hessian)"),
+        ("x_compiled", "x compiled vmap(hessian)"), ("x_compiled_grad", "x compiled torch.func step"),
+        ("x_floor", "hessext / floor"), ("saved_mb", "jets kept for the backward (MB)"),
+        ("peak_hessext_mb", "peak, hessext (MB)"), ("peak_vmap_hessian_mb", "peak, vmap(hessian) (MB)"))
+        if any(k in r for r in rows)]
+    columns.append(("failed", "could not run", "{}"))
+    notes = ["One step: the Laplacian loss and its gradient in every weight. x: the method's time over hessext's. "
+             "The floor is the sum of the step's products timed one by one (forward jet, weight gradient, input "
+             "gradient per layer). Peaks: the resident memory the first step adds in a fresh process."]
+    print(write(f"pinn_step_{'gpu' if gpu else 'cpu'}", environment(), rows, columns, notes))
 
 
 if __name__ == "__main__":

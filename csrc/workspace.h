@@ -44,4 +44,10 @@ int64_t workspace_bytes();
 constexpr int64_t kHugeBytes = int64_t(32) << 20;
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options);
 
+// A tensor that outlives its call but not for long (the jets an op saves for its backward): CPU
+// memory from a per-thread pool of buffers, each handed out again once every tensor on it is gone,
+// so that a training loop's forward passes reuse the memory its backward passes released instead of
+// faulting in fresh pages each step (kKeepBytes in all; beyond that, empty_output).
+at::Tensor kept_empty(at::IntArrayRef shape, const at::TensorOptions& options);
+
 }  // namespace hx

@@ -5,8 +5,8 @@ layout, the data, the vectors, the timing budget); OUT receives the result (flat
 parameter order, for the parent's check against its float64 reference) and the timing: median and
 interquartile range of blocks of calls after the first (jit compile) call, whose time is reported
 apart. Each call blocks until its result is ready. The Laplacian is folx's forward Laplacian (jit of
-vmap); every other quantity is plain JAX under jit: jvp of grad, its vmap for K vectors, jvp and vjp
-for the GGN, jax.hessian."""
+vmap), and the PINN step jax.grad of a loss over it; every other quantity is plain JAX under jit: jvp
+of grad, its vmap for K vectors, jvp and vjp for the GGN, jax.hessian."""
 import sys
 import time
 
@@ -94,6 +94,15 @@ def build(arrays):
 
         f = jax.jit(jax.vmap(lap, in_axes=(None, 0)))
         return (lambda: f(params, x)), lambda r: np.asarray(r).reshape(-1)
+    if q == "pinn-step":  # the gradient in every weight of mean((-lap u - f)^2), y holding f
+        from folx import forward_laplacian
+
+        def pinn_loss(p, x, f):
+            lap = jax.vmap(lambda xm: forward_laplacian(lambda t: forward(p, t[None])[0])(xm).laplacian)(x)
+            return jnp.mean((-lap - f) ** 2)
+
+        g = jax.jit(jax.grad(pinn_loss))
+        return (lambda: g(params, x, y)), flat_out
     raise ValueError(f"quantity {q!r} has no JAX peer")
 
 

@@ -64,6 +64,44 @@ at::Tensor Workspace::empty(at::IntArrayRef shape, const at::TensorOptions& opti
   return t;
 }
 
+namespace {
+// A tensor of this shape on the storage of buf (uint8), from its start.
+at::Tensor on_storage(const at::Tensor& buf, at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::detail::make_tensor<c10::TensorImpl>(c10::Storage(buf.storage()),
+                                                          c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
+  t.unsafeGetTensorImpl()->set_sizes_contiguous(shape);
+  return t;
+}
+}  // namespace
+
+at::Tensor kept_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
+  if (!options.device().is_cpu()) return at::empty(shape, options);
+  thread_local std::vector<at::Tensor> pool;  // uint8 buffers; free where the pool holds the only reference
+  const int64_t bytes = c10::multiply_integers(shape) * static_cast<int64_t>(options.dtype().itemsize());
+  const auto is_free = [](const at::Tensor& b) { return b.storage().use_count() == 1; };
+  at::Tensor* best = nullptr;  // the smallest free buffer that holds it, wasting at most half
+  for (auto& b : pool)
+    if (is_free(b) && b.numel() >= bytes && b.numel() <= 2 * bytes + 4096 && (!best || b.numel() < best->numel()))
+      best = &b;
+  if (best) return on_storage(*best, shape, options);
+  int64_t held = 0;
+  for (const auto& b : pool) held += b.numel();
+  if (held + bytes > kKeepBytes) {  // make room: drop free buffers, largest first
+    std::sort(pool.begin(), pool.end(), [](const at::Tensor& a, const at::Tensor& b) { return a.numel() > b.numel(); });
+    for (auto it = pool.begin(); it != pool.end() && held + bytes > kKeepBytes;) {
+      if (is_free(*it)) {
+        held -= it->numel();
+        it = pool.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (held + bytes > kKeepBytes) return empty_output(shape, options);
+  pool.push_back(empty_output({bytes}, at::TensorOptions().dtype(at::kByte)));
+  return on_storage(pool.back(), shape, options);
+}
+
 int64_t workspace_bytes() {
   return arena().capacity();
 }
