@@ -81,6 +81,32 @@ def median_s(fn, min_run_time=1.0):
     return m.median
 
 
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "_HESSEXT_HELD_ISA": "avx2",
+                    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}}
+
+
+def hold_isa():
+    """`--isa avx2` on a benchmark's command line: run it again in a process held to AVX2 (torch's and
+    hessext's kernels, hessext's OpenBLAS, MKL, and XLA for the JAX peer), so that an AVX-512 machine
+    shows the AVX2 picture. Returns the held instruction set, or None; removes the flag from sys.argv."""
+    import sys
+
+    if "--isa" not in sys.argv:
+        return os.environ.get("_HESSEXT_HELD_ISA")
+    j = sys.argv.index("--isa")
+    isa = sys.argv[j + 1] if j + 1 < len(sys.argv) else None
+    if isa not in ISA_ENV:
+        raise SystemExit(f"--isa must be one of {sorted(ISA_ENV)}, got {isa!r}")
+    argv = sys.argv[:j] + sys.argv[j + 2:]
+    if os.environ.get("_HESSEXT_HELD_ISA") == isa:
+        sys.argv[:] = argv
+        return isa
+    env = dict(os.environ)
+    for key, value in ISA_ENV[isa].items():
+        env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
+    os.execve(sys.executable, [sys.executable] + argv, env)
+
+
 def instruction_set():
     """The vector instructions hessext's CPU kernels were compiled for here (AVX-512, AVX2, ...)."""
     from hessext import _native

@@ -15,12 +15,12 @@ sigmoid, timed):
   product), the inputs alone through the first (its jet is the identity).
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
-    python benchmarks/speed.py   ->   benchmarks/results/speed_cpu.{json,md}"""
+    python benchmarks/speed.py [--isa avx2] [--rounds R]   ->   benchmarks/results/speed_cpu[_avx2].{json,md}"""
 import time
 
 import torch
 
-from common import environment, write
+from common import environment, hold_isa, write
 from hessext import _native, bench
 
 NETS = {"seed 1": ([1, 16, 1], 100), "pinn": ([2, 50, 50, 50, 1], 1024), "[10,64,64,1]": ([10, 64, 64, 1], 256),
@@ -89,10 +89,17 @@ def floor_s(quantity, widths, N):
 
 
 def main():
-    """`python benchmarks/speed.py [name]`: results/<name>.{json,md} (default speed_cpu)."""
+    """`python benchmarks/speed.py [--isa avx2] [--rounds R] [name]`: results/<name>.{json,md} (default
+    speed_cpu, or speed_cpu_avx2 held to AVX2: common.hold_isa)."""
     import sys
 
-    name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu"
+    global ROUNDS
+    held = hold_isa()
+    if "--rounds" in sys.argv:
+        j = sys.argv.index("--rounds")
+        ROUNDS = int(sys.argv[j + 1])
+        del sys.argv[j:j + 2]
+    name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu" + (f"_{held}" if held else "")
     torch.set_num_threads(2)
     bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []

@@ -80,12 +80,24 @@ def load():
             else:
                 errors.append("JIT build disabled by HESSEXT_NO_JIT=1")
         if _state["module"] is not None:
+            _follow_capability(_state["module"])
             _blas.use(_state["module"])
         else:
             _state["error"] = "; ".join(errors)
             warnings.warn(f"hessext: native kernels unavailable, using torch.func ({_state['error']})")
         _state["tried"] = True
         return _state["module"]
+
+
+def _follow_capability(module):
+    """hessext's vector loops take no wider instructions than torch's own kernels: ATEN_CPU_CAPABILITY=avx2
+    holds torch, hessext and (through _blas) its OpenBLAS to AVX2 on an AVX-512 CPU."""
+    import torch
+
+    order = ["baseline", "avx2", "avx512"]
+    torch_isa = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "baseline")
+    if order.index(torch_isa) < order.index(module.simd()):
+        module.simd(torch_isa)
 
 
 def loaded():

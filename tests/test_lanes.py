@@ -109,3 +109,20 @@ def test_instruction_sets_agree(loss, simd):
 def test_simd_refuses_unknown_names(simd):
     with pytest.raises(ValueError, match="simd must be one of"):
         simd("sse9")
+
+
+@pytest.mark.skipif("avx2" not in SIMD, reason="needs a CPU with AVX2")
+def test_torchs_cpu_capability_holds_the_kernels_to_it():
+    """ATEN_CPU_CAPABILITY=avx2 (how a developer on an AVX-512 machine sees the AVX2 picture) holds
+    hessext's vector loops and its OpenBLAS's kernels to AVX2 as it holds torch's."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from hessext import _native, _blas; C = _native.load(); "
+            "print(torch.backends.cpu.get_cpu_capability(), C.simd(), _blas.status()['name'])")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    capability, lanes = out.split()[:2]
+    assert (capability, lanes) == ("AVX2", "avx2"), out
+    assert "SkylakeX" not in out, f"OpenBLAS kept its AVX-512 kernels: {out}"
