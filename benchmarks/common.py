@@ -22,13 +22,13 @@ def mlp(widths, act=nn.Tanh):
     return nn.Sequential(*layers)
 
 
-def sequential_seed_one():
-    """Seed 1's architecture as an nn.Sequential (for peers that need one), output [N, 1]."""
+def sequential_tiny_tanh():
+    """The 1-16-1 network's architecture as an nn.Sequential (for peers that need one), output [N, 1]."""
     return mlp([1, 16, 1])
 
 
-class SeedOne(nn.Module):
-    """Seed 1's Linear(1,16)-Tanh-Linear(16,1) with a squeezed output."""
+class TinyTanh(nn.Module):
+    """The 1-16-1 network's Linear(1,16)-Tanh-Linear(16,1) with a squeezed output."""
 
     def __init__(self):
         super().__init__()
@@ -39,12 +39,12 @@ class SeedOne(nn.Module):
 
 
 def config(name, dtype=torch.float64, device="cpu", seed=0):
-    """(label, model, inputs, targets) for a named configuration: "a" seed 1 N=100, "b"
+    """(label, model, inputs, targets) for a named configuration: "a" [1,16,1] N=100, "b"
     [2,50,50,50,1] N=1024, "c" [784,256,256,10] N=256, "b4096" [2,50,50,50,1] N=4096,
     "d" [10,64,64,1] N=256."""
     torch.manual_seed(seed)
     table = {
-        "a": ("seed 1 [1,16,1], N=100", SeedOne, 100, 1, (100,)),
+        "a": ("[1,16,1], N=100", TinyTanh, 100, 1, (100,)),
         "b": ("[2,50,50,50,1], N=1024", lambda: mlp([2, 50, 50, 50, 1]), 1024, 2, (1024, 1)),
         "c": ("[784,256,256,10], N=256", lambda: mlp([784, 256, 256, 10]), 256, 784, (256, 10)),
         "d": ("[10,64,64,1], N=256", lambda: mlp([10, 64, 64, 1]), 256, 10, (256, 1)),

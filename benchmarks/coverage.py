@@ -5,9 +5,9 @@ first checked against its peer (relative max difference in the table), then time
      exact Hessian diagonal vs BackPACK DiagHessian; one HVP vs autograd double backward.
   2. [10,64,64,1] GELU then SiLU, MSELoss, N=256:
      one HVP vs torch.func jvp(grad) (on the explicit mean of squares: jvp(grad) of F.mse_loss
-     raises, PyTorch issue 123996); exact diagonal vs the diagonal of torch.func's full Hessian
+     raises, PyTorch bug 123996); exact diagonal vs the diagonal of torch.func's full Hessian
      (jacrev(jacrev), 512 rows at a time: torch.func.hessian holds all 4929 tangents at once).
-  3. Seed 2 ([5,8,3] ReLU, LogSoftmax, NLLLoss), N=1024: the input Hessian of every sample vs
+  3. A log-softmax classifier ([5,8,3] ReLU, LogSoftmax, NLLLoss), N=1024: the input Hessian of every sample vs
      torch.func vmap(hessian) of the per-sample loss.
 
     python benchmarks/coverage.py   ->   benchmarks/results/coverage_cpu.{json,md}
@@ -120,7 +120,7 @@ def regressor():
     ]
 
 
-def seed_two():
+def log_softmax_classifier():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3), nn.LogSoftmax(dim=-1)).double()
     x, y = torch.randn(1024, 5, dtype=torch.float64), torch.randint(0, 3, (1024,))
@@ -133,14 +133,14 @@ def seed_two():
     def ours():
         return hessext.input_hessian(model, nll, x, y)
 
-    return [{"config": "seed 2 [5,8,3] ReLU, LogSoftmax, NLL, N=1024", "quantity": "input Hessian per sample",
+    return [{"config": "log-softmax classifier [5,8,3] ReLU, LogSoftmax, NLL, N=1024", "quantity": "input Hessian per sample",
              "peer": "torch.func vmap(hessian)", "hessext_us": median_s(ours) * 1e6, "peer_us": median_s(func) * 1e6,
              "rel_diff": rel(ours(), func()), "target": 5.0}]
 
 
 def main():
     torch.set_num_threads(2)
-    rows = classifier() + regressor() + seed_two()
+    rows = classifier() + regressor() + log_softmax_classifier()
     for row in rows:
         row["speedup"] = row["peer_us"] / row["hessext_us"]
         row["met"] = "yes" if row["speedup"] >= row["target"] else "no"
@@ -151,7 +151,7 @@ def main():
                ("rel_diff", "max rel. diff vs peer", "{:.1e}")]
     print(write("coverage_cpu", environment(), rows, columns,
                 ["float64; hessext is the public call (plan, checks, kernel). Each result is checked against its peer",
-                 "before timing. The HVP target 1.43x is issue 11's 'at most 0.7x double backward's time'."]))
+                 "before timing. The HVP target 1.43x is the target 'at most 0.7x double backward's time'."]))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def backpack_diag(model, x, y, loss_fn=None):
 
 def run(name):
     label, model, x, y = config(name)
-    if name == "a":  # seed 1's architecture as nn.Sequential, which BackPACK needs; targets [N, 1]
+    if name == "a":  # the 1-16-1 Tanh network as nn.Sequential, which BackPACK needs; targets [N, 1]
         torch.manual_seed(0)
         model, y = mlp([1, 16, 1]).double(), y[:, None]
     loss_fn = nn.MSELoss()

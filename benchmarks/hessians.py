@@ -1,7 +1,7 @@
 """Full-Hessian benchmark, side by side in one run (float64, 2 threads).
 
 Weights: hessext.hessian(output="matrix") against torch.func.hessian over the flat parameters and
-seed 1's row-by-row autograd loop (one backward pass per row of the Hessian); equality to 1e-10
+a forum thread's row-by-row autograd loop (one backward pass per row of the Hessian); equality to 1e-10
 relative checked first. Inputs ([2,50,50,50,1], N=1024): hessext.laplacian and
 hessext.input_hessian(diagonal=True) against the torch.func way (vmap over samples of
 jacfwd(jacrev) of the model output, and of torch.func.hessian of each sample's loss term).
@@ -28,7 +28,7 @@ def once_s(fn):
 
 
 def row_by_row(model, x, y):
-    """Seed 1's first snippet: one autograd.grad call per row of the Hessian."""
+    """The 1-16-1 network's first snippet: one autograd.grad call per row of the Hessian."""
     params = list(model.parameters())
     loss = mse(model(x), y)
     grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=True)

@@ -1,4 +1,4 @@
-"""The curvature of seed 1's network (Linear(1,16)-Tanh-Linear(16,1)) during training with Adam on a
+"""The curvature of the 1-16-1 Tanh network (Linear(1,16)-Tanh-Linear(16,1)) during training with Adam on a
 1-D regression: every few steps the top-5 Hessian eigenvalues (hessext.linalg.eigsh, checked against
 the dense Hessian's eigvalsh), the trace (Hutch++) and the spectral density (stochastic Lanczos
 quadrature), plotted to examples/spectrum_1d.png (needs matplotlib).
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import hessext
-from demo import Model  # seed 1's network, as its user wrote it
+from demo import Model  # the 1-16-1 Tanh network, as its user wrote it
 from hessext import linalg
 from train_1d import data
 

@@ -1,4 +1,4 @@
-"""Train seed 1's network (Linear(1,16)-Tanh-Linear(16,1)) on a 1-D regression with hessext's
+"""Train the 1-16-1 Tanh network (Linear(1,16)-Tanh-Linear(16,1)) on a 1-D regression with hessext's
 AdaHessian and Sophia (exact diagonal, native, and the Hutchinson estimate) and with Adam, and plot
 the training loss curves to examples/train_1d.png (needs matplotlib).
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import hessext
-from demo import Model  # seed 1's network, as its user wrote it
+from demo import Model  # the 1-16-1 Tanh network, as its user wrote it
 from hessext.optim import AdaHessian, Sophia
 
 
@@ -75,7 +75,7 @@ def main():
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training MSE")
-    ax.set_title("Seed 1's network on a 1-D regression (N=100)")
+    ax.set_title("The 1-16-1 Tanh network on a 1-D regression (N=100)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

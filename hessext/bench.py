@@ -6,7 +6,7 @@ range, peak memory of one call (CUDA max-allocated; the process's resident high-
 plain gradient. Output: a table in the terminal, a JSON file with the environment, and PNG plots
 (time against width and against batch size) when matplotlib is installed.
 
-    python -m hessext.bench --quantities hvp,diagonal --preset seed1 --batch 100,1000
+    python -m hessext.bench --quantities hvp,diagonal --preset tiny --batch 100,1000
     python -m hessext.bench --widths 784,256,256,10 --device cuda --dtype float32 --out r.json --plot r.png"""
 import argparse
 import datetime
@@ -29,7 +29,7 @@ from hessext import _native
 
 QUANTITIES = ("hvp", "hvp-batched", "ggn_vp", "diagonal", "hessian", "input-hessian", "laplacian")
 METHODS = ("hessext", "double-backward", "torch.func", "torch.compile", "jax", "backpack", "curvlinops")
-PRESETS = {"seed1": [1, 16, 1], "pinn": [2, 50, 50, 50, 1], "mnist": [784, 256, 256, 10]}
+PRESETS = {"tiny": [1, 16, 1], "pinn": [2, 50, 50, 50, 1], "mnist": [784, 256, 256, 10]}
 DENSE_LIMIT = 3000  # parameters up to which dense references and dense peers are run
 RTOL = {torch.float64: 1e-8, torch.float32: 1e-3}
 
@@ -619,7 +619,7 @@ def main(argv=None):
         parser.error(f"--min-run-time must be positive, got {args.min_run_time}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["seed1"]]
+    archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["tiny"]]
     for widths in archs:
         if len(widths) < 2:
             parser.error(f"--widths {','.join(map(str, widths))}: an architecture needs an input and an output "

@@ -10,8 +10,8 @@ refused before tracing (the fallback runs them).
 
 Accepted: a single input tensor, optional shape-only ops on it, `F.linear` layers (bias or not)
 separated by at most one activation of the table below (or nothing: identity, inactive dropout),
-then optional shape-only ops on the output (seed 1 ends in `x.squeeze(-1)`), or a final
-`log_softmax` over the last dim (seed 2). Shape-only ops keep the row-major order of the
+then optional shape-only ops on the output (the 1-16-1 network ends in `x.squeeze(-1)`), or a final
+`log_softmax` over the last dim (a log-softmax classifier). Shape-only ops keep the row-major order of the
 elements, so an elementwise loss over the reshaped output equals the loss over the [M, C] output
 of the last Linear.
 

@@ -1,7 +1,7 @@
 """torch.func implementations for any module and any loss: the fallback path, and the tests' reference.
 
 HVPs are reverse-over-reverse: forward-over-reverse (`jvp(grad(f))`) raises "ZeroTensors are
-immutable" when f uses F.mse_loss / nn.MSELoss (PyTorch issue 123996), while the Hessian is
+immutable" when f uses F.mse_loss / nn.MSELoss (PyTorch bug 123996), while the Hessian is
 symmetric, so the vjp of the gradient is the same product. Outside torch.func transforms, up to
 LOOP_MAX_K vectors take plain autograd double backward, one backward pass per vector on one
 retained graph of the gradient (on a LayerNorm [10,64,64,1] MLP, N=256, 2 threads: faster than

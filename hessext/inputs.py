@@ -190,7 +190,7 @@ _LAYOUTS_PER_PLAN = 64
 def native_batch(plan, inputs, targets, tensors):
     """(x [M, n_0], y [M, C], scale of the loss sum over rows) for the native kernels. For regression
     losses the layout depends only on the shapes: the checks run on a shape pair's first call, and the
-    plan keeps (M, n_0, C, scale, whether y is a reshape) for the next ones (seed 1: 1.4 -> 0.5 us)."""
+    plan keeps (M, n_0, C, scale, whether y is a reshape) for the next ones (the 1-16-1 network: 1.4 -> 0.5 us)."""
     loss = plan.loss
     key = None if loss.classes else (inputs.shape, targets.shape)
     known = plan.batch_layouts.get(key) if key is not None else None

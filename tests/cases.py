@@ -10,8 +10,8 @@ DTYPES = [torch.float32, torch.float64]
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 
 
-class SeedOneModel(nn.Module):
-    """Seed 1's network, as written by the user: Linear(1,16)-Tanh-Linear(16,1), squeezed output."""
+class TinyTanhModel(nn.Module):
+    """The 1-16-1 Tanh network, as written by the user: Linear(1,16)-Tanh-Linear(16,1), squeezed output."""
 
     def __init__(self):
         super().__init__()
@@ -26,13 +26,13 @@ class SeedOneModel(nn.Module):
         return x.squeeze(-1)
 
 
-def seed_one_loss(outputs, targets):
-    """Seed 1's loss, as written by the user."""
+def tiny_tanh_loss(outputs, targets):
+    """The 1-16-1 network's loss, as written by the user."""
     return torch.mean((outputs - targets) ** 2, dim=0)
 
 
-def seed_two_model(d=5, hidden=8, classes=3):
-    """Seed 2's model: an MLP that outputs a log-softmax (with nn.NLLLoss as its loss)."""
+def log_softmax_classifier(d=5, hidden=8, classes=3):
+    """A log-softmax classifier: an MLP that outputs a log-softmax (with nn.NLLLoss as its loss)."""
     return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes), nn.LogSoftmax(dim=-1))
 
 

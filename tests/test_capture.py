@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hessext
-from cases import SeedOneModel, seed_one_loss
+from cases import TinyTanhModel, tiny_tanh_loss
 
 
 class Functional(nn.Module):
@@ -31,13 +31,13 @@ class Skip(nn.Module):
 
 
 @pytest.mark.parametrize("model,loss_fn", [
-    (SeedOneModel(), seed_one_loss),
+    (TinyTanhModel(), tiny_tanh_loss),
     (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss()),
     (nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Linear(3, 2)), F.mse_loss),
     (Functional(), functools.partial(F.mse_loss, reduction="sum")),
     (nn.Linear(3, 2), lambda out, tgt: ((tgt - out) ** 2).sum()),
     (nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.0), nn.Linear(3, 1)), lambda o, t: F.mse_loss(o, t, reduction="sum")),
-], ids=["seed1", "sequential", "flatten-input", "functional-tanh", "lone-linear", "dropout0-lambda"])
+], ids=["tiny", "sequential", "flatten-input", "functional-tanh", "lone-linear", "dropout0-lambda"])
 def test_native_models(model, loss_fn):
     plan = hessext.plan(model, loss_fn)
     assert plan.backend == "native", plan.reason
@@ -62,7 +62,7 @@ def test_fallback_reasons(model, loss_fn, reason):
 
 
 def test_plan_is_cached_per_model_and_loss():
-    model, loss = SeedOneModel(), nn.MSELoss()
+    model, loss = TinyTanhModel(), nn.MSELoss()
     assert hessext.plan(model, loss) is hessext.plan(model, loss)
     assert hessext.plan(model, nn.MSELoss()) is hessext.plan(model, loss)  # built per call: no re-trace
     assert hessext.plan(model, nn.MSELoss(reduction="sum")) is not hessext.plan(model, loss)

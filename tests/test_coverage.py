@@ -265,20 +265,20 @@ def test_cross_entropy_ggn_is_the_softmax_fisher():
     assert (got >= 0).all()
 
 
-def test_seed_two_as_written_is_native():
-    """Seed 2: an MLP ending in LogSoftmax, nn.NLLLoss, the Hessian in the input and the weight diagonal."""
-    from cases import seed_two_model
+def test_log_softmax_classifier_as_written_is_native():
+    """A log-softmax classifier: an MLP ending in LogSoftmax, nn.NLLLoss, the Hessian in the input and the weight diagonal."""
+    from cases import log_softmax_classifier
 
     torch.manual_seed(0)
-    model = seed_two_model().double().requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    model = log_softmax_classifier().double().requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
     assert hessext.plan(model, nn.NLLLoss()).backend == "native"
     ref = func_hessian(lambda xx: nn.NLLLoss()(model(xx), y))(x)
     ref = torch.stack([ref[n, :, n, :] for n in range(64)])
-    assert_close(hessext.input_hessian(model, nn.NLLLoss(), x, y, backend="native"), ref, 1e-10, "seed 2 input Hessian")
+    assert_close(hessext.input_hessian(model, nn.NLLLoss(), x, y, backend="native"), ref, 1e-10, "log-softmax classifier input Hessian")
     H = reference_hessian(model, nn.NLLLoss(), x, y)
     assert_close(as_dict_flat(hessext.hessian_diag(model, nn.NLLLoss(), x, y, backend="native"), names_of(model)),
-                 torch.diagonal(H), 1e-10, "seed 2 diagonal")
+                 torch.diagonal(H), 1e-10, "log-softmax classifier diagonal")
 
 
 def test_flat_result_formats_unchanged_for_new_rows():

@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hessext
-from cases import (DEVICES, DTYPES, RTOL, SeedOneModel, as_dict_flat, assert_close, build_stack, random_batch,
-                   random_stack, reference_ggn, reference_hessian, seed_one_loss, seed_two_model)
+from cases import (DEVICES, DTYPES, RTOL, TinyTanhModel, as_dict_flat, assert_close, build_stack, random_batch,
+                   random_stack, reference_ggn, reference_hessian, tiny_tanh_loss, log_softmax_classifier)
 from hessext import fallback
 
 
@@ -93,15 +93,15 @@ def test_ggn_equals_hessian_without_tanh():
     assert (hessext.ggn_vp(model, loss, x, y, deep) - hessext.hvp(model, loss, x, y, deep)).abs().max() > 1e-3
 
 
-def test_seed_one_and_seed_two_diagonals():
+def test_tiny_tanh_and_log_softmax_classifier_diagonals():
     torch.manual_seed(0)
-    net = SeedOneModel().double()
+    net = TinyTanhModel().double()
     x, t = torch.randn(100, 1, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
     names = [n for n, _ in net.named_parameters()]
-    H = reference_hessian(net, seed_one_loss, x, t)
-    assert_close(as_dict_flat(hessext.hessian_diag(net, seed_one_loss, x, t), names), torch.diagonal(H), 1e-12)
+    H = reference_hessian(net, tiny_tanh_loss, x, t)
+    assert_close(as_dict_flat(hessext.hessian_diag(net, tiny_tanh_loss, x, t), names), torch.diagonal(H), 1e-12)
 
-    model = seed_two_model().double()
+    model = log_softmax_classifier().double()
     x2, y2 = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
     names2 = [n for n, _ in model.named_parameters()]
     assert hessext.plan(model, nn.NLLLoss()).backend == "native"
@@ -156,16 +156,16 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
 
 
 def test_diag_bad_input():
-    net = SeedOneModel().double()
+    net = TinyTanhModel().double()
     x, t = torch.randn(10, 1, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
     for fn in (hessext.hessian_diag, hessext.ggn_diag):
         with pytest.raises(TypeError, match="inputs must have dtype torch.float64"):
-            fn(net, seed_one_loss, x.float(), t)
+            fn(net, tiny_tanh_loss, x.float(), t)
         with pytest.raises(ValueError, match=r"targets must have shape \(10,\)"):
-            fn(net, seed_one_loss, x, t[:5])
+            fn(net, tiny_tanh_loss, x, t[:5])
         with pytest.raises(ValueError, match="inputs must hold at least one sample"):
-            fn(net, seed_one_loss, x[:0], t[:0])
+            fn(net, tiny_tanh_loss, x[:0], t[:0])
     with pytest.raises(ValueError, match="samples must be a positive int"):
-        hessext.hutchinson_diag(net, seed_one_loss, x, t, samples=0)
+        hessext.hutchinson_diag(net, tiny_tanh_loss, x, t, samples=0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
-        hessext.hutchinson_diag(net, seed_one_loss, x, t, generator=3)
+        hessext.hutchinson_diag(net, tiny_tanh_loss, x, t, generator=3)

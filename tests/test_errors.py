@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import hessext
-from cases import SeedOneModel, seed_one_loss
+from cases import TinyTanhModel, tiny_tanh_loss
 from hessext import ops
 
 
@@ -20,7 +20,7 @@ def no_kernel(monkeypatch):
 @pytest.fixture
 def setup():
     torch.manual_seed(0)
-    net = SeedOneModel().double()
+    net = TinyTanhModel().double()
     x = torch.randn(10, 1, dtype=torch.float64)
     y = torch.randn(10, dtype=torch.float64)
     v = {k: torch.randn_like(p) for k, p in net.named_parameters()}
@@ -32,7 +32,7 @@ def call(setup, **changes):
     args = dict(inputs=x, targets=y, vectors=v)
     args.update(changes)
     kwargs = {k: args.pop(k) for k in ("params", "backend") if k in args}
-    return hessext.hvp(net, seed_one_loss, args["inputs"], args["targets"], args["vectors"], **kwargs)
+    return hessext.hvp(net, tiny_tanh_loss, args["inputs"], args["targets"], args["vectors"], **kwargs)
 
 
 CASES = [
@@ -85,7 +85,7 @@ def test_bad_input(setup, no_kernel, name, change, exc, match):
 def test_loss_that_is_not_scalar(setup, no_kernel):
     net, x, y, v = setup
     with pytest.raises(ValueError, match=r"loss_fn reduces only dims \(0,\).*not return a scalar"):
-        hessext.hvp(net, seed_one_loss, torch.randn(10, 2, 1, dtype=torch.float64),
+        hessext.hvp(net, tiny_tanh_loss, torch.randn(10, 2, 1, dtype=torch.float64),
                     torch.randn(10, 2, dtype=torch.float64), v)
 
 
@@ -120,8 +120,8 @@ def test_shape_checks_hold_after_the_layout_is_cached(setup):
         with pytest.raises(ValueError, match=r"targets must have shape \(10,\)"):
             call(setup, targets=torch.zeros(10, 1, dtype=torch.float64))
     for n in (7, 10, 7):
-        got = hessext.hvp(net, seed_one_loss, x[:n], y[:n], v)
-        ref = hessext.hvp(net, seed_one_loss, x[:n], y[:n], v, backend="torch.func")
+        got = hessext.hvp(net, tiny_tanh_loss, x[:n], y[:n], v)
+        ref = hessext.hvp(net, tiny_tanh_loss, x[:n], y[:n], v, backend="torch.func")
         for k in v:
             torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-12 * ref[k].abs().max().item())
     assert all(torch.equal(first[k], call(setup)[k]) for k in v)

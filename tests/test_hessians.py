@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.func import hessian as func_hessian, jacfwd, jacrev, vmap
 
 import hessext
-from cases import (DTYPES, RTOL, SeedOneModel, as_dict_flat, assert_close, build_stack, random_batch, random_stack,
-                   reference_hessian, seed_one_loss, seed_two_model)
+from cases import (DTYPES, RTOL, TinyTanhModel, as_dict_flat, assert_close, build_stack, random_batch, random_stack,
+                   reference_hessian, tiny_tanh_loss, log_softmax_classifier)
 
 
 def case_model(case, dtype=torch.float64, max_width=12):
@@ -78,18 +78,18 @@ def test_dict_layout_and_layer_blocks(case):
         assert set(layer_dict[na]) == {nb for nb in names if nb.split(".")[0] == na.split(".")[0]}
 
 
-def test_seed_one_dict_like_torch_func():
-    """Seed 1's code prints hess[key][key].shape: (16, 1, 16, 1) for fc1.weight."""
+def test_tiny_tanh_dict_like_torch_func():
+    """The 1-16-1 network's code prints hess[key][key].shape: (16, 1, 16, 1) for fc1.weight."""
     torch.manual_seed(0)
-    net = SeedOneModel().double()
+    net = TinyTanhModel().double()
     inputs, targets = torch.randn(100, 1, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
-    hess = hessext.hessian(net, seed_one_loss, inputs, targets)
+    hess = hessext.hessian(net, tiny_tanh_loss, inputs, targets)
     key = list(dict(net.named_parameters()))[0]
     assert hess[key][key].shape == (16, 1, 16, 1)
     params = dict(net.named_parameters())
 
     def compute_loss(p):
-        return seed_one_loss(torch.func.functional_call(net, p, (inputs,)), targets)
+        return tiny_tanh_loss(torch.func.functional_call(net, p, (inputs,)), targets)
 
     ref = func_hessian(compute_loss)(params)
     for a in params:
@@ -115,8 +115,8 @@ def test_parameter_order_differs_from_stack_order():
     assert_close(blocks[0], H[:12, :12], 1e-12, "fc2 block (first in named order)")
 
 
-def test_fallback_hessian_seed_two():
-    model = seed_two_model().double()
+def test_fallback_hessian_log_softmax_classifier():
+    model = log_softmax_classifier().double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1, 0, 2])
     H = hessext.hessian(model, nn.NLLLoss(), x, y, output="matrix")
     assert_close(H, reference_hessian(model, nn.NLLLoss(), x, y), 1e-12, "fallback")
@@ -172,20 +172,20 @@ def test_wide_input_uses_backward_recurrence():
                  torch.diagonal(ref, dim1=1, dim2=2), 1e-10, "diagonal")
 
 
-def test_seed_two_input_hessian_and_laplacian_fallback():
-    """Seed 2 wants the Hessian of the NLL with respect to the input."""
-    model = seed_two_model().double()
+def test_log_softmax_classifier_input_hessian_and_laplacian_fallback():
+    """A log-softmax classifier's Hessian of the NLL with respect to the input."""
+    model = log_softmax_classifier().double()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 1])
     ref = input_reference(model, nn.NLLLoss(), x, y)
     got = hessext.input_hessian(model, nn.NLLLoss(), x, y)
     assert got.shape == (4, 5, 5)
-    assert_close(got, ref, 1e-12, "seed 2 input Hessian")
+    assert_close(got, ref, 1e-12, "log-softmax classifier input Hessian")
     out_h = vmap(jacfwd(jacrev(lambda xm: model(xm[None])[0])))(x)
-    assert_close(hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), 1e-12, "seed 2 Laplacian")
+    assert_close(hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), 1e-12, "log-softmax classifier Laplacian")
 
 
-def test_seed_one_laplacian_shape_and_op_fakes():
-    net = SeedOneModel().double()
+def test_tiny_tanh_laplacian_shape_and_op_fakes():
+    net = TinyTanhModel().double()
     x = torch.randn(7, 1, dtype=torch.float64)
     assert hessext.laplacian(net, x).shape == (7,)
     lin = build_stack([3, 4, 2], [True, False], ["tanh"])

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
 import hessext
-from cases import (DEVICES, DTYPES, RTOL, SeedOneModel, assert_close, build_stack, random_batch, random_stack,
-                   reference_hessian, seed_one_loss, seed_two_model, to_flat)
+from cases import (DEVICES, DTYPES, RTOL, TinyTanhModel, assert_close, build_stack, random_batch, random_stack,
+                   reference_hessian, tiny_tanh_loss, log_softmax_classifier, to_flat)
 from hessext import fallback
 
 
@@ -93,19 +93,19 @@ def test_single_linear_closed_form(bias, reduction):
         assert_close(got["bias"], expected[..., d], 1e-12, "bias block")
 
 
-def test_seed_one_as_written():
-    """Seed 1's Model, loss and functional params dict, natively, against torch.func.hessian."""
+def test_tiny_tanh_as_written():
+    """The 1-16-1 network's Model, loss and functional params dict, natively, against torch.func.hessian."""
     torch.manual_seed(0)
-    net = SeedOneModel().double()
+    net = TinyTanhModel().double()
     batch_size = 100
     targets = torch.randn(batch_size, dtype=torch.float64)
     inputs = torch.randn(batch_size, 1, dtype=torch.float64)
     params = dict(net.named_parameters())
-    plan = hessext.plan(net, seed_one_loss)
+    plan = hessext.plan(net, tiny_tanh_loss)
     assert plan.backend == "native", plan.reason
 
     def compute_loss(params, inputs, targets):
-        return seed_one_loss(functional_call(net, params, (inputs,)), targets)
+        return tiny_tanh_loss(functional_call(net, params, (inputs,)), targets)
 
     hess = hessian(compute_loss, argnums=0)(params, inputs, targets)
     P = num_params(net)
@@ -113,13 +113,13 @@ def test_seed_one_as_written():
     H = torch.cat([torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
                    for a in names], 0)
     V = torch.randn(4, P, dtype=torch.float64)
-    got = hessext.hvp(net, seed_one_loss, inputs, targets, V, params=params)
-    assert_close(got, V @ H, 1e-12, "seed 1 HVP vs torch.func.hessian")
+    got = hessext.hvp(net, tiny_tanh_loss, inputs, targets, V, params=params)
+    assert_close(got, V @ H, 1e-12, "1-16-1 HVP vs torch.func.hessian")
 
 
-def test_seed_two_native_as_written():
+def test_log_softmax_classifier_native_as_written():
     torch.manual_seed(0)
-    model = seed_two_model().double()
+    model = log_softmax_classifier().double()
     plan = hessext.plan(model, nn.NLLLoss())
     assert plan.backend == "native", plan.reason
     x = torch.randn(6, 5, dtype=torch.float64)
@@ -132,8 +132,8 @@ def test_seed_two_native_as_written():
     names = list(params)
     H = torch.cat([torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
                    for a in names], 0)
-    assert_close(got, V @ H, 1e-12, "seed 2 native HVP")
-    assert_close(hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="torch.func"), V @ H, 1e-12, "seed 2 fallback HVP")
+    assert_close(got, V @ H, 1e-12, "log-softmax classifier native HVP")
+    assert_close(hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="torch.func"), V @ H, 1e-12, "log-softmax classifier fallback HVP")
 
 
 @pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.MSELoss(), nn.MSELoss(reduction="sum")], ids=["F", "mean", "sum"])

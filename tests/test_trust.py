@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 import hessext
-from cases import SeedOneModel, assert_close, seed_one_loss
+from cases import TinyTanhModel, assert_close, tiny_tanh_loss
 
 RTOL = 1e-10
 
@@ -303,7 +303,7 @@ def test_capture_does_not_disturb_other_threads():
     thread.start()
     try:
         for j in range(300):
-            hessext.plan(SeedOneModel().double(), seed_one_loss)
+            hessext.plan(TinyTanhModel().double(), tiny_tanh_loss)
     finally:
         done.set()
         thread.join()
@@ -517,9 +517,9 @@ def test_new_loss_objects_per_call_reuse_the_capture(monkeypatch):
 
 def test_per_call_check_cost_is_small():
     """The guard's cost per call (reported in the benchmark); here only that a hit does no capture."""
-    model = SeedOneModel().double()
-    p = hessext.plan(model, seed_one_loss)
-    assert all(hessext.plan(model, seed_one_loss) is p for _ in range(100))
+    model = TinyTanhModel().double()
+    p = hessext.plan(model, tiny_tanh_loss)
+    assert all(hessext.plan(model, tiny_tanh_loss) is p for _ in range(100))
 
 
 @pytest.mark.parametrize("n", [7, 40000])
