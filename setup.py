@@ -4,7 +4,7 @@ compile with no GPU present)."""
 import importlib.util
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
 _spec = importlib.util.spec_from_file_location(
@@ -14,14 +14,20 @@ build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
 
 
+def sources(cuda):
+    """The sources relative to this directory, as setuptools requires of a [project] build."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.relpath(f, here) for f in build.sources(cuda)]
+
+
 def extension():
     cuda = build.want_cuda()
     kwargs = dict(include_dirs=[build.CSRC], extra_compile_args={"cxx": build.CXX_FLAGS},
                   extra_link_args=build.LINK_FLAGS)
     if cuda:
         kwargs["extra_compile_args"]["nvcc"] = build.NVCC_FLAGS
-        return CUDAExtension("hessext._C", build.sources(True), define_macros=[("WITH_CUDA", None)], **kwargs)
-    return CppExtension("hessext._C", build.sources(False), **kwargs)
+        return CUDAExtension("hessext._C", sources(True), define_macros=[("WITH_CUDA", None)], **kwargs)
+    return CppExtension("hessext._C", sources(False), **kwargs)
 
 
 class Build(BuildExtension.with_options(use_ninja=True)):
@@ -31,17 +37,7 @@ class Build(BuildExtension.with_options(use_ninja=True)):
         build.check_shared_libstdcxx(path)
 
 
-setup(
-    name="hessext",
-    version="0.1.0",
-    description="Fast exact second-order derivatives (HVPs, Hessian diagonals, Hessians) for PyTorch MLPs",
-    packages=find_packages(include=["hessext", "hessext.*"]),
+setup(  # the metadata is pyproject.toml's [project]; here, the extension and its build
     ext_modules=[extension()],
     cmdclass={"build_ext": Build},
-    python_requires=">=3.9",
-    license="MIT",
-    install_requires=["torch", "numpy", "tqdm", "scipy-openblas64"],
-    entry_points={"console_scripts": ["hessext-bench=hessext.bench:main"]},
-    extras_require={"test": ["pytest", "scipy"], "bench": ["backpack-for-pytorch", "matplotlib", "jax", "folx"],
-                    "examples": ["matplotlib"], "scipy": ["scipy"]},
 )

@@ -1,5 +1,5 @@
-"""Copy the committed benchmark tables (benchmarks/results/<name>.md) into the README, between the
-markers <!-- name --> and <!-- /name -->.
+"""Copy the committed benchmark tables (benchmarks/results/<name>.md) into the README and the
+documentation pages, between the markers <!-- name --> and <!-- /name -->.
 
     python benchmarks/update_readme.py"""
 import os
@@ -9,7 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
-    path = os.path.join(ROOT, "README.md")
+    docs = os.path.join(ROOT, "docs")
+    for path in [os.path.join(ROOT, "README.md")] + sorted(os.path.join(docs, f) for f in os.listdir(docs)
+                                                           if f.endswith(".md")):
+        update(path)
+
+
+def update(path):
     with open(path) as f:
         text = f.read()
     for name in re.findall(r"<!-- ([a-z0-9_]+) -->", text):

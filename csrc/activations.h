@@ -31,6 +31,9 @@ enum class Act : int64_t {
   ELU = 9,        // p0 alpha
 };
 constexpr int64_t kNumActs = 10;
+// Each row's name, in enum order: hessext/capture.py builds its codes from these (hessext._C.table_names).
+constexpr const char* kActNames[kNumActs] = {"identity", "tanh",      "relu",     "leaky_relu", "sigmoid",
+                                             "silu",     "gelu",      "gelu_tanh", "softplus",  "elu"};
 
 // Piecewise-linear rows have d2 = 0 everywhere: their R-backward has no residual term, and their
 // Hessian diagonal is the GGN's.

@@ -223,6 +223,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_tuple(a, d, d2);
       },
       "phi(z), phi'(z), phi''(z) of an activations.h row as the CPU kernels compute them (for tests)");
+  m.def(
+      "table_names",
+      [] {
+        return std::make_pair(std::vector<std::string>(hessext::kActNames, hessext::kActNames + hessext::kNumActs),
+                              std::vector<std::string>(hessext::kLossNames, hessext::kLossNames + hessext::kNumLosses));
+      },
+      "(activation row names, loss row names) in the order of csrc/activations.h and csrc/losses.h");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
   m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");

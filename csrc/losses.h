@@ -20,6 +20,8 @@ enum class Loss : int64_t {
   SoftmaxCrossEntropy = 3,  // -sum_c y_c log softmax(z)_c
 };
 constexpr int64_t kNumLosses = 4;
+// Each row's name, in enum order (hessext._C.table_names).
+constexpr const char* kLossNames[kNumLosses] = {"mse", "huber", "bce_with_logits", "softmax_cross_entropy"};
 
 HX_HD bool loss_is_softmax(Loss kind) { return kind == Loss::SoftmaxCrossEntropy; }
 

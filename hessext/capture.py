@@ -34,8 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Rows of csrc/activations.h (Act) and csrc/losses.h (Loss); the numbers are the kernels'.
-IDENTITY, TANH, RELU, LEAKY_RELU, SIGMOID, SILU, GELU, GELU_TANH, SOFTPLUS, ELU = range(10)
-MSE_LOSS, HUBER, BCE_WITH_LOGITS, SOFTMAX_CE = range(4)
+# The rows of csrc/activations.h and csrc/losses.h by name, in their enum order (the kernels' codes;
+# tests/test_capture.py checks them against hessext._C.table_names()).
+ACTIVATION_ROWS = ("identity", "tanh", "relu", "leaky_relu", "sigmoid", "silu", "gelu", "gelu_tanh", "softplus", "elu")
+LOSS_ROWS = ("mse", "huber", "bce_with_logits", "softmax_cross_entropy")
+IDENTITY, TANH, RELU, LEAKY_RELU, SIGMOID, SILU, GELU, GELU_TANH, SOFTPLUS, ELU = range(len(ACTIVATION_ROWS))
+MSE_LOSS, HUBER, BCE_WITH_LOGITS, SOFTMAX_CE = range(len(LOSS_ROWS))
 NATIVE_DTYPES = (torch.float32, torch.float64)
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

@@ -161,17 +161,40 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
 
 
 def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
-    """Hessian-vector products of `loss_fn(model(inputs), targets)` with respect to the parameters.
+    """Hessian-vector products of ``loss_fn(model(inputs), targets)`` in the parameters.
 
-    vectors: a dict name -> tensor, a list/tuple in `model.named_parameters()` order, or a flat tensor
-    [P]; each may carry a leading batch dimension K (entries [K, *p.shape], flat [K, P]) for K
-    products at once. The result has the same structure, shapes and dtype.
-    params: optional dict name -> tensor used instead of the module's parameters.
-    backend: "auto" (native when `hessext.plan(model, loss_fn)` allows, else torch.func),
-    "native" (error if not possible) or "torch.func".
-    create_graph: as in torch.autograd.grad: False (default) returns detached results and leaves no
-    .grad and no graph behind; True returns results differentiable in the parameters, inputs,
-    targets and vectors (computed by torch.func; backend="native" then raises)."""
+    Args:
+        model: an ``nn.Module``; Linear/activation stacks run in the native kernels, any other
+            model through torch.func (``hessext.plan(model, loss_fn).reason`` says why).
+        loss_fn: a torch loss module or function of ``(output, targets)``.
+        inputs: the batch, ``[N, ...]``.
+        targets: the targets, as ``loss_fn`` takes them.
+        vectors: a dict name -> tensor, a list or tuple in ``model.named_parameters()`` order, or a
+            flat tensor ``[P]``; each may carry a leading batch dimension K (entries
+            ``[K, *p.shape]``, flat ``[K, P]``) for K products at once.
+        params: optional dict name -> tensor used instead of the module's parameters (a subset
+            restricts the products to those parameters).
+        backend: ``"auto"`` (native when the plan allows, else torch.func), ``"native"`` (a
+            ``ValueError`` where not possible) or ``"torch.func"``.
+        create_graph: as in ``torch.autograd.grad``: False returns detached results and leaves no
+            ``.grad`` and no graph behind; True returns results differentiable in the parameters,
+            inputs, targets and vectors (computed by torch.func).
+
+    Returns:
+        H v in the structure, shapes and dtype of ``vectors``.
+
+    Raises:
+        ValueError, TypeError: bad arguments, named, before any kernel runs.
+
+    Example:
+        >>> import torch, torch.nn as nn, hessext
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+        >>> v = [torch.randn_like(p) for p in model.parameters()]
+        >>> Hv = hessext.hvp(model, nn.MSELoss(), x, y, v)
+        >>> [tuple(t.shape) for t in Hv]
+        [(8, 3), (8,), (1, 8), (1,)]
+    """
     if torch.compiler.is_compiling():
         return compiled.products("hvp", unwrap(model), loss_fn, inputs, targets, vectors, params=params, backend=backend,
                                  create_graph=create_graph)
@@ -180,8 +203,19 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
 
 
 def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
-    """Generalised Gauss-Newton-vector products J^T H_out J v (J: the Jacobian of the model output in
-    the parameters, H_out: the Hessian of the loss in the output). Formats and create_graph as in `hvp`."""
+    """Generalised Gauss-Newton-vector products ``J^T H_out J v``.
+
+    J is the Jacobian of the model output in the parameters and H_out the Hessian of the loss in
+    the output. Arguments and result as in :func:`hessext.hvp`.
+
+    Example:
+        >>> import torch, torch.nn as nn, hessext
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+        >>> P = sum(p.numel() for p in model.parameters())
+        >>> hessext.ggn_vp(model, nn.MSELoss(), x, y, torch.ones(4, P, dtype=torch.float64)).shape
+        torch.Size([4, 50])
+    """
     if torch.compiler.is_compiling():
         return compiled.products("ggn_vp", unwrap(model), loss_fn, inputs, targets, vectors, params=params,
                                  backend=backend, create_graph=create_graph)
@@ -215,26 +249,55 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
 
 def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
                  create_graph=False):
-    """The exact diagonal of the Hessian of the loss in every parameter, as a dict name -> tensor shaped
-    like the parameter, including tanh's second-derivative (residual) terms; not an estimate.
-    per_sample=True: a leading dimension M (the rows of the batch), the diagonal of each sample's
-    term of the loss (they sum to the full diagonal). Native for Linear/Tanh/MSE stacks; otherwise
-    exact through P torch.func HVPs (refused beyond fallback.MAX_BASIS_PRODUCTS parameters).
-    create_graph: as in `hvp` (True: differentiable, through torch.func)."""
+    """The exact diagonal of the Hessian of the loss in every parameter (not an estimate).
+
+    It includes the activations' second-derivative (residual) terms. Native for the stacks the
+    kernels serve; otherwise exact through P torch.func HVPs (refused beyond
+    ``fallback.MAX_BASIS_PRODUCTS`` parameters).
+
+    Args:
+        model, loss_fn, inputs, targets, params, backend: as in :func:`hessext.hvp`.
+        per_sample: True adds a leading dimension M (the rows of the batch): the diagonal of each
+            sample's term of the loss (they sum to the full diagonal).
+        create_graph: as in :func:`hessext.hvp` (True: differentiable, through torch.func).
+
+    Returns:
+        dict name -> tensor shaped like the parameter (``[M, *p.shape]`` with ``per_sample``).
+
+    Example:
+        >>> import torch, torch.nn as nn, hessext
+        >>> model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        >>> x, y = torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64)
+        >>> {k: tuple(v.shape) for k, v in hessext.hessian_diag(model, nn.MSELoss(), x, y).items()}
+        {'0.weight': (8, 3), '0.bias': (8,), '2.weight': (1, 8), '2.bias': (1,)}
+    """
     return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
 def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
              create_graph=False):
-    """The exact diagonal of the generalised Gauss-Newton matrix J^T H_out J; as `hessian_diag`."""
+    """The exact diagonal of the generalised Gauss-Newton matrix ``J^T H_out J``.
+
+    Arguments and result as in :func:`hessext.hessian_diag`.
+    """
     return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
 def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None,
                     backend="auto", batch=64):
-    """An unbiased estimate of the Hessian diagonal for any model: the mean of v * (H v) over `samples`
-    Rademacher vectors v (entries +1 or -1 with probability 1/2), drawn from `generator` (a CPU
-    torch.Generator, for reproducibility) and applied `batch` at a time. Dict name -> tensor."""
+    """An unbiased estimate of the Hessian diagonal, for any model.
+
+    The mean of ``v * (H v)`` over Rademacher vectors v (entries +1 or -1 with probability 1/2).
+
+    Args:
+        model, loss_fn, inputs, targets, params, backend: as in :func:`hessext.hvp`.
+        samples: the number of vectors v.
+        generator: a CPU ``torch.Generator`` for the vectors, for reproducibility.
+        batch: vectors applied at once.
+
+    Returns:
+        dict name -> tensor shaped like the parameter.
+    """
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:

@@ -136,7 +136,7 @@ def _select(theta, which, count):
 def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None):
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
-    tol: converged when ||H y - theta y|| <= tol * max |theta| for each pair (default: the square root
+    tol: converged when ``||H y - theta y|| <= tol * max |theta|`` for each pair (default: the square root
     of the operator dtype's machine epsilon, 1.5e-8 for float64 and 3.5e-4 for float32, what
     products rounded in that dtype can reach). max_iter: block products
     (default enough for 100 restarts). generator: for the random start block. block_size: columns per

@@ -123,9 +123,11 @@ ADAHESSIAN_DEFAULTS = {"hutchinson": (0.15, 1e-4), "exact": (0.05, 1e-2), "ggn":
 
 
 class AdaHessian(_DiagonalOptimizer):
-    """AdaHessian (Yao et al., 2021) on the Hessian diagonal D:
+    """AdaHessian (Yao et al., 2021) on the Hessian diagonal D::
+
         m = b1 m + (1 - b1) g,   v = b2 v + (1 - b2) D^2,
-        p <- p - lr (m / (1 - b1^t)) / ((v / (1 - b2^t))^(k/2) + eps) - lr wd p   (k = hessian_power).
+        p <- p - lr (m / (1 - b1^t)) / ((v / (1 - b2^t))^(k/2) + eps) - lr wd p   (k = hessian_power)
+
     lr and eps default by estimator (ADAHESSIAN_DEFAULTS): 0.05 and 1e-2 for the exact and GGN
     diagonals, the reference's 0.15 and 1e-4 for Hutchinson's estimate."""
 

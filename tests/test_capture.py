@@ -68,3 +68,17 @@ def test_plan_is_cached_per_model_and_loss():
     assert hessext.plan(model, nn.MSELoss(reduction="sum")) is not hessext.plan(model, loss)
     f = lambda o, t: ((o - t) ** 2).mean()  # noqa: E731
     assert hessext.plan(model, f) is hessext.plan(model, f)
+
+
+def test_the_table_codes_agree_with_the_kernels():
+    """capture's activation and loss codes name the rows of csrc/activations.h and csrc/losses.h."""
+    from hessext import _native, capture
+
+    C = _native.load()
+    if C is None:
+        pytest.skip("native module unavailable")
+    activations, losses = C.table_names()
+    assert tuple(activations) == capture.ACTIVATION_ROWS
+    assert tuple(losses) == capture.LOSS_ROWS
+    assert [capture.TANH, capture.ELU, capture.HUBER, capture.SOFTMAX_CE] == [
+        activations.index("tanh"), activations.index("elu"), losses.index("huber"), losses.index("softmax_cross_entropy")]

@@ -190,7 +190,7 @@ def _digits():
 @pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.GELU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_readme_optimizers_train_on_digits(make, act, dtype):
-    """The README's optimizer lines, with their defaults, train a 64-64-64-10 MLP on sklearn's digits
+    """The user guide's optimizer lines (docs/guide.md), with their defaults, train a 64-64-64-10 MLP on sklearn's digits
     (1400 training images, 10 epochs of batches of 128) to at least 90% test accuracy (measured:
     AdaHessian exact 96.7-97.2%, GGN 97.0-97.2%, Hutchinson 95.7-96.2%, Sophia 93.2-95.7%). With the
     reference's lr=0.15, eps=1e-4, the exact diagonal's steps diverged to NaN within 8 steps."""
