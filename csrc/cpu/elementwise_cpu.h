@@ -143,7 +143,7 @@ struct JetReverse {
   void derivatives(const T* z, const T* a, T* d1, T* d2, T* d3, int64_t len) const {
     const T q0 = static_cast<T>(p0), q1 = static_cast<T>(p1);
     for (int64_t m = 0; m < len; ++m) {
-      T value = a[m], first, second;
+      T value = a[m], first = T(0), second = T(0);
       if (kind == Act::Tanh || kind == Act::Sigmoid) {
         act_derivatives_of_value(kind, value, first, second);
       } else {
