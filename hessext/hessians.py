@@ -12,7 +12,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from hessext import compiled, fallback, jets, ops
 from hessext.compiled import unwrap
-from hessext.curvature import _native_raw, route, run_native
+from hessext.curvature import _native_raw, _stack_args, route, run_native
 from hessext.inputs import check_samples, native_batch, native_inputs, remember, rows_are_samples, transformed
 
 OUTPUTS = ("dict", "matrix")
@@ -535,8 +535,7 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
         if reverse:
             jet = run_native(ops.laplacian_jets, call, x, x.new_zeros(()).expand(N, C), 1.0, features, graph)
         else:
-            weights = [call.tensors[j] for j in call.plan.weight_pos]
-            biases = [call.tensors[j] if j is not None else None for j in call.plan.bias_pos]
+            weights, biases = _stack_args(call.plan, call.tensors)
             with torch.set_grad_enabled(graph):
                 jet = jets.output_jet([a.fn for a in call.plan.stack.activations], weights, biases, x, features)
         k = len(features)
