@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 
 import torch
 import torch.nn as nn
@@ -111,6 +112,31 @@ def hold_isa():
     for key, value in ISA_ENV[isa].items():
         env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     os.execve(sys.executable, [sys.executable] + argv, env)
+
+
+def median(fn, repeat=30):
+    """Median seconds of `repeat` calls of fn after one warm-up (a plain clock: for the floors' products)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeat // 2]
+
+
+def product_s(m, k, n, dtype=torch.float64, repeat=30):
+    """The fastest of hessext's BLAS and ATen for one [m, k] x [k, n] product, computed as is or
+    transposed ([n, k] x [k, m]), each into an output allocated beforehand (a fresh output of some
+    MB would time its page faults, not the product): the floors' product time."""
+    from hessext import _native
+
+    C = _native.load()
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    c, ct = torch.empty(m, n, dtype=dtype), torch.empty(n, m, dtype=dtype)
+    return min(median(lambda: C.mm_into(c, a, b), repeat), median(lambda: torch.mm(a, b, out=c), repeat),
+               median(lambda: C.mm_into(ct, b.t(), a.t()), repeat),
+               median(lambda: torch.mm(b.t(), a.t(), out=ct), repeat))
 
 
 def instruction_set():

@@ -24,8 +24,7 @@ import torch
 from torch.func import hessian, jacrev, vmap
 
 import hessext
-from common import environment, median_s, mlp, write
-from hessext import _native
+from common import environment, median_s, mlp, product_s, write
 from hessext.bench import External
 
 NETS = [([2, 50, 50, 50, 1], 1024), ([50, 768, 768, 512, 512, 1], 256)]  # the second: the collapsed-Taylor paper's
@@ -93,24 +92,17 @@ def jax_step(model, x, f):
 
 
 def floor_s(widths, N, dtype):
-    """Seconds of the products one step needs, each timed alone as the kernels run it: per layer the
-    forward jet's [(k+2) N, n] x [n, o] (the first layer: the value channel's [N, n] x [n, o] alone),
-    the reverse's weight gradient [o, (k+2) N] x [(k+2) N, n] (ATen) and, past the first layer, its
-    [(k+2) N, o] x [o, n]. Returns (seconds, count of products)."""
-    C = _native.load()
+    """Seconds of the products one step needs, each timed alone through the fastest product of the
+    process (common.product_s): per layer the forward jet's [(k+2) N, n] x [n, o] (the first layer: the
+    value channel's [N, n] x [n, o] alone), the reverse's weight gradient [o, (k+2) N] x [(k+2) N, n]
+    and, past the first layer, its [(k+2) N, o] x [o, n]. Returns (seconds, count of products)."""
     rows = (widths[0] + 2) * N
-    total, count = 0.0, 0
+    shapes = []
     for layer, (n, o) in enumerate(zip(widths[:-1], widths[1:])):
         m = N if layer == 0 else rows
-        a, w = torch.randn(m, n, dtype=dtype), torch.randn(o, n, dtype=dtype)
-        g, out = torch.randn(m, o, dtype=dtype), torch.empty(m, o, dtype=dtype)
-        products = [lambda: C.mm_into(out, a, w.t()), lambda: torch.mm(g.t(), a)]
-        if layer > 0:
-            back = torch.empty(m, n, dtype=dtype)
-            products.append(lambda: C.mm_into(back, g, w))
-        total += sum(median_s(p, 0.2) for p in products)
-        count += len(products)
-    return total, count
+        shapes += [(m, n, o), (o, m, n)] + ([(m, o, n)] if layer > 0 else [])
+    repeat = 30 if rows * max(widths) <= 10 ** 6 else 5  # the wide net's products take 0.1 s each
+    return sum(product_s(*shape, dtype=dtype, repeat=repeat) for shape in shapes), len(shapes)
 
 
 def peak_mb(method, widths, n, dtype):

@@ -16,11 +16,9 @@ sigmoid, timed):
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
     python benchmarks/speed.py [--isa avx2] [--rounds R]   ->   benchmarks/results/speed_cpu[_avx2].{json,md}"""
-import time
-
 import torch
 
-from common import environment, hold_isa, write
+from common import environment, hold_isa, median, product_s, write
 from hessext import _native, bench
 
 NETS = {"1-16-1": ([1, 16, 1], 100), "pinn": ([2, 50, 50, 50, 1], 1024), "[10,64,64,1]": ([10, 64, 64, 1], 256),
@@ -38,27 +36,6 @@ K = 16
 # another tenant's load (the same JAX HVP measured 1.25 and 2.02 ms an hour apart; the floor of
 # [10,64,64,1]'s HVP, timed once per case, read 0.107-0.132 ms across runs of the same build).
 ROUNDS = 5
-
-
-def median(fn, repeat=30):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeat // 2]
-
-
-def product_s(m, k, n):
-    """The fastest of hessext's BLAS and ATen for one [m, k] x [k, n] float64 product, computed as is
-    or transposed ([n, k] x [k, m]), each into an output allocated beforehand (a fresh output of some
-    MB would time its page faults, not the product)."""
-    C = _native.load()
-    a, b = torch.randn(m, k, dtype=torch.float64), torch.randn(k, n, dtype=torch.float64)
-    c, ct = torch.empty(m, n, dtype=torch.float64), torch.empty(n, m, dtype=torch.float64)
-    return min(median(lambda: C.mm_into(c, a, b)), median(lambda: torch.mm(a, b, out=c)),
-               median(lambda: C.mm_into(ct, b.t(), a.t())), median(lambda: torch.mm(b.t(), a.t(), out=ct)))
 
 
 def tanh_s(rows, cols):
