@@ -44,17 +44,20 @@ TORCH_LIBRARY(hessext, m) {
   m.def(
       "input_derivatives(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
       "int[] activations, float[] act_params, int loss, float loss_param, float scale, int mode) -> Tensor");
-  // The Laplacian's jet at the output, [k + 2, M, C]: the model output, its derivatives in the k input
-  // features `features`, its Laplacian over them (targets unused); with save, then each hidden layer's
-  // jet before and after its activation, for laplacian_jets_backward (the op's autograd formula).
+  // The jet at the output, [1 + k + q, M, C]: the model output, its derivatives in the k input features
+  // `features`, and the second-order channels of mode (0: the Laplacian over the features, q = 1;
+  // 1: the unmixed second derivatives, q = k; 2: each pair i <= j, q = k (k + 1) / 2; targets unused);
+  // with save, then each hidden layer's jet before and after its activation, for output_jets_backward
+  // (the op's autograd formula).
   m.def(
-      "laplacian_jets(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
-      "float[] act_params, int loss, float loss_param, float scale, int[] features, bool save) -> Tensor[]");
-  // Gradients [dx, dW_0, ..., dW_{L-1}, db_l of each layer with a bias] from grad [k + 2, M, C], the
-  // gradient in laplacian_jets' output jet, and its saved jets.
+      "output_jets(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float[] act_params, int loss, float loss_param, float scale, int mode, int[] features, bool save) "
+      "-> Tensor[]");
+  // Gradients [dx, dW_0, ..., dW_{L-1}, db_l of each layer with a bias] from grad [1 + k + q, M, C], the
+  // gradient in output_jets' output jet, and its saved jets.
   m.def(
-      "laplacian_jets_backward(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
-      "int[] activations, float[] act_params, int loss, float loss_param, float scale, int[] features, "
+      "output_jets_backward(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
+      "int[] activations, float[] act_params, int loss, float loss_param, float scale, int mode, int[] features, "
       "Tensor[] saved, Tensor grad) -> Tensor[]");
 }
 
@@ -237,9 +240,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");
   bind_direct<Tensors, bool>(m, "hessian", "hessext::hessian");
   bind_direct<at::Tensor, int64_t>(m, "input_derivatives", "hessext::input_derivatives");
-  bind_direct<Tensors, at::IntArrayRef, bool>(m, "laplacian_jets", "hessext::laplacian_jets");
-  bind_direct<Tensors, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "laplacian_jets_backward",
-                                                                          "hessext::laplacian_jets_backward");
+  bind_direct<Tensors, int64_t, at::IntArrayRef, bool>(m, "output_jets", "hessext::output_jets");
+  bind_direct<Tensors, int64_t, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "output_jets_backward",
+                                                                                   "hessext::output_jets_backward");
   m.def(
       "simd",
       [](const std::string& name) {

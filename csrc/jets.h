@@ -10,7 +10,7 @@
 // The Laplacian of the model output is S at the output. The input Hessian of the loss is
 // sum_{c,c'} Jz[c,i] H_out[c,c'] Jz[c',j] + sum_c g_c Sz[c,(i,j)] (g, H_out: the loss head).
 // Cost: M * sum_l n_l n_{l+1} (1 + d + q) multiply-adds, a few forward passes for small d.
-// The Laplacian's reverse pass (output_jet_backward) differentiates it, for training through it.
+// Its reverse pass (output_jet_backward) differentiates it, for training through input derivatives.
 // Layout: channel, then sample, then unit: [1 + d + q, M, n], so each Linear is one GEMM
 // [(1+d+q) M, n] @ W^T, whose long side is its rows (the shape the CPU products run fastest in, row
 // pieces on OpenBLAS's small-matrix path: gemm.cpp), and each channel is one contiguous [M, n] block
@@ -42,8 +42,8 @@ inline at::Tensor feature_index(const Stack& s, const std::vector<int64_t>& feat
 }
 
 // The jet at the network output: [1 + d + q, M, C]. The bias joins the value channel in the activation
-// step (or, after the last layer, by itself). features (Laplacian mode only): the input features the
-// first-order channels follow and the Laplacian sums over (default all d; then d = their number).
+// step (or, after the last layer, by itself). features: the input features the channels follow (the
+// Laplacian sums over them; default all; d is their number).
 // saved (for the reverse pass below): each hidden layer's jet before and after its activation,
 // [Z_0, A_1, Z_1, A_2, ..., Z_{L-2}, A_{L-1}], as new tensors (else the jets are the call's scratch).
 template <class E>
@@ -82,22 +82,26 @@ at::Tensor output_jet(const Stack& s, JetMode mode, const std::vector<int64_t>* 
   return jet;
 }
 
-// The reverse of the Laplacian's jets: given G [1 + k + 1, M, C], the gradient of a loss in the output
-// jet (u, grad u over the k features, lap u), the gradients in the inputs x, each weight and each bias
-// (undefined where the layer has none), from output_jet's saved jets. Per layer l, from the top, with
-// G the gradient in the layer's output jet (z, Jz, Sz) and A its input jet (a, Ja, Sa):
-//   Linear     dW = sum over channels G_c^T A_c   (one GEMM over all k + 2 channels)
+// The reverse of the jets: given G [1 + k + q, M, C], the gradient of a loss in the output jet (u, its
+// derivatives in the k features, the q second-order channels of `mode`), the gradients in the inputs
+// x, each weight and each bias (undefined where the layer has none), from output_jet's saved jets.
+// Per layer l, from the top, with G the gradient in the layer's output jet (z, Jz, Sz) and A its input
+// jet (a, Ja, Sa), and P the pairs (i, j) of the second-order channels (the Laplacian: one channel,
+// the pairs (i, i) summed):
+//   Linear     dW = sum over channels G_c^T A_c   (one GEMM over all 1 + k + q channels)
 //              db = sum over samples G_value,     dA = G W   (one GEMM)
-//   phi        dz  = phi' da + phi'' sum_i dJa_i Jz_i + dSa (phi'' Sz + phi''' sum_i Jz_i^2)
-//              dJz_i = phi' dJa_i + 2 phi'' dSa Jz_i,       dSz = phi' dSa
+//   phi        dz  = phi' da + phi'' sum_i dJa_i Jz_i + sum_P dSa_p (phi'' Sz_p + phi''' Jz_i Jz_j)
+//              dJz_i = phi' dJa_i + phi'' sum_P dSa_p (Jz_j [p = (i, j)] + Jz_i [p = (j, i)]),
+//              dSz_p = phi' dSa_p
 //   start      A = (x, e_features, 0): dx = G_value W, and dW[:, feature i] += the sample sum of G_(J_i)
 // Cost: twice the forward's products (dW and dA per layer) and one elementwise pass per activation.
-// dW sums over all (k + 2) M rows: ATen's product, not hx's row pieces (which serve long products
+// dW sums over all (1 + k + q) M rows: ATen's product, not hx's row pieces (which serve long products
 // with short sums; on [50, 4096] x [4096, 50], float64, ATen ran 1.4-1.6x faster).
 template <class E>
-std::vector<at::Tensor> output_jet_backward(const Stack& s, const std::vector<int64_t>& features,
+std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const std::vector<int64_t>& features,
                                             const std::vector<at::Tensor>& saved, at::Tensor G) {
-  const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = k + 2;
+  const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = 1 + k + jet_channels(mode, k);
+  const auto pairs = jet_pairs(mode, k);
   std::vector<at::Tensor> grads(1 + 2 * s.L);  // dx, dW_0..dW_{L-1}, db_0..db_{L-1}
   for (int64_t l = s.L - 1; l >= 0; --l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
@@ -115,7 +119,8 @@ std::vector<at::Tensor> output_jet_backward(const Stack& s, const std::vector<in
     grads[1 + l] = at::mm(Gm.t(), A.view({cols * M, n}));
     at::Tensor dA = s.scratch({cols, M, n});
     hx::mm_into(dA.view({cols * M, n}), Gm, s.W[l]);
-    E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k);
+    E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k, mode == JetMode::Laplacian,
+                               pairs);
     G = dA;
   }
   return grads;

@@ -261,7 +261,8 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
 
     The diagonal blocks of torch.func's ``[N, d, N, d]`` (the others are zero). Differentiable like
     the model's output: in grad mode, when a parameter, the inputs or the targets require grad, the
-    result carries their gradient (through torch.func); otherwise the kernels compute it, detached.
+    result carries their gradient (for the stacks the kernels serve, through the reverse pass of
+    their jets on the CPU; else through torch.func); otherwise the kernels compute it, detached.
 
     Args:
         model, loss_fn, inputs, targets, params, backend: as in :func:`hessext.hvp`; ``inputs`` is
@@ -290,6 +291,9 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     call = route(model, loss_fn, inputs, targets, params, backend)
     check_samples(inputs, "input_hessian")
     if _needs_graph(call, inputs, targets):
+        stack = _native_stack(call, inputs, "input_hessian carrying a gradient")
+        if stack is not None:
+            return _input_hessian_graph(call, loss_fn, inputs, targets, diagonal, max_bytes, stack)
         _through_torch_func(call, "input_hessian")
     N = inputs.shape[0]
     d = inputs[0].numel()
@@ -306,6 +310,78 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
         return run_native(ops.input_derivatives, call, *batch, mode)
     with fallback.batch_statistics(model):
         return _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per_vector)
+
+
+def _native_stack(call, inputs, what, model_output=False):
+    """(x [N, d], the output shape, C) where the captured stack serves this call's jets (its rows are
+    the samples; for derivatives of the model output, no final log_softmax), else None. On a device
+    other than the CPU the jets' reverse pass is autograd's through torch ops: backend='native' raises."""
+    if not call.native:
+        return None
+    x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
+    if not rows_are_samples(inputs, x) or (model_output and call.plan.stack.log_softmax is not None):
+        return None
+    if inputs.device.type != "cpu" and call.backend == "native":
+        call.leave_native(f"on {inputs.device.type}, {what} takes the jets in torch ops (use backend='auto')")
+    return x, out_shape, C
+
+
+def _stack_jet(call, x, C, mode, features, graph):
+    """The output jet [1 + k + q, M, C] of the captured stack at rows x: the kernels' jets with their
+    reverse pass as the autograd formula (CPU), or the same jets in torch ops (jets.py: other devices)."""
+    if x.device.type == "cpu":
+        return run_native(ops.output_jets, call, x, x.new_zeros(()).expand(x.shape[0], C), 1.0, mode, features,
+                          graph)
+    weights, biases = _stack_args(call.plan, call.tensors)
+    with torch.set_grad_enabled(graph):
+        return jets.output_jet([a.fn for a in call.plan.stack.activations], weights, biases, x, features, mode)
+
+
+def _graph_jet_bytes(call, N, k, mode, es):
+    """Bytes the differentiable jets hold: every layer's channels, twice for a hidden layer (before and
+    after its activation, kept for the reverse pass), and the reverse pass's gradients of them."""
+    outs = sum(call.tensors[j].shape[0] for j in call.plan.weight_pos)
+    return int(N * (1 + k + ops.jet_channels(mode, k)) * outs * es * 4 * 1.1) + _SLACK
+
+
+def _loss_head(plan, loss_fn, u, targets, out_shape):
+    """(g [M, C], H [M, C, C]): the gradient of the loss in the stack's output rows u [M, C] and each
+    row's Hessian block, by autograd through loss_fn on the model's output (the native losses are sums
+    over the rows: the blocks off the diagonal are zero), with their graphs kept for the backward."""
+    with torch.enable_grad():
+        t = u if u.requires_grad else u.detach().requires_grad_()
+        out = torch.log_softmax(t, -1) if plan.stack.log_softmax is not None else t
+        g, = torch.autograd.grad(loss_fn(out.reshape(out_shape), targets), t, create_graph=True)
+        rows = []
+        for c in range(t.shape[1]):
+            row, = torch.autograd.grad(g[:, c].sum(), t, create_graph=True, allow_unused=True)
+            rows.append(row if row is not None else torch.zeros_like(t))
+    return g, torch.stack(rows, 1)
+
+
+def _input_hessian_graph(call, loss_fn, inputs, targets, diagonal, max_bytes, stack):
+    """The input Hessian carrying its gradient: sum_{c,c'} Jz[c,i] H[c,c'] Jz[c',j] + sum_c g_c Sz[c,(i,j)]
+    (csrc/jets.h) from the stack's differentiable output jet (the unmixed or all second derivatives) and
+    the loss's per-row gradient g and Hessian H by autograd; autograd's reverse pass of this sum feeds the
+    jets' own (the kernels' on the CPU)."""
+    x, out_shape, C = stack
+    N, d = x.shape
+    mode = 1 if diagonal else 2
+    _check_memory(f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features carrying a gradient",
+                  _graph_jet_bytes(call, N, d, mode, x.element_size()), inputs, max_bytes,
+                  ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time")
+    jet = _stack_jet(call, x, C, mode, list(range(d)), True)
+    g, H = _loss_head(call.plan, loss_fn, jet[0], targets, out_shape)
+    J = jet[1:1 + d].permute(1, 0, 2)                      # [N, d, C]
+    curvature = torch.einsum("qnc,nc->nq", jet[1 + d:], g)  # [N, q]
+    HJ = torch.matmul(J, H)                                 # [N, d, C] (H symmetric)
+    if diagonal:
+        return (HJ * J).sum(2) + curvature
+    first, second = jets.pair_index(mode, d)
+    channel = torch.empty(d, d, dtype=torch.long)
+    channel[first, second] = torch.arange(len(first))
+    channel[second, first] = torch.arange(len(first))
+    return torch.matmul(HJ, J.transpose(1, 2)) + curvature[:, channel.reshape(-1).to(x.device)].reshape(N, d, d)
 
 
 def _jet_peak(call, M, mode):
@@ -500,47 +576,30 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
     check_samples(inputs, what)
     N, d = inputs.shape[0], math.prod(inputs.shape[1:])
     graph = _needs_graph(call, inputs)
-    stack = None
-    if call.native:
+    if call.native and not graph and dims is None and what == "laplacian":  # the common call, first
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
         if rows_are_samples(inputs, x) and call.plan.stack.log_softmax is None:
-            stack = (x, out_shape, C)
-    kernels = stack is not None and not graph and dims is None and what == "laplacian"
-    if kernels:  # the common call, first
-        _check_memory(f"hessext.{what} of {N} samples x {d} features", _jet_peak(call, N, 0), inputs, max_bytes,
-                      "use fewer samples at a time")
-        return None, None, run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0,
-                                      0).reshape(out_shape)
+            _check_memory(f"hessext.{what} of {N} samples x {d} features", _jet_peak(call, N, 0), inputs,
+                          max_bytes, "use fewer samples at a time")
+            return None, None, run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0,
+                                          0).reshape(out_shape)
     features = jets.check_dims(dims, d)
-    reverse = stack is not None and inputs.device.type == "cpu"  # the kernels' jets and their reverse pass
-    if stack is not None and not reverse and backend == "native":
-        call.leave_native(f"on {inputs.device.type}, the kernels give the Laplacian alone, over every feature, "
-                          f"without a gradient; {what}{' with dims' if dims is not None else ''}"
-                          f"{' carrying a gradient' if graph else ''} takes the forward Laplacian in torch ops "
-                          f"(use backend='auto')")
+    stack = _native_stack(call, inputs, what + (" with dims" if dims is not None else "") +
+                          (" carrying a gradient" if graph else ""), model_output=True)
     if graph and stack is None:
         _through_torch_func(call, what)
-    es = inputs.element_size()
-    per_vector = 0
-    if stack is not None:  # the channels of every layer, kept for the backward where there is one
-        outs = sum(call.tensors[j].shape[0] for j in call.plan.weight_pos)
-        work = int(N * (len(features) + 2) * outs * es * (4 if graph else 2) * 1.1) + _SLACK
-    else:
-        per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
-        work = _fallback_input_peak(0, per_vector, N, d, inputs)
-    _check_memory(f"hessext.{what} of {N} samples x {d} features", work, inputs, max_bytes,
-                  "use fewer samples at a time")
     if stack is not None:
+        _check_memory(f"hessext.{what} of {N} samples x {d} features",
+                      _graph_jet_bytes(call, N, len(features), 0, inputs.element_size()) // (1 if graph else 2),
+                      inputs, max_bytes, "use fewer samples at a time")
         x, out_shape, C = stack
-        if reverse:
-            jet = run_native(ops.laplacian_jets, call, x, x.new_zeros(()).expand(N, C), 1.0, features, graph)
-        else:
-            weights, biases = _stack_args(call.plan, call.tensors)
-            with torch.set_grad_enabled(graph):
-                jet = jets.output_jet([a.fn for a in call.plan.stack.activations], weights, biases, x, features)
+        jet = _stack_jet(call, x, C, 0, features, graph)
         k = len(features)
         return (jet[0].reshape(out_shape), jet[1:1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
                 jet[1 + k].reshape(out_shape))
+    per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
+    _check_memory(f"hessext.{what} of {N} samples x {d} features", _fallback_input_peak(0, per_vector, N, d, inputs),
+                  inputs, max_bytes, "use fewer samples at a time")
     with fallback.batch_statistics(model):
         return _jets_fallback(model, inputs, call, per_vector, features)
 

@@ -1,12 +1,13 @@
-"""The forward Laplacian of a captured stack in torch ops: the model output u, its gradient in the
-chosen input features and its Laplacian over them, per sample, differentiable by autograd in the
-weights, biases and inputs. The recurrence is csrc/jets.h's, restricted to the Laplacian's channels:
-per layer, with the gradient channels J [k, M, n] and the Laplacian channel S [M, n],
+"""The forward jets of a captured stack in torch ops: the model output u, its derivatives in the chosen
+input features and its second derivatives in them (the Laplacian, or the unmixed or all second
+derivatives), per sample, differentiable by autograd in the weights, biases and inputs. The recurrence
+is csrc/jets.h's: per layer, with the first-order channels J [k, M, n] and the second-order channels
+S [q, M, n], one per pair (i, j) (the Laplacian: one channel, the pairs (i, i) summed),
 
     z = a W^T + b,   Jz = J W^T,   Sz = S W^T                  (first layer: J = the unit rows e_i, S = 0)
-    a' = phi(z),     J' = phi'(z) Jz,   S' = phi'(z) Sz + phi''(z) sum_i Jz_i^2
+    a' = phi(z),     J' = phi'(z) Jz,   S'_(i,j) = phi'(z) Sz_(i,j) + phi''(z) Jz_i Jz_j
 
-and at the output u = z, grad u = Jz, lap u = Sz. phi' and phi'' come from autograd through the
+and at the output u = z, its derivatives Jz and Sz. phi' and phi'' come from autograd through the
 activation's own torch function (the branch autograd takes at a kink); autograd's reverse pass of
 these ops is the reverse of the recurrence (phi''' included)."""
 import torch
@@ -53,10 +54,22 @@ def torch_functions(activations, act_params):
     return [torch_function(kind, *act_params[2 * j:2 * j + 2]) for j, kind in enumerate(activations)]
 
 
-def output_jet(fns, weights, biases, x, dims):
-    """The jet [2 + k, M, C] (u, its derivatives in the k input features `dims`, lap u over them) for
+def pair_index(mode, k):
+    """The (i, j) of each second-order channel of a jet mode over k features (csrc/jets.h jet_pairs) as
+    two index lists; the Laplacian's single channel sums the pairs (i, i)."""
+    if mode == 2:
+        pairs = [(i, j) for i in range(k) for j in range(i, k)]
+    else:
+        pairs = [(i, i) for i in range(k)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def output_jet(fns, weights, biases, x, dims, mode=0):
+    """The jet [1 + k + q, M, C] (u, its derivatives in the k input features `dims`, the q second-order
+    channels of `mode`: 0, the Laplacian over them; 1, each d^2/dx_i^2; 2, each d^2/dx_i dx_j, i <= j) for
     rows x [M, n_0] of a stack with these weights, biases and hidden activations' torch functions (None:
-    the identity): the layout of the native op hessext::laplacian_jets."""
+    the identity): the layout of the native op hessext::output_jets."""
+    first, second = pair_index(mode, len(dims))
     a, J, S = x, None, None
     for l, (W, b) in enumerate(zip(weights, biases)):
         z = a @ W.T if b is None else torch.addmm(b, a, W.T)
@@ -67,9 +80,11 @@ def output_jet(fns, weights, biases, x, dims):
             Jz, Sz = J @ W.T, S @ W.T
         fn = fns[l] if l < len(fns) else None
         if fn is None:
-            a, J, S = z, Jz, (Sz if Sz is not None else torch.zeros_like(z))
+            q = 1 if mode == 0 else len(first)
+            a, J, S = z, Jz, (Sz if Sz is not None else z.new_zeros((q,) + z.shape))
             continue
         a, d1, d2 = _derivatives(fn, z)
         J = d1 * Jz
-        S = d2 * (Jz * Jz).sum(0) + (d1 * Sz if Sz is not None else 0)
-    return torch.cat([a[None], J, S[None]])
+        products = (Jz * Jz).sum(0, keepdim=True) if mode == 0 else Jz[first] * Jz[second]
+        S = d2 * products + (d1 * Sz if Sz is not None else 0)
+    return torch.cat([a[None], J, S])

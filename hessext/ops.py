@@ -91,20 +91,26 @@ def _input_derivatives_fake(inputs, targets, weights, biases, activations, act_p
     return inputs.new_empty(shape)
 
 
-def laplacian_jets(inputs, targets, weights, biases, spec, scale, features, graph):
-    """The Laplacian's output jet [k + 2, M, C]: the output u, its derivatives in the k input features
-    `features`, its Laplacian over them. graph: through torch.ops, whose autograd formula is the
-    reverse pass (laplacian_jets_backward), with the jets it needs saved; else no autograd, nothing saved."""
+def jet_channels(mode, k):
+    """The second-order channels of a jet mode over k features (csrc/jets.h jet_channels)."""
+    return {0: 1, 1: k, 2: k * (k + 1) // 2}[mode]
+
+
+def output_jets(inputs, targets, weights, biases, spec, scale, mode, features, graph):
+    """The output jet [1 + k + q, M, C]: the output u, its derivatives in the k input features
+    `features`, then q second-order channels (mode 0: the Laplacian over them; 1: each d^2/dx_i^2; 2: each
+    d^2/dx_i dx_j, i <= j). graph: through torch.ops, whose autograd formula is the reverse pass
+    (output_jets_backward), with the jets it needs saved; else no autograd, nothing saved."""
     if graph:  # autograd takes a list of tensors only, so an absent bias enters as zeros (adding 0: the same jets)
         biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
-        return torch.ops.hessext.laplacian_jets(inputs, targets, weights, biases, *spec, scale, features, True)[0]
-    return _call("laplacian_jets", inputs, targets, weights, biases, *spec, scale, features, False)[0]
+        return torch.ops.hessext.output_jets(inputs, targets, weights, biases, *spec, scale, mode, features, True)[0]
+    return _call("output_jets", inputs, targets, weights, biases, *spec, scale, mode, features, False)[0]
 
 
-@_fake("hessext::laplacian_jets")
-def _laplacian_jets_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, features,
-                         save):
-    cols, M = len(features) + 2, inputs.shape[0]
+@_fake("hessext::output_jets")
+def _output_jets_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode,
+                      features, save):
+    cols, M = 1 + len(features) + jet_channels(mode, len(features)), inputs.shape[0]
     out = [inputs.new_empty(cols, M, weights[-1].shape[0])]
     if save:
         for w in weights[:-1]:
@@ -112,42 +118,44 @@ def _laplacian_jets_fake(inputs, targets, weights, biases, activations, act_para
     return out
 
 
-@_fake("hessext::laplacian_jets_backward")
-def _laplacian_jets_backward_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale,
-                                  features, saved, grad):
+@_fake("hessext::output_jets_backward")
+def _output_jets_backward_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale,
+                               mode, features, saved, grad):
     return ([torch.empty_like(inputs)] + [torch.empty_like(w) for w in weights] +
             [torch.empty_like(b) for b in biases if b is not None])
 
 
 def _jets_setup(ctx, inputs, output):
-    x, targets, weights, biases, activations, act_params, loss, loss_param, scale, features, _ = inputs
-    ctx.args = (activations, act_params, loss, loss_param, scale, features)
+    x, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode, features, _ = inputs
+    ctx.args = (activations, act_params, loss, loss_param, scale, mode, features)
     ctx.layers = len(weights)
     ctx.set_materialize_grads(False)  # the saved jets never get a gradient: no zeros for them
     ctx.save_for_backward(x, targets, *weights, *biases, *output[1:])
 
 
 def _jets_backward(ctx, grads):
-    """The reverse pass in the kernels; under create_graph (a second derivative through the Laplacian),
-    the same reverse by autograd through the forward jets in torch ops (hessext/jets.py), so that it is
+    """The reverse pass in the kernels; under create_graph (a second derivative through the jets), the
+    same reverse by autograd through the forward jets in torch ops (hessext/jets.py), so that it is
     differentiable in turn."""
-    activations, act_params, loss, loss_param, scale, features = ctx.args
+    activations, act_params, loss, loss_param, scale, mode, features = ctx.args
     L = ctx.layers
     x, targets, *rest = ctx.saved_tensors
     weights, biases, saved = rest[:L], rest[L:2 * L], rest[2 * L:]
-    grad = grads[0] if grads[0] is not None else x.new_zeros(len(features) + 2, x.shape[0], weights[-1].shape[0])
+    grad = grads[0]
+    if grad is None:
+        grad = x.new_zeros(1 + len(features) + jet_channels(mode, len(features)), x.shape[0], weights[-1].shape[0])
     if torch.is_grad_enabled():
         from hessext import jets
 
         tensors = [x] + weights + biases
         wanted = [t for t in tensors if t.requires_grad]
-        jet = jets.output_jet(jets.torch_functions(activations, act_params), weights, biases, x, features)
+        jet = jets.output_jet(jets.torch_functions(activations, act_params), weights, biases, x, features, mode)
         got = iter(torch.autograd.grad(jet, wanted, grad, create_graph=True, allow_unused=True))
         found = [next(got) if t.requires_grad else None for t in tensors]
     else:
-        found = _call("laplacian_jets_backward", x, targets, weights, biases, activations, act_params, loss,
-                      loss_param, scale, features, saved, grad)
-    return found[0], None, found[1:1 + L], found[1 + L:], None, None, None, None, None, None, None
+        found = _call("output_jets_backward", x, targets, weights, biases, activations, act_params, loss,
+                      loss_param, scale, mode, features, saved, grad)
+    return found[0], None, found[1:1 + L], found[1 + L:], None, None, None, None, None, None, None, None
 
 
 _registered = False
@@ -161,6 +169,6 @@ def available():
     if not _registered:
         for name, fn in _FAKES.items():
             torch.library.register_fake(name)(fn)
-        torch.library.register_autograd("hessext::laplacian_jets", _jets_backward, setup_context=_jets_setup)
+        torch.library.register_autograd("hessext::output_jets", _jets_backward, setup_context=_jets_setup)
         _registered = True
     return True

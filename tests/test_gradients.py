@@ -77,7 +77,7 @@ def test_laplacian_gradient_in_the_inputs_and_detached_without_grad():
 
 def test_the_differentiated_laplacian_is_native_on_the_cpu():
     """backend="native" holds for a Laplacian that carries a gradient (the kernels' reverse pass is the
-    op's autograd formula, hessext::laplacian_jets); under no_grad nothing is recorded."""
+    op's autograd formula, hessext::output_jets); under no_grad nothing is recorded."""
     model = mlp((2, 5, 1))
     x = torch.randn(4, 2, dtype=torch.float64)
     lap = hessext.laplacian(model, x, backend="native")
@@ -86,7 +86,7 @@ def test_the_differentiated_laplacian_is_native_on_the_cpu():
         node = nodes.pop()
         seen.append(type(node).__name__)
         nodes += [n for n, _ in node.next_functions if n is not None]
-    assert any("laplacian_jets" in name for name in seen), seen
+    assert any("output_jets" in name for name in seen), seen
     ref = flat_grad((autograd_laplacian(model, x) ** 2).sum(), list(model.parameters()))
     assert_close(flat_grad((lap ** 2).sum(), list(model.parameters())), ref, RTOL, "native reverse pass")
     with torch.no_grad():

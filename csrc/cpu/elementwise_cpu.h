@@ -119,8 +119,8 @@ struct JetStep {
   }
 };
 
-// The reverse of the Laplacian's activation step (CpuElementwise::jet_activation_backward) over
-// samples [lo, hi) of G, Z, A [k + 2, M, O] (channel stride n = M O), in tiles of rows that stay in L1.
+// The reverse of the jet activation step (CpuElementwise::jet_activation_backward) over samples
+// [lo, hi) of G, Z, A [1 + k + q, M, O] (channel stride n = M O), in tiles of rows that stay in L1.
 template <typename T>
 struct JetReverse {
   T* G;
@@ -128,15 +128,23 @@ struct JetReverse {
   Act kind;
   double p0, p1;
   int64_t M, O, k;
+  bool sum_channel;
+  const std::vector<std::pair<int64_t, int64_t>>& pairs;
 
   void run(int64_t lo, int64_t hi) const {
     const int64_t n = M * O, rows = std::max<int64_t>(1, 2048 / O);
     std::vector<T> buffer(5 * rows * O);
     for (int64_t r0 = lo; r0 < hi; r0 += rows) {
       const int64_t t0 = r0 * O, len = std::min(rows, hi - r0) * O;
-      T *d1 = buffer.data(), *d2 = d1 + len, *d3 = d2 + len, *dot = d3 + len, *sq = dot + len;
+      T *d1 = buffer.data(), *d2 = d1 + len, *d3 = d2 + len, *dot = d3 + len, *extra = dot + len;
       derivatives(Z + t0, A + t0, d1, d2, d3, len);
-      run_simd([&] { channels(G + t0, Z + t0, d1, d2, d3, dot, sq, n, len); });
+      run_simd([&] {
+        if (sum_channel) {
+          sum_channels(G + t0, Z + t0, d1, d2, d3, dot, extra, n, len);
+        } else {
+          pair_channels(G + t0, Z + t0, d1, d2, d3, dot, extra, n, len);
+        }
+      });
     }
   }
 
@@ -153,11 +161,13 @@ struct JetReverse {
     }
   }
 
-  void channels(T* G, const T* Z, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
-                T* __restrict__ dot, T* __restrict__ sq, int64_t n, int64_t len) const {
+  // The Laplacian's sum channel S (the pairs (i, i) summed): dJz_i = phi' dJa_i + 2 phi'' dSa Jz_i,
+  // dz = phi' da + phi'' sum_i dJa_i Jz_i + dSa (phi'' Sz + phi''' sum_i Jz_i^2) (sq: the sum).
+  void sum_channels(T* G, const T* Z, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+                    T* __restrict__ dot, T* __restrict__ sq, int64_t n, int64_t len) const {
     T* __restrict__ gS = G + (1 + k) * n;
     for (int64_t m = 0; m < len; ++m) dot[m] = T(0), sq[m] = T(0);
-    for (int64_t i = 0; i < k; ++i) {  // dot = sum_i dJa_i Jz_i, sq = sum_i Jz_i^2, dJz_i
+    for (int64_t i = 0; i < k; ++i) {
       T* __restrict__ gJ = G + (1 + i) * n;
       const T* __restrict__ J = Z + (1 + i) * n;
       for (int64_t m = 0; m < len; ++m) {
@@ -173,6 +183,38 @@ struct JetReverse {
       g0[m] = d1[m] * g0[m] + d2[m] * dot[m] + gS[m] * (d2[m] * S[m] + d3[m] * sq[m]);
       gS[m] *= d1[m];
     }
+  }
+
+  // One channel S_p per pair p = (i, j): dJz_i = phi' dJa_i + phi'' sum over the pairs holding i of
+  // dSa_p Jz_(the other index) (twice Jz_i where p = (i, i)), dSz_p = phi' dSa_p,
+  // dz = phi' da + phi'' sum_i dJa_i Jz_i + sum_p dSa_p (phi'' Sz_p + phi''' Jz_i Jz_j) (extra: the last sum).
+  void pair_channels(T* G, const T* Z, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+                     T* __restrict__ dot, T* __restrict__ extra, int64_t n, int64_t len) const {
+    for (int64_t m = 0; m < len; ++m) dot[m] = T(0), extra[m] = T(0);
+    for (int64_t i = 0; i < k; ++i) {
+      T* __restrict__ gJ = G + (1 + i) * n;
+      const T* __restrict__ J = Z + (1 + i) * n;
+      for (int64_t m = 0; m < len; ++m) {
+        dot[m] += gJ[m] * J[m];
+        gJ[m] *= d1[m];
+      }
+    }
+    for (size_t p = 0; p < pairs.size(); ++p) {
+      const int64_t c = 1 + k + static_cast<int64_t>(p);
+      T* __restrict__ gS = G + c * n;
+      const T* __restrict__ S = Z + c * n;
+      const T *Ji = Z + (1 + pairs[p].first) * n, *Jj = Z + (1 + pairs[p].second) * n;
+      T *gJi = G + (1 + pairs[p].first) * n, *gJj = G + (1 + pairs[p].second) * n;  // the same where i = j
+      for (int64_t m = 0; m < len; ++m) {
+        const T t = gS[m], ji = Ji[m], jj = Jj[m];
+        gJi[m] += d2[m] * t * jj;
+        gJj[m] += d2[m] * t * ji;
+        extra[m] += t * (d2[m] * S[m] + d3[m] * ji * jj);
+        gS[m] = d1[m] * t;
+      }
+    }
+    T* __restrict__ g0 = G;
+    for (int64_t m = 0; m < len; ++m) g0[m] = d1[m] * g0[m] + d2[m] * dot[m] + extra[m];
   }
 };
 
@@ -340,18 +382,19 @@ struct CpuElementwise {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }
-  // The reverse of jet_activation with the Laplacian's sum channel (jets.h, output_jet_backward), in
-  // place: G [k + 2, M, O] holds the gradient in the jet after the activation and becomes the
-  // gradient in the jet before it; Z is that jet before (value with bias, k first-order channels, the
-  // sum channel), A after (its value channel holds phi(z), from which tanh and sigmoid take their
-  // derivatives). Tile by tile of samples: phi', phi'', phi''' of the tile, then the channels in
-  // loops compiled for this CPU's vectors (JetReverse).
+  // The reverse of jet_activation (jets.h, output_jet_backward), in place: G [1 + k + q, M, O] holds the
+  // gradient in the jet after the activation and becomes the gradient in the jet before it; Z is that
+  // jet before (value with bias, k first-order channels, the Laplacian's sum channel or one channel per
+  // pair), A after (its value channel holds phi(z), from which tanh and sigmoid take their derivatives).
+  // Tile by tile of samples: phi', phi'', phi''' of the tile, then the channels in loops compiled for
+  // this CPU's vectors (JetReverse).
   static void jet_activation_backward(const at::Tensor& G, const at::Tensor& Z, const at::Tensor& A, Act kind,
-                                      double p0, double p1, int64_t k) {
+                                      double p0, double p1, int64_t k, bool sum_channel,
+                                      const std::vector<std::pair<int64_t, int64_t>>& pairs) {
     const int64_t M = G.size(1), O = G.size(2);
     AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jet_activation_backward_cpu", [&] {
       const JetReverse<scalar_t> step{G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                      kind, p0, p1, M, O, k};
+                                      kind, p0, p1, M, O, k, sum_channel, pairs};
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }

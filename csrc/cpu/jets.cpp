@@ -1,6 +1,6 @@
-// CPU kernels of hessext::laplacian_jets (the model output, its gradient in chosen input features and
-// its Laplacian over them, from one forward pass of jets.h) and of their reverse pass,
-// hessext::laplacian_jets_backward, which hessext/ops.py registers as the op's autograd formula.
+// CPU kernels of hessext::output_jets (the model output, its derivatives in chosen input features and
+// the second-order channels of a jet mode, from one forward pass of jets.h) and of their reverse pass,
+// hessext::output_jets_backward, which hessext/ops.py registers as the op's autograd formula.
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
@@ -21,35 +21,42 @@ std::vector<int64_t> checked_features(const Stack& s, at::IntArrayRef features) 
   return features.vec();
 }
 
-// [jet [k + 2, M, C]] or, with save, [jet, Z_0, A_1, ..., Z_{L-2}, A_{L-1}] (output_jet's saved jets).
-std::vector<at::Tensor> laplacian_jets_cpu(HX_STACK_PARAMS, at::IntArrayRef features, bool save) {
+JetMode checked_mode(int64_t mode) {
+  TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (Laplacian), 1 (diagonal) or 2 (full), got ", mode);
+  return static_cast<JetMode>(mode);
+}
+
+// [jet [1 + k + q, M, C]] or, with save, [jet, Z_0, A_1, ..., Z_{L-2}, A_{L-1}] (output_jet's saved jets).
+std::vector<at::Tensor> output_jets_cpu(HX_STACK_PARAMS, int64_t mode, at::IntArrayRef features, bool save) {
   const Stack s(HX_STACK_ARGS);
+  const JetMode jm = checked_mode(mode);
   const std::vector<int64_t> chosen = checked_features(s, features);
   std::vector<at::Tensor> saved;
-  at::Tensor jet = output_jet<CpuElementwise>(s, JetMode::Laplacian, &chosen, save ? &saved : nullptr);
+  at::Tensor jet = output_jet<CpuElementwise>(s, jm, &chosen, save ? &saved : nullptr);
   if (!save) return {jet.clone()};  // the scratch's jet, as a tensor of its own
   saved.insert(saved.begin(), jet);
   return saved;
 }
 
-// [dx, dW_0, ..., dW_{L-1}, then db_l for each layer that has a bias] for the gradient grad [k + 2, M, C]
-// in laplacian_jets' output jet.
-std::vector<at::Tensor> laplacian_jets_backward_cpu(HX_STACK_PARAMS, at::IntArrayRef features, at::TensorList saved,
-                                                    const at::Tensor& grad) {
+// [dx, dW_0, ..., dW_{L-1}, then db_l for each layer that has a bias] for the gradient grad
+// [1 + k + q, M, C] in output_jets' output jet.
+std::vector<at::Tensor> output_jets_backward_cpu(HX_STACK_PARAMS, int64_t mode, at::IntArrayRef features,
+                                                 at::TensorList saved, const at::Tensor& grad) {
   const Stack s(HX_STACK_ARGS);
+  const JetMode jm = checked_mode(mode);
   const std::vector<int64_t> chosen = checked_features(s, features);
-  const int64_t k = static_cast<int64_t>(chosen.size());
+  const int64_t k = static_cast<int64_t>(chosen.size()), cols = 1 + k + jet_channels(jm, k);
   TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == 2 * (s.L - 1), "saved must hold ", 2 * (s.L - 1),
                     " jets, got ", saved.size());
-  CHECK_SHAPE(grad, k + 2, s.M, s.width(s.L));
+  CHECK_SHAPE(grad, cols, s.M, s.width(s.L));
   CHECK_SAME_DTYPE(grad, s.x);
   std::vector<at::Tensor> jets(saved.begin(), saved.end());
   for (size_t j = 0; j < jets.size(); ++j) {
     const int64_t layer = static_cast<int64_t>(j / 2);
-    CHECK_SHAPE(jets[j], k + 2, s.M, s.W[layer].size(0));
+    CHECK_SHAPE(jets[j], cols, s.M, s.W[layer].size(0));
     jets[j] = jets[j].contiguous();
   }
-  std::vector<at::Tensor> all = output_jet_backward<CpuElementwise>(s, chosen, jets, grad.contiguous());
+  std::vector<at::Tensor> all = output_jet_backward<CpuElementwise>(s, jm, chosen, jets, grad.contiguous());
   std::vector<at::Tensor> out(all.begin(), all.begin() + 1 + s.L);
   for (int64_t l = 0; l < s.L; ++l)
     if (all[1 + s.L + l].defined()) out.push_back(all[1 + s.L + l]);
@@ -59,8 +66,8 @@ std::vector<at::Tensor> laplacian_jets_backward_cpu(HX_STACK_PARAMS, at::IntArra
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hessext, CPU, m) {
-  m.impl("laplacian_jets", &laplacian_jets_cpu);
-  m.impl("laplacian_jets_backward", &laplacian_jets_backward_cpu);
+  m.impl("output_jets", &output_jets_cpu);
+  m.impl("output_jets_backward", &output_jets_backward_cpu);
 }
 
 }  // namespace hessext
