@@ -86,7 +86,7 @@ def test_the_differentiated_laplacian_is_native_on_the_cpu():
         node = nodes.pop()
         seen.append(type(node).__name__)
         nodes += [n for n, _ in node.next_functions if n is not None]
-    assert any("output_jets" in name for name in seen), seen
+    assert any("outputjets" in name.lower().replace("_", "") for name in seen), seen
     ref = flat_grad((autograd_laplacian(model, x) ** 2).sum(), list(model.parameters()))
     assert_close(flat_grad((lap ** 2).sum(), list(model.parameters())), ref, RTOL, "native reverse pass")
     with torch.no_grad():
