@@ -140,7 +140,7 @@ def saved_mb(model, x):
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if "laplacian_jets" in type(node).__name__:
+        if "outputjets" in type(node).__name__.lower().replace("_", ""):
             total += sum(t.nbytes for t in node.saved_tensors if t.dim() == 3)
         nodes += [n for n, _ in node.next_functions]
     return total / 2 ** 20
