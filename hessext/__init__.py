@@ -8,8 +8,10 @@ from hessext import linalg, optim
 from hessext.curvature import ggn_diag, ggn_vp, hessian_diag, hutchinson_diag, hvp
 from hessext.hessians import hessian, input_hessian, laplacian, value_gradient_laplacian
 from hessext.operator import HessianOperator
+from hessext.pinn import GramianOperator, pinn_ggn_vp
 from hessext.plan import Plan, plan
 
 __all__ = ["hvp", "ggn_vp", "hessian_diag", "ggn_diag", "hutchinson_diag", "hessian", "input_hessian", "laplacian",
-           "value_gradient_laplacian", "plan", "Plan", "optim", "HessianOperator", "linalg"]
+           "value_gradient_laplacian", "plan", "Plan", "optim", "HessianOperator", "linalg",
+           "GramianOperator", "pinn_ggn_vp"]
 __version__ = "0.1.0"

@@ -110,15 +110,7 @@ class HessianOperator:
 
     def matmul(self, v):
         """H v for v [P] or [P, K] (K columns; one call per batch with all of them)."""
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"v must be a tensor of shape [{self.shape[0]}] or [{self.shape[0]}, K], "
-                            f"got {type(v).__name__}")
-        P = self.shape[0]
-        if v.dim() not in (1, 2) or v.shape[0] != P or v.numel() == 0:
-            raise ValueError(f"v must have shape [{P}] or [{P}, K] (columns), got {tuple(v.shape)}")
-        if v.dtype != self.dtype or v.device != self.device:
-            raise TypeError(f"v must be {self.dtype} on {self.device} like the operator, got {v.dtype} on {v.device}")
-        V = (v.unsqueeze(0) if v.dim() == 1 else v.t()).contiguous()  # [K, P]: hessext's batched layout
+        V = columns(self, v)
         total, count, batches = torch.zeros_like(V), 0, 0
         for inputs, targets in self._bar(self.batches()):
             if batches == 1 and self._reduction is None:  # before the second batch's product
@@ -160,15 +152,33 @@ class HessianOperator:
     def to_scipy(self):
         """A scipy.sparse.linalg.LinearOperator (float64 numpy in and out; products in the operator's
         dtype on its device)."""
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
+        return scipy_operator(self)
 
-        def apply(x):
-            t = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=self.dtype, device=self.device)
-            return self.matmul(t).detach().to("cpu", torch.float64).numpy()
 
-        return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply,
-                              dtype=np.float64)
+def columns(op, v):
+    """v [P] or [P, K] for an operator of shape (P, P), dtype and device, checked, as hessext's batched
+    layout [K, P]."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a tensor of shape [{op.shape[0]}] or [{op.shape[0]}, K], got {type(v).__name__}")
+    P = op.shape[0]
+    if v.dim() not in (1, 2) or v.shape[0] != P or v.numel() == 0:
+        raise ValueError(f"v must have shape [{P}] or [{P}, K] (columns), got {tuple(v.shape)}")
+    if v.dtype != op.dtype or v.device != op.device:
+        raise TypeError(f"v must be {op.dtype} on {op.device} like the operator, got {v.dtype} on {v.device}")
+    return (v.unsqueeze(0) if v.dim() == 1 else v.t()).contiguous()
+
+
+def scipy_operator(op):
+    """op as a scipy.sparse.linalg.LinearOperator (float64 numpy in and out; products in op's dtype on
+    its device)."""
+    import numpy as np
+    from scipy.sparse.linalg import LinearOperator
+
+    def apply(x):
+        t = torch.as_tensor(np.asarray(x, dtype=np.float64)).to(dtype=op.dtype, device=op.device)
+        return op.matmul(t).detach().to("cpu", torch.float64).numpy()
+
+    return LinearOperator(op.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply, dtype=np.float64)
 
 
 _ELEMENTWISE = ("MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCELoss", "BCEWithLogitsLoss", "SoftMarginLoss",

@@ -190,3 +190,118 @@ class Sophia(_DiagonalOptimizer):
                 ratio = state["exp_avg"] / (group["rho"] * state["hessian"]).clamp_min(group["eps"])
                 p.add_(ratio.clamp_(-1.0, 1.0), alpha=-group["lr"])
         return loss
+
+
+SOLVERS = ("dense", "woodbury", "cg")
+
+
+class ENGD(torch.optim.Optimizer):
+    """Energy natural gradient descent for physics-informed losses (Mueller and Zeinhofer, ICML 2023).
+
+    Each step builds the loss's Gramian G (the generalised Gauss-Newton matrix split at (u, grad_u,
+    lap_u): :class:`hessext.GramianOperator` of ``terms``), solves ``(G + damping I) d = gradient`` and
+    moves the parameters to ``theta - lr d``; with ``lr=None`` the step length is the best of a grid
+    ``0.5^j``, j = 0 .. ``line_search_steps`` - 1, on the loss (the step is skipped where none of them
+    lowers it). ``solver``: ``"dense"`` (the Gramian as a matrix, Cholesky; small nets), ``"woodbury"``
+    (``(B^T B + damping I)^-1`` through the points' kernel ``B B^T``: fewer point rows than
+    parameters; damping > 0), or ``"cg"`` (conjugate gradients on the products, the Gauss-Newton-CG or
+    Hessian-free mode; ``max_iter`` products, a warning when it stops short of ``tol``).
+
+    Args:
+        model: the network, a module of points ``[N, d]``.
+        terms: ``[(loss_fn, inputs), ...]``: ``loss_fn(u, grad_u, lap_u, inputs) -> scalar``, as in
+            :class:`hessext.GramianOperator`.
+        lr: a fixed step length, or None for the line search.
+        damping: added to the Gramian's diagonal (>= 0).
+        solver: "dense", "woodbury" or "cg".
+        dims: the input features of grad_u and lap_u (None: all).
+        line_search_steps: the grid's size.
+        max_iter, tol: for solver="cg".
+
+    ``step()`` returns the loss before the step; ``optimizer.last_lr`` holds the step length taken.
+    """
+
+    def __init__(self, model, terms, *, lr=None, damping=1e-10, solver="dense", dims=None, line_search_steps=30,
+                 max_iter=None, tol=None):
+        from hessext.pinn import _check_damping, _check_terms
+
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise ValueError(f"ENGD: lr must be a number > 0 or None (line search), got {lr!r}")
+        damping = _check_damping(damping)
+        if solver not in SOLVERS:
+            raise ValueError(f"ENGD: solver must be one of {SOLVERS}, got {solver!r}")
+        if solver == "woodbury" and damping <= 0:
+            raise ValueError("ENGD: solver='woodbury' needs damping > 0 (it inverts B B^T + damping I)")
+        if isinstance(line_search_steps, bool) or not isinstance(line_search_steps, int) or line_search_steps < 1:
+            raise ValueError(f"ENGD: line_search_steps must be an int >= 1, got {line_search_steps!r}")
+        if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1):
+            raise ValueError(f"ENGD: max_iter must be an int >= 1 or None, got {max_iter!r}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("ENGD: the model has no parameters that require grad")
+        super().__init__(params, dict(lr=lr, damping=damping))
+        self.model, self.terms = model, _check_terms(terms)
+        self.solver, self.dims, self.line_search_steps = solver, dims, line_search_steps
+        self.max_iter, self.tol = max_iter, tol
+        self.last_lr = None
+
+    def loss(self):
+        """The loss (the sum of the terms) at the model's parameters now, without a gradient."""
+        from hessext.hessians import value_gradient_laplacian
+
+        with torch.no_grad():
+            return sum(loss_fn(*value_gradient_laplacian(self.model, inputs, dims=self.dims), inputs)
+                       for loss_fn, inputs in self.terms)
+
+    def _direction(self, G, g, damping):
+        if self.solver == "dense":
+            A = G.dense()
+            A.diagonal().add_(damping)
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) == 0:
+                return torch.cholesky_solve(g[:, None], L)[:, 0]
+            return torch.linalg.lstsq(A, g[:, None]).solution[:, 0]  # singular (no damping): least squares
+        if self.solver == "woodbury":
+            B = G.jacobian()
+            K = B @ B.T
+            K.diagonal().add_(damping)
+            return (g - B.T @ torch.linalg.solve(K, B @ g)) / damping
+        from hessext.linalg import solve
+
+        return solve(G, g, damping=damping, method="cg", tol=self.tol, max_iter=self.max_iter)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One energy natural gradient step; returns the loss before it."""
+        from hessext.pinn import GramianOperator
+
+        if closure is not None:
+            raise ValueError("ENGD: step() takes no closure: the loss comes from the terms")
+        group = self.param_groups[0]
+        G = GramianOperator(self.model, self.terms, dims=self.dims)
+        loss, g = G.loss, G.gradient()
+        d = self._direction(G, g, group["damping"])
+        params = [p for p in group["params"]]
+        start = torch.cat([p.reshape(-1) for p in params])
+
+        def move(eta):
+            new = start - eta * d
+            offset = 0
+            for p in params:
+                p.copy_(new[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+        if group["lr"] is not None:
+            move(group["lr"])
+            self.last_lr = group["lr"]
+            return loss
+        best, best_eta = loss, 0.0
+        for j in range(self.line_search_steps):
+            eta = 0.5 ** j
+            move(eta)
+            trial = self.loss()
+            if trial < best:
+                best, best_eta = trial, eta
+        move(best_eta)
+        self.last_lr = best_eta
+        return loss
