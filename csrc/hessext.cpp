@@ -59,6 +59,12 @@ TORCH_LIBRARY(hessext, m) {
       "output_jets_backward(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
       "int[] activations, float[] act_params, int loss, float loss_param, float scale, int mode, int[] features, "
       "Tensor[] saved, Tensor grad) -> Tensor[]");
+  // The tangent [k + 2, M, K, C] of the Laplacian's output jet (mode 0) along K weight directions dW_l
+  // [K, o_l, n_l], db_l [K, o_l] (None: no direction in that bias), from output_jets' saved jets.
+  m.def(
+      "output_jets_tangent(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
+      "int[] activations, float[] act_params, int loss, float loss_param, float scale, int[] features, "
+      "Tensor[] saved, Tensor[] dW, Tensor?[] db) -> Tensor");
 }
 
 namespace {
@@ -142,6 +148,18 @@ template <>
 struct PyArg<at::IntArrayRef> {
   using type = const std::vector<int64_t>&;
 };
+template <>
+struct PyArg<const c10::List<c10::optional<at::Tensor>>&> {
+  using type = const std::vector<c10::optional<at::Tensor>>&;
+};
+// A Python-side argument as the kernel takes it (a list of optional tensors as c10's List).
+inline c10::List<c10::optional<at::Tensor>> to_arg(const std::vector<c10::optional<at::Tensor>>& v) {
+  return bias_list(v);
+}
+template <typename T>
+const T& to_arg(const T& v) {
+  return v;
+}
 
 // hessext._C.<name>(stack arguments, rest...) calling the op `qualified` with kernel signature
 // Ret(HX_STACK_PARAMS, Rest...).
@@ -156,7 +174,7 @@ void bind_direct(py::module& m, const char* name, const char* qualified) {
            typename PyArg<Rest>::type... rest) {
         const at::AutoDispatchBelowADInplaceOrView below_autograd;
         return op.call(inputs, targets, weights, bias_list(biases), activations, act_params, loss, loss_param, scale,
-                       rest...);
+                       to_arg(rest)...);
       },
       "the op of the same name in torch.ops.hessext, called directly (no autograd)");
 }
@@ -243,6 +261,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_direct<Tensors, int64_t, at::IntArrayRef, bool>(m, "output_jets", "hessext::output_jets");
   bind_direct<Tensors, int64_t, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "output_jets_backward",
                                                                                    "hessext::output_jets_backward");
+  bind_direct<at::Tensor, at::IntArrayRef, at::TensorList, at::TensorList, const c10::List<c10::optional<at::Tensor>>&>(
+      m, "output_jets_tangent", "hessext::output_jets_tangent");
   m.def(
       "simd",
       [](const std::string& name) {

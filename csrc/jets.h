@@ -126,6 +126,42 @@ std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const 
   return grads;
 }
 
+// The tangent of the Laplacian's jets along K weight directions (forward mode through the recurrence
+// above): dW_l [K, o_l, n_l] and db_l [K, o_l] (undefined: no direction in that bias), with saved the
+// jets output_jet keeps. Per layer, with (ż, J̇z, Ṡz) the tangents of its output jet and (a, Ja, Sa) its
+// input jet (A_0 = (x, e_features, 0), whose tangent is 0):
+//   Linear     ż = ȧ W^T + a Ẇ^T + ḃ,   J̇z = J̇a W^T + Ja Ẇ^T,   Ṡz = Ṡa W^T + Sa Ẇ^T
+//   phi        ȧ = phi' ż,   J̇a_i = phi'' ż Jz_i + phi' J̇z_i,
+//              Ṡa = phi'' ż Sz + phi' Ṡz + phi''' ż sum_i Jz_i^2 + 2 phi'' sum_i Jz_i J̇z_i
+// Layout [k + 2, M, K, o]: the K directions inside each sample's row, so that both products of a layer
+// are single GEMMs without a transpose, [(k+2) M, n] x [n, K o] and [(k+2) M K, n] x [n, o].
+// Returns the output jet's tangent [k + 2, M, K, C] (the hidden layers' tangents in the call's scratch).
+template <class E>
+at::Tensor output_jet_tangent(const Stack& s, const std::vector<int64_t>& features, const std::vector<at::Tensor>& saved,
+                              const std::vector<at::Tensor>& dW, const std::vector<at::Tensor>& db) {
+  const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = k + 2, K = dW[0].size(0);
+  at::Tensor adot;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t o = s.W[l].size(0), n = s.width(l);
+    const at::Tensor dWt = dW[l].permute({2, 0, 1}).reshape({n, K * o});  // [n, K o]: Ẇ^T of every direction
+    at::Tensor zdot = l == s.L - 1 ? at::empty({cols, M, K, o}, s.x.options()) : s.scratch({cols, M, K, o});
+    if (l == 0) {  // a = x: x Ẇ^T; Ja = the unit rows e_i: Ẇ[:, feature i]; Sa = 0
+      hx::mm_into(zdot.select(0, 0).view({M, K * o}), s.x, dWt);
+      const at::Tensor columns = dW[0].index_select(2, feature_index(s, features)).permute({2, 0, 1});  // [k, K, o]
+      zdot.narrow(0, 1, k).copy_(columns.unsqueeze(1).expand({k, M, K, o}));
+      zdot.select(0, 1 + k).zero_();
+    } else {
+      hx::mm_into(zdot.view({cols * M, K * o}), saved[2 * l - 1].view({cols * M, n}), dWt);
+      hx::addmm_(zdot.view({cols * M * K, o}), adot.view({cols * M * K, n}), s.W[l].t());
+    }
+    if (db[l].defined()) zdot.select(0, 0).add_(db[l].unsqueeze(0));
+    if (l == s.L - 1) return zdot;
+    E::jet_activation_tangent(zdot, saved[2 * l], saved[2 * l + 1], s.act[l], s.p0[l], s.p1[l], k);
+    adot = zdot;
+  }
+  return adot;
+}
+
 // mode Laplacian: the Laplacian of each output, [M, C]. Diagonal/Full: the input Hessian of the
 // loss per sample, [M, d] or [M, d, d]. (New tensors: the jets are the call's scratch.)
 template <class E>

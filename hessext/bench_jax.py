@@ -5,7 +5,8 @@ layout, the data, the vectors, the timing budget); OUT receives the result (flat
 parameter order, for the parent's check against its float64 reference) and the timing: median and
 interquartile range of blocks of calls after the first (jit compile) call, whose time is reported
 apart. Each call blocks until its result is ready. The Laplacian is folx's forward Laplacian (jit of
-vmap), and the PINN step jax.grad of a loss over it; every other quantity is plain JAX under jit: jvp
+vmap), the PINN step jax.grad of a loss over it and the PINN Gramian's product jax.jvp and jax.vjp
+over it; every other quantity is plain JAX under jit: jvp
 of grad, its vmap for K vectors, jvp and vjp for the GGN, jax.hessian."""
 import sys
 import time
@@ -103,6 +104,23 @@ def build(arrays):
 
         g = jax.jit(jax.grad(pinn_loss))
         return (lambda: g(params, x, y)), flat_out
+    if q in ("pinn-gramian", "pinn-gramian-batched"):  # the Gauss-Newton product of mean((-lap u - f)^2)
+        from folx import forward_laplacian
+
+        def laplacians(p, x):
+            return jax.vmap(lambda xm: forward_laplacian(lambda t: forward(p, t[None])[0])(xm).laplacian)(x)
+
+        def gramian(p, x, v):
+            Jv = jax.jvp(lambda t: laplacians(t, x), (p,), (v,))[1]
+            _, back = jax.vjp(lambda t: laplacians(t, x), p)
+            return back(2.0 / Jv.size * Jv)[0]
+
+        if q == "pinn-gramian":
+            f, v = jax.jit(gramian), _as_params(jnp.asarray(arrays["v"]), params)
+            return (lambda: f(params, x, v)), flat_out
+        V = jax.vmap(lambda t: _as_params(t, params))(jnp.asarray(arrays["V"]))
+        f = jax.jit(jax.vmap(gramian, in_axes=(None, None, 0)))
+        return (lambda: f(params, x, V)), flat_out
     raise ValueError(f"quantity {q!r} has no JAX peer")
 
 

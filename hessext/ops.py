@@ -128,6 +128,18 @@ def _output_jets_backward_fake(inputs, targets, weights, biases, activations, ac
             [torch.empty_like(b) for b in biases if b is not None])
 
 
+def output_jets_tangent(inputs, targets, weights, biases, spec, features, saved, dW, db):
+    """The tangent [k + 2, M, K, C] of the Laplacian's output jet along K weight directions dW [K, *W.shape]
+    and db [K, o] (None: none in that bias), from output_jets' saved jets (no autograd)."""
+    return _call("output_jets_tangent", inputs, targets, weights, biases, *spec, 1.0, features, saved, dW, db)
+
+
+@_fake("hessext::output_jets_tangent")
+def _output_jets_tangent_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale,
+                              features, saved, dW, db):
+    return inputs.new_empty(len(features) + 2, inputs.shape[0], dW[0].shape[0], weights[-1].shape[0])
+
+
 def _jets_reverse(args, x, targets, weights, biases, saved, grad):
     """[dx, dW_0, ..., dW_{L-1}, db_0, ..., db_{L-1}] (None for an absent bias) for the gradient `grad`
     in the output jet: the reverse pass in the kernels; under create_graph (a second derivative through

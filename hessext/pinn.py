@@ -90,8 +90,16 @@ class _StackJets:
                 if l < L - 1:
                     a = self._activate(fns[l], z)
                     self.A.append(a)
-        self.d = [_derivatives3(fns[l], self.Z[l][0]) for l in range(L - 1)]
+        self.fns = fns
         self.jet = self.Z[-1]
+
+    @property
+    def d(self):
+        """The first three derivatives of each hidden activation at its values (for the passes in torch
+        ops), computed once."""
+        if not hasattr(self, "_d"):
+            self._d = [_derivatives3(self.fns[l], self.Z[l][0]) for l in range(self.L - 1)]
+        return self._d
 
     def _activate(self, fn, z):
         k = self.k
@@ -102,7 +110,11 @@ class _StackJets:
 
     def tangent(self, dW, db):
         """The tangent of the output jet [K, k + 2, M, C] along K directions: dW[l] [K, o_l, n_l], db[l]
-        [K, o_l] or None."""
+        [K, o_l] or None. The kernels' (op output_jets_tangent) on the CPU."""
+        if self.saved is not None:
+            out = ops.output_jets_tangent(self.x, self.y, self.weights, self.biases, self.spec, self.features,
+                                          self.saved, dW, db)
+            return out.permute(2, 0, 1, 3)
         k, adot = self.k, None
         for l, W in enumerate(self.weights):
             zdot = torch.einsum("cmn,kon->kcmo", self.A[l], dW[l])
@@ -215,9 +227,10 @@ def _jet_parts(jet, out_shape):
 
 def _loss_curvature(loss_fn, jet, inputs, out_shape):
     """(the loss, its gradient in the jet [k + 2, N, C], each point's Hessian H [N, c, c] of the loss in
-    its jet, c = (k + 2) C, entry (channel,
-    output) at channel * C + output), by autograd through loss_fn; a loss that couples the points (a
-    batch statistic of u, say) is refused: its Gramian is not a sum over points."""
+    its jet, c = (k + 2) C, entry (channel, output) at channel * C + output), by autograd through
+    loss_fn: one batched backward of its gradient along the c unit directions at every point, and a
+    probe supported on some points that must not reach the others (a loss that couples the points, by
+    a batch statistic of u say, is refused: its Gramian is not a sum over points)."""
     cols, N, C = jet.shape
     c = cols * C
     with torch.enable_grad():
@@ -232,21 +245,30 @@ def _loss_curvature(loss_fn, jet, inputs, out_shape):
             return loss.detach(), torch.zeros_like(t), H
         if not g.requires_grad:  # the loss is linear in the jet: no curvature
             return loss.detach(), g.detach(), H
-        for a in range(c):
-            row, = torch.autograd.grad(g[a // C, :, a % C].sum(), t, retain_graph=True, allow_unused=True)
-            if row is not None:
-                H[:, a] = row.permute(1, 0, 2).reshape(N, c)
-        if N > 1:
-            from hessext.hessians import _probe_rows
+        from hessext.hessians import _probe_rows
 
-            mask = _probe_rows(N, t)
-            probe = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(t)
-            hv, = torch.autograd.grad(g, t, probe * mask[None, :, None].to(t.dtype), allow_unused=True)
-            if hv is not None and bool((hv[:, ~mask] != 0).any()):
-                raise ValueError("loss_fn couples the collocation points (a point's term depends on other points' "
-                                 "u, grad_u or lap_u, e.g. through their mean): the Gramian is a sum over points of "
-                                 "each point's own term; write the loss as a sum or mean of per-point terms")
+        directions = torch.eye(c, dtype=t.dtype, device=t.device).reshape(c, cols, 1, C).expand(c, cols, N, C)
+        mask = _probe_rows(N, t)
+        probe = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(t)
+        probe = probe * mask[None, :, None].to(t.dtype)
+        rows = _batched_backward(g, t, torch.cat([directions, probe[None]]))  # [c + 1, cols, N, C]
+        H = rows[:c].permute(2, 0, 1, 3).reshape(N, c, c)
+        if N > 1 and bool((rows[c][:, ~mask] != 0).any()):
+            raise ValueError("loss_fn couples the collocation points (a point's term depends on other points' "
+                             "u, grad_u or lap_u, e.g. through their mean): the Gramian is a sum over points of "
+                             "each point's own term; write the loss as a sum or mean of per-point terms")
     return loss.detach(), g.detach(), H
+
+
+def _batched_backward(g, t, grads):
+    """d(g . w)/dt for each w in grads [B, *g.shape]: one vmapped backward, or one backward each where
+    the loss's ops have no batching rule."""
+    try:
+        out, = torch.autograd.grad(g, t, grads, retain_graph=True, allow_unused=True, is_grads_batched=True)
+    except RuntimeError:
+        found = [torch.autograd.grad(g, t, w, retain_graph=True, allow_unused=True)[0] for w in grads]
+        return torch.stack([f if f is not None else torch.zeros_like(t) for f in found])
+    return out if out is not None else torch.zeros_like(grads)
 
 
 class _Term:

@@ -119,6 +119,30 @@ struct JetStep {
   }
 };
 
+// phi', phi'', phi''' of len pre-activations z (a = phi(z) beside them): tanh and sigmoid from the
+// values a in a loop compiled for this CPU's vectors (the row fixed), every other row from z through
+// act_eval. For the jets' reverse and tangent steps.
+template <typename T, Act K>
+void of_value(const T* __restrict__ a, T* __restrict__ d1, T* __restrict__ d2, T* __restrict__ d3, int64_t len) {
+  for (int64_t m = 0; m < len; ++m) {
+    T first, second;
+    act_derivatives_of_value(K, a[m], first, second);
+    d1[m] = first, d2[m] = second, d3[m] = act_third(K, T(0), T(0), a[m], first, second);
+  }
+}
+
+template <typename T>
+void jet_derivatives(Act kind, double p0, double p1, const T* z, const T* a, T* d1, T* d2, T* d3, int64_t len) {
+  if (kind == Act::Tanh) return run_simd([&] { of_value<T, Act::Tanh>(a, d1, d2, d3, len); });
+  if (kind == Act::Sigmoid) return run_simd([&] { of_value<T, Act::Sigmoid>(a, d1, d2, d3, len); });
+  const T q0 = static_cast<T>(p0), q1 = static_cast<T>(p1);
+  for (int64_t m = 0; m < len; ++m) {
+    T value = a[m], first = T(0), second = T(0);
+    act_eval(kind, q0, q1, z[m], value, first, second);
+    d1[m] = first, d2[m] = second, d3[m] = act_third(kind, q0, z[m], value, first, second);
+  }
+}
+
 // The reverse of the jet activation step (CpuElementwise::jet_activation_backward) over samples
 // [lo, hi) of G, Z, A [1 + k + q, M, O] (channel stride n = M O), in tiles of rows that stay in L1.
 template <typename T>
@@ -137,7 +161,7 @@ struct JetReverse {
     for (int64_t r0 = lo; r0 < hi; r0 += rows) {
       const int64_t t0 = r0 * O, len = std::min(rows, hi - r0) * O;
       T *d1 = buffer.data(), *d2 = d1 + len, *d3 = d2 + len, *dot = d3 + len, *extra = dot + len;
-      derivatives(Z + t0, A + t0, d1, d2, d3, len);
+      jet_derivatives(kind, p0, p1, Z + t0, A + t0, d1, d2, d3, len);
       run_simd([&] {
         if (sum_channel) {
           sum_channels(G + t0, Z + t0, d1, d2, d3, dot, extra, n, len);
@@ -145,29 +169,6 @@ struct JetReverse {
           pair_channels(G + t0, Z + t0, d1, d2, d3, dot, extra, n, len);
         }
       });
-    }
-  }
-
-  // phi', phi'', phi''' of a tile: tanh and sigmoid from the values a (a loop compiled for this CPU's
-  // vectors, the row fixed), every other row from z through act_eval.
-  void derivatives(const T* z, const T* a, T* d1, T* d2, T* d3, int64_t len) const {
-    if (kind == Act::Tanh) return run_simd([&] { of_value<Act::Tanh>(a, d1, d2, d3, len); });
-    if (kind == Act::Sigmoid) return run_simd([&] { of_value<Act::Sigmoid>(a, d1, d2, d3, len); });
-    const T q0 = static_cast<T>(p0), q1 = static_cast<T>(p1);
-    for (int64_t m = 0; m < len; ++m) {
-      T value = a[m], first = T(0), second = T(0);
-      act_eval(kind, q0, q1, z[m], value, first, second);
-      d1[m] = first, d2[m] = second, d3[m] = act_third(kind, q0, z[m], value, first, second);
-    }
-  }
-
-  template <Act K>
-  static void of_value(const T* __restrict__ a, T* __restrict__ d1, T* __restrict__ d2, T* __restrict__ d3,
-                       int64_t len) {
-    for (int64_t m = 0; m < len; ++m) {
-      T first, second;
-      act_derivatives_of_value(K, a[m], first, second);
-      d1[m] = first, d2[m] = second, d3[m] = act_third(K, T(0), T(0), a[m], first, second);
     }
   }
 
@@ -225,6 +226,55 @@ struct JetReverse {
     }
     T* __restrict__ g0 = G;
     for (int64_t m = 0; m < len; ++m) g0[m] = d1[m] * g0[m] + d2[m] * dot[m] + extra[m];
+  }
+};
+
+// The tangent of the Laplacian's activation step (CpuElementwise::jet_activation_tangent) over
+// samples [lo, hi) of D [k + 2, M, K, O] (the K directions' tangents of the jet before the activation,
+// in place: after it), given the jet before (Z) and after (A) it, [k + 2, M, O]. Per sample: phi',
+// phi'', phi''' and sum_i Jz_i^2 of its row, then each direction's channels, in loops compiled for
+// this CPU's vectors.
+template <typename T>
+struct JetTangent {
+  T* D;
+  const T *Z, *A;
+  Act kind;
+  double p0, p1;
+  int64_t M, K, O, k;
+
+  void run(int64_t lo, int64_t hi) const {
+    std::vector<T> buffer(4 * O);
+    T *d1 = buffer.data(), *d2 = d1 + O, *d3 = d2 + O, *sq = d3 + O;
+    const int64_t n = M * O, nd = M * K * O;
+    for (int64_t m = lo; m < hi; ++m) {
+      const T* Zm = Z + m * O;
+      jet_derivatives(kind, p0, p1, Zm, A + m * O, d1, d2, d3, O);
+      run_simd([&] {
+        for (int64_t o = 0; o < O; ++o) sq[o] = T(0);
+        for (int64_t i = 0; i < k; ++i) {
+          const T* __restrict__ J = Zm + (1 + i) * n;
+          for (int64_t o = 0; o < O; ++o) sq[o] += J[o] * J[o];
+        }
+        for (int64_t kk = 0; kk < K; ++kk) channels(D + (m * K + kk) * O, Zm, d1, d2, d3, sq, n, nd);
+      });
+    }
+  }
+
+  void channels(T* D0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+                const T* __restrict__ sq, int64_t n, int64_t nd) const {
+    T* __restrict__ z0 = D0;
+    T* __restrict__ S = D0 + (1 + k) * nd;
+    const T* __restrict__ Sz = Zm + (1 + k) * n;
+    for (int64_t o = 0; o < O; ++o) S[o] = d2[o] * z0[o] * Sz[o] + d1[o] * S[o] + d3[o] * z0[o] * sq[o];
+    for (int64_t i = 0; i < k; ++i) {
+      T* __restrict__ J = D0 + (1 + i) * nd;
+      const T* __restrict__ Jz = Zm + (1 + i) * n;
+      for (int64_t o = 0; o < O; ++o) {
+        S[o] += T(2) * d2[o] * Jz[o] * J[o];
+        J[o] = d2[o] * z0[o] * Jz[o] + d1[o] * J[o];
+      }
+    }
+    for (int64_t o = 0; o < O; ++o) z0[o] *= d1[o];
   }
 };
 
@@ -408,7 +458,18 @@ struct CpuElementwise {
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }
-
+  // The tangent of jet_activation with the Laplacian's sum channel (jets.h, output_jet_tangent), in place:
+  // D [k + 2, M, K, O] holds K directions' tangents of the jet before the activation and becomes theirs
+  // after it; Z, A [k + 2, M, O] the jet before and after (JetTangent).
+  static void jet_activation_tangent(const at::Tensor& D, const at::Tensor& Z, const at::Tensor& A, Act kind, double p0,
+                                     double p1, int64_t k) {
+    const int64_t M = D.size(1), K = D.size(2), O = D.size(3);
+    AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "jet_activation_tangent_cpu", [&] {
+      const JetTangent<scalar_t> step{D.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
+                                      kind, p0, p1, M, K, O, k};
+      at::parallel_for(0, M, std::max<int64_t>(1, 8192 / (K * O)), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
+    });
+  }
 };
 
 // The batched forward pass's rows as raw pointers, read once per call (not per sample): a, d (null

@@ -1,6 +1,7 @@
 // CPU kernels of hessext::output_jets (the model output, its derivatives in chosen input features and
-// the second-order channels of a jet mode, from one forward pass of jets.h) and of their reverse pass,
-// hessext::output_jets_backward, which hessext/ops.py registers as the op's autograd formula.
+// the second-order channels of a jet mode, from one forward pass of jets.h), of their reverse pass,
+// hessext::output_jets_backward, which hessext/ops.py registers as the op's autograd formula, and of
+// the Laplacian jets' tangent along weight directions, hessext::output_jets_tangent.
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
@@ -63,9 +64,43 @@ std::vector<at::Tensor> output_jets_backward_cpu(HX_STACK_PARAMS, int64_t mode, 
   return out;
 }
 
+// The Laplacian jet's tangent [k + 2, M, K, C] along K weight directions dW_l [K, o_l, n_l], db_l [K, o_l]
+// (None: none in that bias), from output_jets' saved jets (mode 0, these features).
+at::Tensor output_jets_tangent_cpu(HX_STACK_PARAMS, at::IntArrayRef features, at::TensorList saved, at::TensorList dW,
+                                   const c10::List<c10::optional<at::Tensor>>& db) {
+  const Stack s(HX_STACK_ARGS);
+  const std::vector<int64_t> chosen = checked_features(s, features);
+  const int64_t cols = static_cast<int64_t>(chosen.size()) + 2;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == 2 * (s.L - 1), "saved must hold ", 2 * (s.L - 1),
+                    " jets, got ", saved.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(dW.size()) == s.L && static_cast<int64_t>(db.size()) == s.L,
+                    "dW and db must hold one entry per layer (", s.L, "), got ", dW.size(), " and ", db.size());
+  const int64_t K = dW[0].size(0);
+  std::vector<at::Tensor> jets(saved.begin(), saved.end()), dWs, dbs;
+  for (size_t j = 0; j < jets.size(); ++j) {
+    CHECK_SHAPE(jets[j], cols, s.M, s.W[j / 2].size(0));
+    jets[j] = jets[j].contiguous();
+  }
+  for (int64_t l = 0; l < s.L; ++l) {
+    CHECK_SHAPE(dW[l], K, s.W[l].size(0), s.W[l].size(1));
+    CHECK_SAME_DTYPE(dW[l], s.x);
+    dWs.push_back(dW[l].contiguous());
+    const c10::optional<at::Tensor> b = db.get(l);
+    if (b.has_value() && b->defined()) {
+      CHECK_SHAPE((*b), K, s.W[l].size(0));
+      CHECK_SAME_DTYPE((*b), s.x);
+      dbs.push_back(b->contiguous());
+    } else {
+      dbs.emplace_back();
+    }
+  }
+  return output_jet_tangent<CpuElementwise>(s, chosen, jets, dWs, dbs);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hessext, CPU, m) {
+  m.impl("output_jets_tangent", &output_jets_tangent_cpu);
   m.impl("output_jets", &output_jets_cpu);
   m.impl("output_jets_backward", &output_jets_backward_cpu);
 }
