@@ -133,7 +133,11 @@ def _select(theta, which, count):
     return torch.argsort(key)[:count]
 
 
-def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None):
+CRITERIA = ("residual", "values")
+
+
+def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None,
+          criterion="residual"):
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
     tol: converged when ``||H y - theta y|| <= tol * max |theta|`` for each pair (default: the square root
@@ -141,7 +145,10 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
     products rounded in that dtype can reach). max_iter: block products
     (default enough for 100 restarts). generator: for the random start block. block_size: columns per
     product (default k). progress: a tqdm bar of the products (None: the operator's own setting).
-    Warns (RuntimeWarning) with the residuals if not converged.
+    criterion: "residual" (the test above: accurate vectors) or "values" (converged when each value's
+    error bound ``min(r, r^2 / gap) <= tol * max |theta|``, r its residual and gap its distance to the
+    other Ritz values: the eigenvalues to tol at a fraction of the products, the vectors less accurate;
+    what a per-epoch spectrum needs). Warns (RuntimeWarning) with the residuals if not converged.
 
     Block Lanczos with full reorthogonalisation: the newest block X of the basis Q is multiplied,
     C = Q^T H X is T's new column block, the remainder H X - Q C (projected again where DGKS asks)
@@ -158,6 +165,8 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     tol = _tolerance(tol, op.dtype)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if max_iter is not None:
         _positive_int(max_iter, "max_iter")
     b = min(_positive_int(block_size or k, "block_size"), P)
@@ -178,7 +187,7 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
         order = _select(theta, which, min(k, m))
         res = (R @ S[j0:m, order]).norm(dim=0) if R.numel() else theta.new_zeros(len(order))
         scale = theta.abs().max().clamp_min(torch.finfo(theta.dtype).tiny)
-        done = res <= tol * scale
+        done = _error_bound(res, theta, order, criterion) <= tol * scale
         if (len(order) == k and bool(done.all())) or m >= P or iteration == max_iter:
             break
         if W.shape[1] == 0:  # an invariant subspace: go on from a random direction outside it
@@ -201,6 +210,16 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
     values, vectors = theta[order], (S[:, order].T @ Qt[:m]).T
     desc = torch.argsort(values, descending=True)
     return values[desc], vectors[:, desc]
+
+
+def _error_bound(res, theta, order, criterion):
+    """Per wanted Ritz value: its residual, or with criterion "values" the smaller of it and the
+    quadratic bound res^2 / gap (gap: the distance to the nearest other Ritz value)."""
+    if criterion == "residual" or theta.numel() < 2:
+        return res
+    gaps = (theta[order, None] - theta[None, :]).abs()
+    gaps[torch.arange(len(order)), order] = float("inf")
+    return torch.minimum(res, res ** 2 / gaps.min(1).values.clamp_min(torch.finfo(theta.dtype).tiny))
 
 
 def trace(H, *, samples=100, generator=None, progress=None):

@@ -382,3 +382,25 @@ def test_density_and_trace_of_a_rank_deficient_matrix():
     near_zero = float(torch.trapezoid(dens * (grid.abs() < 0.05 * top), grid))
     assert abs(near_zero - 47 / 50) < 0.05, near_zero
     assert abs(linalg.trace(H, samples=30, generator=g) - float(torch.trace(H))) < 1e-9 * float(torch.trace(H))
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_eigsh_values_criterion(tol):
+    """criterion="values": each eigenvalue within tol * max |lambda| of the exact one, in fewer products
+    than the residual test at the same tol (a clustered top of the spectrum, like a network's)."""
+    g = torch.Generator().manual_seed(0)
+    P = 400
+    Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
+    lam = torch.cat([torch.tensor([1.0, 0.99, 0.97, 0.96, 0.94], dtype=torch.float64),
+                     0.9 * torch.rand(P - 5, generator=g, dtype=torch.float64)])
+    A = (Q * lam) @ Q.T
+    runs = {}
+    for criterion in ("values", "residual"):
+        calls = []
+        values, _ = linalg.eigsh(_Counted(A, calls), k=5, tol=tol, criterion=criterion,
+                                 generator=torch.Generator().manual_seed(1))
+        assert float((values - lam[:5]).abs().max()) <= tol * 1.0
+        runs[criterion] = sum(calls)
+    assert runs["values"] < runs["residual"]
+    with pytest.raises(ValueError, match="criterion"):
+        linalg.eigsh(A, k=2, criterion="vectors")
