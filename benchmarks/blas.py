@@ -7,6 +7,7 @@ Shapes: the products of the HVP recurrence of the benchmark nets ([N, i] x [i, o
 R-forward, [o, N] x [N, i] weight products, [N K, i] x [i, o] for K vectors).
 
     python benchmarks/blas.py   ->   benchmarks/results/blas_cpu.{json,md}"""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,19 @@ import torch
 
 from common import environment, write
 
-SHAPES = [(256, 784, 256), (256, 256, 256), (256, 256, 10), (256, 256, 784), (1024, 50, 50), (50, 1024, 50),
-          (256, 64, 64), (1024, 64, 64), (64, 256, 64), (4096, 50, 50), (768, 768, 13312)]
+SHAPES = [
+    (256, 784, 256),
+    (256, 256, 256),
+    (256, 256, 10),
+    (256, 256, 784),
+    (1024, 50, 50),
+    (50, 1024, 50),
+    (256, 64, 64),
+    (1024, 64, 64),
+    (64, 256, 64),
+    (4096, 50, 50),
+    (768, 768, 13312),
+]
 CORETYPES = ["Haswell", "SkylakeX"]
 
 
@@ -46,7 +58,10 @@ def main():
         return
     from hessext import _native
 
-    columns = {"ATen (MKL)": rates("aten"), f"hessext: {_native.status()['blas']['name'].split(' (')[0]}": rates("hessext")}
+    columns = {
+        "ATen (MKL)": rates("aten"),
+        f"hessext: {_native.status()['blas']['name'].split(' (')[0]}": rates("hessext"),
+    }
     for core in CORETYPES:
         env = dict(os.environ, HESSEXT_OPENBLAS_CORETYPE=core)
         done = subprocess.run([sys.executable, __file__, "child"], capture_output=True, text=True, env=env, check=True)
@@ -58,11 +73,20 @@ def main():
     rows = [{"shape": s, **{name: col[s] for name, col in columns.items()}} for s in columns["ATen (MKL)"]]
     env = environment()
     env["OPENBLAS_CORETYPE"] = os.environ.get("OPENBLAS_CORETYPE")
-    print(write("blas_cpu", env, rows, [("shape", "[m x k x n]", "{}")] + [(n, n + " GFLOP/s", "{:.1f}") for n in columns],
-                [f"OPENBLAS_CORETYPE in this environment: {env['OPENBLAS_CORETYPE']}. Medians of float64 products, "
-                 "2 threads (hessext splits each product over torch's threads; OpenBLAS itself runs one thread), "
-                 "except the last two columns: one thread, each product whole or in row pieces of at most 10^6 "
-                 "multiply-adds (the default where OpenBLAS has SkylakeX kernels)."]))
+    print(
+        write(
+            "blas_cpu",
+            env,
+            rows,
+            [("shape", "[m x k x n]", "{}")] + [(n, n + " GFLOP/s", "{:.1f}") for n in columns],
+            [
+                f"OPENBLAS_CORETYPE in this environment: {env['OPENBLAS_CORETYPE']}. Medians of float64 products, "
+                "2 threads (hessext splits each product over torch's threads; OpenBLAS itself runs one thread), "
+                "except the last two columns: one thread, each product whole or in row pieces of at most 10^6 "
+                "multiply-adds (the default where OpenBLAS has SkylakeX kernels)."
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

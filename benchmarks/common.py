@@ -1,5 +1,6 @@
 """Shared benchmark helpers: the configurations, medians with torch.utils.benchmark.Timer, the
 environment record, and the JSON + markdown writers for benchmarks/results/."""
+
 import datetime
 import json
 import os
@@ -67,7 +68,7 @@ def flat_loss(model, loss_fn, x, y):
     def f(flat):
         split, start = {}, 0
         for n, shape, k in shapes:
-            split[n] = flat[start:start + k].reshape(shape)
+            split[n] = flat[start : start + k].reshape(shape)
             start += k
         return loss_fn(functional_call(model, split, (x,)), y)
 
@@ -82,8 +83,14 @@ def median_s(fn, min_run_time=1.0):
     return m.median
 
 
-ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "_HESSEXT_HELD_ISA": "avx2",
-                    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}}
+ISA_ENV = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "_HESSEXT_HELD_ISA": "avx2",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+    }
+}
 
 
 def hold_isa():
@@ -98,7 +105,7 @@ def hold_isa():
     isa = sys.argv[j + 1] if j + 1 < len(sys.argv) else None
     if isa not in ISA_ENV:
         raise SystemExit(f"--isa must be one of {sorted(ISA_ENV)}, got {isa!r}")
-    argv = sys.argv[:j] + sys.argv[j + 2:]
+    argv = sys.argv[:j] + sys.argv[j + 2 :]
     if os.environ.get("_HESSEXT_HELD_ISA") == isa:
         sys.argv[:] = argv
         return isa
@@ -108,7 +115,9 @@ def hold_isa():
     import getpass
     import tempfile
 
-    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{isa}"))
+    env.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{isa}")
+    )
     for key, value in ISA_ENV[isa].items():
         env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     os.execve(sys.executable, [sys.executable] + argv, env)
@@ -134,9 +143,12 @@ def product_s(m, k, n, dtype=torch.float64, repeat=30):
     C = _native.load()
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     c, ct = torch.empty(m, n, dtype=dtype), torch.empty(n, m, dtype=dtype)
-    return min(median(lambda: C.mm_into(c, a, b), repeat), median(lambda: torch.mm(a, b, out=c), repeat),
-               median(lambda: C.mm_into(ct, b.t(), a.t()), repeat),
-               median(lambda: torch.mm(b.t(), a.t(), out=ct), repeat))
+    return min(
+        median(lambda: C.mm_into(c, a, b), repeat),
+        median(lambda: torch.mm(a, b, out=c), repeat),
+        median(lambda: C.mm_into(ct, b.t(), a.t()), repeat),
+        median(lambda: torch.mm(b.t(), a.t(), out=ct), repeat),
+    )
 
 
 def instruction_set():
@@ -151,13 +163,14 @@ def product_rate(n=256):
     """GFLOP/s of a float64 [n, n] x [n, n] product with torch.mm at the current thread count: the
     machine's product rate, which the timings of a run are to be read against."""
     a, b = torch.randn(n, n, dtype=torch.float64), torch.randn(n, n, dtype=torch.float64)
-    return 2 * n ** 3 / median_s(lambda: torch.mm(a, b), 0.3) / 1e9
+    return 2 * n**3 / median_s(lambda: torch.mm(a, b), 0.3) / 1e9
 
 
 def environment():
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(RESULTS)).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(RESULTS)
+        ).stdout.strip()
     except OSError:
         commit = None
     cpu = platform.processor()
@@ -166,11 +179,17 @@ def environment():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "isa": instruction_set(), "product_gflops": product_rate(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "python": platform.python_version(), "git_commit": commit}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "isa": instruction_set(),
+        "product_gflops": product_rate(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "python": platform.python_version(),
+        "git_commit": commit,
+    }
 
 
 def write(name, env, rows, columns, notes=()):
@@ -179,14 +198,18 @@ def write(name, env, rows, columns, notes=()):
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
         json.dump({"environment": env, "rows": rows}, f, indent=2)
     rate = f", float64 products at {env['product_gflops']:.1f} GFLOP/s" if env.get("product_gflops") else ""
-    lines = [f"Measured {env['date']} on {env['cpu']} ({env.get('isa') or 'unknown'} instructions{rate}, "
-             f"{env['threads']} threads), torch {env['torch']}, commit {env['git_commit']}. Medians of "
-             "torch.utils.benchmark.Timer.", ""]
+    lines = [
+        f"Measured {env['date']} on {env['cpu']} ({env.get('isa') or 'unknown'} instructions{rate}, "
+        f"{env['threads']} threads), torch {env['torch']}, commit {env['git_commit']}. Medians of "
+        "torch.utils.benchmark.Timer.",
+        "",
+    ]
     lines.append("| " + " | ".join(h for _, h, _ in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[k]) if row.get(k) is not None else "n/a"
-                                       for k, _, fmt in columns) + " |")
+        lines.append(
+            "| " + " | ".join(fmt.format(row[k]) if row.get(k) is not None else "n/a" for k, _, fmt in columns) + " |"
+        )
     lines += [""] + list(notes)
     with open(os.path.join(RESULTS, name + ".md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -12,6 +12,7 @@ first checked against its peer (relative max difference in the table), then time
 
     python benchmarks/coverage.py   ->   benchmarks/results/coverage_cpu.{json,md}
 BackPACK: pip install --no-deps backpack-for-pytorch einops unfoldNd (its row is skipped without it)."""
+
 import importlib.util
 
 import torch
@@ -66,15 +67,31 @@ def classifier():
             return hessext.hessian_diag(model, loss_fn, x, y)
 
         err = rel(flat(ours(), names), flat(bp(), names))
-        rows.append({"config": "[784,256,256,10] ReLU/Sigmoid, CE, N=256", "quantity": "exact Hessian diagonal",
-                     "peer": "BackPACK DiagHessian", "hessext_us": median_s(ours) * 1e6,
-                     "peer_us": median_s(bp) * 1e6, "rel_diff": err, "target": 10.0})
+        rows.append(
+            {
+                "config": "[784,256,256,10] ReLU/Sigmoid, CE, N=256",
+                "quantity": "exact Hessian diagonal",
+                "peer": "BackPACK DiagHessian",
+                "hessext_us": median_s(ours) * 1e6,
+                "peer_us": median_s(bp) * 1e6,
+                "rel_diff": err,
+                "target": 10.0,
+            }
+        )
     v = [torch.randn_like(p) for p in model.parameters()]
     db = double_backward(model, loss_fn, x, y)
     err = rel(flat(dict(zip(names, hessext.hvp(model, loss_fn, x, y, v))), names), flat(dict(zip(names, db(v))), names))
-    rows.append({"config": "[784,256,256,10] ReLU/Sigmoid, CE, N=256", "quantity": "one HVP",
-                 "peer": "autograd double backward", "hessext_us": median_s(lambda: hessext.hvp(model, loss_fn, x, y, v)) * 1e6,
-                 "peer_us": median_s(lambda: db(v)) * 1e6, "rel_diff": err, "target": 1 / 0.7})
+    rows.append(
+        {
+            "config": "[784,256,256,10] ReLU/Sigmoid, CE, N=256",
+            "quantity": "one HVP",
+            "peer": "autograd double backward",
+            "hessext_us": median_s(lambda: hessext.hvp(model, loss_fn, x, y, v)) * 1e6,
+            "peer_us": median_s(lambda: db(v)) * 1e6,
+            "rel_diff": err,
+            "target": 1 / 0.7,
+        }
+    )
     return rows
 
 
@@ -111,12 +128,24 @@ def regressor():
 
     label = "[10,64,64,1] GELU/SiLU, MSE, N=256"
     return [
-        {"config": label, "quantity": "one HVP", "peer": "torch.func jvp(grad)", "hessext_us": median_s(ours_hvp) * 1e6,
-         "peer_us": median_s(func_hvp) * 1e6, "rel_diff": rel(flat(ours_hvp(), names), flat(func_hvp(), names)),
-         "target": 3.0},
-        {"config": label, "quantity": "exact Hessian diagonal", "peer": "torch.func full-Hessian diagonal",
-         "hessext_us": median_s(ours_diag) * 1e6, "peer_us": median_s(func_diag, min_run_time=3.0) * 1e6,
-         "rel_diff": rel(flat(ours_diag(), names), func_diag()), "target": 100.0},
+        {
+            "config": label,
+            "quantity": "one HVP",
+            "peer": "torch.func jvp(grad)",
+            "hessext_us": median_s(ours_hvp) * 1e6,
+            "peer_us": median_s(func_hvp) * 1e6,
+            "rel_diff": rel(flat(ours_hvp(), names), flat(func_hvp(), names)),
+            "target": 3.0,
+        },
+        {
+            "config": label,
+            "quantity": "exact Hessian diagonal",
+            "peer": "torch.func full-Hessian diagonal",
+            "hessext_us": median_s(ours_diag) * 1e6,
+            "peer_us": median_s(func_diag, min_run_time=3.0) * 1e6,
+            "rel_diff": rel(flat(ours_diag(), names), func_diag()),
+            "target": 100.0,
+        },
     ]
 
 
@@ -133,9 +162,17 @@ def log_softmax_classifier():
     def ours():
         return hessext.input_hessian(model, nll, x, y)
 
-    return [{"config": "log-softmax classifier [5,8,3] ReLU, LogSoftmax, NLL, N=1024", "quantity": "input Hessian per sample",
-             "peer": "torch.func vmap(hessian)", "hessext_us": median_s(ours) * 1e6, "peer_us": median_s(func) * 1e6,
-             "rel_diff": rel(ours(), func()), "target": 5.0}]
+    return [
+        {
+            "config": "log-softmax classifier [5,8,3] ReLU, LogSoftmax, NLL, N=1024",
+            "quantity": "input Hessian per sample",
+            "peer": "torch.func vmap(hessian)",
+            "hessext_us": median_s(ours) * 1e6,
+            "peer_us": median_s(func) * 1e6,
+            "rel_diff": rel(ours(), func()),
+            "target": 5.0,
+        }
+    ]
 
 
 def main():
@@ -145,13 +182,29 @@ def main():
         row["speedup"] = row["peer_us"] / row["hessext_us"]
         row["met"] = "yes" if row["speedup"] >= row["target"] else "no"
         assert row["rel_diff"] < 1e-9, row
-    columns = [("config", "network, loss, batch", "{}"), ("quantity", "quantity", "{}"), ("peer", "peer", "{}"),
-               ("hessext_us", "hessext (us)", "{:.0f}"), ("peer_us", "peer (us)", "{:.0f}"),
-               ("speedup", "speed-up", "{:.1f}x"), ("target", "target", "{:.2f}x"), ("met", "met", "{}"),
-               ("rel_diff", "max rel. diff vs peer", "{:.1e}")]
-    print(write("coverage_cpu", environment(), rows, columns,
-                ["float64; hessext is the public call (plan, checks, kernel). Each result is checked against its peer",
-                 "before timing. The HVP target 1.43x is the target 'at most 0.7x double backward's time'."]))
+    columns = [
+        ("config", "network, loss, batch", "{}"),
+        ("quantity", "quantity", "{}"),
+        ("peer", "peer", "{}"),
+        ("hessext_us", "hessext (us)", "{:.0f}"),
+        ("peer_us", "peer (us)", "{:.0f}"),
+        ("speedup", "speed-up", "{:.1f}x"),
+        ("target", "target", "{:.2f}x"),
+        ("met", "met", "{}"),
+        ("rel_diff", "max rel. diff vs peer", "{:.1e}"),
+    ]
+    print(
+        write(
+            "coverage_cpu",
+            environment(),
+            rows,
+            columns,
+            [
+                "float64; hessext is the public call (plan, checks, kernel). Each result is checked against its peer",
+                "before timing. The HVP target 1.43x is the target 'at most 0.7x double backward's time'.",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

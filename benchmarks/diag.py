@@ -4,6 +4,7 @@ the diagonal of torch.func's full Hessian where P is small enough to finish; one
 scale. Agreement with BackPACK is checked first (1e-10 relative).
 
     python benchmarks/diag.py   ->   benchmarks/results/diag_cpu.{json,md}"""
+
 import copy
 
 import torch
@@ -72,15 +73,30 @@ def run(name):
 def main():
     torch.set_num_threads(2)
     rows = [run(name) for name in ("a", "b", "c")]
-    columns = [("config", "config", "{}"), ("P", "P", "{}"), ("hessext_us", "hessext (us)", "{:.1f}"),
-               ("backpack_us", "BackPACK DiagHessian (us)", "{:.1f}"),
-               ("torch_func_us", "torch.func full Hessian (us)", "{:.1f}"), ("gradient_us", "one gradient (us)", "{:.1f}"),
-               ("x_vs_backpack", "speed-up vs BackPACK", "{:.1f}x"), ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"),
-               ("over_gradient", "hessext / gradient", "{:.2f}"),
-               ("max_rel_err_vs_backpack", "max rel. diff vs BackPACK", "{:.1e}")]
-    print(write("diag_cpu", environment(), rows, columns,
-                ["float64, MSE (mean); hessext is the public `hessext.hessian_diag` call. torch.func: the diagonal of",
-                 f"`torch.func.hessian` over the flat parameters, run only where P <= {TORCH_FUNC_MAX_P}."]))
+    columns = [
+        ("config", "config", "{}"),
+        ("P", "P", "{}"),
+        ("hessext_us", "hessext (us)", "{:.1f}"),
+        ("backpack_us", "BackPACK DiagHessian (us)", "{:.1f}"),
+        ("torch_func_us", "torch.func full Hessian (us)", "{:.1f}"),
+        ("gradient_us", "one gradient (us)", "{:.1f}"),
+        ("x_vs_backpack", "speed-up vs BackPACK", "{:.1f}x"),
+        ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"),
+        ("over_gradient", "hessext / gradient", "{:.2f}"),
+        ("max_rel_err_vs_backpack", "max rel. diff vs BackPACK", "{:.1e}"),
+    ]
+    print(
+        write(
+            "diag_cpu",
+            environment(),
+            rows,
+            columns,
+            [
+                "float64, MSE (mean); hessext is the public `hessext.hessian_diag` call. torch.func: the diagonal of",
+                f"`torch.func.hessian` over the flat parameters, run only where P <= {TORCH_FUNC_MAX_P}.",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

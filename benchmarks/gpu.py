@@ -5,6 +5,7 @@ bound: the GEMMs the R-operator needs (forward 1, delta 1, R-forward 2, R-backwa
 3 for the first) timed one by one with cuBLAS in the same run.
 
     python benchmarks/gpu.py --out DIR   ->   DIR/gpu_bench.{json,md}"""
+
 import argparse
 import json
 import os
@@ -49,8 +50,12 @@ def write(reports, out):
         lines.append(bench.markdown(report))
         if "matmul_bound_s" in report:
             hx = report["cases"][0]["methods"]["hessext"].get("median_s")
-            lines.append(f"Matrix-product bound: {report['matmul_bound_s'] * 1e3:.3f} ms; hessext / bound = "
-                         f"{hx / report['matmul_bound_s']:.2f}\n" if hx else "hessext was not timed\n")
+            lines.append(
+                f"Matrix-product bound: {report['matmul_bound_s'] * 1e3:.3f} ms; hessext / bound = "
+                f"{hx / report['matmul_bound_s']:.2f}\n"
+                if hx
+                else "hessext was not timed\n"
+            )
     with open(os.path.join(out, "gpu_bench.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -64,8 +69,17 @@ def main():
     reports = []
     for name, widths, N, quantities in CONFIGS:
         methods = ["hessext", "torch.func", "torch.compile", "double-backward", "backpack"]
-        report = bench.run(quantities, [widths], [N], methods, device="cuda", dtype=torch.float32, k=16,
-                           min_run_time=1.0, progress=False)
+        report = bench.run(
+            quantities,
+            [widths],
+            [N],
+            methods,
+            device="cuda",
+            dtype=torch.float32,
+            k=16,
+            min_run_time=1.0,
+            progress=False,
+        )
         report["config"] = name
         if name == "c":
             report["matmul_bound_s"] = matmul_bound_s(widths, N, torch.float32)

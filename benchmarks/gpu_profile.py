@@ -4,6 +4,7 @@ launch) and replays back to back (GPU time), the kernels per call, and torch.pro
 Medians of 300 calls, each synchronised.
 
     python benchmarks/gpu_profile.py [--out DIR]   ->   DIR/gpu_profile.txt"""
+
 import argparse
 import os
 import time
@@ -90,20 +91,25 @@ def profile_net(widths, N):
             call()
         torch.cuda.synchronize()
     kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA) / 10
-    line = (f"{widths} N={N}: call {whole:.1f} us, op {alone:.1f} (launch-only {launch:.1f}), call without finite "
-            f"read-back {unchecked:.1f}, graph replay {replay:.1f} (back-to-back GPU {gpu:.1f}), kernels per call "
-            f"{kernels:.0f}")
-    tables = (prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60) +
-              prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
+    line = (
+        f"{widths} N={N}: call {whole:.1f} us, op {alone:.1f} (launch-only {launch:.1f}), call without finite "
+        f"read-back {unchecked:.1f}, graph replay {replay:.1f} (back-to-back GPU {gpu:.1f}), kernels per call "
+        f"{kernels:.0f}"
+    )
+    tables = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60
+    ) + prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
     return line, tables
 
 
 def profile_quantities(widths, N):
     """The whole call and kernels per call of the other quantities on one net."""
     pb = bench.make_problem(widths, N, "cuda", torch.float32, 16)
-    calls = {"diagonal": lambda: hessext.hessian_diag(pb.model, bench.mse, pb.x, pb.y),
-             "hessian": lambda: hessext.hessian(pb.model, bench.mse, pb.x, pb.y, output="matrix"),
-             "laplacian": lambda: torch.no_grad()(hessext.laplacian)(pb.model, pb.x)}
+    calls = {
+        "diagonal": lambda: hessext.hessian_diag(pb.model, bench.mse, pb.x, pb.y),
+        "hessian": lambda: hessext.hessian(pb.model, bench.mse, pb.x, pb.y, output="matrix"),
+        "laplacian": lambda: torch.no_grad()(hessext.laplacian)(pb.model, pb.x),
+    }
     lines, tables = [], []
     for name, call in calls.items():
         whole = median_us(call, 100)
@@ -114,8 +120,9 @@ def profile_quantities(widths, N):
         averages = prof.key_averages()
         kernels = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA) / 10
         lines.append(f"{widths} N={N} {name}: call {whole:.1f} us, kernels per call {kernels:.0f}")
-        tables.append(f"{name}\n" + averages.table(sort_by="self_device_time_total", row_limit=10,
-                                                     max_name_column_width=60))
+        tables.append(
+            f"{name}\n" + averages.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60)
+        )
     return lines, tables
 
 

@@ -10,6 +10,7 @@ first (1e-10 relative in float64). The floor is the product's matrix products ti
 forward jet's; per vector the tangent's two per layer and the reverse's two per layer).
 
     python benchmarks/gramian.py   ->   benchmarks/results/gramian_cpu.{json,md}"""
+
 import torch
 from torch.func import functional_call, hessian, jvp, vjp, vmap
 
@@ -123,23 +124,39 @@ def main():
                 assert errors["jax"] <= 1e-10, f"JAX: relative error {errors['jax']:.2e}"
                 row["jax"] = peer[1] * 1e3
             floor, count = floor_s(widths, n, K, torch.float64)
-            row.update(floor=floor * 1e3, products=count, x_floor=ms["hessext"] / (floor * 1e3),
-                       max_relative_error=max(errors.values()))
+            row.update(
+                floor=floor * 1e3,
+                products=count,
+                x_floor=ms["hessext"] / (floor * 1e3),
+                max_relative_error=max(errors.values()),
+            )
             for name in ("jax", "torch_func"):
                 if name in row:
                     row["x_" + name] = row[name] / ms["hessext"]
             rows.append(row)
             print(row, flush=True)
-    columns = [("net", "net", "{}"), ("N", "N", "{}"), ("K", "K", "{}"), ("P", "P", "{}"),
-               ("hessext", "hessext.pinn_ggn_vp (ms)", "{:.2f}"), ("operator", "product of a built operator (ms)", "{:.2f}"),
-               ("jax", "JAX jit(jvp, vjp) over folx (ms)", "{:.2f}"), ("torch_func", "torch.func jvp/vjp over vmap(hessian) (ms)", "{:.2f}"),
-               ("floor", "floor: its products alone (ms)", "{:.2f}"), ("products", "products", "{}"),
-               ("x_jax", "x JAX", "{:.2f}"), ("x_torch_func", "x torch.func", "{:.2f}"),
-               ("x_floor", "hessext / floor", "{:.2f}"), ("max_relative_error", "max relative error", "{:.1e}"),
-               ("failed", "could not run", "{}")]
-    notes = ["G v for the loss mean((-lap u - f)^2), float64. x: the method's time over hessext.pinn_ggn_vp's "
-             "(which builds the jets and the loss's per-point Hessian every call, as JAX's jit recomputes its "
-             "forward jets). The floor is the sum of the product's matrix products timed one by one."]
+    columns = [
+        ("net", "net", "{}"),
+        ("N", "N", "{}"),
+        ("K", "K", "{}"),
+        ("P", "P", "{}"),
+        ("hessext", "hessext.pinn_ggn_vp (ms)", "{:.2f}"),
+        ("operator", "product of a built operator (ms)", "{:.2f}"),
+        ("jax", "JAX jit(jvp, vjp) over folx (ms)", "{:.2f}"),
+        ("torch_func", "torch.func jvp/vjp over vmap(hessian) (ms)", "{:.2f}"),
+        ("floor", "floor: its products alone (ms)", "{:.2f}"),
+        ("products", "products", "{}"),
+        ("x_jax", "x JAX", "{:.2f}"),
+        ("x_torch_func", "x torch.func", "{:.2f}"),
+        ("x_floor", "hessext / floor", "{:.2f}"),
+        ("max_relative_error", "max relative error", "{:.1e}"),
+        ("failed", "could not run", "{}"),
+    ]
+    notes = [
+        "G v for the loss mean((-lap u - f)^2), float64. x: the method's time over hessext.pinn_ggn_vp's "
+        "(which builds the jets and the loss's per-point Hessian every call, as JAX's jit recomputes its "
+        "forward jets). The floor is the sum of the product's matrix products timed one by one."
+    ]
     print(write("gramian_cpu", environment(), rows, columns, notes))
 
 

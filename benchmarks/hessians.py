@@ -7,6 +7,7 @@ hessext.input_hessian(diagonal=True) against the torch.func way (vmap over sampl
 jacfwd(jacrev) of the model output, and of torch.func.hessian of each sample's loss term).
 
     python benchmarks/hessians.py   ->   benchmarks/results/hessians_cpu.{json,md}"""
+
 import time
 
 import torch
@@ -54,9 +55,11 @@ def weights_row(name):
     err = max(((H - H_ref).abs().max() / scale).item(), ((H_loop - H_ref).abs().max() / scale).item())
     assert err < 1e-10 and torch.equal(H, H.T), err
     fast = H.shape[0] < 1000
-    t = {"hessext": median_s(ours),
-         "torch_func": median_s(theirs) if fast else t_func,
-         "row_loop": median_s(loop) if fast else once_s(loop)}
+    t = {
+        "hessext": median_s(ours),
+        "torch_func": median_s(theirs) if fast else t_func,
+        "row_loop": median_s(loop) if fast else once_s(loop),
+    }
     row = {"config": label, "P": H.shape[0], "max_rel_err": err}
     row.update({f"{k}_ms": v * 1e3 for k, v in t.items()})
     row["x_vs_torch_func"] = t["torch_func"] / t["hessext"]
@@ -81,8 +84,16 @@ def inputs_rows():
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < 1e-10, (what, err)
         t_ours, t_func = median_s(ours), median_s(theirs)
-        rows.append({"config": f"{what}, {label}", "N": N, "hessext_ms": t_ours * 1e3, "torch_func_ms": t_func * 1e3,
-                     "x_vs_torch_func": t_func / t_ours, "max_rel_err": err})
+        rows.append(
+            {
+                "config": f"{what}, {label}",
+                "N": N,
+                "hessext_ms": t_ours * 1e3,
+                "torch_func_ms": t_func * 1e3,
+                "x_vs_torch_func": t_func / t_ours,
+                "max_rel_err": err,
+            }
+        )
     return rows
 
 
@@ -90,20 +101,44 @@ def main():
     torch.set_num_threads(2)
     env = environment()
     weights = [weights_row(name) for name in ("a", "d", "b")]
-    text = write("hessians_cpu", env, weights,
-                 [("config", "config", "{}"), ("P", "P", "{}"), ("hessext_ms", "hessext (ms)", "{:.2f}"),
-                  ("torch_func_ms", "torch.func.hessian (ms)", "{:.1f}"), ("row_loop_ms", "row-by-row autograd (ms)", "{:.1f}"),
-                  ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"), ("x_vs_row_loop", "speed-up vs row loop", "{:.1f}x"),
-                  ("max_rel_err", "max rel. error", "{:.1e}")],
-                 ["float64; `hessext.hessian(..., output=\"matrix\")`, exactly symmetric. Where P > 1000, torch.func and",
-                  "the row loop are timed once (each call takes seconds); every other time is a median."])
+    text = write(
+        "hessians_cpu",
+        env,
+        weights,
+        [
+            ("config", "config", "{}"),
+            ("P", "P", "{}"),
+            ("hessext_ms", "hessext (ms)", "{:.2f}"),
+            ("torch_func_ms", "torch.func.hessian (ms)", "{:.1f}"),
+            ("row_loop_ms", "row-by-row autograd (ms)", "{:.1f}"),
+            ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"),
+            ("x_vs_row_loop", "speed-up vs row loop", "{:.1f}x"),
+            ("max_rel_err", "max rel. error", "{:.1e}"),
+        ],
+        [
+            'float64; `hessext.hessian(..., output="matrix")`, exactly symmetric. Where P > 1000, torch.func and',
+            "the row loop are timed once (each call takes seconds); every other time is a median.",
+        ],
+    )
     print(text)
-    print(write("input_derivatives_cpu", env, inputs_rows(),
-                [("config", "quantity", "{}"), ("hessext_ms", "hessext (ms)", "{:.3f}"),
-                 ("torch_func_ms", "torch.func (ms)", "{:.3f}"), ("x_vs_torch_func", "speed-up", "{:.1f}x"),
-                 ("max_rel_err", "max rel. error", "{:.1e}")],
-                ["float64. torch.func: vmap over samples of jacfwd(jacrev(model)) (Laplacian: trace of each output's",
-                 "input Hessian) and of torch.func.hessian of each sample's loss term (diagonal taken)."]))
+    print(
+        write(
+            "input_derivatives_cpu",
+            env,
+            inputs_rows(),
+            [
+                ("config", "quantity", "{}"),
+                ("hessext_ms", "hessext (ms)", "{:.3f}"),
+                ("torch_func_ms", "torch.func (ms)", "{:.3f}"),
+                ("x_vs_torch_func", "speed-up", "{:.1f}x"),
+                ("max_rel_err", "max rel. error", "{:.1e}"),
+            ],
+            [
+                "float64. torch.func: vmap over samples of jacfwd(jacrev(model)) (Laplacian: trace of each output's",
+                "input Hessian) and of torch.func.hessian of each sample's loss term (diagonal taken).",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

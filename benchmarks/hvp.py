@@ -3,6 +3,7 @@ user makes it, against torch.func jvp(grad) on an explicit MSE, autograd double 
 of the torch.func HVP over K=16 vectors, and one plain autograd gradient. Correctness first.
 
     python benchmarks/hvp.py   ->   benchmarks/results/hvp_cpu.{json,md}"""
+
 import torch
 from torch.func import functional_call, grad, jvp, vmap
 
@@ -49,8 +50,17 @@ def run(name, K=16):
     refk, gotk = func_vmap(), ours_k()
     errk = max(((gotk[k] - refk[k]).abs().max() / refk[k].abs().max().clamp_min(1e-300)).item() for k in params)
     assert err < 1e-10 and errk < 1e-10, (err, errk)
-    t = {key: median_s(fn) for key, fn in [("hessext", ours), ("torch_func", func_hvp), ("double_backward", double_backward),
-                                          ("gradient", gradient), ("hessext_k16", ours_k), ("vmap_k16", func_vmap)]}
+    t = {
+        key: median_s(fn)
+        for key, fn in [
+            ("hessext", ours),
+            ("torch_func", func_hvp),
+            ("double_backward", double_backward),
+            ("gradient", gradient),
+            ("hessext_k16", ours_k),
+            ("vmap_k16", func_vmap),
+        ]
+    }
     row = {"config": label, "P": sum(p.numel() for p in params.values()), "max_rel_err": max(err, errk)}
     row.update({f"{k}_us": s * 1e6 for k, s in t.items()})
     row["x_vs_torch_func"] = t["torch_func"] / t["hessext"]
@@ -63,16 +73,30 @@ def run(name, K=16):
 def main():
     torch.set_num_threads(2)
     rows = [run(name) for name in ("a", "b", "c")]
-    columns = [("config", "config", "{}"), ("P", "P", "{}"), ("hessext_us", "hessext K=1 (us)", "{:.1f}"),
-               ("torch_func_us", "torch.func jvp(grad) (us)", "{:.1f}"),
-               ("double_backward_us", "double backward (us)", "{:.1f}"), ("gradient_us", "one gradient (us)", "{:.1f}"),
-               ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"),
-               ("x_vs_double_backward", "speed-up vs double backward", "{:.1f}x"),
-               ("over_gradient", "hessext / gradient", "{:.2f}"), ("hessext_k16_us", "hessext K=16 (us)", "{:.1f}"),
-               ("vmap_k16_us", "vmap torch.func K=16 (us)", "{:.1f}"), ("k16_x_vs_vmap", "K=16 speed-up vs vmap", "{:.1f}x"),
-               ("max_rel_err", "max rel. error", "{:.1e}")]
-    print(write("hvp_cpu", environment(), rows, columns,
-                ["float64; hessext is the public `hessext.hvp` call (capture cached, argument checks included)."]))
+    columns = [
+        ("config", "config", "{}"),
+        ("P", "P", "{}"),
+        ("hessext_us", "hessext K=1 (us)", "{:.1f}"),
+        ("torch_func_us", "torch.func jvp(grad) (us)", "{:.1f}"),
+        ("double_backward_us", "double backward (us)", "{:.1f}"),
+        ("gradient_us", "one gradient (us)", "{:.1f}"),
+        ("x_vs_torch_func", "speed-up vs torch.func", "{:.1f}x"),
+        ("x_vs_double_backward", "speed-up vs double backward", "{:.1f}x"),
+        ("over_gradient", "hessext / gradient", "{:.2f}"),
+        ("hessext_k16_us", "hessext K=16 (us)", "{:.1f}"),
+        ("vmap_k16_us", "vmap torch.func K=16 (us)", "{:.1f}"),
+        ("k16_x_vs_vmap", "K=16 speed-up vs vmap", "{:.1f}x"),
+        ("max_rel_err", "max rel. error", "{:.1e}"),
+    ]
+    print(
+        write(
+            "hvp_cpu",
+            environment(),
+            rows,
+            columns,
+            ["float64; hessext is the public `hessext.hvp` call (capture cached, argument checks included)."],
+        )
+    )
 
 
 if __name__ == "__main__":

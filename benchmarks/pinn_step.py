@@ -17,6 +17,7 @@ the step with vmap(hessian) compiled, and the whole step in torch.func compiled 
 that raises is recorded with its error instead of a time.
 
     python benchmarks/pinn_step.py [--device cuda]   ->   benchmarks/results/pinn_step_{cpu,gpu}.{json,md}"""
+
 import argparse
 import os
 
@@ -48,7 +49,7 @@ def nested_autograd(model, x):
     x = x.clone().requires_grad_()
     u = model(x)
     g = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
-    return sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True)[0][:, i:i + 1] for i in range(x.shape[1]))
+    return sum(torch.autograd.grad(g[:, i].sum(), x, create_graph=True)[0][:, i : i + 1] for i in range(x.shape[1]))
 
 
 def vmap_hessian(model, x):
@@ -60,6 +61,7 @@ def compiled_step(model, x, f):
     """The whole step in torch.func, for torch.compile to trace as one graph: grad in the weights of
     the loss over vmap(jacrev(jacrev)) Laplacians (vmap(hessian), jacfwd over jacrev, fails to compile
     its gradient)."""
+
     def loss(params):
         def u(xi):
             return torch.func.functional_call(model, params, (xi[None],))[0, 0]
@@ -82,8 +84,9 @@ def jax_step(model, x, f):
     arrays = {"quantity": "pinn-step", "layers": len(linears), "x": x, "y": f}
     for j, m in enumerate(linears):
         arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
-    peer = External("hessext.bench_jax", {k: (t.detach().numpy() if isinstance(t, torch.Tensor) else t)
-                                          for k, t in arrays.items()})
+    peer = External(
+        "hessext.bench_jax", {k: (t.detach().numpy() if isinstance(t, torch.Tensor) else t) for k, t in arrays.items()}
+    )
     try:
         grad, timing = peer.run(1.0)
     except RuntimeError as e:
@@ -101,7 +104,7 @@ def floor_s(widths, N, dtype):
     for layer, (n, o) in enumerate(zip(widths[:-1], widths[1:])):
         m = N if layer == 0 else rows
         shapes += [(m, n, o), (o, m, n)] + ([(m, o, n)] if layer > 0 else [])
-    repeat = 30 if rows * max(widths) <= 10 ** 6 else 5  # the wide net's products take 0.1 s each
+    repeat = 30 if rows * max(widths) <= 10**6 else 5  # the wide net's products take 0.1 s each
     return sum(product_s(*shape, dtype=dtype, repeat=repeat) for shape in shapes), len(shapes)
 
 
@@ -111,9 +114,11 @@ def peak_mb(method, widths, n, dtype):
     import subprocess
     import sys
 
-    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import torch; "
-            f"torch.set_num_threads(2); import pinn_step as p; "
-            f"print(p.one_step_mb({method!r}, {widths!r}, {n}, torch.{str(dtype).replace('torch.', '')}))")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import torch; "
+        f"torch.set_num_threads(2); import pinn_step as p; "
+        f"print(p.one_step_mb({method!r}, {widths!r}, {n}, torch.{str(dtype).replace('torch.', '')}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return float(done.stdout.split()[-1]) if done.returncode == 0 else None
 
@@ -143,7 +148,7 @@ def saved_mb(model, x):
         if "outputjets" in type(node).__name__.lower().replace("_", ""):
             total += sum(t.nbytes for t in node.saved_tensors if t.dim() == 3)
         nodes += [n for n, _ in node.next_functions]
-    return total / 2 ** 20
+    return total / 2**20
 
 
 def main():
@@ -167,8 +172,9 @@ def main():
                 "vmap_hessian": lambda: step(model, f, lambda: vmap_hessian(model, x)),
             }
             if small:  # one feature at a time: 50 passes on the wide-input net
-                methods["hessext_torch_func"] = lambda: step(model, f, lambda: hessext.laplacian(
-                    model, x, backend="torch.func"))
+                methods["hessext_torch_func"] = lambda: step(
+                    model, f, lambda: hessext.laplacian(model, x, backend="torch.func")
+                )
             if gpu:  # torch.compile'd steps
                 compiled = torch.compile(vmap_hessian)
                 compiled_grad = torch.compile(lambda: compiled_step(model, x, f))
@@ -199,9 +205,14 @@ def main():
                     assert errors["jax"] <= tol, f"JAX on {widths} {dtype}: relative error {errors['jax']:.2e}"
                     row["jax"] = peer[1] * 1e3
                 floor, count = floor_s(widths, n, dtype)
-                row.update(floor=floor * 1e3, products=count, x_floor=ms["hessext"] / (floor * 1e3),
-                           saved_mb=saved_mb(model, x), peak_hessext_mb=peak_mb("hessext", widths, n, dtype),
-                           peak_vmap_hessian_mb=peak_mb("vmap_hessian", widths, n, dtype))
+                row.update(
+                    floor=floor * 1e3,
+                    products=count,
+                    x_floor=ms["hessext"] / (floor * 1e3),
+                    saved_mb=saved_mb(model, x),
+                    peak_hessext_mb=peak_mb("hessext", widths, n, dtype),
+                    peak_vmap_hessian_mb=peak_mb("vmap_hessian", widths, n, dtype),
+                )
             for name in ("nested", "vmap_hessian", "jax", "compiled", "compiled_grad"):
                 if name in row:
                     row["x_" + name] = row[name] / ms["hessext"]
@@ -210,20 +221,35 @@ def main():
             rows.append(row)
             print(row, flush=True)
     columns = [("net", "net", "{}"), ("N", "N", "{}"), ("dtype", "dtype", "{}"), ("hessext", "hessext (ms)", "{:.2f}")]
-    columns += [(k, h, "{:.2f}") for k, h in (
-        ("jax", "JAX jit(grad) over folx (ms)"), ("nested", "nested autograd (ms)"),
-        ("vmap_hessian", "torch.func vmap(hessian) (ms)"), ("hessext_torch_func", "hessext's torch.func path (ms)"),
-        ("compiled", "vmap(hessian) under torch.compile (ms)"), ("compiled_grad", "torch.func step under torch.compile (ms)"),
-        ("forward", "forward only, no gradient (ms)"), ("floor", "floor: its products alone (ms)"),
-        ("x_jax", "x JAX"), ("x_nested", "x nested"), ("x_vmap_hessian", "x vmap(hessian)"),
-        ("x_compiled", "x compiled vmap(hessian)"), ("x_compiled_grad", "x compiled torch.func step"),
-        ("x_floor", "hessext / floor"), ("saved_mb", "jets kept for the backward (MB)"),
-        ("peak_hessext_mb", "peak, hessext (MB)"), ("peak_vmap_hessian_mb", "peak, vmap(hessian) (MB)"))
-        if any(k in r for r in rows)]
+    columns += [
+        (k, h, "{:.2f}")
+        for k, h in (
+            ("jax", "JAX jit(grad) over folx (ms)"),
+            ("nested", "nested autograd (ms)"),
+            ("vmap_hessian", "torch.func vmap(hessian) (ms)"),
+            ("hessext_torch_func", "hessext's torch.func path (ms)"),
+            ("compiled", "vmap(hessian) under torch.compile (ms)"),
+            ("compiled_grad", "torch.func step under torch.compile (ms)"),
+            ("forward", "forward only, no gradient (ms)"),
+            ("floor", "floor: its products alone (ms)"),
+            ("x_jax", "x JAX"),
+            ("x_nested", "x nested"),
+            ("x_vmap_hessian", "x vmap(hessian)"),
+            ("x_compiled", "x compiled vmap(hessian)"),
+            ("x_compiled_grad", "x compiled torch.func step"),
+            ("x_floor", "hessext / floor"),
+            ("saved_mb", "jets kept for the backward (MB)"),
+            ("peak_hessext_mb", "peak, hessext (MB)"),
+            ("peak_vmap_hessian_mb", "peak, vmap(hessian) (MB)"),
+        )
+        if any(k in r for r in rows)
+    ]
     columns.append(("failed", "could not run", "{}"))
-    notes = ["One step: the Laplacian loss and its gradient in every weight. x: the method's time over hessext's. "
-             "The floor is the sum of the step's products timed one by one (forward jet, weight gradient, input "
-             "gradient per layer). Peaks: the resident memory the first step adds in a fresh process."]
+    notes = [
+        "One step: the Laplacian loss and its gradient in every weight. x: the method's time over hessext's. "
+        "The floor is the sum of the step's products timed one by one (forward jet, weight gradient, input "
+        "gradient per layer). Peaks: the resident memory the first step adds in a fresh process."
+    ]
     print(write(f"pinn_step_{'gpu' if gpu else 'cpu'}", environment(), rows, columns, notes))
 
 

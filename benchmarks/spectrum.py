@@ -5,6 +5,7 @@ float32 and float64. Accuracy is against a float64 reference: eigsh at tol 1e-11
 the eigenvalue errors), and the exact trace from hessext's exact Hessian diagonal.
 
     python benchmarks/spectrum.py   ->   benchmarks/results/spectrum_cpu.{json,md}"""
+
 import copy
 import statistics
 import time
@@ -54,20 +55,36 @@ def main():
 
     def eig_row(method, seconds, values, products):
         values = torch.as_tensor(sorted(values, reverse=True), dtype=torch.float64)
-        rows.append({"task": "top-5 eigenvalues", "method": method, "seconds": seconds, "products": products,
-                     "error": ((values - ref).abs() / ref.abs()).max().item()})
+        rows.append(
+            {
+                "task": "top-5 eigenvalues",
+                "method": method,
+                "seconds": seconds,
+                "products": products,
+                "error": ((values - ref).abs() / ref.abs()).max().item(),
+            }
+        )
 
-    for dtype, H, tol, criterion in ((torch.float64, H64, 1e-8, "residual"), (torch.float64, H64, 1e-4, "residual"),
-                                     (torch.float32, H32, 1e-5, "residual"), (torch.float64, H64, 1e-3, "values"),
-                                     (torch.float32, H32, 1e-3, "values")):
+    for dtype, H, tol, criterion in (
+        (torch.float64, H64, 1e-8, "residual"),
+        (torch.float64, H64, 1e-4, "residual"),
+        (torch.float32, H32, 1e-5, "residual"),
+        (torch.float64, H64, 1e-3, "values"),
+        (torch.float32, H32, 1e-3, "values"),
+    ):
+
         def call(op):
             return linalg.eigsh(op, k=5, tol=tol, criterion=criterion, generator=torch.Generator().manual_seed(2))
 
         counter = Counted(H)
         seconds, (values, _) = timed(lambda: call(H))
         call(counter)
-        eig_row(f"hessext eigsh {str(dtype)[6:]} tol={tol:g}" + (", criterion='values'" if criterion == "values" else ""),
-                seconds, values.tolist(), counter.products)
+        eig_row(
+            f"hessext eigsh {str(dtype)[6:]} tol={tol:g}" + (", criterion='values'" if criterion == "values" else ""),
+            seconds,
+            values.tolist(),
+            counter.products,
+        )
     try:
         from pyhessian import hessian as PyHessian
     except ImportError:
@@ -79,8 +96,9 @@ def main():
         eig_row("PyHessian eigenvalues(top_n=5) float32", seconds, values, None)
         start = time.perf_counter()  # at its tightest useful setting, once (it takes long)
         values, _ = ph.eigenvalues(top_n=5, maxIter=1000, tol=1e-7)
-        eig_row("PyHessian eigenvalues(top_n=5, maxIter=1000, tol=1e-7) float32", time.perf_counter() - start,
-                values, None)
+        eig_row(
+            "PyHessian eigenvalues(top_n=5, maxIter=1000, tol=1e-7) float32", time.perf_counter() - start, values, None
+        )
 
     for samples in (30, 99):
         for name, H in (("float64", H64), ("float32", H32)):
@@ -90,8 +108,15 @@ def main():
                 estimate = linalg.trace(H, samples=samples, generator=torch.Generator().manual_seed(seed))
                 times.append(time.perf_counter() - start)
                 errors.append(abs(estimate - exact_trace) / abs(exact_trace))
-            rows.append({"task": "trace", "method": f"hessext trace(samples={samples}) {name}, Hutch++", "seconds":
-                         statistics.median(times), "products": samples, "error": statistics.mean(errors)})
+            rows.append(
+                {
+                    "task": "trace",
+                    "method": f"hessext trace(samples={samples}) {name}, Hutch++",
+                    "seconds": statistics.median(times),
+                    "products": samples,
+                    "error": statistics.mean(errors),
+                }
+            )
         if PyHessian is not None:
             errors, times = [], []
             for seed in range(5):
@@ -100,32 +125,68 @@ def main():
                 estimates = ph.trace(maxIter=samples, tol=0.0)
                 times.append(time.perf_counter() - start)
                 errors.append(abs(statistics.mean(estimates) - exact_trace) / abs(exact_trace))
-            rows.append({"task": "trace", "method": f"PyHessian trace(maxIter={samples}) float32, Hutchinson",
-                         "seconds": statistics.median(times), "products": samples, "error": statistics.mean(errors)})
+            rows.append(
+                {
+                    "task": "trace",
+                    "method": f"PyHessian trace(maxIter={samples}) float32, Hutchinson",
+                    "seconds": statistics.median(times),
+                    "products": samples,
+                    "error": statistics.mean(errors),
+                }
+            )
 
-    seconds, (grid, dens) = timed(lambda: linalg.density(H64, num_steps=100, samples=1,
-                                                          generator=torch.Generator().manual_seed(3)))
+    seconds, (grid, dens) = timed(
+        lambda: linalg.density(H64, num_steps=100, samples=1, generator=torch.Generator().manual_seed(3))
+    )
     mean = torch.trapezoid(grid * dens, grid).item() * H64.shape[0]
-    rows.append({"task": "density (100 Lanczos steps, 1 probe)", "method": "hessext density float64", "seconds": seconds,
-                 "products": 100, "error": abs(mean - exact_trace) / abs(exact_trace)})
+    rows.append(
+        {
+            "task": "density (100 Lanczos steps, 1 probe)",
+            "method": "hessext density float64",
+            "seconds": seconds,
+            "products": 100,
+            "error": abs(mean - exact_trace) / abs(exact_trace),
+        }
+    )
     if PyHessian is not None:
         torch.manual_seed(3)
         try:
             seconds, (nodes, weights) = timed(lambda: ph.density(iter=100, n_v=1))
             implied = sum(n * w for n, w in zip(nodes[0], weights[0])) * H64.shape[0]
-            rows.append({"task": "density (100 Lanczos steps, 1 probe)", "method": "PyHessian density float32",
-                         "seconds": seconds, "products": 100, "error": abs(implied - exact_trace) / abs(exact_trace)})
+            rows.append(
+                {
+                    "task": "density (100 Lanczos steps, 1 probe)",
+                    "method": "PyHessian density float32",
+                    "seconds": seconds,
+                    "products": 100,
+                    "error": abs(implied - exact_trace) / abs(exact_trace),
+                }
+            )
         except RuntimeError as exc:  # its density calls torch.eig, removed from torch in 2.0
             notes.append(f"- PyHessian density() fails on torch {torch.__version__}: {str(exc).splitlines()[0][:110]}")
     env = environment()
-    print(write("spectrum_cpu", env, rows, [("task", "task", "{}"), ("method", "method", "{}"),
-                                            ("seconds", "median (s)", "{:.3f}"), ("products", "Hessian-vector products", "{}"),
-                                            ("error", "relative error", "{:.1e}")],
-                [f"- Reference top-5 eigenvalues (float64 eigsh, tol 1e-11): {[round(v, 6) for v in ref.tolist()]}; "
-                 f"exact trace {exact_trace:.6f} (sum of hessext's exact Hessian diagonal).",
-                 "- Trace errors: mean over 5 seeds. Density error: the trace its first moment implies (for one "
-                 "probe this is that probe's Hutchinson estimate).",
-                 f"- Medians of {REPEATS} runs (eigenvalues, density) or of 5 seeds (trace)."] + notes))
+    print(
+        write(
+            "spectrum_cpu",
+            env,
+            rows,
+            [
+                ("task", "task", "{}"),
+                ("method", "method", "{}"),
+                ("seconds", "median (s)", "{:.3f}"),
+                ("products", "Hessian-vector products", "{}"),
+                ("error", "relative error", "{:.1e}"),
+            ],
+            [
+                f"- Reference top-5 eigenvalues (float64 eigsh, tol 1e-11): {[round(v, 6) for v in ref.tolist()]}; "
+                f"exact trace {exact_trace:.6f} (sum of hessext's exact Hessian diagonal).",
+                "- Trace errors: mean over 5 seeds. Density error: the trace its first moment implies (for one "
+                "probe this is that probe's Hutchinson estimate).",
+                f"- Medians of {REPEATS} runs (eigenvalues, density) or of 5 seeds (trace).",
+            ]
+            + notes,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,20 +16,34 @@ sigmoid, timed):
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
     python benchmarks/speed.py [--isa avx2] [--rounds R]   ->   benchmarks/results/speed_cpu[_avx2].{json,md}"""
+
 import torch
 
 from common import environment, hold_isa, median, product_s, write
 from hessext import _native, bench
 
-NETS = {"1-16-1": ([1, 16, 1], 100), "pinn": ([2, 50, 50, 50, 1], 1024), "[10,64,64,1]": ([10, 64, 64, 1], 256),
-        "mnist": ([784, 256, 256, 10], 256), "taylor": ([50, 768, 768, 512, 512, 1], 256)}
+NETS = {
+    "1-16-1": ([1, 16, 1], 100),
+    "pinn": ([2, 50, 50, 50, 1], 1024),
+    "[10,64,64,1]": ([10, 64, 64, 1], 256),
+    "mnist": ([784, 256, 256, 10], 256),
+    "taylor": ([50, 768, 768, 512, 512, 1], 256),
+}
 # (quantity, net, JAX target, torch.compile target), as speed ratios (peer time / hessext time)
-CASES = [("hvp", "1-16-1", 2.0, 1.5), ("hvp", "pinn", 1.25, 1.5), ("hvp", "[10,64,64,1]", 1.25, 1.5),
-         ("hvp", "mnist", 1.0, 1.5),
-         ("hvp-batched", "1-16-1", 1.5, None), ("hvp-batched", "pinn", 1.25, None),
-         ("hvp-batched", "[10,64,64,1]", 1.25, None), ("hvp-batched", "mnist", 1.0, None),
-         ("laplacian", "pinn", 1.25, None), ("laplacian", "taylor", 1.0, None),
-         ("hessian", "1-16-1", 2.0, None), ("hessian", "[10,64,64,1]", 10.0, None)]
+CASES = [
+    ("hvp", "1-16-1", 2.0, 1.5),
+    ("hvp", "pinn", 1.25, 1.5),
+    ("hvp", "[10,64,64,1]", 1.25, 1.5),
+    ("hvp", "mnist", 1.0, 1.5),
+    ("hvp-batched", "1-16-1", 1.5, None),
+    ("hvp-batched", "pinn", 1.25, None),
+    ("hvp-batched", "[10,64,64,1]", 1.25, None),
+    ("hvp-batched", "mnist", 1.0, None),
+    ("laplacian", "pinn", 1.25, None),
+    ("laplacian", "taylor", 1.0, None),
+    ("hessian", "1-16-1", 2.0, None),
+    ("hessian", "[10,64,64,1]", 10.0, None),
+]
 K = 16
 # Every case runs this many rounds, each method and the floor timed once per round (JAX in a fresh
 # process each time), and each keeps its best: the machines are shared, and one round can catch
@@ -75,7 +89,7 @@ def main():
     if "--rounds" in sys.argv:
         j = sys.argv.index("--rounds")
         ROUNDS = int(sys.argv[j + 1])
-        del sys.argv[j:j + 2]
+        del sys.argv[j : j + 2]
     name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu" + (f"_{held}" if held else "")
     torch.set_num_threads(2)
     bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
@@ -95,28 +109,61 @@ def main():
             measured = floor_s(quantity, widths, N)
             floor = measured if floor is None or measured is None else min(floor, measured)
         hx, jx, tc = got["hessext"], got.get("jax"), got.get("torch.compile")
-        row = {"quantity": quantity, "net": f"{net} {','.join(map(str, widths))}", "N": N,
-               "hessext_ms": hx * 1e3, "jax_ms": jx and jx * 1e3, "compile_ms": tc and tc * 1e3,
-               "vs_jax": jx and jx / hx, "jax_target": jax_target, "vs_compile": tc and tc / hx,
-               "compile_target": compile_target, "floor_ms": floor and floor * 1e3,
-               "x_floor": floor and hx / floor}
-        row["met"] = ("yes" if (not jx or row["vs_jax"] >= jax_target) and (not compile_target or not tc
-                                                                             or row["vs_compile"] >= compile_target)
-                      and (floor is None or row["x_floor"] <= 1.3) else "no")
+        row = {
+            "quantity": quantity,
+            "net": f"{net} {','.join(map(str, widths))}",
+            "N": N,
+            "hessext_ms": hx * 1e3,
+            "jax_ms": jx and jx * 1e3,
+            "compile_ms": tc and tc * 1e3,
+            "vs_jax": jx and jx / hx,
+            "jax_target": jax_target,
+            "vs_compile": tc and tc / hx,
+            "compile_target": compile_target,
+            "floor_ms": floor and floor * 1e3,
+            "x_floor": floor and hx / floor,
+        }
+        row["met"] = (
+            "yes"
+            if (not jx or row["vs_jax"] >= jax_target)
+            and (not compile_target or not tc or row["vs_compile"] >= compile_target)
+            and (floor is None or row["x_floor"] <= 1.3)
+            else "no"
+        )
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     env = environment()
     env["blas"] = _native.status()["blas"]["name"]
-    columns = [("quantity", "quantity", "{}"), ("net", "net", "{}"), ("N", "N", "{}"),
-               ("hessext_ms", "hessext (ms)", "{:.3f}"), ("jax_ms", "JAX jit (ms)", "{:.3f}"),
-               ("compile_ms", "torch.compile (ms)", "{:.3f}"), ("vs_jax", "x JAX", "{:.2f}"),
-               ("jax_target", "target", "{:.2f}"), ("vs_compile", "x compile", "{:.2f}"),
-               ("compile_target", "target", "{:.2f}"), ("floor_ms", "floor (ms)", "{:.3f}"),
-               ("x_floor", "x floor (target 1.3)", "{:.2f}"), ("met", "all met", "{}")]
-    print(write(name, env, rows, columns, [
-        f"CPU products: {env['blas']}. Each time, the floor's included: the best of {ROUNDS} rounds' medians (benchmarks/speed.py). "
-        f"x JAX / x compile: the peer's time over hessext's (above 1: hessext faster). K = {K} for "
-        f"hvp-batched. Floor: benchmarks/speed.py's docstring."] + sorted(set(notes))))
+    columns = [
+        ("quantity", "quantity", "{}"),
+        ("net", "net", "{}"),
+        ("N", "N", "{}"),
+        ("hessext_ms", "hessext (ms)", "{:.3f}"),
+        ("jax_ms", "JAX jit (ms)", "{:.3f}"),
+        ("compile_ms", "torch.compile (ms)", "{:.3f}"),
+        ("vs_jax", "x JAX", "{:.2f}"),
+        ("jax_target", "target", "{:.2f}"),
+        ("vs_compile", "x compile", "{:.2f}"),
+        ("compile_target", "target", "{:.2f}"),
+        ("floor_ms", "floor (ms)", "{:.3f}"),
+        ("x_floor", "x floor (target 1.3)", "{:.2f}"),
+        ("met", "all met", "{}"),
+    ]
+    print(
+        write(
+            name,
+            env,
+            rows,
+            columns,
+            [
+                f"CPU products: {env['blas']}. Each time, the floor's included: the best of {ROUNDS} rounds' medians "
+                "(benchmarks/speed.py). "
+                f"x JAX / x compile: the peer's time over hessext's (above 1: hessext faster). K = {K} for "
+                f"hvp-batched. Floor: benchmarks/speed.py's docstring."
+            ]
+            + sorted(set(notes)),
+        )
+    )
 
 
 if __name__ == "__main__":

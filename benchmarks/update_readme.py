@@ -2,6 +2,7 @@
 documentation pages, between the markers <!-- name --> and <!-- /name -->.
 
     python benchmarks/update_readme.py"""
+
 import os
 import re
 
@@ -10,8 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main():
     docs = os.path.join(ROOT, "docs")
-    for path in [os.path.join(ROOT, "README.md")] + sorted(os.path.join(docs, f) for f in os.listdir(docs)
-                                                           if f.endswith(".md")):
+    for path in [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md")
+    ):
         update(path)
 
 
@@ -21,8 +23,12 @@ def update(path):
     for name in re.findall(r"<!-- ([a-z0-9_]+) -->", text):
         with open(os.path.join(ROOT, "benchmarks", "results", name + ".md")) as f:
             table = f.read().strip()
-        text = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->", lambda _: f"<!-- {name} -->\n{table}\n<!-- /{name} -->",
-                      text, flags=re.S)
+        text = re.sub(
+            rf"<!-- {name} -->.*?<!-- /{name} -->",
+            lambda _: f"<!-- {name} -->\n{table}\n<!-- /{name} -->",
+            text,
+            flags=re.S,
+        )
     with open(path, "w") as f:
         f.write(text)
 

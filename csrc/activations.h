@@ -25,21 +25,19 @@ enum class Act : int64_t {
   LeakyReLU = 3,  // p0 negative_slope
   Sigmoid = 4,
   SiLU = 5,
-  GELU = 6,       // approximate="none": z Phi(z)
-  GELUTanh = 7,   // approximate="tanh"
-  Softplus = 8,   // p0 beta, p1 threshold
-  ELU = 9,        // p0 alpha
+  GELU = 6,      // approximate="none": z Phi(z)
+  GELUTanh = 7,  // approximate="tanh"
+  Softplus = 8,  // p0 beta, p1 threshold
+  ELU = 9,       // p0 alpha
 };
 constexpr int64_t kNumActs = 10;
 // Each row's name, in enum order: hessext/capture.py builds its codes from these (hessext._C.table_names).
-constexpr const char* kActNames[kNumActs] = {"identity", "tanh",      "relu",     "leaky_relu", "sigmoid",
-                                             "silu",     "gelu",      "gelu_tanh", "softplus",  "elu"};
+constexpr const char* kActNames[kNumActs] = {"identity", "tanh", "relu",      "leaky_relu", "sigmoid",
+                                             "silu",     "gelu", "gelu_tanh", "softplus",   "elu"};
 
 // Piecewise-linear rows have d2 = 0 everywhere: their R-backward has no residual term, and their
 // Hessian diagonal is the GGN's.
-HX_HD bool act_is_curved(Act kind) {
-  return !(kind == Act::Identity || kind == Act::ReLU || kind == Act::LeakyReLU);
-}
+HX_HD bool act_is_curved(Act kind) { return !(kind == Act::Identity || kind == Act::ReLU || kind == Act::LeakyReLU); }
 
 // The derivatives of tanh and sigmoid from their value a (the CPU's vectorised loops take a from
 // exp_cpu.h and then these, the same formulas act_eval uses).
@@ -101,8 +99,8 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
       d2 = s * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
       return;
     }
-    case Act::Softplus: {  // log(1 + exp(beta z)) / beta; linear where beta z > threshold (torch's rule),
-      const T bz = p0 * z;   // and autograd's second derivative is 0 from beta z = threshold on
+    case Act::Softplus: {   // log(1 + exp(beta z)) / beta; linear where beta z > threshold (torch's rule),
+      const T bz = p0 * z;  // and autograd's second derivative is 0 from beta z = threshold on
       if (bz > p1) {
         a = z, d1 = T(1), d2 = T(0);
       } else {
@@ -111,8 +109,8 @@ HX_HD void act_eval(Act kind, T p0, T p1, T z, T& a, T& d1, T& d2) {
       }
       return;
     }
-    case Act::ELU: {  // torch: z <= 0 takes the exponential branch (gradient alpha at z = 0), and
-      if (z > T(0)) {   // autograd's second derivative only z < 0 (0 at z = 0)
+    case Act::ELU: {   // torch: z <= 0 takes the exponential branch (gradient alpha at z = 0), and
+      if (z > T(0)) {  // autograd's second derivative only z < 0 (0 at z = 0)
         a = z, d1 = T(1), d2 = T(0);
       } else {
         const T ez = p0 * exp(z);

@@ -11,14 +11,16 @@ namespace arguments {
 // (items in parameter order, K) when `vectors` (a dict name -> tensor with exactly `names`, or a list or
 // tuple of as many tensors) holds dense tensors of params[0]'s dtype and device shaped like `params`
 // (K = 0) or each with the same leading K >= 1 (K); else None.
-inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list names, const std::vector<at::Tensor>& params) {
+inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list names,
+                                     const std::vector<at::Tensor>& params) {
   PyObject* v = vectors.ptr();
   const Py_ssize_t n = PyList_GET_SIZE(names.ptr());
   if (params.empty() || static_cast<Py_ssize_t>(params.size()) != n) return pybind11::none();
   pybind11::list items(n);
   const bool dict = PyDict_CheckExact(v);
-  if (dict ? PyDict_GET_SIZE(v) != n
-           : !((PyList_CheckExact(v) && PyList_GET_SIZE(v) == n) || (PyTuple_CheckExact(v) && PyTuple_GET_SIZE(v) == n)))
+  if (dict
+          ? PyDict_GET_SIZE(v) != n
+          : !((PyList_CheckExact(v) && PyList_GET_SIZE(v) == n) || (PyTuple_CheckExact(v) && PyTuple_GET_SIZE(v) == n)))
     return pybind11::none();
   const at::Tensor& ref = params[0];
   int64_t K = -1;  // -1: not decided yet, 0: unbatched
@@ -35,7 +37,8 @@ inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list na
       return pybind11::none();
     const at::IntArrayRef shape = t.sizes(), want = params[j].sizes();
     if (K < 0) K = shape == want ? 0 : (shape.size() == want.size() + 1 && shape[0] >= 1 ? shape[0] : -2);
-    if (K == -2 || (K == 0 ? shape != want : (shape.size() != want.size() + 1 || shape[0] != K || shape.slice(1) != want)))
+    if (K == -2 ||
+        (K == 0 ? shape != want : (shape.size() != want.size() + 1 || shape[0] != K || shape.slice(1) != want)))
       return pybind11::none();
     Py_INCREF(item);
     PyList_SET_ITEM(items.ptr(), j, item);

@@ -27,8 +27,8 @@ struct Net {
   int off[kMaxLayers + 2];  // scratch offsets, off[L+1] = total units
   int maxw;
   const T* W[kMaxLayers];
-  const T* b[kMaxLayers];   // nullptr: no bias
-  Act act[kMaxLayers];      // activation after layer l (Identity after the last)
+  const T* b[kMaxLayers];  // nullptr: no bias
+  Act act[kMaxLayers];     // activation after layer l (Identity after the last)
   T p0[kMaxLayers], p1[kMaxLayers];
   Loss loss;
   T loss_param, scale;
@@ -40,14 +40,18 @@ template <typename S>
 struct Sample {
   S *a, *d, *d2, *delta, *e, *head;
   template <typename T>
-  HX_HD static int64_t size(const Net<T>& net) { return 5 * int64_t(net.off[net.L + 1]) + net.n[net.L] + 1; }
+  HX_HD static int64_t size(const Net<T>& net) {
+    return 5 * int64_t(net.off[net.L + 1]) + net.n[net.L] + 1;
+  }
   template <typename T>
   HX_HD Sample(const Net<T>& net, S* base) {
     const int U = net.off[net.L + 1];
     a = base, d = a + U, d2 = d + U, delta = d2 + U, e = delta + U, head = e + U;
   }
   template <typename T>
-  HX_HD S* end(const Net<T>& net) const { return head + net.n[net.L] + 1; }
+  HX_HD S* end(const Net<T>& net) const {
+    return head + net.n[net.L] + 1;
+  }
 };
 
 // The product vectors per layer, and where each layer's products go in one flat accumulator row of
@@ -128,9 +132,9 @@ HX_HD void backward(const Net<T>& net, const S* d, S* delta, S* e) {
 // GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
 // S: the per-sample value type (Sample); the weights and vectors are T, the accumulators S.
 template <typename T, int KC = 0, bool GGN = false, typename S = T>
-HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, const S* d2, const S* delta,
-                      const S* e, const S* head, const T* const* V, const T* const* vb, S* Rz, S* r0, S* r1,
-                      S* const* HW, S* const* Hb) {
+HX_HD void hvp_sample(const Net<T>& net, int K_runtime, const S* a, const S* d, const S* d2, const S* delta, const S* e,
+                      const S* head, const T* const* V, const T* const* vb, S* Rz, S* r0, S* r1, S* const* HW,
+                      S* const* Hb) {
   const int L = net.L, C = net.n[L];
   const int K = KC > 0 ? KC : K_runtime;
   for (int l = 0; l < L; ++l) {
@@ -332,7 +336,7 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* d2
         }
       }
     if (l == 0) continue;
-    const T* GW = GWs + l * W2;  // G_l W_l [o, n_l], from the recurrence
+    const T* GW = GWs + l * W2;   // G_l W_l [o, n_l], from the recurrence
     for (int i = 0; i < ni; ++i)  // A = A_{l,l-1} = D_l
       for (int p = 0; p < ni; ++p) A[i * ni + p] = i == p ? d[net.off[l] + i] : T(0);
     const T* dl = delta + net.off[l + 1];

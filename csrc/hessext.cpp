@@ -6,8 +6,9 @@
 // (losses.h: Loss) with its parameter (Huber's delta) and the scale of its sum over samples;
 // parameter lists are in stack order W_0, b_0, W_1, ...
 #include <torch/extension.h>
-#include <cstring>
 #include <torch/version.h>
+
+#include <cstring>
 
 #include "arguments.h"
 #include "cpu/elementwise_cpu.h"
@@ -87,8 +88,8 @@ bool all_finite(const std::vector<at::Tensor>& tensors) {
   std::vector<at::Tensor> maxima;
   for (const auto& t : tensors) {
     if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
-    const bool loop = t.device().is_cpu() && t.is_contiguous() &&
-                      (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+    const bool loop =
+        t.device().is_cpu() && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
     if (!loop) {
       maxima.push_back(at::linalg_vector_norm(t, INFINITY, c10::nullopt, false, at::kDouble));
       continue;
@@ -213,7 +214,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return old;
       },
       "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
-  m.def("blas_load", &hx::blas_load, "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
+  m.def("blas_load", &hx::blas_load,
+        "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
   m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
   m.def("set_row_pieces", &hx::set_row_pieces,
         "cut products into row pieces for OpenBLAS's small-matrix path (default on); returns the old setting");
@@ -252,7 +254,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(activation row names, loss row names) in the order of csrc/activations.h and csrc/losses.h");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
-  m.def("workspace_bytes", &hx::workspace_bytes, "bytes of scratch the calling thread keeps between calls (workspace.h)");
+  m.def("workspace_bytes", &hx::workspace_bytes,
+        "bytes of scratch the calling thread keeps between calls (workspace.h)");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
   bind_direct<Tensors, at::TensorList>(m, "ggn_vp", "hessext::ggn_vp");
   bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");
@@ -260,7 +263,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_direct<at::Tensor, int64_t>(m, "input_derivatives", "hessext::input_derivatives");
   bind_direct<Tensors, int64_t, at::IntArrayRef, bool>(m, "output_jets", "hessext::output_jets");
   bind_direct<Tensors, int64_t, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "output_jets_backward",
-                                                                                   "hessext::output_jets_backward");
+                                                                                    "hessext::output_jets_backward");
   bind_direct<at::Tensor, at::IntArrayRef, at::TensorList, at::TensorList, const c10::List<c10::optional<at::Tensor>>&>(
       m, "output_jets_tangent", "hessext::output_jets_tangent");
   m.def(
@@ -277,7 +280,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           hessext::kSimdNames[static_cast<int>(hessext::cpu_simd())], ", got '", name, "'");
       },
       py::arg("name") = "",
-      "the instruction set of the CPU's sample-lane kernels (cpu/lanes.h); a name sets it (tests); returns the one before");
+      "the instruction set of the CPU's sample-lane kernels (cpu/lanes.h); a name sets it (tests); returns the one "
+      "before");
   m.def("state_matches", &hessext::guard::state_matches,
         "hessext.guard.ModelState.read() == its objects, compared as read (csrc/guard.h)");
   m.def("vector_items", &hessext::arguments::vector_items,

@@ -21,8 +21,8 @@
 // them into H's lower triangle, the rest by mirroring. [2,50,50,50,1], N = 1024: 910 -> 505 ms
 // together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM
 // sums over a whole chunk of samples (all of them, unless memory says otherwise), and its per-sample
-// factors are the size of a row of the block, not of the block. The accumulators come from the call's workspace (kept between
-// calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
+// factors are the size of a row of the block, not of the block. The accumulators come from the call's workspace (kept
+// between calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
 // [10,64,64,1], N = 256, float64, 2 threads: 390 -> 195 ms (the earlier form built G abar^T per
 // sample, as large as a block row times o, and zero-filled every accumulator and H). Cost: M * sum_{k<l}
 // P_l P_k + M * sum_l P_l^2 / 2 multiply-adds plus O(M n^3) for the G_l and A_{l,k}. Memory: H plus
@@ -178,7 +178,8 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     for (int64_t k = 0; k <= l; ++k)
       if (k == l || !layer_only) widest = std::max(widest, pair_factor_elems(s, l, k));
   // float32: short sums per chunk (kWidenedChunk samples), the chunks summed in float64
-  const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(widen ? kWidenedChunk : M, std::min<int64_t>(M, chunk_elems / widest)));
+  const int64_t mc_max =
+      std::max<int64_t>(1, std::min<int64_t>(widen ? kWidenedChunk : M, std::min<int64_t>(M, chunk_elems / widest)));
 
   // One accumulator per wanted block pair (k <= l), [(o, p), (ibar, jbar)].
   std::vector<at::Tensor> acc;
@@ -221,20 +222,21 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     }
     for (int64_t l = 0; l < L; ++l) {
       const int64_t o = s.W[l].size(0), n = s.W[l].size(1), ib = n + 1;
-      const at::Tensor G_lower = G[l].view({mc, o * o}).index_select(1, lower[l]);  // [mc, pairs]
+      const at::Tensor G_lower = G[l].view({mc, o * o}).index_select(1, lower[l]);           // [mc, pairs]
       const at::Tensor GW = l > 0 && !layer_only ? at::matmul(G[l], s.W[l]) : at::Tensor();  // [mc, o, n_l]
       at::Tensor A;  // A_{l,k}: [mc, n_l, n_{k+1}]
       for (int64_t k = l; k >= 0; --k) {
         if (k < l && layer_only) break;
         const int64_t p = s.W[k].size(0), jb = abar[k].size(1);
         if (k == l - 1) {
-          A = f.d[l].defined() ? at::diag_embed(f.d[l].narrow(0, m0, mc)) : at::eye(n, s.x.options()).expand({mc, n, n});
+          A = f.d[l].defined() ? at::diag_embed(f.d[l].narrow(0, m0, mc))
+                               : at::eye(n, s.x.options()).expand({mc, n, n});
         } else if (k < l - 1) {  // A_{l,k} = A_{l,k+1} W_{k+1} D_{k+1}
           A = at::matmul(A, s.W[k + 1]);
           if (f.d[k + 1].defined()) A.mul_(f.d[k + 1].narrow(0, m0, mc).unsqueeze(1));
         }
         const at::Tensor B = k == l ? G_lower : at::matmul(GW, A).view({mc, o * p});  // [mc, rows of the block]
-        const at::Tensor kron = abar[l].unsqueeze(2) * abar[k].unsqueeze(1);  // [mc, ib, jb]
+        const at::Tensor kron = abar[l].unsqueeze(2) * abar[k].unsqueeze(1);          // [mc, ib, jb]
         const at::Tensor& block = acc[pair(l, k)];
         accumulate(block, B.t(), kron.view({mc, ib * jb}), m0 == 0);
         if (k == l) continue;

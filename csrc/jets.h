@@ -119,8 +119,7 @@ std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const 
     grads[1 + l] = at::mm(Gm.t(), A.view({cols * M, n}));
     at::Tensor dA = s.scratch({cols, M, n});
     hx::mm_into(dA.view({cols * M, n}), Gm, s.W[l]);
-    E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k, mode == JetMode::Laplacian,
-                               pairs);
+    E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k, mode == JetMode::Laplacian, pairs);
     G = dA;
   }
   return grads;
@@ -137,8 +136,9 @@ std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const 
 // are single GEMMs without a transpose, [(k+2) M, n] x [n, K o] and [(k+2) M K, n] x [n, o].
 // Returns the output jet's tangent [k + 2, M, K, C] (the hidden layers' tangents in the call's scratch).
 template <class E>
-at::Tensor output_jet_tangent(const Stack& s, const std::vector<int64_t>& features, const std::vector<at::Tensor>& saved,
-                              const std::vector<at::Tensor>& dW, const std::vector<at::Tensor>& db) {
+at::Tensor output_jet_tangent(const Stack& s, const std::vector<int64_t>& features,
+                              const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& dW,
+                              const std::vector<at::Tensor>& db) {
   const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = k + 2, K = dW[0].size(0);
   at::Tensor adot;
   for (int64_t l = 0; l < s.L; ++l) {
@@ -170,12 +170,12 @@ at::Tensor input_derivatives(const Stack& s, JetMode mode) {
   const at::Tensor jet = output_jet<E>(s, mode);  // [1 + d + q, M, C]
   if (mode == JetMode::Laplacian) return jet.select(0, 1 + d).clone();
   const LossHead head = loss_head<E>(s, jet.select(0, 0));
-  const at::Tensor J = jet.narrow(0, 1, d).permute({1, 0, 2});              // [M, d, C]
-  const at::Tensor S = jet.narrow(0, 1 + d, jet.size(0) - 1 - d);           // [q, M, C]
-  const at::Tensor curvature = (head.g.unsqueeze(0) * S).sum(2).t();       // [M, q]
-  const at::Tensor HJ = head.apply(J);                                      // [M, d, C]
+  const at::Tensor J = jet.narrow(0, 1, d).permute({1, 0, 2});        // [M, d, C]
+  const at::Tensor S = jet.narrow(0, 1 + d, jet.size(0) - 1 - d);     // [q, M, C]
+  const at::Tensor curvature = (head.g.unsqueeze(0) * S).sum(2).t();  // [M, q]
+  const at::Tensor HJ = head.apply(J);                                // [M, d, C]
   if (mode == JetMode::Diagonal) return (J * HJ).sum(2).add_(curvature);
-  at::Tensor H = at::matmul(J, HJ.transpose(1, 2));                         // [M, d, d]
+  at::Tensor H = at::matmul(J, HJ.transpose(1, 2));  // [M, d, d]
   int64_t k = 0;
   for (const auto& ij : jet_pairs(mode, d)) {
     const at::Tensor c = curvature.select(1, k++);

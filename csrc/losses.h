@@ -33,7 +33,7 @@ HX_HD void loss_row(Loss kind, T param, T scale, int C, const T* z, const T* y, 
     case Loss::MSE:
       for (int c = 0; c < C; ++c) g[c] = T(2) * scale * (z[c] - y[c]), h[c] = T(2) * scale;
       return;
-    case Loss::Huber:  // torch's convention: the gradient is r for |r| <= delta (the branches agree at
+    case Loss::Huber:                // torch's convention: the gradient is r for |r| <= delta (the branches agree at
       for (int c = 0; c < C; ++c) {  // |r| = delta), and autograd's second derivative 1 only for |r| < delta
         const T r = z[c] - y[c];
         g[c] = scale * (r > param ? param : (r < -param ? -param : r));

@@ -10,6 +10,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
+
 #include <vector>
 
 #include "checks.h"
@@ -20,8 +21,8 @@
 namespace hessext {
 
 // The op arguments that describe a stack (the schemas in hessext.cpp), as every kernel takes them.
-#define HX_STACK_PARAMS                                                                                       \
-  const at::Tensor &inputs, const at::Tensor &targets, at::TensorList weights,                                 \
+#define HX_STACK_PARAMS                                                                                                \
+  const at::Tensor &inputs, const at::Tensor &targets, at::TensorList weights,                                         \
       const c10::List<c10::optional<at::Tensor>>&biases, at::IntArrayRef activations, at::ArrayRef<double> act_params, \
       int64_t loss, double loss_param, double scale
 #define HX_STACK_ARGS inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale
@@ -39,19 +40,22 @@ struct Stack {
   Loss loss;
   double loss_param, scale;
   int64_t L, M, num_slots;
-  hx::Workspace ws;                     // the call's intermediates (never its outputs)
+  hx::Workspace ws;  // the call's intermediates (never its outputs)
 
   Stack(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
         const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
         at::ArrayRef<double> act_params, int64_t loss_kind, double loss_parameter, double loss_scale)
-      : loss_param(loss_parameter), scale(loss_scale), L(static_cast<int64_t>(weights.size())), M(inputs.size(0)),
-        num_slots(0), ws(inputs.device()) {
+      : loss_param(loss_parameter),
+        scale(loss_scale),
+        L(static_cast<int64_t>(weights.size())),
+        M(inputs.size(0)),
+        num_slots(0),
+        ws(inputs.device()) {
     TORCH_CHECK_VALUE(L >= 1, "weights must hold at least one Linear weight");
-    TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "biases must have one entry per layer (",
-                      L, "), got ", biases.size());
+    TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == L, "biases must have one entry per layer (", L, "), got ",
+                      biases.size());
     TORCH_CHECK_VALUE(static_cast<int64_t>(activations.size()) == L - 1,
-                      "activations must have one entry per hidden layer (", L - 1, "), got ",
-                      activations.size());
+                      "activations must have one entry per hidden layer (", L - 1, "), got ", activations.size());
     TORCH_CHECK_VALUE(static_cast<int64_t>(act_params.size()) == 2 * (L - 1),
                       "act_params must hold two values per hidden layer (", 2 * (L - 1), "), got ", act_params.size());
     TORCH_CHECK_VALUE(loss_kind >= 0 && loss_kind < kNumLosses, "loss must be in [0, ", kNumLosses, "), got ",
@@ -69,19 +73,18 @@ struct Stack {
     act.reserve(L);
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor& w = weights[l];
-      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == (l == 0 ? inputs.size(1) : weights[l - 1].size(0)),
-                        "weights[", l, "] must be [out, ", (l == 0 ? inputs.size(1) : weights[l - 1].size(0)),
-                        "], got ", w.sizes());
+      TORCH_CHECK_VALUE(w.dim() == 2 && w.size(1) == (l == 0 ? inputs.size(1) : weights[l - 1].size(0)), "weights[", l,
+                        "] must be [out, ", (l == 0 ? inputs.size(1) : weights[l - 1].size(0)), "], got ", w.sizes());
       TORCH_CHECK_TYPE(w.scalar_type() == W0.scalar_type() && w.device() == W0.device(), "weights[", l,
                        "] must match weights[0] in dtype and device");
       W.push_back(w.contiguous());
       slot_W.push_back(num_slots++);
       c10::optional<at::Tensor> bl = biases[l];
       if (bl.has_value() && bl->defined()) {
-        TORCH_CHECK_VALUE(bl->sizes() == at::IntArrayRef({w.size(0)}), "biases[", l, "] must be [",
-                          w.size(0), "], got ", bl->sizes());
-        TORCH_CHECK_TYPE(bl->scalar_type() == W0.scalar_type() && bl->device() == W0.device(), "biases[",
-                         l, "] must match weights[0] in dtype and device");
+        TORCH_CHECK_VALUE(bl->sizes() == at::IntArrayRef({w.size(0)}), "biases[", l, "] must be [", w.size(0),
+                          "], got ", bl->sizes());
+        TORCH_CHECK_TYPE(bl->scalar_type() == W0.scalar_type() && bl->device() == W0.device(), "biases[", l,
+                         "] must match weights[0] in dtype and device");
         b.push_back(bl->contiguous());
         slot_b.push_back(num_slots++);
       } else {
@@ -166,17 +169,30 @@ struct Stack {
     for (int64_t j = 0; j < num_slots; ++j) {
       TORCH_CHECK_VALUE(vectors[j].sizes() == at::IntArrayRef(shapes[j]), "vectors[", j, "] must have shape ",
                         at::IntArrayRef(shapes[j]), ", got ", vectors[j].sizes());
-      TORCH_CHECK_TYPE(vectors[j].scalar_type() == x.scalar_type() && vectors[j].device() == x.device(),
-                       "vectors[", j, "] must match inputs in dtype and device");
+      TORCH_CHECK_TYPE(vectors[j].scalar_type() == x.scalar_type() && vectors[j].device() == x.device(), "vectors[", j,
+                       "] must match inputs in dtype and device");
     }
     return lead;
   }
 
  private:
   Stack(const Stack& s, int64_t m0, int64_t m1)
-      : x(s.x.narrow(0, m0, m1 - m0)), y(s.y.narrow(0, m0, m1 - m0)), W(s.W), b(s.b), act(s.act), p0(s.p0),
-        p1(s.p1), slot_W(s.slot_W), slot_b(s.slot_b), loss(s.loss), loss_param(s.loss_param), scale(s.scale),
-        L(s.L), M(m1 - m0), num_slots(s.num_slots), ws(s.x.device()) {}
+      : x(s.x.narrow(0, m0, m1 - m0)),
+        y(s.y.narrow(0, m0, m1 - m0)),
+        W(s.W),
+        b(s.b),
+        act(s.act),
+        p0(s.p0),
+        p1(s.p1),
+        slot_W(s.slot_W),
+        slot_b(s.slot_b),
+        loss(s.loss),
+        loss_param(s.loss_param),
+        scale(s.scale),
+        L(s.L),
+        M(m1 - m0),
+        num_slots(s.num_slots),
+        ws(s.x.device()) {}
 };
 
 // Forward pass, computed once and shared by every vector:
@@ -318,7 +334,8 @@ struct PathChoice {
     if (s.L > fused::kMaxLayers) return false;
     int64_t P = 0;
     for (int64_t l = 0; l < s.L; ++l) P += s.W[l].numel();
-    return s.max_width() <= max_width() && s.M * K * P <= s.L * (max_work() / (s.x.is_cpu() && s.max_width() <= 16 ? 64 : 256));
+    return s.max_width() <= max_width() &&
+           s.M * K * P <= s.L * (max_work() / (s.x.is_cpu() && s.max_width() <= 16 ? 64 : 256));
   }
 };
 
@@ -370,7 +387,8 @@ struct SlotLayout {
   std::vector<at::Tensor> split_rows(const at::Tensor& rows, const Stack& s, std::vector<int64_t> lead) const {
     const auto shapes = s.slot_shapes(lead);
     std::vector<at::Tensor> out;
-    for (int64_t j = 0; j < s.num_slots; ++j) out.push_back(rows.narrow(-1, offset[j], numel[j]).reshape(shapes[j]).clone());
+    for (int64_t j = 0; j < s.num_slots; ++j)
+      out.push_back(rows.narrow(-1, offset[j], numel[j]).reshape(shapes[j]).clone());
     return out;
   }
   // The per-slot [*lead, *shape] outputs, lead {K} or {} (K = 1; each in its own storage; outputs never

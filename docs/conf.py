@@ -1,5 +1,6 @@
 """Sphinx configuration: Markdown pages (MyST) and the API reference from the docstrings (autodoc,
 napoleon). Built in CI with warnings as errors: sphinx-build -W -b html docs docs/_build/html."""
+
 import os
 import sys
 

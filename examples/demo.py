@@ -1,5 +1,6 @@
 """The 1-16-1 Tanh network and loss, as its user wrote them: Hessian-vector products through hessext's
 native kernel and through torch.func, their agreement, and the speed-up (median times)."""
+
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -52,8 +53,10 @@ def main():
         err = max((a[k] - b[k]).abs().max().item() for k in params)
         scale = max(b[k].abs().max().item() for k in params)
         t_ours, t_theirs = median_us(ours), median_us(theirs)
-        print(f"K={K:2d} vectors: max |hessext - torch.func| = {err:.2e} (largest entry {scale:.2e}); "
-              f"hessext {t_ours:7.1f} us, torch.func {t_theirs:8.1f} us -> {t_theirs / t_ours:5.1f}x faster")
+        print(
+            f"K={K:2d} vectors: max |hessext - torch.func| = {err:.2e} (largest entry {scale:.2e}); "
+            f"hessext {t_ours:7.1f} us, torch.func {t_theirs:8.1f} us -> {t_theirs / t_ours:5.1f}x faster"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ its own shard, every product is all-reduced, so every process sees the operator 
     torchrun --nproc_per_node=<GPUs> examples/distributed_eigs.py       # GPUs: NCCL, one per process
 
 Each rank prints the same eigenvalues; rank 0 also checks them against one process on all the data."""
+
 import os
 
 import torch
@@ -22,17 +23,21 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     torch.manual_seed(0)  # the same model and data on every rank; each keeps its own shard
-    model = nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double().to(device)
+    model = (
+        nn.Sequential(nn.Linear(10, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)).double().to(device)
+    )
     x, y = torch.randn(1000, 10, dtype=torch.float64), torch.randn(1000, 1, dtype=torch.float64)
     bounds = [len(x) * r // world for r in range(world + 1)]
-    shard = TensorDataset(x[bounds[rank]:bounds[rank + 1]].to(device), y[bounds[rank]:bounds[rank + 1]].to(device))
+    shard = TensorDataset(x[bounds[rank] : bounds[rank + 1]].to(device), y[bounds[rank] : bounds[rank + 1]].to(device))
     H = hessext.HessianOperator(model, nn.MSELoss(), DataLoader(shard, batch_size=128), process_group=True)
     values, _ = linalg.eigsh(H, k=4, generator=torch.Generator().manual_seed(0))
     print(f"rank {rank}/{world}: top-4 eigenvalues {values.tolist()}")
     if rank == 0:
         alone = hessext.HessianOperator(model, nn.MSELoss(), (x.to(device), y.to(device)))
         check, _ = linalg.eigsh(alone, k=4, generator=torch.Generator().manual_seed(0))
-        print(f"one process on all the data: {check.tolist()} (max difference {(values - check).abs().max().item():.1e})")
+        print(
+            f"one process on all the data: {check.tolist()} (max difference {(values - check).abs().max().item():.1e})"
+        )
     dist.destroy_process_group()
 
 

@@ -15,6 +15,7 @@ its last line `relative L2 error: <value>`.
 
 --laplacian torch.func takes the Laplacian from torch.func (vmap of the Hessian per point) instead of
 hessext, for Adam and L-BFGS, to compare the time per step; ENGD needs hessext's Gramian."""
+
 import argparse
 import math
 import os
@@ -37,7 +38,9 @@ def points(n_interior=900, n_boundary=200, seed=1):
     inside = torch.rand(n_interior, 2, generator=g, dtype=torch.float64)
     t = torch.rand(n_boundary, generator=g, dtype=torch.float64)
     side = torch.randint(0, 4, (n_boundary,), generator=g)
-    edge = torch.stack([torch.where(side < 2, t, (side == 2).double()), torch.where(side < 2, (side == 1).double(), t)], 1)
+    edge = torch.stack(
+        [torch.where(side < 2, t, (side == 2).double()), torch.where(side < 2, (side == 1).double(), t)], 1
+    )
     return inside, edge
 
 
@@ -62,7 +65,7 @@ class Problem:
     def __init__(self, laplacian="hessext"):
         self.model = network()
         self.inside, self.edge = points()
-        self.f = 2 * math.pi ** 2 * exact(self.inside)
+        self.f = 2 * math.pi**2 * exact(self.inside)
         self.laplacian = hessext.laplacian if laplacian == "hessext" else laplacian_torch_func
         self.test = grid()
         self.truth = exact(self.test)
@@ -71,7 +74,7 @@ class Problem:
         return ((-lap_u - self.f) ** 2).mean()
 
     def boundary(self, u, grad_u, lap_u, inputs):
-        return (u ** 2).mean()
+        return (u**2).mean()
 
     @property
     def terms(self):
@@ -99,8 +102,15 @@ def train(optimizer, seconds, laplacian="hessext", report=10.0, steps=None, log=
             opt.step()
             return loss.detach()
     elif optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=20, history_size=50, tolerance_grad=1e-14,
-                                tolerance_change=1e-16, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(
+            model.parameters(),
+            lr=1.0,
+            max_iter=20,
+            history_size=50,
+            tolerance_grad=1e-14,
+            tolerance_change=1e-16,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure():
             opt.zero_grad()
@@ -126,8 +136,10 @@ def train(optimizer, seconds, laplacian="hessext", report=10.0, steps=None, log=
         if now - last >= report or now >= seconds or count == steps:
             curve.append((now, problem.error()))
             last = now
-            log(f"{optimizer:5s} t = {now:7.1f} s  step {count:6d}  loss {float(loss):.3e}  "
-                f"relative L2 error {curve[-1][1]:.3e}")
+            log(
+                f"{optimizer:5s} t = {now:7.1f} s  step {count:6d}  loss {float(loss):.3e}  "
+                f"relative L2 error {curve[-1][1]:.3e}"
+            )
         if now >= seconds or count == steps:
             return curve, count, problem
 
@@ -160,8 +172,13 @@ def main():
     parser.add_argument("--seconds", type=float, default=300.0, help="wall-time budget")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps instead")
     parser.add_argument("--laplacian", choices=["hessext", "torch.func"], default="hessext")
-    parser.add_argument("--compare", type=float, default=None, metavar="SECONDS",
-                        help="run all three optimizers for SECONDS each and plot the error against time")
+    parser.add_argument(
+        "--compare",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run all three optimizers for SECONDS each and plot the error against time",
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "pinn_poisson.png"))
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -169,8 +186,10 @@ def main():
         compare(args.compare, args.out)
         return
     curve, count, _ = train(args.optimizer, args.seconds, args.laplacian, steps=args.steps)
-    print(f"{args.optimizer} with the {args.laplacian} Laplacian: {count} steps, {curve[-1][0]:.1f} s "
-          f"({curve[-1][0] / count * 1e3:.2f} ms a step)")
+    print(
+        f"{args.optimizer} with the {args.laplacian} Laplacian: {count} steps, {curve[-1][0]:.1f} s "
+        f"({curve[-1][0] / count * 1e3:.2f} ms a step)"
+    )
     print(f"relative L2 error: {curve[-1][1]:.3e}")
 
 

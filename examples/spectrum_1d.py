@@ -4,6 +4,7 @@ the dense Hessian's eigvalsh), the trace (Hutch++) and the spectral density (sto
 quadrature), plotted to examples/spectrum_1d.png (needs matplotlib).
 
     python examples/spectrum_1d.py [--steps 300] [--every 50] [--out examples/spectrum_1d.png]"""
+
 import argparse
 import os
 
@@ -37,8 +38,11 @@ def main():
             trace = linalg.trace(H, samples=30, generator=g)
             densities.append((step, *linalg.density(H, num_steps=H.shape[0], samples=4, generator=g)))
             history.append((step, values, trace))
-            print(f"step {step:4d}  loss {loss_fn(model(x), y).item():.4f}  top-5 {[round(v, 4) for v in values.tolist()]}"
-                  f"  (dense: max diff {(values - dense).abs().max().item():.1e})  trace {trace:.4f}")
+            print(
+                f"step {step:4d}  loss {loss_fn(model(x), y).item():.4f}  "
+                f"top-5 {[round(v, 4) for v in values.tolist()]}"
+                f"  (dense: max diff {(values - dense).abs().max().item():.1e})  trace {trace:.4f}"
+            )
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()

@@ -3,6 +3,7 @@ AdaHessian and Sophia (exact diagonal, native, and the Hutchinson estimate) and 
 the training loss curves to examples/train_1d.png (needs matplotlib).
 
     python examples/train_1d.py [--steps 500] [--out examples/train_1d.png]"""
+
 import argparse
 import copy
 import os
@@ -52,12 +53,14 @@ def main():
     runs = {
         "Adam (lr 0.01)": lambda m, f: torch.optim.Adam(m.parameters(), lr=0.01),
         "AdaHessian, exact diagonal (defaults)": lambda m, f: AdaHessian(m, f, estimator="exact"),
-        "AdaHessian, Hutchinson (lr 0.05)": lambda m, f: AdaHessian(m, f, lr=0.05, estimator="hutchinson",
-                                                                    generator=torch.Generator().manual_seed(0)),
+        "AdaHessian, Hutchinson (lr 0.05)": lambda m, f: AdaHessian(
+            m, f, lr=0.05, estimator="hutchinson", generator=torch.Generator().manual_seed(0)
+        ),
         "Sophia, exact diagonal (lr 0.01)": lambda m, f: Sophia(m, f, lr=0.01, estimator="exact", update_every=1),
         "Sophia, GGN diagonal (lr 0.01)": lambda m, f: Sophia(m, f, lr=0.01, estimator="ggn", update_every=1),
-        "Sophia, Hutchinson (lr 0.01)": lambda m, f: Sophia(m, f, lr=0.01, estimator="hutchinson", update_every=1,
-                                                            generator=torch.Generator().manual_seed(0)),
+        "Sophia, Hutchinson (lr 0.01)": lambda m, f: Sophia(
+            m, f, lr=0.01, estimator="hutchinson", update_every=1, generator=torch.Generator().manual_seed(0)
+        ),
     }
     curves = {}
     for name, make in runs.items():

@@ -9,6 +9,7 @@ project's CPU machines it says Haswell, while the SkylakeX kernels run the MLP p
 faster (benchmarks/results/blas_cpu.md: 164 against 103 GFLOP/s for [256,784]x[784,256], against
 85 for ATen's MKL). HESSEXT_BLAS=aten keeps ATen's products; HESSEXT_BLAS=<path> names a library.
 When none loads, the products are ATen's and `python -m hessext.info` says why; nothing fails."""
+
 import glob
 import importlib.util
 import os

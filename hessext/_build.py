@@ -1,6 +1,7 @@
 """What hessext._C is built from: shared by setup.py (ahead of time) and _native.py (JIT build).
 
 Imports nothing from hessext, so that setup.py can load it before the package is built."""
+
 import glob
 import os
 
@@ -45,6 +46,8 @@ def check_shared_libstdcxx(path):
         return
     needed = subprocess.run(["ldd", path], capture_output=True, text=True, timeout=60).stdout
     if needed and "libstdc++" not in needed:
-        raise RuntimeError(f"{path} does not link libstdc++.so: the C++ compiler ({os.environ.get('CXX', 'c++')}) "
-                           "linked a static copy, which crashes formatting error messages inside Python. Build "
-                           "with a compiler that links it as torch does, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++")
+        raise RuntimeError(
+            f"{path} does not link libstdc++.so: the C++ compiler ({os.environ.get('CXX', 'c++')}) "
+            "linked a static copy, which crashes formatting error messages inside Python. Build "
+            "with a compiler that links it as torch does, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++"
+        )

@@ -2,6 +2,7 @@
 else None with one warning (every call then takes the torch.func fallback).
 
 Loading is lazy (first native call) and happens once; `status()` says what happened."""
+
 import os
 import threading
 import warnings
@@ -48,11 +49,15 @@ def check_torch_version(built):
     running = torch.__version__.split("+")[0]
     built_base = built.split("+")[0]
     if running.split(".")[:2] != built_base.split(".")[:2]:
-        raise ImportError(f"hessext._C was built against torch {built}, but torch {torch.__version__} is running; "
-                          + REBUILD)
+        raise ImportError(
+            f"hessext._C was built against torch {built}, but torch {torch.__version__} is running; " + REBUILD
+        )
     if running != built_base:
-        warnings.warn(f"hessext: hessext._C was built against torch {built}, torch {torch.__version__} is running "
-                      f"(same minor release, so it loads); if anything misbehaves, {REBUILD}", stacklevel=3)
+        warnings.warn(
+            f"hessext: hessext._C was built against torch {built}, torch {torch.__version__} is running "
+            f"(same minor release, so it loads); if anything misbehaves, {REBUILD}",
+            stacklevel=3,
+        )
 
 
 def load():
@@ -69,8 +74,11 @@ def load():
             check_torch_version(_C.torch_version())
             _state.update(module=_C, source="prebuilt (hessext._C)")
         except ImportError as exc:
-            hint = (f" (a build for another torch than the running {_torch_version()}? {REBUILD})"
-                    if "undefined symbol" in str(exc) else "")
+            hint = (
+                f" (a build for another torch than the running {_torch_version()}? {REBUILD})"
+                if "undefined symbol" in str(exc)
+                else ""
+            )
             errors.append(f"hessext._C: {exc}{hint}")
             if os.environ.get("HESSEXT_NO_JIT", "0") != "1":
                 try:
@@ -110,6 +118,10 @@ def status():
     module = load()
     info = {"loaded": module is not None, "source": _state["source"], "error": _state["error"]}
     if module is not None:
-        info.update(with_cuda=module.with_cuda(), cuda_version=module.cuda_version(),
-                    torch_version=module.torch_version(), blas=_blas.status())
+        info.update(
+            with_cuda=module.with_cuda(),
+            cuda_version=module.cuda_version(),
+            torch_version=module.torch_version(),
+            blas=_blas.status(),
+        )
     return info

@@ -2,12 +2,14 @@
 
 Each method is first checked against a float64 reference (a wrong answer is reported, not timed),
 then timed with torch.utils.benchmark.Timer (warm-up, CUDA synchronised): median and interquartile
-range, peak memory of one call (CUDA max-allocated; the process's resident high-water mark on the CPU, reset per method), and ratios to hessext and to one
-plain gradient. Output: a table in the terminal, a JSON file with the environment, and PNG plots
-(time against width and against batch size) when matplotlib is installed.
+range, peak memory of one call (CUDA max-allocated; the process's resident high-water mark on the CPU,
+reset per method), and ratios to hessext and to one plain gradient. Output: a table in the terminal, a
+JSON file with the environment, and PNG plots (time against width and against batch size) when
+matplotlib is installed.
 
     python -m hessext.bench --quantities hvp,diagonal --preset tiny --batch 100,1000
     python -m hessext.bench --widths 784,256,256,10 --device cuda --dtype float32 --out r.json --plot r.png"""
+
 import argparse
 import datetime
 import json
@@ -45,8 +47,8 @@ class Problem:
     model: nn.Module
     x: torch.Tensor
     y: torch.Tensor
-    v: dict            # one vector, dict name -> tensor
-    V: dict            # K vectors, dict name -> [K, *shape]
+    v: dict  # one vector, dict name -> tensor
+    V: dict  # K vectors, dict name -> [K, *shape]
 
     @property
     def params(self):
@@ -73,10 +75,14 @@ def make_problem(widths, batch, device, dtype, k, seed=0):
     model = nn.Sequential(*layers).to(device=device, dtype=dtype)
     x = torch.randn(batch, widths[0], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     y = torch.randn(batch, widths[-1], generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-         for n, p in model.named_parameters()}
-    V = {n: torch.randn((k,) + p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
-         for n, p in model.named_parameters()}
+    v = {
+        n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        for n, p in model.named_parameters()
+    }
+    V = {
+        n: torch.randn((k,) + p.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        for n, p in model.named_parameters()
+    }
     return Problem(list(widths), batch, model, x, y, v, V)
 
 
@@ -84,8 +90,15 @@ def as_float64(pb):
     import copy
 
     to64 = lambda t: t.detach().to(torch.float64)  # noqa: E731
-    return Problem(pb.widths, pb.batch, copy.deepcopy(pb.model).to(torch.float64), to64(pb.x), to64(pb.y),
-                   {n: to64(t) for n, t in pb.v.items()}, {n: to64(t) for n, t in pb.V.items()})
+    return Problem(
+        pb.widths,
+        pb.batch,
+        copy.deepcopy(pb.model).to(torch.float64),
+        to64(pb.x),
+        to64(pb.y),
+        {n: to64(t) for n, t in pb.v.items()},
+        {n: to64(t) for n, t in pb.V.items()},
+    )
 
 
 def flat(result):
@@ -97,6 +110,7 @@ def flat(result):
 
 
 # ---- the methods: builder(problem) -> zero-argument callable ---------------------------------------
+
 
 def _loss_of(pb):
     return lambda p: mse(functional_call(pb.model, p, (pb.x,)), pb.y)
@@ -140,7 +154,7 @@ def _func_flat_hessian(pb):
     def f(t):
         split, start = {}, 0
         for n, shape, k in shapes:
-            split[n] = t[start:start + k].reshape(shape)
+            split[n] = t[start : start + k].reshape(shape)
             start += k
         return mse(functional_call(pb.model, split, (pb.x,)), pb.y)
 
@@ -208,6 +222,7 @@ class External:
 
 def _jax_peer(quantity):
     """JAX (jit; folx's forward Laplacian) on the same Tanh MLP, data and vectors."""
+
     def builder(pb):
         import importlib.util
 
@@ -220,13 +235,20 @@ def _jax_peer(quantity):
         if quantity in ("diagonal", "hessian"):
             _dense_only(pb, "jax.hessian")
         linears = [m for m in pb.model if isinstance(m, nn.Linear)]
-        arrays = {"quantity": quantity, "layers": len(linears), "x": pb.x, "y": pb.y,
-                  "v": flat(pb.v).to(pb.x.dtype),
-                  "V": torch.cat([t.reshape(t.shape[0], -1) for t in pb.V.values()], 1)}  # [K, P], torch's order
+        arrays = {
+            "quantity": quantity,
+            "layers": len(linears),
+            "x": pb.x,
+            "y": pb.y,
+            "v": flat(pb.v).to(pb.x.dtype),
+            "V": torch.cat([t.reshape(t.shape[0], -1) for t in pb.V.values()], 1),
+        }  # [K, P], torch's order
         for j, m in enumerate(linears):
             arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
-        return External("hessext.bench_jax", {k: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t)
-                                              for k, t in arrays.items()})
+        return External(
+            "hessext.bench_jax",
+            {k: (t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t) for k, t in arrays.items()},
+        )
 
     return builder
 
@@ -269,9 +291,12 @@ def _func_builders():
         "ggn_vp": _func_ggn_vp,
         "diagonal": lambda pb: _func_dense(pb, True),
         "hessian": lambda pb: _func_dense(pb, False),
-        "input-hessian": lambda pb: (lambda: vmap(hessian(_sample_loss(pb)))(pb.x, pb.y)),
-        "laplacian": lambda pb: (lambda: torch.diagonal(vmap(jacfwd(jacrev(lambda xm: pb.model(xm[None])[0])))(pb.x),
-                                                        dim1=-2, dim2=-1).sum(-1)),
+        "input-hessian": lambda pb: lambda: vmap(hessian(_sample_loss(pb)))(pb.x, pb.y),
+        "laplacian": lambda pb: (
+            lambda: torch.diagonal(vmap(jacfwd(jacrev(lambda xm: pb.model(xm[None])[0])))(pb.x), dim1=-2, dim2=-1).sum(
+                -1
+            )
+        ),
     }
 
 
@@ -279,18 +304,28 @@ def builders():
     """quantity -> method -> builder(problem) -> callable (raising Skip where it does not apply)."""
     func = _func_builders()
     table = {
-        "hvp": {"hessext": lambda pb: (lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.v)),
-                "double-backward": lambda pb: _double_backward_hvp(pb, False),
-                "curvlinops": lambda pb: _curvlinops(pb, "hvp")},
-        "hvp-batched": {"hessext": lambda pb: (lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.V)),
-                        "double-backward": lambda pb: _double_backward_hvp(pb, True)},
-        "ggn_vp": {"hessext": lambda pb: (lambda: hessext.ggn_vp(pb.model, mse, pb.x, pb.y, pb.v)),
-                   "curvlinops": lambda pb: _curvlinops(pb, "ggn_vp")},
-        "diagonal": {"hessext": lambda pb: (lambda: hessext.hessian_diag(pb.model, mse, pb.x, pb.y)),
-                     "backpack": _backpack_diag},
-        "hessian": {"hessext": lambda pb: (lambda: hessext.hessian(pb.model, mse, pb.x, pb.y, output="matrix"))},
+        "hvp": {
+            "hessext": lambda pb: lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.v),
+            "double-backward": lambda pb: _double_backward_hvp(pb, False),
+            "curvlinops": lambda pb: _curvlinops(pb, "hvp"),
+        },
+        "hvp-batched": {
+            "hessext": lambda pb: lambda: hessext.hvp(pb.model, mse, pb.x, pb.y, pb.V),
+            "double-backward": lambda pb: _double_backward_hvp(pb, True),
+        },
+        "ggn_vp": {
+            "hessext": lambda pb: lambda: hessext.ggn_vp(pb.model, mse, pb.x, pb.y, pb.v),
+            "curvlinops": lambda pb: _curvlinops(pb, "ggn_vp"),
+        },
+        "diagonal": {
+            "hessext": lambda pb: lambda: hessext.hessian_diag(pb.model, mse, pb.x, pb.y),
+            "backpack": _backpack_diag,
+        },
+        "hessian": {"hessext": lambda pb: lambda: hessext.hessian(pb.model, mse, pb.x, pb.y, output="matrix")},
         # input derivatives evaluated, as the peers evaluate them (in grad mode they carry a gradient)
-        "input-hessian": {"hessext": lambda pb: torch.no_grad()(lambda: hessext.input_hessian(pb.model, mse, pb.x, pb.y))},
+        "input-hessian": {
+            "hessext": lambda pb: torch.no_grad()(lambda: hessext.input_hessian(pb.model, mse, pb.x, pb.y))
+        },
         "laplacian": {"hessext": lambda pb: torch.no_grad()(lambda: hessext.laplacian(pb.model, pb.x))},
     }
     for q in QUANTITIES:
@@ -304,6 +339,7 @@ def builders():
 
 # ---- the reference ------------------------------------------------------------------------------
 
+
 def reference(quantity, pb, seed=0):
     """(float64 reference values, index into the method's flat result or None for all of it)."""
     p64 = as_float64(pb)
@@ -316,7 +352,7 @@ def reference(quantity, pb, seed=0):
         return flat(hessext.ggn_vp(p64.model, mse, p64.x, p64.y, p64.v, backend="torch.func")), None
     if quantity in ("diagonal", "hessian"):
         P = pb.P
-        rows = torch.randperm(P, generator=torch.Generator().manual_seed(seed))[:min(P, 24)]
+        rows = torch.randperm(P, generator=torch.Generator().manual_seed(seed))[: min(P, 24)]
         basis = torch.zeros(len(rows), P, dtype=torch.float64, device=pb.x.device)
         basis[torch.arange(len(rows)), rows.to(basis.device)] = 1
         H_rows = f(basis)  # [r, P]: rows of the Hessian
@@ -340,6 +376,7 @@ def check(result, ref, index, dtype):
 
 
 # ---- timing and memory --------------------------------------------------------------------------
+
 
 def _status_mb(field):
     with open("/proc/self/status") as f:
@@ -391,21 +428,45 @@ def measure(fn, device, min_run_time):
 
 def environment(device):
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         commit = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "git_commit": commit, "hessext_native": hessext.plan(
-                nn.Linear(1, 1), nn.MSELoss()).backend == "native", "cpu_products": _native.status().get("blas", {}).get("name")}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "hessext_native": hessext.plan(nn.Linear(1, 1), nn.MSELoss()).backend == "native",
+        "cpu_products": _native.status().get("blas", {}).get("name"),
+    }
 
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def run(quantities, architectures, batches, methods, device="cpu", dtype=torch.float64, k=16, min_run_time=0.2,
-        extra_methods=None, progress=True):
+
+def run(
+    quantities,
+    architectures,
+    batches,
+    methods,
+    device="cpu",
+    dtype=torch.float64,
+    k=16,
+    min_run_time=0.2,
+    extra_methods=None,
+    progress=True,
+):
     """Benchmark every (quantity, architecture, batch, method); returns the JSON-ready report."""
     device = torch.device(device)
     table = builders()
@@ -425,8 +486,13 @@ def run(quantities, architectures, batches, methods, device="cpu", dtype=torch.f
         warnings.simplefilter("ignore")
         for q, widths, n in bar:
             rows.append(_run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min_run_time, notes))
-    return {"environment": environment(device), "dtype": str(dtype).replace("torch.", ""), "k": k,
-            "cases": rows, "notes": sorted(set(notes))}
+    return {
+        "environment": environment(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "k": k,
+        "cases": rows,
+        "notes": sorted(set(notes)),
+    }
 
 
 def _run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min_run_time, notes):
@@ -462,7 +528,10 @@ def _run_case(q, widths, n, methods, table, extra_methods, device, dtype, k, min
             entry = {"status": "skipped", "note": str(exc)}
             notes.append(f"{q}: {name} skipped: {exc}")
         except Exception as exc:  # a peer that fails on this input is reported, not fatal
-            entry = {"status": "failed", "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+            entry = {
+                "status": "failed",
+                "note": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+            }
             notes.append(f"{q} {widths} N={n}: {name} failed: {entry['note']}")
             _leave_forward_ad()
         case["methods"][name] = entry
@@ -485,44 +554,62 @@ def _leave_forward_ad():
 
 
 def format_table(report):
-    lines = [f"{'quantity':14s} {'widths':22s} {'N':>6s} {'method':16s} {'median':>11s} {'iqr':>10s} "
-             f"{'x hessext':>10s} {'x grad':>8s} {'peak MB':>9s}"]
+    lines = [
+        f"{'quantity':14s} {'widths':22s} {'N':>6s} {'method':16s} {'median':>11s} {'iqr':>10s} "
+        f"{'x hessext':>10s} {'x grad':>8s} {'peak MB':>9s}"
+    ]
     for case in report["cases"]:
         for name, e in case["methods"].items():
             if "median_s" in e:
-                cols = (f"{e['median_s'] * 1e3:9.3f}ms {e['iqr_s'] * 1e3:8.3f}ms "
-                        f"{(e['x_hessext'] or float('nan')):9.2f}x {e['x_gradient']:7.2f}x "
-                        f"{(e.get('peak_mb') or float('nan')):9.1f}")
+                cols = (
+                    f"{e['median_s'] * 1e3:9.3f}ms {e['iqr_s'] * 1e3:8.3f}ms "
+                    f"{(e['x_hessext'] or float('nan')):9.2f}x {e['x_gradient']:7.2f}x "
+                    f"{(e.get('peak_mb') or float('nan')):9.1f}"
+                )
             else:
                 cols = f"{e['status']}: {e.get('note', '')}"[:60]
-            lines.append(f"{case['quantity']:14s} {','.join(map(str, case['widths'])):22s} {case['batch']:6d} "
-                         f"{name:16s} {cols}")
+            lines.append(
+                f"{case['quantity']:14s} {','.join(map(str, case['widths'])):22s} {case['batch']:6d} {name:16s} {cols}"
+            )
     return "\n".join(lines + [""] + [f"note: {n}" for n in report["notes"]])
 
 
 def _one_line(text, limit=160):
     """Text for one markdown table cell or list item: whitespace collapsed, pipes escaped, cut at limit."""
     text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def markdown(report):
     """The report as a markdown table (one row per case and method)."""
     env = report["environment"]
-    lines = [f"Measured {env['date']} on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
-             f"{report['dtype']}, commit {env['git_commit']}; hessext.bench, medians.", "",
-             "| quantity | widths | N | method | median (ms) | x hessext | x gradient | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured {env['date']} on {env['device']} ({env['threads']} threads), torch {env['torch']}, "
+        f"{report['dtype']}, commit {env['git_commit']}; hessext.bench, medians.",
+        "",
+        "| quantity | widths | N | method | median (ms) | x hessext | x gradient | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for case in report["cases"]:
         for name, e in case["methods"].items():
             if e["status"] == "skipped":
                 continue
             timed = "median_s" in e
-            note = f"compile {e['compile_s']:.1f} s" if "compile_s" in e else e.get("note", e["status"] if not timed else "")
+            note = (
+                f"compile {e['compile_s']:.1f} s"
+                if "compile_s" in e
+                else e.get("note", e["status"] if not timed else "")
+            )
             note = _one_line(note)
-            lines.append(f"| {case['quantity']} | {','.join(map(str, case['widths']))} | {case['batch']} | {name} | "
-                         + (f"{e['median_s'] * 1e3:.3f} | {e['x_hessext']:.2f} | {e['x_gradient']:.2f}" if timed else "n/a | | ")
-                         + f" | {note} |")
-    return "\n".join(lines + [""] + [f"- {_one_line(n, 240)}" for n in report["notes"] if "for this quantity" not in n]) + "\n"
+            lines.append(
+                f"| {case['quantity']} | {','.join(map(str, case['widths']))} | {case['batch']} | {name} | "
+                + (f"{e['median_s'] * 1e3:.3f} | {e['x_hessext']:.2f} | {e['x_gradient']:.2f}" if timed else "n/a | | ")
+                + f" | {note} |"
+            )
+    return (
+        "\n".join(lines + [""] + [f"- {_one_line(n, 240)}" for n in report["notes"] if "for this quantity" not in n])
+        + "\n"
+    )
 
 
 def plot(report, path):
@@ -540,13 +627,17 @@ def plot(report, path):
         cases = [c for c in report["cases"] if c["quantity"] == q]
         widest = max(cases, key=lambda c: c["P"])["widths"]
         largest = max(c["batch"] for c in cases)
-        panels = ((lambda c: max(c["widths"]), f"largest width (N = {largest})", lambda c: c["batch"] == largest),
-                  (lambda c: c["batch"], f"batch size ({','.join(map(str, widest))})", lambda c: c["widths"] == widest))
+        panels = (
+            (lambda c: max(c["widths"]), f"largest width (N = {largest})", lambda c: c["batch"] == largest),
+            (lambda c: c["batch"], f"batch size ({','.join(map(str, widest))})", lambda c: c["widths"] == widest),
+        )
         for col, (xkey, xlabel, keep) in enumerate(panels):
             ax = axes[row][col]
             chosen = [c for c in cases if keep(c)]
             for m in METHODS + tuple(sorted({m for c in chosen for m in c["methods"]} - set(METHODS))):
-                pts = sorted((xkey(c), c["methods"][m]["median_s"]) for c in chosen if "median_s" in c["methods"].get(m, {}))
+                pts = sorted(
+                    (xkey(c), c["methods"][m]["median_s"]) for c in chosen if "median_s" in c["methods"].get(m, {})
+                )
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=m, color=colors.get(m))
             ax.set_xscale("log")
@@ -586,7 +677,9 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(prog="hessext-bench", description=__doc__, formatter_class=Formatter)
     parser.add_argument("--quantities", default="hvp,diagonal", help=f"comma-separated from {','.join(QUANTITIES)}")
-    parser.add_argument("--widths", action="append", type=_ints, help="an architecture, e.g. 784,256,256,10 (repeatable)")
+    parser.add_argument(
+        "--widths", action="append", type=_ints, help="an architecture, e.g. 784,256,256,10 (repeatable)"
+    )
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS), help="a named architecture (repeatable)")
     parser.add_argument("--batch", type=_ints, default=[100], help="comma-separated batch sizes")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {','.join(METHODS)}")
@@ -622,10 +715,13 @@ def main(argv=None):
     archs = (args.widths or []) + [PRESETS[p] for p in (args.preset or [])] or [PRESETS["tiny"]]
     for widths in archs:
         if len(widths) < 2:
-            parser.error(f"--widths {','.join(map(str, widths))}: an architecture needs an input and an output "
-                         "width (at least one Linear layer, so that there are parameters)")
-    report = run(quantities, archs, args.batch, methods, args.device, getattr(torch, args.dtype), args.k,
-                 args.min_run_time)
+            parser.error(
+                f"--widths {','.join(map(str, widths))}: an architecture needs an input and an output "
+                "width (at least one Linear layer, so that there are parameters)"
+            )
+    report = run(
+        quantities, archs, args.batch, methods, args.device, getattr(torch, args.dtype), args.k, args.min_run_time
+    )
     print(format_table(report))
     if args.out:
         with open(args.out, "w") as f:

@@ -8,6 +8,7 @@ apart. Each call blocks until its result is ready. The Laplacian is folx's forwa
 vmap), the PINN step jax.grad of a loss over it and the PINN Gramian's product jax.jvp and jax.vjp
 over it; every other quantity is plain JAX under jit: jvp
 of grad, its vmap for K vectors, jvp and vjp for the GGN, jax.hessian."""
+
 import sys
 import time
 
@@ -69,6 +70,7 @@ def build(arrays):
         f = jax.jit(jax.vmap(hvp, in_axes=(None, None, None, 0)))
         return (lambda: f(params, x, y, V)), flat_out
     if q == "ggn_vp":
+
         def ggn(p, x, v):
             out, back = jax.vjp(lambda t: forward(t, x), p)
             Jv = jax.jvp(lambda t: forward(t, x), (p,), (v,))[1]
@@ -82,6 +84,7 @@ def build(arrays):
         f = jax.jit((lambda t, x, y: jnp.diagonal(H(t, x, y))) if q == "diagonal" else H)
         return (lambda: f(theta, x, y)), lambda r: np.asarray(r).reshape(-1)
     if q == "input-hessian":
+
         def sample_loss(p, xm, ym):
             return jnp.sum((forward(p, xm[None]) - ym[None]) ** 2) / n_out
 
@@ -156,8 +159,7 @@ def main(argv):
     jax.config.update("jax_enable_x64", True)
     fn, to_flat = build(arrays)
     result, compile_s, median, iqr = timed(fn, float(arrays["min_run_time"]))
-    np.savez(dst, result=to_flat(result), compile_s=compile_s, median_s=median, iqr_s=iqr,
-             version=jax.__version__)
+    np.savez(dst, result=to_flat(result), compile_s=compile_s, median_s=median, iqr_s=iqr, version=jax.__version__)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ The loss: a traced graph that is `c * <loss>(out, target)`, c an optional consta
 `F.huber_loss`, `F.binary_cross_entropy_with_logits`, `F.cross_entropy` (class indices or
 probabilities, label smoothing, ignore_index), `F.nll_loss` after the model's `log_softmax`; the
 nn.Module losses call these. Class weights and pos_weight stay with torch."""
+
 import dataclasses
 import inspect
 import math
@@ -56,16 +57,16 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Linear:
-    name: str            # qualified module name, e.g. "fc1" or "0" ("" for a lone Linear)
-    weight: str          # parameter names as in model.named_parameters()
+    name: str  # qualified module name, e.g. "fc1" or "0" ("" for a lone Linear)
+    weight: str  # parameter names as in model.named_parameters()
     bias: Optional[str]
 
 
 @dataclass(frozen=True)
 class Activation:
-    kind: int                         # a row of csrc/activations.h
-    p0: float = 0.0                   # negative_slope, beta or alpha
-    p1: float = 0.0                   # Softplus's threshold
+    kind: int  # a row of csrc/activations.h
+    p0: float = 0.0  # negative_slope, beta or alpha
+    p1: float = 0.0  # Softplus's threshold
     fn: Optional[Callable] = field(default=None, compare=False)  # the torch function captured (None: identity)
 
 
@@ -73,21 +74,21 @@ class Activation:
 class Stack:
     layers: Tuple[Linear, ...]
     activations: Tuple[Activation, ...]  # after each hidden layer
-    pre: Callable                     # shape-only ops on the input (a function of one tensor)
-    post: Callable                    # shape-only ops on the output
+    pre: Callable  # shape-only ops on the input (a function of one tensor)
+    post: Callable  # shape-only ops on the output
     log_softmax: Optional[int] = None  # the dim of a final log_softmax (-1, or 1 of a 2-D output)
 
 
 @dataclass(frozen=True)
 class Loss:
-    kind: int                         # a row of csrc/losses.h
-    reduction: str                    # "mean" or "sum"
+    kind: int  # a row of csrc/losses.h
+    reduction: str  # "mean" or "sum"
     dims: Optional[Tuple[int, ...]] = None  # dims reduced (a mean/sum written by hand); None: all
-    factor: float = 1.0               # constant factor in front of the loss
-    param: float = 0.0                # Huber's delta
-    label_smoothing: float = 0.0      # cross-entropy
-    ignore_index: int = -100          # cross-entropy / NLL with class indices
-    nll: bool = False                 # NLLLoss: the model must end in log_softmax
+    factor: float = 1.0  # constant factor in front of the loss
+    param: float = 0.0  # Huber's delta
+    label_smoothing: float = 0.0  # cross-entropy
+    ignore_index: int = -100  # cross-entropy / NLL with class indices
+    nll: bool = False  # NLLLoss: the model must end in log_softmax
 
     @property
     def classes(self):
@@ -103,7 +104,7 @@ class _Recorder(torch.fx.Tracer):
     def __init__(self, param_names, owner):
         super().__init__(autowrap_modules=())
         self._param_names = param_names  # id(parameter) -> name
-        self._owner = owner              # "forward" or "loss '<name>'", for the message
+        self._owner = owner  # "forward" or "loss '<name>'", for the message
 
     def record(self, fn, nargs):
         self.root = nn.Module()
@@ -119,9 +120,11 @@ class _Recorder(torch.fx.Tracer):
         if isinstance(a, torch.Tensor):
             name = self._param_names.get(id(a))
             if name is None or not isinstance(a, nn.Parameter):
-                raise Unsupported(f"{self._owner} uses a tensor that is not one of the model's parameters "
-                                  f"(shape {tuple(a.shape)}): a buffer, a class weight, a constant or a "
-                                  "reparametrised weight")
+                raise Unsupported(
+                    f"{self._owner} uses a tensor that is not one of the model's parameters "
+                    f"(shape {tuple(a.shape)}): a buffer, a class weight, a constant or a "
+                    "reparametrised weight"
+                )
             return self.create_node("get_attr", name, (), {})
         if isinstance(a, nn.Module):
             raise Unsupported(f"forward passes the module {type(a).__name__} to a function")
@@ -139,7 +142,9 @@ def hooks_of(named_modules):
         for attr in HOOK_DICTS:
             if m.__dict__.get(attr):
                 kind = attr[1:-1].replace("_", "-")
-                return f"a {kind} is registered on {'the loss' if name is None else repr(name) if name else 'the model'}"
+                return (
+                    f"a {kind} is registered on {'the loss' if name is None else repr(name) if name else 'the model'}"
+                )
     return None
 
 
@@ -205,10 +210,18 @@ def _number(x):
 
 def torch_function(kind, p0=0.0, p1=0.0):
     """The torch function of an activations.h row with its parameters (None: the identity)."""
-    return {IDENTITY: None, TANH: torch.tanh, RELU: torch.relu, SIGMOID: torch.sigmoid, SILU: F.silu,
-            LEAKY_RELU: partial(F.leaky_relu, negative_slope=p0), GELU: partial(F.gelu, approximate="none"),
-            GELU_TANH: partial(F.gelu, approximate="tanh"), SOFTPLUS: partial(F.softplus, beta=p0, threshold=p1),
-            ELU: partial(F.elu, alpha=p0)}[kind]
+    return {
+        IDENTITY: None,
+        TANH: torch.tanh,
+        RELU: torch.relu,
+        SIGMOID: torch.sigmoid,
+        SILU: F.silu,
+        LEAKY_RELU: partial(F.leaky_relu, negative_slope=p0),
+        GELU: partial(F.gelu, approximate="none"),
+        GELU_TANH: partial(F.gelu, approximate="tanh"),
+        SOFTPLUS: partial(F.softplus, beta=p0, threshold=p1),
+        ELU: partial(F.elu, alpha=p0),
+    }[kind]
 
 
 def _row(kind, p0=0.0, p1=0.0):
@@ -224,8 +237,15 @@ def _activation(node):
         return _row(kind) if kind is not None and len(node.args) == 1 and not node.kwargs else None
     if node.op != "call_function":
         return None
-    simple = {torch.tanh: TANH, F.tanh: TANH, torch.relu: RELU, F.relu: RELU, torch.sigmoid: SIGMOID,
-              F.sigmoid: SIGMOID, F.silu: SILU}
+    simple = {
+        torch.tanh: TANH,
+        F.tanh: TANH,
+        torch.relu: RELU,
+        F.relu: RELU,
+        torch.sigmoid: SIGMOID,
+        F.sigmoid: SIGMOID,
+        F.silu: SILU,
+    }
     if target in simple:
         return _row(simple[target])
     if target is F.leaky_relu:
@@ -291,7 +311,9 @@ def capture_model(model: nn.Module) -> Stack:
             raise Unsupported(f"parameter '{name}' has shape {tuple(p.shape)}: a layer of width 0")
     dtypes = {p.dtype for _, p in named}
     if dtypes - set(NATIVE_DTYPES):
-        raise Unsupported(f"the parameters are {sorted(map(str, dtypes))}: the native kernels serve float32 and float64")
+        raise Unsupported(
+            f"the parameters are {sorted(map(str, dtypes))}: the native kernels serve float32 and float64"
+        )
     hook = hooks_of(model.named_modules())
     if hook:
         raise Unsupported(f"{hook} (hooks run only through torch)")
@@ -307,18 +329,24 @@ def capture_model(model: nn.Module) -> Stack:
             if node.args[0] is not current:
                 raise Unsupported("the model's output is not the end of a single chain of layers")
             break
-        others = [a for a in list(node.args[1:]) + list(node.kwargs.values())
-                  if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+        others = [
+            a
+            for a in list(node.args[1:]) + list(node.kwargs.values())
+            if isinstance(a, torch.fx.Node) and a.op != "get_attr"
+        ]
         if not node.args or node.args[0] is not current or len(current.users) > 1 or others:
-            raise Unsupported(f"'{_describe(node)}' after {where} is not part of a single chain of layers "
-                              "(branches or skips)")
+            raise Unsupported(
+                f"'{_describe(node)}' after {where} is not part of a single chain of layers (branches or skips)"
+            )
         kind = _kind(node)
         if log_softmax is not None:
             raise Unsupported(f"'{_describe(node)}' after the final log_softmax")
         if kind is None:
-            raise Unsupported(f"'{_describe(node)}' after {where} has no native kernel (native: Linear, Tanh, ReLU, "
-                              "LeakyReLU, Sigmoid, SiLU, GELU, Softplus, ELU, Identity, inactive Dropout, shape ops, "
-                              "a final LogSoftmax)")
+            raise Unsupported(
+                f"'{_describe(node)}' after {where} has no native kernel (native: Linear, Tanh, ReLU, "
+                "LeakyReLU, Sigmoid, SiLU, GELU, Softplus, ELU, Identity, inactive Dropout, shape ops, "
+                "a final LogSoftmax)"
+            )
         if kind == "active-dropout":
             raise Unsupported(f"Dropout after {where} is active (training mode, p > 0)")
         if kind == "linear":
@@ -416,8 +444,13 @@ def _squares_of(nodes, out, tgt):
     return None
 
 
-_LOSS_FUNCTIONS = {F.mse_loss: MSE_LOSS, F.huber_loss: HUBER, F.binary_cross_entropy_with_logits: BCE_WITH_LOGITS,
-                   F.cross_entropy: SOFTMAX_CE, F.nll_loss: SOFTMAX_CE}
+_LOSS_FUNCTIONS = {
+    F.mse_loss: MSE_LOSS,
+    F.huber_loss: HUBER,
+    F.binary_cross_entropy_with_logits: BCE_WITH_LOGITS,
+    F.cross_entropy: SOFTMAX_CE,
+    F.nll_loss: SOFTMAX_CE,
+}
 
 
 def _loss_call(node, out, tgt, name):
@@ -476,8 +509,10 @@ def capture_loss(loss_fn) -> Loss:
             red = _squares_of(nodes, out, tgt)
             loss = Loss(MSE_LOSS, red[0], red[1]) if red else None
     if loss is None:
-        raise Unsupported(f"loss '{name}' has no native kernel (native: MSE, Huber, BCEWithLogits, CrossEntropy, "
-                          "NLL after LogSoftmax; mean or sum, times a constant)")
+        raise Unsupported(
+            f"loss '{name}' has no native kernel (native: MSE, Huber, BCEWithLogits, CrossEntropy, "
+            "NLL after LogSoftmax; mean or sum, times a constant)"
+        )
     return dataclasses.replace(loss, factor=factor)
 
 

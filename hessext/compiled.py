@@ -12,6 +12,7 @@ The op has no derivative: under torch.compile, results are detached, as eager re
 create_graph. create_graph=True raises when traced; input derivatives that must carry a gradient
 (grad mode, parameters or inputs that require grad) run eagerly in a graph break (fullgraph=True
 then refuses, with the reason)."""
+
 import weakref
 
 import torch
@@ -34,7 +35,8 @@ def _handle(model, loss_fn):
     function (dynamo has not given it its attributes yet, and it will not exist when the graph runs:
     seen as a torch loss without its `reduction`, or a module without its `_parameters`)."""
     if any(isinstance(m, torch.nn.Module) and "_parameters" not in vars(m) for m in (model, loss_fn)) or (
-            type(loss_fn).__module__ == "torch.nn.modules.loss" and "reduction" not in vars(loss_fn)):
+        type(loss_fn).__module__ == "torch.nn.modules.loss" and "reduction" not in vars(loss_fn)
+    ):
         return -1
     for h, (ref, fn) in _handles.items():
         if ref() is model and fn is loss_fn:
@@ -102,6 +104,7 @@ def _op(schema):
     returns the op. The kernel runs in the dispatch state of an ordinary eager call: a compiled graph
     calls it below autograd, where the eager call's own autograd (the torch.func fallback, the jets'
     derivatives) would record nothing."""
+
     def register(fn):
         name = schema.split("(")[0]
 
@@ -121,8 +124,12 @@ def _own(outs, args):
     """The op's outputs as the fakes promise and a custom op must return them: contiguous, each in
     storage of its own (a result split from one flat tensor, or a tensor the call was given, is
     copied)."""
-    seen = {t.untyped_storage()._cdata for a in args
-            for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)}
+    seen = {
+        t.untyped_storage()._cdata
+        for a in args
+        for t in (a if isinstance(a, (list, tuple)) else (a,))
+        if isinstance(t, torch.Tensor)
+    }
     owned = []
     for t in outs:
         t = t.contiguous()
@@ -152,15 +159,24 @@ def _as_dict(names, params):
     return None if not params else dict(zip(names, params))
 
 
-@_op("call_products(int h, str kind, str backend, Tensor inputs, Tensor targets, Tensor[] vectors, bool flat, "
-     "Tensor[] params, str? keys) -> Tensor[]")
+@_op(
+    "call_products(int h, str kind, str backend, Tensor inputs, Tensor targets, Tensor[] vectors, bool flat, "
+    "Tensor[] params, str? keys) -> Tensor[]"
+)
 def _products_op(h, kind, backend, inputs, targets, vectors, flat, params, keys):
     from hessext import curvature
 
     names = keys.split("\n") if keys is not None else None
     fn = curvature.hvp if kind == "hvp" else curvature.ggn_vp
-    out = fn(_model(h), _handles[h][1], inputs, targets, vectors[0] if flat else list(vectors),
-             params=_as_dict(names, params), backend=backend)
+    out = fn(
+        _model(h),
+        _handles[h][1],
+        inputs,
+        targets,
+        vectors[0] if flat else list(vectors),
+        params=_as_dict(names, params),
+        backend=backend,
+    )
     return [out] if flat else list(out)
 
 
@@ -169,15 +185,24 @@ def _(h, kind, backend, inputs, targets, vectors, flat, params, keys):
     return [torch.empty_like(v) for v in vectors]
 
 
-@_op("call_diag(int h, bool ggn, str backend, Tensor inputs, Tensor targets, bool per_sample, Tensor[] params, "
-     "str? keys) -> Tensor[]")
+@_op(
+    "call_diag(int h, bool ggn, str backend, Tensor inputs, Tensor targets, bool per_sample, Tensor[] params, "
+    "str? keys) -> Tensor[]"
+)
 def _diag_op(h, ggn, backend, inputs, targets, per_sample, params, keys):
     from hessext import curvature
 
     names = keys.split("\n") if keys is not None else None
     fn = curvature.ggn_diag if ggn else curvature.hessian_diag
-    out = fn(_model(h), _handles[h][1], inputs, targets, params=_as_dict(names, params), backend=backend,
-             per_sample=per_sample)
+    out = fn(
+        _model(h),
+        _handles[h][1],
+        inputs,
+        targets,
+        params=_as_dict(names, params),
+        backend=backend,
+        per_sample=per_sample,
+    )
     return list(out.values())
 
 
@@ -190,14 +215,25 @@ def _(h, ggn, backend, inputs, targets, per_sample, params, keys):
     return [inputs.new_empty(lead + tuple(shapes[n])) for n in _chosen(model, _split(keys))]
 
 
-@_op("call_hessian(int h, str backend, Tensor inputs, Tensor targets, str blocks, int? max_bytes, Tensor[] params, "
-     "str? keys) -> Tensor[]")
+@_op(
+    "call_hessian(int h, str backend, Tensor inputs, Tensor targets, str blocks, int? max_bytes, Tensor[] params, "
+    "str? keys) -> Tensor[]"
+)
 def _hessian_op(h, backend, inputs, targets, blocks, max_bytes, params, keys):
     from hessext import hessians
 
     names = keys.split("\n") if keys is not None else None
-    out = hessians.hessian(_model(h), _handles[h][1], inputs, targets, params=_as_dict(names, params),
-                           backend=backend, output="matrix", blocks=blocks, max_bytes=max_bytes)
+    out = hessians.hessian(
+        _model(h),
+        _handles[h][1],
+        inputs,
+        targets,
+        params=_as_dict(names, params),
+        backend=backend,
+        output="matrix",
+        blocks=blocks,
+        max_bytes=max_bytes,
+    )
     return [out] if blocks == "full" else list(out)
 
 
@@ -207,12 +243,15 @@ def _(h, backend, inputs, targets, blocks, max_bytes, params, keys):
     return [inputs.new_empty(n, n) for n in sizes]
 
 
-@_op("call_input_derivatives(int h, str what, str backend, Tensor inputs, Tensor? targets, int[]? dims, "
-     "int? max_bytes, Tensor[] params, str? keys) -> Tensor[]")
+@_op(
+    "call_input_derivatives(int h, str what, str backend, Tensor inputs, Tensor? targets, int[]? dims, "
+    "int? max_bytes, Tensor[] params, str? keys) -> Tensor[]"
+)
 def _input_op(h, what, backend, inputs, targets, dims, max_bytes, params, keys):
     names = keys.split("\n") if keys is not None else None
-    out = _input_call(what, _model(h), _handles[h][1], inputs, targets, dims, _as_dict(names, params), backend,
-                      max_bytes)
+    out = _input_call(
+        what, _model(h), _handles[h][1], inputs, targets, dims, _as_dict(names, params), backend, max_bytes
+    )
     return list(out) if isinstance(out, tuple) else [out]
 
 
@@ -224,8 +263,10 @@ def _(h, what, backend, inputs, targets, dims, max_bytes, params, keys):
     if what == "full":
         return [inputs.new_empty(N, d, d)]
     model = _model(h)
-    state = {n: torch.empty(t.shape, dtype=t.dtype, device=inputs.device)
-             for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    state = {
+        n: torch.empty(t.shape, dtype=t.dtype, device=inputs.device)
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+    }
     out = torch.empty_like(torch.func.functional_call(model, state, (inputs,)))
     if what == "laplacian":
         return [out]
@@ -240,21 +281,34 @@ def _input_call(what, model, loss_fn, inputs, targets, dims, params, backend, ma
     if what == "laplacian":
         return hessians.laplacian(model, inputs, dims=dims, params=params, backend=backend, max_bytes=max_bytes)
     if what == "value_gradient_laplacian":
-        return hessians.value_gradient_laplacian(model, inputs, dims=dims, params=params, backend=backend,
-                                                 max_bytes=max_bytes)
-    return hessians.input_hessian(model, loss_fn, inputs, targets, diagonal=what == "diagonal", params=params,
-                                  backend=backend, max_bytes=max_bytes)
+        return hessians.value_gradient_laplacian(
+            model, inputs, dims=dims, params=params, backend=backend, max_bytes=max_bytes
+        )
+    return hessians.input_hessian(
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        diagonal=what == "diagonal",
+        params=params,
+        backend=backend,
+        max_bytes=max_bytes,
+    )
 
 
-_eager = torch.compiler.disable(lambda fn, *args, **kwargs: fn(*args, **kwargs),
-                                reason="hessext: a model or loss module built inside the compiled function has no "
-                                       "identity the graph can keep; the call runs eagerly (build it outside)")
+_eager = torch.compiler.disable(
+    lambda fn, *args, **kwargs: fn(*args, **kwargs),
+    reason="hessext: a model or loss module built inside the compiled function has no "
+    "identity the graph can keep; the call runs eagerly (build it outside)",
+)
 
 
 def _no_graph(create_graph):
     if create_graph:
-        raise ValueError("hessext under torch.compile computes detached results (its op has no derivative): "
-                         "create_graph=True needs eager mode")
+        raise ValueError(
+            "hessext under torch.compile computes detached results (its op has no derivative): "
+            "create_graph=True needs eager mode"
+        )
 
 
 def _keys(params):
@@ -267,15 +321,25 @@ def products(kind, model, loss_fn, inputs, targets, vectors, *, params=None, bac
     if h < 0:
         from hessext import curvature
 
-        return _eager(getattr(curvature, kind), model, loss_fn, inputs, targets, vectors, params=params,
-                      backend=backend)
+        return _eager(
+            getattr(curvature, kind), model, loss_fn, inputs, targets, vectors, params=params, backend=backend
+        )
     keys = _keys(params)
     names = _names(h, keys)
     flat = isinstance(vectors, torch.Tensor)
     items = [vectors] if flat else ([vectors[n] for n in names] if isinstance(vectors, dict) else list(vectors))
     items = [t.detach() for t in items]  # detached results, as in eager mode without create_graph
-    out = _products_op(h, kind, backend, inputs.detach(), targets.detach(), items, flat, _params(h, params, names),
-                       None if keys is None else "\n".join(names))
+    out = _products_op(
+        h,
+        kind,
+        backend,
+        inputs.detach(),
+        targets.detach(),
+        items,
+        flat,
+        _params(h, params, names),
+        None if keys is None else "\n".join(names),
+    )
     if flat:
         return out[0]
     if isinstance(vectors, dict):
@@ -293,13 +357,32 @@ def diag(ggn, model, loss_fn, inputs, targets, *, params=None, backend="auto", p
         return _eager(fn, model, loss_fn, inputs, targets, params=params, backend=backend, per_sample=per_sample)
     keys = _keys(params)
     names = _names(h, keys)
-    out = _diag_op(h, ggn, backend, inputs.detach(), targets.detach(), per_sample, _params(h, params, names),
-                   None if keys is None else "\n".join(names))
+    out = _diag_op(
+        h,
+        ggn,
+        backend,
+        inputs.detach(),
+        targets.detach(),
+        per_sample,
+        _params(h, params, names),
+        None if keys is None else "\n".join(names),
+    )
     return dict(zip(names, out))
 
 
-def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", output="dict", blocks="full",
-            max_bytes=None, create_graph=False):
+def hessian(
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    *,
+    params=None,
+    backend="auto",
+    output="dict",
+    blocks="full",
+    max_bytes=None,
+    create_graph=False,
+):
     _no_graph(create_graph)
     if output not in ("dict", "matrix") or blocks not in ("full", "layer"):
         raise ValueError(f"output must be 'dict' or 'matrix' and blocks 'full' or 'layer', got {output!r}, {blocks!r}")
@@ -307,12 +390,30 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     if h < 0:
         from hessext import hessians
 
-        return _eager(hessians.hessian, model, loss_fn, inputs, targets, params=params, backend=backend,
-                      output=output, blocks=blocks, max_bytes=max_bytes)
+        return _eager(
+            hessians.hessian,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params=params,
+            backend=backend,
+            output=output,
+            blocks=blocks,
+            max_bytes=max_bytes,
+        )
     keys = _keys(params)
     names = _names(h, keys)
-    mats = _hessian_op(h, backend, inputs.detach(), targets.detach(), blocks, max_bytes, _params(h, params, names),
-                       None if keys is None else "\n".join(names))
+    mats = _hessian_op(
+        h,
+        backend,
+        inputs.detach(),
+        targets.detach(),
+        blocks,
+        max_bytes,
+        _params(h, params, names),
+        None if keys is None else "\n".join(names),
+    )
     if output == "matrix":
         return mats[0] if blocks == "full" else mats
     result = {}
@@ -322,25 +423,35 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         for a, (na, sa) in enumerate(group):
             row = result.setdefault(na, {})
             for b, (nb, sb) in enumerate(group):
-                row[nb] = m[starts[a]:starts[a + 1], starts[b]:starts[b + 1]].reshape(tuple(sa) + tuple(sb))
+                row[nb] = m[starts[a] : starts[a + 1], starts[b] : starts[b + 1]].reshape(tuple(sa) + tuple(sb))
     return result
 
 
-_GRAPH_REASON = ("hessext: input derivatives in grad mode, with parameters or inputs that require grad, carry a "
-                 "gradient, which hessext's op under torch.compile cannot; they run eagerly here (a graph break), "
-                 "or call them under torch.no_grad() in the compiled function")
+_GRAPH_REASON = (
+    "hessext: input derivatives in grad mode, with parameters or inputs that require grad, carry a "
+    "gradient, which hessext's op under torch.compile cannot; they run eagerly here (a graph break), "
+    "or call them under torch.no_grad() in the compiled function"
+)
 
 
 _eager_with_gradient = torch.compiler.disable(_input_call, reason=_GRAPH_REASON)
 
 
-def input_derivatives(what, model, loss_fn, inputs, targets, *, dims=None, params=None, backend="auto",
-                      max_bytes=None):
+def input_derivatives(what, model, loss_fn, inputs, targets, *, dims=None, params=None, backend="auto", max_bytes=None):
     h = _handle(model, loss_fn)
     if h < 0 or _needs_graph(h, torch.is_grad_enabled(), inputs.requires_grad):
         return _eager_with_gradient(what, model, loss_fn, inputs, targets, dims, params, backend, max_bytes)
     keys = _keys(params)
     names = _names(h, keys)
-    out = _input_op(h, what, backend, inputs, targets, None if dims is None else list(dims), max_bytes,
-                    _params(h, params, names), None if keys is None else "\n".join(names))
+    out = _input_op(
+        h,
+        what,
+        backend,
+        inputs,
+        targets,
+        None if dims is None else list(dims),
+        max_bytes,
+        _params(h, params, names),
+        None if keys is None else "\n".join(names),
+    )
     return tuple(out) if what == "value_gradient_laplacian" else out[0]

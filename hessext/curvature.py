@@ -1,11 +1,20 @@
 """The user-facing second-order quantities. Each call: plan (cached capture) -> argument checks ->
 one native op or the torch.func fallback -> results shaped like the user's input."""
+
 import torch
 
 from hessext import compiled, fallback, ops
 from hessext.compiled import unwrap
-from hessext.inputs import (capturing, check_batch, check_params, class_layout, finite, native_batch, pack_vectors,
-                            transformed)
+from hessext.inputs import (
+    capturing,
+    check_batch,
+    check_params,
+    class_layout,
+    finite,
+    native_batch,
+    pack_vectors,
+    transformed,
+)
 from hessext.plan import resolve
 
 
@@ -51,8 +60,10 @@ class Call:
         """Leave the native path when torch.func transforms any of `tensors`."""
         if transformed(*tensors):
             if self.backend == "native":
-                raise ValueError("backend='native' cannot run under a torch.func transform (grad, vjp, jvp, vmap): "
-                                 "the kernels have no derivative of their own; use backend='auto' (torch.func then)")
+                raise ValueError(
+                    "backend='native' cannot run under a torch.func transform (grad, vjp, jvp, vmap): "
+                    "the kernels have no derivative of their own; use backend='auto' (torch.func then)"
+                )
             self.traced, self.native = True, False
             self.why = "a torch.func transform (grad, vjp, jvp, vmap) differentiates or batches this call"
 
@@ -102,19 +113,25 @@ def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=Tr
     call = Call(plan, tensors, sel, native, backend)
     call.check_traced(batch + tuple(tensors))
     if create_graph and not call.traced:
-        call.keep_graph("create_graph=True differentiates through the result, which the kernels cannot "
-                        "(torch.func computes it; use backend='auto')")
+        call.keep_graph(
+            "create_graph=True differentiates through the result, which the kernels cannot "
+            "(torch.func computes it; use backend='auto')"
+        )
     if call.native and plan.loss.classes and not class_layout(plan, inputs):
-        call.leave_native("cross-entropy reads the classes from dim 1 of this output; the kernels need them "
-                          "in the last dim of an [N, C] output")
+        call.leave_native(
+            "cross-entropy reads the classes from dim 1 of this output; the kernels need them "
+            "in the last dim of an [N, C] output"
+        )
     elif call.native and capturing(inputs):
         # No value can be read back while a CUDA graph is captured: the finiteness check is left out
         # (the captured kernels propagate NaN/inf as they compute them). Class indices are checked and
         # counted on the host; torch's route would differ from the eager call's warm-up, so neither runs.
         if plan.loss.classes and targets is not None and not targets.is_floating_point():
-            raise ValueError("targets: class indices are checked and counted on the host, which CUDA graph capture "
-                             "forbids; capture with class probabilities [N, C] instead "
-                             "(torch.nn.functional.one_hot(targets, C).to(inputs.dtype))")
+            raise ValueError(
+                "targets: class indices are checked and counted on the host, which CUDA graph capture "
+                "forbids; capture with class probabilities [N, C] instead "
+                "(torch.nn.functional.one_hot(targets, C).to(inputs.dtype))"
+            )
     elif call.native and not finite(*batch):
         call.leave_native("inputs or targets hold NaN or inf, whose propagation torch.func reproduces exactly")
     return call
@@ -196,10 +213,20 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
         [(8, 3), (8,), (1, 8), (1,)]
     """
     if torch.compiler.is_compiling():
-        return compiled.products("hvp", unwrap(model), loss_fn, inputs, targets, vectors, params=params, backend=backend,
-                                 create_graph=create_graph)
-    return _products(ops.hvp, fallback.hvp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend,
-                     create_graph)
+        return compiled.products(
+            "hvp",
+            unwrap(model),
+            loss_fn,
+            inputs,
+            targets,
+            vectors,
+            params=params,
+            backend=backend,
+            create_graph=create_graph,
+        )
+    return _products(
+        ops.hvp, fallback.hvp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend, create_graph
+    )
 
 
 def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
@@ -217,17 +244,36 @@ def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="au
         torch.Size([4, 50])
     """
     if torch.compiler.is_compiling():
-        return compiled.products("ggn_vp", unwrap(model), loss_fn, inputs, targets, vectors, params=params,
-                                 backend=backend, create_graph=create_graph)
-    return _products(ops.ggn_vp, fallback.ggn_vp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend,
-                     create_graph)
+        return compiled.products(
+            "ggn_vp",
+            unwrap(model),
+            loss_fn,
+            inputs,
+            targets,
+            vectors,
+            params=params,
+            backend=backend,
+            create_graph=create_graph,
+        )
+    return _products(
+        ops.ggn_vp, fallback.ggn_vp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend, create_graph
+    )
 
 
 def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph):
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        return compiled.diag(ggn, model, loss_fn, inputs, targets, params=params, backend=backend,
-                             per_sample=per_sample, create_graph=create_graph)
+        return compiled.diag(
+            ggn,
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params=params,
+            backend=backend,
+            per_sample=per_sample,
+            create_graph=create_graph,
+        )
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
     call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
@@ -236,19 +282,24 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     if call.native:
         return dict(zip(call.names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
     if per_sample:
-        raise ValueError(f"per_sample=True needs the native path (a loss that is a sum over samples); "
-                         f"this call takes torch.func because {call.why}")
+        raise ValueError(
+            f"per_sample=True needs the native path (a loss that is a sum over samples); "
+            f"this call takes torch.func because {call.why}"
+        )
     p = call.fallback_params()
     op = fallback.ggn_vp if ggn else fallback.hvp
     per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, p)
     with fallback.batch_statistics(model):
-        out = fallback.basis_diag(lambda v: op(model, loss_fn, inputs, targets, p, v, keep_graph=call.traced), p,
-                                  "GGN diagonal" if ggn else "Hessian diagonal", per_vector)
+        out = fallback.basis_diag(
+            lambda v: op(model, loss_fn, inputs, targets, p, v, keep_graph=call.traced),
+            p,
+            "GGN diagonal" if ggn else "Hessian diagonal",
+            per_vector,
+        )
     return {n: call.result(t) for n, t in out.items()}
 
 
-def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
-                 create_graph=False):
+def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False, create_graph=False):
     """The exact diagonal of the Hessian of the loss in every parameter (not an estimate).
 
     It includes the activations' second-derivative (residual) terms. Native for the stacks the
@@ -274,8 +325,7 @@ def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto"
     return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
-def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False,
-             create_graph=False):
+def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False, create_graph=False):
     """The exact diagonal of the generalised Gauss-Newton matrix ``J^T H_out J``.
 
     Arguments and result as in :func:`hessext.hessian_diag`.
@@ -283,8 +333,9 @@ def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", pe
     return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
-def hutchinson_diag(model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None,
-                    backend="auto", batch=64):
+def hutchinson_diag(
+    model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None, backend="auto", batch=64
+):
     """An unbiased estimate of the Hessian diagonal, for any model.
 
     The mean of ``v * (H v)`` over Rademacher vectors v (entries +1 or -1 with probability 1/2).

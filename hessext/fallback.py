@@ -5,11 +5,12 @@ immutable" when f uses F.mse_loss / nn.MSELoss (PyTorch bug 123996), while the H
 symmetric, so the vjp of the gradient is the same product. Outside torch.func transforms, up to
 LOOP_MAX_K vectors take plain autograd double backward, one backward pass per vector on one
 retained graph of the gradient (on a LayerNorm [10,64,64,1] MLP, N=256, 2 threads: faster than
-vmap up to K = 4, 5.3 against 5.7 ms; slower from K = 6, 7.5 against 7.2 ms), on the live module when the parameters are its own (no
-functional_call); more vectors, or any call under a transform, take `vjp` of `grad` vmapped over
-the vectors.
+vmap up to K = 4, 5.3 against 5.7 ms; slower from K = 6, 7.5 against 7.2 ms), on the live module when
+the parameters are its own (no functional_call); more vectors, or any call under a transform, take `vjp`
+of `grad` vmapped over the vectors.
 GGN products are J^T H_out J v: a jvp through the model, an HVP of the loss in its outputs, a vjp.
 Exact diagonals are read off products with basis vectors, in chunks, with a progress bar."""
+
 import contextlib
 
 import torch
@@ -28,8 +29,11 @@ def batch_statistics(model):
     """While the fallback differentiates, batch norm in training mode normalises with the batch's
     statistics, as its forward does, without updating the running statistics: torch.func cannot
     write them under a transform, and every product (every vector) would move them again."""
-    changed = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-               and m.training and m.track_running_stats]
+    changed = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+    ]
     for m in changed:
         m.track_running_stats = False
     try:
@@ -65,8 +69,14 @@ def _own(model, params):
     """The module's live parameters when `params` are exactly they (detached views of the same
     storage) and all require grad, else None."""
     own = dict(model.named_parameters())
-    same = all(n in own and own[n].requires_grad and own[n].data_ptr() == p.data_ptr() and own[n].shape == p.shape
-               and own[n].stride() == p.stride() for n, p in params.items())
+    same = all(
+        n in own
+        and own[n].requires_grad
+        and own[n].data_ptr() == p.data_ptr()
+        and own[n].shape == p.shape
+        and own[n].stride() == p.stride()
+        for n, p in params.items()
+    )
     return own if same and len(own) == len(params) else None
 
 
@@ -87,8 +97,17 @@ def _double_backward(model, loss_fn, inputs, targets, params, vectors):
         K = vectors[names[0]].shape[0]
         per_vector = [[] for _ in names]  # each parameter's K products, stacked at the end (no copies at K = 1)
         for k in range(K):
-            hv = (torch.autograd.grad([grads[j] for j in used], leaves, [vectors[names[j]][k] for j in used],
-                                      retain_graph=k + 1 < K, allow_unused=True) if used else [None] * len(names))
+            hv = (
+                torch.autograd.grad(
+                    [grads[j] for j in used],
+                    leaves,
+                    [vectors[names[j]][k] for j in used],
+                    retain_graph=k + 1 < K,
+                    allow_unused=True,
+                )
+                if used
+                else [None] * len(names)
+            )
             for j, h in enumerate(hv):
                 per_vector[j].append(h if h is not None else torch.zeros_like(params[names[j]]))
     return {n: rows[0].unsqueeze(0) if K == 1 else torch.stack(rows) for n, rows in zip(names, per_vector)}
@@ -158,9 +177,11 @@ def _basis_products(product, params, desc, per_vector=0):
     P = sum(sizes)
     ref = params[names[0]]
     if P > MAX_BASIS_PRODUCTS:
-        raise ValueError(f"an exact {desc} through torch.func needs {P} products (one per parameter) of about "
-                         f"{P * P * ref.element_size():,} bytes of basis vectors in total; refused "
-                         f"(limit {MAX_BASIS_PRODUCTS}). Use hessext.hutchinson_diag for an estimate.")
+        raise ValueError(
+            f"an exact {desc} through torch.func needs {P} products (one per parameter) of about "
+            f"{P * P * ref.element_size():,} bytes of basis vectors in total; refused "
+            f"(limit {MAX_BASIS_PRODUCTS}). Use hessext.hutchinson_diag for an estimate."
+        )
     chunk = max(1, min(P, CHUNK_BYTES // max(1, P * ref.element_size() + per_vector)))
     starts = range(0, P, chunk)
     if len(starts) > 8:
@@ -172,8 +193,9 @@ def _basis_products(product, params, desc, per_vector=0):
         j1 = min(P, j0 + chunk)
         basis = torch.zeros(j1 - j0, P, dtype=ref.dtype, device=ref.device)
         basis[torch.arange(j1 - j0), torch.arange(j0, j1)] = 1
-        vectors = {n: basis[:, offsets[k]:offsets[k + 1]].reshape((j1 - j0,) + params[n].shape)
-                   for k, n in enumerate(names)}
+        vectors = {
+            n: basis[:, offsets[k] : offsets[k + 1]].reshape((j1 - j0,) + params[n].shape) for k, n in enumerate(names)
+        }
         out = product(vectors)
         yield j0, j1, torch.cat([out[n].reshape(j1 - j0, -1) for n in names], 1)
 
@@ -182,8 +204,10 @@ def basis_diag(product, params, desc, per_vector=0):
     """The diagonal of `product` (see _basis_products) as a dict name -> tensor."""
     names = list(params)
     sizes = [params[n].numel() for n in names]
-    diag = _gather(((j0, j1, torch.diagonal(rows, j0)) for j0, j1, rows in
-                    _basis_products(product, params, desc, per_vector)), sum(sizes))
+    diag = _gather(
+        ((j0, j1, torch.diagonal(rows, j0)) for j0, j1, rows in _basis_products(product, params, desc, per_vector)),
+        sum(sizes),
+    )
     return {n: part.reshape(params[n].shape) for n, part in zip(names, diag.split(sizes))}
 
 

@@ -11,6 +11,7 @@ bias, tied weight, train/eval switch, hook or patched `forward` changes it.
 A loss is keyed by what determines its behaviour (`loss_key`); one that reads objects which can
 change in place (a dict, a list, an arbitrary callable object) is captured afresh on every call.
 Objects in keys are held weakly where they can be."""
+
 import functools
 import types
 import weakref
@@ -23,8 +24,9 @@ from hessext import _native
 from hessext.capture import HOOK_DICTS
 
 _PRIMITIVES = (int, float, bool, str, bytes, complex, type(None))
-_GLOBAL_HOOKS = [getattr(_torch_module, f"_global_{k}_hooks") for k in ("forward", "forward_pre", "backward",
-                                                                          "backward_pre")]
+_GLOBAL_HOOKS = [
+    getattr(_torch_module, f"_global_{k}_hooks") for k in ("forward", "forward_pre", "backward", "backward_pre")
+]
 _MISSING = object()
 
 
@@ -55,8 +57,18 @@ def _user_forward_globals(modules):
     return found
 
 
-_PLAIN = (torch.nn.Module, torch.Tensor, type, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
-          types.ModuleType, staticmethod, classmethod, property)
+_PLAIN = (
+    torch.nn.Module,
+    torch.Tensor,
+    type,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    types.ModuleType,
+    staticmethod,
+    classmethod,
+    property,
+)
 
 
 def _contents(obj, depth=0):
@@ -125,11 +137,19 @@ class ModelState:
 
     def __init__(self, model):
         modules = list(model.modules())
-        self.root = weakref.ref(model)    # the model itself only weakly: the cache must not keep it alive
+        self.root = weakref.ref(model)  # the model itself only weakly: the cache must not keep it alive
         # per module: the module (held for the submodules), its __dict__ and the dicts whose entries matter
-        self.parts = [(m if j else None, m.__dict__, m.__dict__["_parameters"], m.__dict__["_modules"],
-                       m.__dict__["_buffers"], tuple(m.__dict__[h] for h in HOOK_DICTS))
-                      for j, m in enumerate(modules)]
+        self.parts = [
+            (
+                m if j else None,
+                m.__dict__,
+                m.__dict__["_parameters"],
+                m.__dict__["_modules"],
+                m.__dict__["_buffers"],
+                tuple(m.__dict__[h] for h in HOOK_DICTS),
+            )
+            for j, m in enumerate(modules)
+        ]
         self.params = list(model.parameters())
         self.fwd_globals = _user_forward_globals(modules)
         self.objects = self.read()
@@ -167,8 +187,9 @@ class ModelState:
         native = _native.loaded()
         try:
             if native is not None:
-                same = native.state_matches(self.parts, root, self.params, _GLOBAL_HOOKS, self.fwd_globals, _MISSING,
-                                            self.objects)
+                same = native.state_matches(
+                    self.parts, root, self.params, _GLOBAL_HOOKS, self.fwd_globals, _MISSING, self.objects
+                )
             else:
                 same = self.read() == self.objects
             return same and (not self.watch or _snapshot(self.watch) == self.contents)
@@ -230,9 +251,9 @@ def _token(value, depth=0):
         return value
     if t is tuple or t is frozenset:
         return t(_token(v, depth) for v in value)
-    if isinstance(value, (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device,
-                          torch.Tensor)) or (callable(value) and _is_torch_code(value)
-                                             and not isinstance(value, torch.nn.Module)):
+    if isinstance(
+        value, (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device, torch.Tensor)
+    ) or (callable(value) and _is_torch_code(value) and not isinstance(value, torch.nn.Module)):
         return _Ref(value)
     if depth < 4 and isinstance(value, (types.FunctionType, functools.partial, torch.nn.Module, types.MethodType)):
         key, state = loss_key(value, depth + 1)
@@ -246,8 +267,7 @@ def _function_key(fn, depth):
     g = fn.__globals__
     cells = tuple(_token(c.cell_contents, depth) for c in fn.__closure__) if fn.__closure__ else ()
     names = tuple((n, _token(g[n], depth)) for n in code.co_names if n in g)
-    kwdefaults = (tuple(sorted((k, _token(v, depth)) for k, v in fn.__kwdefaults__.items()))
-                  if fn.__kwdefaults__ else ())
+    kwdefaults = tuple(sorted((k, _token(v, depth)) for k, v in fn.__kwdefaults__.items())) if fn.__kwdefaults__ else ()
     return ("function", code, _token(fn.__defaults__, depth), kwdefaults, cells, names)
 
 
@@ -282,8 +302,7 @@ def loss_key(loss_fn, depth=0):
         if isinstance(loss_fn, functools.partial):
             keywords = tuple(sorted((k, _token(v, depth)) for k, v in loss_fn.keywords.items()))
             inner, state = loss_key(loss_fn.func, depth + 1)
-            return (None, None) if inner is None else (("partial", inner, _token(loss_fn.args, depth), keywords),
-                                                        state)
+            return (None, None) if inner is None else (("partial", inner, _token(loss_fn.args, depth), keywords), state)
         if isinstance(loss_fn, torch.nn.Module):
             if type(loss_fn).__module__ == "torch.nn.modules.loss":
                 key = _torch_loss_key(loss_fn)
@@ -291,8 +310,9 @@ def loss_key(loss_fn, depth=0):
                     return key, None
             return ("module", _Ref(loss_fn)), ModelState(loss_fn)
         if isinstance(loss_fn, types.MethodType) and isinstance(loss_fn.__self__, torch.nn.Module):
-            return ("method", _function_key(loss_fn.__func__, depth), _Ref(loss_fn.__self__)), \
-                ModelState(loss_fn.__self__)
+            return ("method", _function_key(loss_fn.__func__, depth), _Ref(loss_fn.__self__)), ModelState(
+                loss_fn.__self__
+            )
         if isinstance(loss_fn, types.BuiltinFunctionType):
             return ("torch function", _Ref(loss_fn)), None
     except Unstable:

@@ -3,6 +3,7 @@ inputs (per-sample input Hessians of the loss, Laplacians of the model output).
 
 Each call: plan (cached capture) -> argument checks (and a memory estimate before allocating) ->
 one native op or the torch.func fallback -> results shaped like the user's parameters/inputs."""
+
 import math
 import random
 
@@ -17,10 +18,11 @@ from hessext.inputs import check_samples, native_batch, native_inputs, remember,
 
 OUTPUTS = ("dict", "matrix")
 BLOCKS = ("full", "layer")
-_MODEL_ONLY = nn.MSELoss()
+_MODEL_ONLY = nn.MSELoss()  # the loss a model-only quantity (the Laplacian) is planned with
 _HESSIAN_CHUNK_ELEMS = 2**24  # csrc/hessian.h kHessianChunkElems
-_FUSED_HESSIAN_WORK = 2**20   # csrc/stack.h PathChoice::fused_hessian: M P^2 at most this
-_SLACK = 32 * 2**20           # small temporaries and 2 MB pages; plus 10% for freed heap memory the allocator keeps  # the loss a model-only quantity (the Laplacian) is planned with
+_FUSED_HESSIAN_WORK = 2**20  # csrc/stack.h PathChoice::fused_hessian: M P^2 at most this
+# small temporaries and 2 MB pages; plus 10% for freed heap memory the allocator keeps
+_SLACK = 32 * 2**20
 
 
 def available_bytes(device):
@@ -48,8 +50,9 @@ def _check_memory(what, nbytes, ref, max_bytes, hint):
         return
     limit = available_bytes(ref.device) if max_bytes is None else max_bytes
     if nbytes > limit:
-        raise ValueError(f"{what} would need {nbytes:,} bytes, more than the {limit:,} bytes available "
-                         f"on {ref.device}; {hint}")
+        raise ValueError(
+            f"{what} would need {nbytes:,} bytes, more than the {limit:,} bytes available on {ref.device}; {hint}"
+        )
 
 
 def _layers(plan):
@@ -63,8 +66,19 @@ def _layers(plan):
     return list(groups.values())
 
 
-def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", output="dict", blocks="full",
-            max_bytes=None, create_graph=False):
+def hessian(
+    model,
+    loss_fn,
+    inputs,
+    targets,
+    *,
+    params=None,
+    backend="auto",
+    output="dict",
+    blocks="full",
+    max_bytes=None,
+    create_graph=False,
+):
     """The Hessian of the loss in the parameters, exact and exactly symmetric.
 
     The bytes are estimated before allocating; beyond ``max_bytes`` the call is refused with the
@@ -92,8 +106,18 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     """
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        return compiled.hessian(model, loss_fn, inputs, targets, params=params, backend=backend, output=output,
-                                blocks=blocks, max_bytes=max_bytes, create_graph=create_graph)
+        return compiled.hessian(
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params=params,
+            backend=backend,
+            output=output,
+            blocks=blocks,
+            max_bytes=max_bytes,
+            create_graph=create_graph,
+        )
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if blocks not in BLOCKS:
@@ -109,20 +133,33 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
     groups = [g for g in groups if g]
     group_sizes = [sum(sizes[j] for j in g) for g in groups]
     result = sum(n * n for n in group_sizes) * ref.element_size()
-    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets,
-                                                                             call.fallback_params())
+    per_vector = (
+        0
+        if native
+        else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, call.fallback_params())
+    )
     work = _native_peak(call, inputs, blocks) if native else _fallback_peak(result, ref, max(group_sizes), per_vector)
     reordered = native and output == "matrix" and plan.stack_order != sorted(plan.stack_order)
-    _check_memory(f"hessext.hessian(blocks={blocks!r}, output={output!r}) of {sum(group_sizes) if blocks == 'full' else sum(sizes[j] for j in call.sel)} parameters",
-                  work + (result if reordered else 0), ref, max_bytes,
-                  ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
-                  + "hessext.hvp for products")
+    _check_memory(
+        f"hessext.hessian(blocks={blocks!r}, output={output!r}) of "
+        f"{sum(group_sizes) if blocks == 'full' else sum(sizes[j] for j in call.sel)} parameters",
+        work + (result if reordered else 0),
+        ref,
+        max_bytes,
+        ("use blocks='layer' for the block-diagonal Hessian, or " if blocks == "full" else "use ")
+        + "hessext.hvp for products",
+    )
     if native:
         mats = _native_raw(ops.hessian, call, inputs, targets, blocks == "layer")
         order = [plan.stack_order] if blocks == "full" else layers  # stack order within each matrix
         if call.partial:  # the kernels take every parameter: keep the rows and columns of the chosen ones
-            mats, order = zip(*[(_restrict(m, o, sizes, chosen), [j for j in o if j in chosen])
-                                for m, o in zip(mats, order) if any(j in chosen for j in o)])
+            mats, order = zip(
+                *[
+                    (_restrict(m, o, sizes, chosen), [j for j in o if j in chosen])
+                    for m, o in zip(mats, order)
+                    if any(j in chosen for j in o)
+                ]
+            )
     else:
         with fallback.batch_statistics(model):
             mats = [_fallback_block(model, loss_fn, inputs, targets, call, g, per_vector) for g in groups]
@@ -138,7 +175,7 @@ def hessian(model, loss_fn, inputs, targets, *, params=None, backend="auto", out
         starts = torch.tensor([0] + [sizes[j] for j in o]).cumsum(0).tolist()
         for a, ja in enumerate(o):
             for b, jb in enumerate(o):
-                block = m[starts[a]:starts[a + 1], starts[b]:starts[b + 1]]
+                block = m[starts[a] : starts[a + 1], starts[b] : starts[b + 1]]
                 result[names[ja]][names[jb]] = block.reshape(tensors[ja].shape + tensors[jb].shape)
     return {n: {k: result[n][k] for k in result if k in result[n]} for n in result}
 
@@ -174,13 +211,18 @@ def _native_peak(call, inputs, blocks):
     M = x.numel() // shapes[0][1]
     mc = max(1, min(M, _HESSIAN_CHUNK_ELEMS // widest, 256 if acc_es != es else M))
     # a diagonal block holds the rows of its lower unit pairs o >= p only
-    rows = [(shapes[l][0] * (shapes[l][0] + 1) // 2 if l == k else shapes[l][0] * shapes[k][0])
-            * (shapes[l][1] + 1) * (shapes[k][1] + 1) for l, k in wanted]
+    rows = [
+        (shapes[l][0] * (shapes[l][0] + 1) // 2 if l == k else shapes[l][0] * shapes[k][0])
+        * (shapes[l][1] + 1)
+        * (shapes[k][1] + 1)
+        for l, k in wanted
+    ]
     acc = sum(rows) * acc_es
     maxw = max(max(o, n) for o, n in shapes)
     # G_l, A, GW, G_l A and kron per chunk, G_l's lower pairs, the per-sample factors, one block product
     chunk = (((L + 3) * maxw + (maxw + 1) // 2) * mc * maxw + mc * widest) * es + max(rows) * (
-        es + (acc_es if acc_es != es else 0))
+        es + (acc_es if acc_es != es else 0)
+    )
     sizes = [o * n + (o if b else 0) for (o, n), b in zip(shapes, biased)]
     result = (sum(sizes) ** 2 if blocks == "full" else sum(n * n for n in sizes)) * es
     P = sum(sizes)
@@ -220,9 +262,12 @@ def _fallback_block(model, loss_fn, inputs, targets, call, group, per_vector):
     sub = {n: p[n] for n in names}
 
     def product(vectors):
-        full = {n: vectors[n] if n in vectors else torch.zeros((next(iter(vectors.values())).shape[0],) + t.shape,
-                                                               dtype=t.dtype, device=t.device)
-                for n, t in p.items()}
+        full = {
+            n: vectors[n]
+            if n in vectors
+            else torch.zeros((next(iter(vectors.values())).shape[0],) + t.shape, dtype=t.dtype, device=t.device)
+            for n, t in p.items()
+        }
         out = fallback.hvp(model, loss_fn, inputs, targets, p, full, keep_graph=call.traced)
         return {n: out[n] for n in names}
 
@@ -235,7 +280,7 @@ def symmetrize_(H, tile=256):
     n = H.shape[0]
     for r in range(0, n, tile):
         for c in range(r, n, tile):
-            upper, lower = H[r:r + tile, c:c + tile], H[c:c + tile, r:r + tile]
+            upper, lower = H[r : r + tile, c : c + tile], H[c : c + tile, r : r + tile]
             mean = (upper + lower.T) / 2
             upper.copy_(mean)
             lower.copy_(mean.T)
@@ -245,15 +290,20 @@ def symmetrize_(H, tile=256):
 def _needs_graph(call, *batch):
     """Input derivatives are values of the model, differentiable like its output: whether this one
     must carry a gradient (grad mode on, and a parameter, the inputs or the targets require grad)."""
-    return not call.traced and torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (*batch, *call.tensors))
+    return (
+        not call.traced
+        and torch.is_grad_enabled()
+        and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*batch, *call.tensors))
+    )
 
 
 def _through_torch_func(call, what):
     """Carry the gradient through torch.func on the live tensors; backend='native' raises."""
-    call.keep_graph(f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
-                    f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
-                    f"parameters that do not require grad for the native forward")
+    call.keep_graph(
+        f"{what} is differentiated here (grad mode on, and a parameter or the inputs require "
+        f"grad), which the kernels cannot yet; call it under torch.no_grad() or with "
+        f"parameters that do not require grad for the native forward"
+    )
 
 
 def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=None, backend="auto", max_bytes=None):
@@ -283,8 +333,16 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     """
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        return compiled.input_derivatives("diagonal" if diagonal else "full", model, loss_fn, inputs, targets,
-                                          params=params, backend=backend, max_bytes=max_bytes)
+        return compiled.input_derivatives(
+            "diagonal" if diagonal else "full",
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            params=params,
+            backend=backend,
+            max_bytes=max_bytes,
+        )
     check_max_bytes(max_bytes)
     if not isinstance(diagonal, bool):
         raise TypeError(f"diagonal must be True or False, got {diagonal!r}")
@@ -301,11 +359,18 @@ def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=Non
     batch = native_batch(call.plan, inputs, targets, call.tensors) if call.native else None
     native = batch is not None and rows_are_samples(inputs, batch[0])
     out = N * d * (1 if diagonal else d) * inputs.element_size()
-    per_vector = 0 if native else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets,
-                                                                             call.fallback_params())
-    _check_memory(f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features",
-                  _jet_peak(call, N, mode) if native else _fallback_input_peak(out, per_vector, N, d, inputs),
-                  inputs, max_bytes, ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time")
+    per_vector = (
+        0
+        if native
+        else fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, call.fallback_params())
+    )
+    _check_memory(
+        f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features",
+        _jet_peak(call, N, mode) if native else _fallback_input_peak(out, per_vector, N, d, inputs),
+        inputs,
+        max_bytes,
+        ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time",
+    )
     if native:
         return run_native(ops.input_derivatives, call, *batch, mode)
     with fallback.batch_statistics(model):
@@ -330,8 +395,7 @@ def _stack_jet(call, x, C, mode, features, graph):
     """The output jet [1 + k + q, M, C] of the captured stack at rows x: the kernels' jets with their
     reverse pass as the autograd formula (CPU), or the same jets in torch ops (jets.py: other devices)."""
     if x.device.type == "cpu":
-        return run_native(ops.output_jets, call, x, x.new_zeros(()).expand(x.shape[0], C), 1.0, mode, features,
-                          graph)
+        return run_native(ops.output_jets, call, x, x.new_zeros(()).expand(x.shape[0], C), 1.0, mode, features, graph)
     weights, biases = _stack_args(call.plan, call.tensors)
     with torch.set_grad_enabled(graph):
         return jets.output_jet([a.fn for a in call.plan.stack.activations], weights, biases, x, features, mode)
@@ -351,10 +415,10 @@ def _loss_head(plan, loss_fn, u, targets, out_shape):
     with torch.enable_grad():
         t = u if u.requires_grad else u.detach().requires_grad_()
         out = torch.log_softmax(t, -1) if plan.stack.log_softmax is not None else t
-        g, = torch.autograd.grad(loss_fn(out.reshape(out_shape), targets), t, create_graph=True)
+        (g,) = torch.autograd.grad(loss_fn(out.reshape(out_shape), targets), t, create_graph=True)
         rows = []
         for c in range(t.shape[1]):
-            row, = torch.autograd.grad(g[:, c].sum(), t, create_graph=True, allow_unused=True)
+            (row,) = torch.autograd.grad(g[:, c].sum(), t, create_graph=True, allow_unused=True)
             rows.append(row if row is not None else torch.zeros_like(t))
     return g, torch.stack(rows, 1)
 
@@ -367,14 +431,18 @@ def _input_hessian_graph(call, loss_fn, inputs, targets, diagonal, max_bytes, st
     x, out_shape, C = stack
     N, d = x.shape
     mode = 1 if diagonal else 2
-    _check_memory(f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features carrying a gradient",
-                  _graph_jet_bytes(call, N, d, mode, x.element_size()), inputs, max_bytes,
-                  ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time")
+    _check_memory(
+        f"hessext.input_hessian(diagonal={diagonal}) of {N} samples x {d} features carrying a gradient",
+        _graph_jet_bytes(call, N, d, mode, x.element_size()),
+        inputs,
+        max_bytes,
+        ("use " if diagonal else "use diagonal=True, or ") + "fewer samples at a time",
+    )
     jet = _stack_jet(call, x, C, mode, list(range(d)), True)
     g, H = _loss_head(call.plan, loss_fn, jet[0], targets, out_shape)
-    J = jet[1:1 + d].permute(1, 0, 2)                      # [N, d, C]
-    curvature = torch.einsum("qnc,nc->nq", jet[1 + d:], g)  # [N, q]
-    HJ = torch.matmul(J, H)                                 # [N, d, C] (H symmetric)
+    J = jet[1 : 1 + d].permute(1, 0, 2)  # [N, d, C]
+    curvature = torch.einsum("qnc,nc->nq", jet[1 + d :], g)  # [N, q]
+    HJ = torch.matmul(J, H)  # [N, d, C] (H symmetric)
     if diagonal:
         return (HJ * J).sum(2) + curvature
     first, second = jets.pair_index(mode, d)
@@ -453,7 +521,7 @@ def _directions(N, shape, features, like, coupled, start, count):
     features[q % k] of sample q // k)."""
     d, k = int(torch.Size(shape).numel()), len(features)
     if not coupled:
-        eye = torch.eye(d, dtype=like.dtype, device=like.device)[features[start:start + count]]
+        eye = torch.eye(d, dtype=like.dtype, device=like.device)[features[start : start + count]]
         return eye.reshape((count, 1) + shape).expand((count, N) + shape)
     q = torch.arange(start, start + count)
     flat = (q // k) * d + torch.tensor(features)[q % k]
@@ -490,7 +558,9 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per
         for start, count in _chunks(N, d, d, x.element_size(), coupled, per_vector):
             out = vmap(vjp_fn)(_directions(N, shape, features, x, coupled, start, count))[0].reshape(count, N, d)
             if coupled:  # direction q: column q % d of sample q // d's block
-                out = out[torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d]
+                out = out[
+                    torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d
+                ]
             columns.append(out)
     cols = torch.cat(columns)  # [direction, N, d]: independent samples; [direction, d]: coupled
     cols = cols.reshape(N, d, d).transpose(1, 2) if coupled else cols.permute(1, 2, 0)  # [n, i, j] = H_n[i, j]
@@ -532,8 +602,17 @@ def laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_byte
     """
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        return compiled.input_derivatives("laplacian", model, _MODEL_ONLY, inputs, None, dims=dims, params=params,
-                                          backend=backend, max_bytes=max_bytes)
+        return compiled.input_derivatives(
+            "laplacian",
+            model,
+            _MODEL_ONLY,
+            inputs,
+            None,
+            dims=dims,
+            params=params,
+            backend=backend,
+            max_bytes=max_bytes,
+        )
     return _input_jets(model, inputs, dims, params, backend, max_bytes, "laplacian")[2]
 
 
@@ -561,8 +640,17 @@ def value_gradient_laplacian(model, inputs, *, dims=None, params=None, backend="
     """
     model = unwrap(model)
     if torch.compiler.is_compiling():
-        return compiled.input_derivatives("value_gradient_laplacian", model, _MODEL_ONLY, inputs, None, dims=dims,
-                                          params=params, backend=backend, max_bytes=max_bytes)
+        return compiled.input_derivatives(
+            "value_gradient_laplacian",
+            model,
+            _MODEL_ONLY,
+            inputs,
+            None,
+            dims=dims,
+            params=params,
+            backend=backend,
+            max_bytes=max_bytes,
+        )
     return _input_jets(model, inputs, dims, params, backend, max_bytes, "value_gradient_laplacian")
 
 
@@ -579,27 +667,51 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
     if call.native and not graph and dims is None and what == "laplacian":  # the common call, first
         x, out_shape, C = native_inputs(call.plan, inputs, call.tensors)
         if rows_are_samples(inputs, x) and call.plan.stack.log_softmax is None:
-            _check_memory(f"hessext.{what} of {N} samples x {d} features", _jet_peak(call, N, 0), inputs,
-                          max_bytes, "use fewer samples at a time")
-            return None, None, run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0,
-                                          0).reshape(out_shape)
+            _check_memory(
+                f"hessext.{what} of {N} samples x {d} features",
+                _jet_peak(call, N, 0),
+                inputs,
+                max_bytes,
+                "use fewer samples at a time",
+            )
+            return (
+                None,
+                None,
+                run_native(ops.input_derivatives, call, x, x.new_zeros(()).expand(N, C), 1.0, 0).reshape(out_shape),
+            )
     features = jets.check_dims(dims, d)
-    stack = _native_stack(call, inputs, what + (" with dims" if dims is not None else "") +
-                          (" carrying a gradient" if graph else ""), model_output=True)
+    stack = _native_stack(
+        call,
+        inputs,
+        what + (" with dims" if dims is not None else "") + (" carrying a gradient" if graph else ""),
+        model_output=True,
+    )
     if graph and stack is None:
         _through_torch_func(call, what)
     if stack is not None:
-        _check_memory(f"hessext.{what} of {N} samples x {d} features",
-                      _graph_jet_bytes(call, N, len(features), 0, inputs.element_size()) // (1 if graph else 2),
-                      inputs, max_bytes, "use fewer samples at a time")
+        _check_memory(
+            f"hessext.{what} of {N} samples x {d} features",
+            _graph_jet_bytes(call, N, len(features), 0, inputs.element_size()) // (1 if graph else 2),
+            inputs,
+            max_bytes,
+            "use fewer samples at a time",
+        )
         x, out_shape, C = stack
         jet = _stack_jet(call, x, C, 0, features, graph)
         k = len(features)
-        return (jet[0].reshape(out_shape), jet[1:1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
-                jet[1 + k].reshape(out_shape))
+        return (
+            jet[0].reshape(out_shape),
+            jet[1 : 1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
+            jet[1 + k].reshape(out_shape),
+        )
     per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
-    _check_memory(f"hessext.{what} of {N} samples x {d} features", _fallback_input_peak(0, per_vector, N, d, inputs),
-                  inputs, max_bytes, "use fewer samples at a time")
+    _check_memory(
+        f"hessext.{what} of {N} samples x {d} features",
+        _fallback_input_peak(0, per_vector, N, d, inputs),
+        inputs,
+        max_bytes,
+        "use fewer samples at a time",
+    )
     with fallback.batch_statistics(model):
         return _jets_fallback(model, inputs, call, per_vector, features)
 
@@ -623,8 +735,10 @@ def _jets_fallback(model, inputs, call, per_vector, features):
         out, vjp_out = vjp(out_fn, x)
     coupled = out.dim() == 0 or out.shape[0] != N or _reaches_other_rows(lambda u: vjp_out(u)[0], N, out.shape[1:], x)
     if coupled and (out.dim() == 0 or out.shape[0] != N):
-        raise ValueError(f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
-                         f"(inputs hold {N} samples); the Laplacian is taken per sample and output")
+        raise ValueError(
+            f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
+            f"(inputs hold {N} samples); the Laplacian is taken per sample and output"
+        )
     grads = out.new_zeros((k,) + tuple(out.shape))
     lap = torch.zeros_like(out)
     for start, count in _chunks(N, d, k, x.element_size(), coupled, per_vector):
@@ -636,6 +750,6 @@ def _jets_fallback(model, inputs, call, per_vector, features):
             grads = grads.index_put((q % k, rows), first[taken, rows], accumulate=True)
         else:
             lap = lap + second.sum(0)
-            grads = torch.cat([grads[:start], first, grads[start + count:]])
+            grads = torch.cat([grads[:start], first, grads[start + count :]])
     grad = grads.permute(tuple(range(1, grads.dim())) + (0,))
     return call.result(out), call.result(grad), call.result(lap)

@@ -1,5 +1,6 @@
 """`python -m hessext.info`: what was built (CPU/CUDA, torch and CUDA versions) and whether the
 native path is usable, and why not."""
+
 import platform
 
 import torch
@@ -8,18 +9,27 @@ from hessext import _native
 
 
 def report():
-    lines = [f"hessext on Python {platform.python_version()}, torch {torch.__version__} "
-             f"(CUDA {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()})"]
+    lines = [
+        f"hessext on Python {platform.python_version()}, torch {torch.__version__} "
+        f"(CUDA {torch.version.cuda or 'none'}, GPU available: {torch.cuda.is_available()})"
+    ]
     status = _native.status()
     if status["loaded"]:
         cuda = f"CUDA {status['cuda_version']}" if status["with_cuda"] else "CPU only"
-        lines.append(f"native kernels: usable, {status['source']}, built against torch {status['torch_version']}, {cuda}")
+        lines.append(
+            f"native kernels: usable, {status['source']}, built against torch {status['torch_version']}, {cuda}"
+        )
         if status["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
-            lines.append(f"  warning: built against torch {status['torch_version']}, running {torch.__version__}; "
-                         + _native.REBUILD)
+            lines.append(
+                f"  warning: built against torch {status['torch_version']}, running {torch.__version__}; "
+                + _native.REBUILD
+            )
         blas = status["blas"]
-        lines.append(f"CPU matrix products: {blas['name']}" + (f" from {blas['path']}" if blas.get("path") else "")
-                     + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else ""))
+        lines.append(
+            f"CPU matrix products: {blas['name']}"
+            + (f" from {blas['path']}" if blas.get("path") else "")
+            + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else "")
+        )
         if _native.load().row_pieces_on():
             lines.append("  products over 10^6 multiply-adds cut into row pieces for its small-matrix path")
         lines.append(f"CPU sample-lane kernels (one vector, narrow stacks): {_native.load().simd()} instructions")

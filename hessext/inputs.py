@@ -2,6 +2,7 @@
 
 Every check runs before any kernel and raises a ValueError/TypeError that names the argument
 (`inputs`, `targets`, `params`, `vectors`) and says what was expected."""
+
 from collections.abc import Mapping
 
 import torch
@@ -34,13 +35,17 @@ def check_params(plan, params):
     if params is None:
         return own, chosen(plan.param_names, own, None)
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a dict name -> tensor like dict(model.named_parameters()), "
-                        f"got {type(params).__name__}")
+        raise TypeError(
+            f"params must be a dict name -> tensor like dict(model.named_parameters()), got {type(params).__name__}"
+        )
     names = plan.param_names
     extra = [n for n in params if n not in names]
     if extra or not params:
-        raise ValueError(f"params must map some or all of the model's parameter names {names} to tensors; "
-                         f"unexpected {extra}" if extra else "params is empty: name at least one parameter")
+        raise ValueError(
+            f"params must map some or all of the model's parameter names {names} to tensors; unexpected {extra}"
+            if extra
+            else "params is empty: name at least one parameter"
+        )
     tensors, selected = [], []
     for j, (name, ref) in enumerate(zip(names, own)):
         if name not in params:
@@ -95,8 +100,10 @@ def check_samples(inputs, what):
     if not inputs.is_floating_point():
         raise TypeError(f"{what} differentiates in the inputs, which must be floating point, got {inputs.dtype}")
     if inputs.dim() < 2:
-        raise ValueError(f"{what} needs inputs with a batch dimension [N, *features], got shape "
-                         f"{tuple(inputs.shape)}; for one sample pass inputs.unsqueeze(0)")
+        raise ValueError(
+            f"{what} needs inputs with a batch dimension [N, *features], got shape "
+            f"{tuple(inputs.shape)}; for one sample pass inputs.unsqueeze(0)"
+        )
 
 
 def transformed(*tensors):
@@ -129,8 +136,10 @@ def native_inputs(plan, inputs, tensors):
         raise ValueError(f"inputs of shape {tuple(inputs.shape)} do not fit the model's input ops: {exc}")
     n0 = tensors[plan.weight_pos[0]].shape[1]
     if x.dim() == 0 or x.shape[-1] != n0:
-        raise ValueError(f"inputs must have {n0} features (the in_features of Linear "
-                         f"'{plan.stack.layers[0].name}'), got shape {tuple(inputs.shape)}")
+        raise ValueError(
+            f"inputs must have {n0} features (the in_features of Linear "
+            f"'{plan.stack.layers[0].name}'), got shape {tuple(inputs.shape)}"
+        )
     C = tensors[plan.weight_pos[-1]].shape[0]
     out_shape = plan.output_shape(tuple(x.shape), C)
     M = x.numel() // n0
@@ -163,19 +172,24 @@ def _class_rows(loss, targets, out_shape, M, C, ref):
     eps = loss.label_smoothing
     if targets.is_floating_point():
         if tuple(targets.shape) != out_shape:
-            raise ValueError(f"targets as class probabilities must have shape {out_shape} (the model's output), "
-                             f"got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets as class probabilities must have shape {out_shape} (the model's output), "
+                f"got {tuple(targets.shape)}"
+            )
         y = targets.reshape(M, C)
         return (y * (1 - eps) + eps / C if eps else y), M
     if tuple(targets.shape) != out_shape[:-1]:
-        raise ValueError(f"targets as class indices must have shape {out_shape[:-1]} (the model's output "
-                         f"{out_shape} without its class dim), got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets as class indices must have shape {out_shape[:-1]} (the model's output "
+            f"{out_shape} without its class dim), got {tuple(targets.shape)}"
+        )
     t = targets.reshape(M).long()
     kept = t != loss.ignore_index
     bad = kept & ((t < 0) | (t >= C))
     if bool(bad.any()):
-        raise ValueError(f"targets must hold class indices in [0, {C}) or ignore_index={loss.ignore_index}, "
-                         f"got {int(t[bad][0])}")
+        raise ValueError(
+            f"targets must hold class indices in [0, {C}) or ignore_index={loss.ignore_index}, got {int(t[bad][0])}"
+        )
     keep = kept.unsqueeze(1).to(ref.dtype)
     y = torch.zeros(M, C, dtype=ref.dtype, device=ref.device).scatter_(1, t.clamp(0, C - 1).unsqueeze(1), 1.0)
     y.mul_(keep)
@@ -205,12 +219,15 @@ def native_batch(plan, inputs, targets, tensors):
         mean = loss.factor / count if count else 0.0  # every target ignored: torch's derivatives are 0
         return x, y, mean if loss.reduction == "mean" else loss.factor
     if tuple(targets.shape) != out_shape:
-        raise ValueError(f"targets must have shape {out_shape} (the model's output shape for these inputs), "
-                         f"got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must have shape {out_shape} (the model's output shape for these inputs), "
+            f"got {tuple(targets.shape)}"
+        )
     dims = loss.dims
     if dims is not None and {d % max(len(out_shape), 1) for d in dims} != set(range(len(out_shape))):
-        raise ValueError(f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: "
-                         f"it does not return a scalar")
+        raise ValueError(
+            f"loss_fn reduces only dims {dims} of the output of shape {out_shape}: it does not return a scalar"
+        )
     scale = loss.factor / (M * C) if loss.reduction == "mean" else loss.factor
     reshape_y = not (targets.dim() == 2 and targets.shape[1] == C)
     remember(plan.batch_layouts, key, (M, x.shape[1], C, scale, reshape_y), _LAYOUTS_PER_PLAN)
@@ -251,8 +268,10 @@ def pack_vectors(vectors, names, params):
     if isinstance(vectors, torch.Tensor):
         P = sum(p.numel() for p in params)
         if vectors.dim() not in (1, 2) or vectors.shape[-1] != P or vectors.numel() == 0:
-            raise ValueError(f"vectors as a flat tensor must have shape [{P}] or [K, {P}] "
-                             f"(P = number of parameters), got {tuple(vectors.shape)}")
+            raise ValueError(
+                f"vectors as a flat tensor must have shape [{P}] or [K, {P}] "
+                f"(P = number of parameters), got {tuple(vectors.shape)}"
+            )
         _check_like(vectors, ref, lambda _: "vectors", 0)
         batched = vectors.dim() == 2
         lead = tuple(vectors.shape[:1]) if batched else ()
@@ -267,37 +286,47 @@ def pack_vectors(vectors, names, params):
         if len(vectors) != len(names) or any(n not in vectors for n in names):
             missing = [n for n in names if n not in vectors]
             extra = [n for n in vectors if n not in names]
-            raise ValueError(f"vectors must have exactly the names of the parameters differentiated in {names} "
-                             f"(those in params=, else those that require grad, else all); "
-                             f"missing {missing}, unexpected {extra}")
+            raise ValueError(
+                f"vectors must have exactly the names of the parameters differentiated in {names} "
+                f"(those in params=, else those that require grad, else all); "
+                f"missing {missing}, unexpected {extra}"
+            )
         items = [vectors[n] for n in names]
 
         def label(j):
             return f"vectors['{names[j]}']"
     elif isinstance(vectors, (list, tuple)):
         if len(vectors) != len(names):
-            raise ValueError(f"vectors must hold {len(names)} tensors, one per parameter differentiated in "
-                             f"named_parameters() order {names}, got {len(vectors)}")
+            raise ValueError(
+                f"vectors must hold {len(names)} tensors, one per parameter differentiated in "
+                f"named_parameters() order {names}, got {len(vectors)}"
+            )
         items = list(vectors)
 
         def label(j):
             return f"vectors[{j}]"
     else:
-        raise TypeError(f"vectors must be a dict name -> tensor, a list/tuple of tensors or a flat tensor, "
-                        f"got {type(vectors).__name__}")
+        raise TypeError(
+            f"vectors must be a dict name -> tensor, a list/tuple of tensors or a flat tensor, "
+            f"got {type(vectors).__name__}"
+        )
     for j, t in enumerate(items):
         _check_like(t, ref, label, j)
     first, p0 = items[0], params[0]
     batched = first.shape != p0.shape
     if batched and (first.dim() != p0.dim() + 1 or first.shape[1:] != p0.shape or first.shape[0] == 0):
-        raise ValueError(f"{label(0)} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
-                         f"got {tuple(first.shape)}")
+        raise ValueError(
+            f"{label(0)} must have shape {tuple(p0.shape)} or [K, *{tuple(p0.shape)}] with K >= 1, "
+            f"got {tuple(first.shape)}"
+        )
     K = first.shape[0] if batched else 1
     for j, (t, p) in enumerate(zip(items, params)):
         if (t.shape[1:] if batched else t.shape) != p.shape or (batched and t.shape[0] != K):
             want = ((K,) if batched else ()) + tuple(p.shape)
-            raise ValueError(f"{label(j)} must have shape {want} (like {label(0)}{', batched' if batched else ''}), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{label(j)} must have shape {want} (like {label(0)}{', batched' if batched else ''}), "
+                f"got {tuple(t.shape)}"
+            )
 
     return items, batched, _restorer(vectors, names)
 

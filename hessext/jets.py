@@ -10,6 +10,7 @@ S [q, M, n], one per pair (i, j) (the Laplacian: one channel, the pairs (i, i) s
 and at the output u = z, its derivatives Jz and Sz. phi' and phi'' come from autograd through the
 activation's own torch function (the branch autograd takes at a kink); autograd's reverse pass of
 these ops is the reverse of the recurrence (phi''' included)."""
+
 import torch
 
 
@@ -38,8 +39,8 @@ def _derivatives(fn, z):
     with torch.enable_grad():
         t = z if needs_graph else z.detach().requires_grad_()
         value = fn(t)
-        first, = torch.autograd.grad(value.sum(), t, create_graph=True)
-        second, = torch.autograd.grad(first.sum(), t, create_graph=needs_graph, allow_unused=True)
+        (first,) = torch.autograd.grad(value.sum(), t, create_graph=True)
+        (second,) = torch.autograd.grad(first.sum(), t, create_graph=needs_graph, allow_unused=True)
     if second is None:  # phi'' is zero where phi' does not depend on z (ReLU, identity pieces)
         second = torch.zeros_like(z)
     if not needs_graph:
@@ -51,7 +52,7 @@ def torch_functions(activations, act_params):
     """The torch function of each hidden layer's activation from an op's (activations, act_params)."""
     from hessext.capture import torch_function
 
-    return [torch_function(kind, *act_params[2 * j:2 * j + 2]) for j, kind in enumerate(activations)]
+    return [torch_function(kind, *act_params[2 * j : 2 * j + 2]) for j, kind in enumerate(activations)]
 
 
 def pair_index(mode, k):

@@ -8,6 +8,7 @@
   tridiagonals of random probes), integrating to 1 on its grid; `plot_density` draws it.
 - `solve`: (H + damping I) x = b by MINRES (symmetric, indefinite Hessians) or CG (positive
   definite, e.g. a damped GGN), columns of b solved together."""
+
 import math
 import warnings
 
@@ -29,8 +30,10 @@ class _Op:
         else:
             shape = getattr(H, "shape", None)
             if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(H, "__matmul__"):
-                raise TypeError("H must be a HessianOperator, a square tensor, or an object with a square .shape "
-                                f"and @ on [P, K] tensors, got {type(H).__name__}")
+                raise TypeError(
+                    "H must be a HessianOperator, a square tensor, or an object with a square .shape "
+                    f"and @ on [P, K] tensors, got {type(H).__name__}"
+                )
             self._apply, self.P = H.__matmul__, int(shape[0])
             self.dtype, self.device = getattr(H, "dtype", torch.float64), getattr(H, "device", torch.device("cpu"))
         self.products = 0
@@ -82,7 +85,7 @@ def _qr(W):
     if W.shape[1] == 0 or not bool(scale > 0):
         return W[:, :0], W.new_zeros(0, W.shape[1])
     R1, info = torch.linalg.cholesky_ex(W.T @ W, upper=True)
-    if bool(info == 0) and bool(R1.diagonal().min() > tiny ** 0.5 * R1.diagonal().max()):
+    if bool(info == 0) and bool(R1.diagonal().min() > tiny**0.5 * R1.diagonal().max()):
         Wq = torch.linalg.solve_triangular(R1, W, upper=True, left=False)
         R2 = torch.linalg.cholesky(Wq.T @ Wq, upper=True)
         return torch.linalg.solve_triangular(R2, Wq, upper=True, left=False), R2 @ R1
@@ -136,8 +139,9 @@ def _select(theta, which, count):
 CRITERIA = ("residual", "values")
 
 
-def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None,
-          criterion="residual"):
+def eigsh(
+    H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None, criterion="residual"
+):
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
     tol: converged when ``||H y - theta y|| <= tol * max |theta|`` for each pair (default: the square root
@@ -160,8 +164,10 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
     P = op.P
     k = _positive_int(k, "k")
     if k >= P:
-        raise ValueError(f"k must be smaller than the operator's size P = {P}, got k = {k} "
-                         f"(for all eigenvalues use torch.linalg.eigh on the dense Hessian)")
+        raise ValueError(
+            f"k must be smaller than the operator's size P = {P}, got k = {k} "
+            f"(for all eigenvalues use torch.linalg.eigh on the dense Hessian)"
+        )
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     tol = _tolerance(tol, op.dtype)
@@ -170,13 +176,13 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
     if max_iter is not None:
         _positive_int(max_iter, "max_iter")
     b = min(_positive_int(block_size or k, "block_size"), P)
-    m_max = min(P, max(6 * k + 2 * b, 40))           # basis columns before a restart
+    m_max = min(P, max(6 * k + 2 * b, 40))  # basis columns before a restart
     keep = min(k + max(b, (m_max - k) // 2), m_max - b) if m_max - b > k else k  # Ritz vectors kept
     max_iter = max_iter if max_iter is not None else 100 * max(1, (m_max - keep) // b)
     Qt = torch.empty(m_max + b, P, dtype=op.dtype, device=op.device)  # the basis as rows: Q = Qt[:m].T
     T = Qt.new_zeros(m_max + b, m_max + b)
     X, _ = _qr(op.randn(b, generator))
-    Qt[:X.shape[1]] = X.T
+    Qt[: X.shape[1]] = X.T
     j0, m = 0, X.shape[1]
     for iteration in range(max_iter + 1):
         W, C = _orthogonalise(op(Qt[j0:m].T), Qt[:m].T)
@@ -202,11 +208,15 @@ def eigsh(H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_
             T[:keep, :keep] = torch.diag(theta[kept])
             m = keep
         c = min(W.shape[1], P - m)
-        Qt[m:m + c] = W[:, :c].T
+        Qt[m : m + c] = W[:, :c].T
         j0, m = m, m + c
     if not bool(done.all()) and m < P:
-        warnings.warn(f"eigsh did not converge in {max_iter} block products: relative residuals "
-                      f"{(res / scale).tolist()} (tol {tol})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"eigsh did not converge in {max_iter} block products: relative residuals "
+            f"{(res / scale).tolist()} (tol {tol})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     values, vectors = theta[order], (S[:, order].T @ Qt[:m]).T
     desc = torch.argsort(values, descending=True)
     return values[desc], vectors[:, desc]
@@ -219,7 +229,7 @@ def _error_bound(res, theta, order, criterion):
         return res
     gaps = (theta[order, None] - theta[None, :]).abs()
     gaps[torch.arange(len(order)), order] = float("inf")
-    return torch.minimum(res, res ** 2 / gaps.min(1).values.clamp_min(torch.finfo(theta.dtype).tiny))
+    return torch.minimum(res, res**2 / gaps.min(1).values.clamp_min(torch.finfo(theta.dtype).tiny))
 
 
 def trace(H, *, samples=100, generator=None, progress=None):
@@ -256,19 +266,31 @@ def _lanczos(op, V, steps):
         w = op(v)
         alpha[j] = (w * v).sum(0)
         for _ in range(2):
-            w = w - torch.einsum("jpc,jc->pc", basis[:j + 1], torch.einsum("jpc,pc->jc", basis[:j + 1], w))
+            w = w - torch.einsum("jpc,jc->pc", basis[: j + 1], torch.einsum("jpc,pc->jc", basis[: j + 1], w))
         if j == steps - 1:
             break
         norm = w.norm(dim=0)
-        ended = (norm <= 1e3 * torch.finfo(w.dtype).eps * alpha[: j + 1].abs().amax(0).clamp_min(1)) & (lengths == steps)
+        ended = (norm <= 1e3 * torch.finfo(w.dtype).eps * alpha[: j + 1].abs().amax(0).clamp_min(1)) & (
+            lengths == steps
+        )
         lengths[ended.cpu()] = j + 1
         beta[j] = torch.where(lengths.to(norm.device) > j + 1, norm, torch.zeros_like(norm))
         v = torch.where(beta[j] > 0, w / norm.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
     return alpha, beta, lengths
 
 
-def density(H, *, grid=None, num_steps=80, samples=10, sigma=None, generator=None, points=1000,
-            memory_limit=2**29, progress=None):
+def density(
+    H,
+    *,
+    grid=None,
+    num_steps=80,
+    samples=10,
+    sigma=None,
+    generator=None,
+    points=1000,
+    memory_limit=2**29,
+    progress=None,
+):
     """(grid [points], density [points]): the spectral density of H by stochastic Lanczos quadrature:
     `samples` Rademacher probes, `num_steps` Lanczos steps each (fully reorthogonalised), the nodes
     and weights of each tridiagonal smoothed by a Gaussian of width sigma (default 1/100 of the
@@ -288,7 +310,7 @@ def density(H, *, grid=None, num_steps=80, samples=10, sigma=None, generator=Non
         alpha, beta, lengths = _lanczos(op, block, steps)
         for c in range(block.shape[1]):
             n = int(lengths[c])
-            T = torch.diag(alpha[:n, c]) + torch.diag(beta[:n - 1, c], 1) + torch.diag(beta[:n - 1, c], -1)
+            T = torch.diag(alpha[:n, c]) + torch.diag(beta[: n - 1, c], 1) + torch.diag(beta[: n - 1, c], -1)
             theta, U = torch.linalg.eigh(T.double().cpu())
             nodes.append(theta)
             weights.append(U[0] ** 2 / count)
@@ -299,7 +321,9 @@ def density(H, *, grid=None, num_steps=80, samples=10, sigma=None, generator=Non
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}")
     if grid is None:
-        grid = torch.linspace(float(nodes.min()) - 4 * sigma, float(nodes.max()) + 4 * sigma, points, dtype=torch.float64)
+        grid = torch.linspace(
+            float(nodes.min()) - 4 * sigma, float(nodes.max()) + 4 * sigma, points, dtype=torch.float64
+        )
     grid = torch.as_tensor(grid, dtype=torch.float64)
     if grid.dim() != 1 or grid.numel() < 2:
         raise ValueError(f"grid must be a 1-D increasing sequence of at least 2 values, got shape {tuple(grid.shape)}")
@@ -351,8 +375,10 @@ def solve(H, b, *, damping=0.0, tol=None, max_iter=None, method="minres", progre
     if method not in ("minres", "cg"):
         raise ValueError(f"method must be 'minres' or 'cg', got {method!r}")
     if not isinstance(b, torch.Tensor) or b.dim() not in (1, 2) or b.shape[0] != op.P:
-        raise ValueError(f"b must be a tensor of shape [{op.P}] or [{op.P}, K], got "
-                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
+        raise ValueError(
+            f"b must be a tensor of shape [{op.P}] or [{op.P}, K], got "
+            f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}"
+        )
     if b.dtype != op.dtype or b.device != op.device:
         raise TypeError(f"b must be {op.dtype} on {op.device} like the operator, got {b.dtype} on {b.device}")
     tol = _tolerance(tol, op.dtype)
@@ -369,16 +395,24 @@ def solve(H, b, *, damping=0.0, tol=None, max_iter=None, method="minres", progre
     if method == "cg":
         X, relres, indefinite = _cg(A, B, tol, max_iter)
         if indefinite:
-            warnings.warn(f"solve (cg): H + damping I is not positive definite (zero or negative curvature along a "
-                          f"search direction of {indefinite} of {B.shape[1]} columns); those columns stop at their "
-                          f"best iterate. Use method='minres' for a symmetric indefinite or singular H, or more "
-                          f"damping", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"solve (cg): H + damping I is not positive definite (zero or negative curvature along a "
+                f"search direction of {indefinite} of {B.shape[1]} columns); those columns stop at their "
+                f"best iterate. Use method='minres' for a symmetric indefinite or singular H, or more "
+                f"damping",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     else:
         X, relres = _minres(A, B, tol, max_iter)
     if bool((relres > tol).any()):
-        warnings.warn(f"solve ({method}) did not reach tol {tol:.3g} in {max_iter} iterations: relative residuals "
-                      f"{relres.tolist()} (a singular H with b outside its range has no solution: the result is "
-                      f"the iterate of smallest residual)", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"solve ({method}) did not reach tol {tol:.3g} in {max_iter} iterations: relative residuals "
+            f"{relres.tolist()} (a singular H with b outside its range has no solution: the result is "
+            f"the iterate of smallest residual)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return X[:, 0] if b.dim() == 1 else X
 
 
@@ -425,8 +459,13 @@ def _minres(A, B, tol, max_iter):
     safe = beta1.clamp_min(tiny)
     X = torch.zeros_like(B)
     r1, r2, y = B.clone(), B.clone(), B.clone()
-    oldb, beta, dbar, epsln, phibar = torch.zeros_like(beta1), beta1.clone(), torch.zeros_like(beta1), \
-        torch.zeros_like(beta1), beta1.clone()
+    oldb, beta, dbar, epsln, phibar = (
+        torch.zeros_like(beta1),
+        beta1.clone(),
+        torch.zeros_like(beta1),
+        torch.zeros_like(beta1),
+        beta1.clone(),
+    )
     cs, sn = -torch.ones_like(beta1), torch.zeros_like(beta1)
     w, w2 = torch.zeros_like(B), torch.zeros_like(B)
     tnorm2 = torch.zeros_like(beta1)
@@ -443,7 +482,7 @@ def _minres(A, B, tol, max_iter):
         y = y - (alfa / beta.clamp_min(tiny)) * r2
         r1, r2 = r2, y
         oldb, beta_new = beta, y.norm(dim=0)
-        tnorm2 = torch.where(active, tnorm2 + alfa ** 2 + oldb ** 2 + beta_new ** 2, tnorm2)
+        tnorm2 = torch.where(active, tnorm2 + alfa**2 + oldb**2 + beta_new**2, tnorm2)
         noise = 1e2 * eps * tnorm2.sqrt()
         oldeps = epsln
         delta = cs * dbar + sn * alfa

@@ -9,6 +9,7 @@ class weights included; the leading dim of the inputs for a loss hessext does no
 With `process_group`, each process passes its own shard and every product is all-reduced (the K
 products and the sample count in one tensor), so that every process holds the operator of the
 union of the shards."""
+
 from collections.abc import Iterable
 
 import torch
@@ -21,8 +22,12 @@ CURVATURES = ("hessian", "ggn")
 
 
 def _is_pair(data):
-    return (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor)
-            and isinstance(data[1], torch.Tensor))
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[0], torch.Tensor)
+        and isinstance(data[1], torch.Tensor)
+    )
 
 
 class HessianOperator:
@@ -42,19 +47,36 @@ class HessianOperator:
     random vector when it is built and raise if the products differ (active dropout, a data
     pipeline that changes between passes), as curvlinops does."""
 
-    def __init__(self, model, loss_fn, data, *, curvature="hessian", params=None, backend="auto",
-                 process_group=None, progress=False, reduction=None, batch_size_fn=None, check_deterministic=True):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        *,
+        curvature="hessian",
+        params=None,
+        backend="auto",
+        process_group=None,
+        progress=False,
+        reduction=None,
+        batch_size_fn=None,
+        check_deterministic=True,
+    ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
         if reduction not in (None, "mean", "sum"):
             raise ValueError(f"reduction must be 'mean', 'sum' or None (read from loss_fn), got {reduction!r}")
         if not _is_pair(data) and not isinstance(data, Iterable):
-            raise TypeError("data must be an (inputs, targets) pair of tensors or an iterable of such pairs "
-                            f"(a DataLoader), got {type(data).__name__}")
+            raise TypeError(
+                "data must be an (inputs, targets) pair of tensors or an iterable of such pairs "
+                f"(a DataLoader), got {type(data).__name__}"
+            )
         if not _is_pair(data) and iter(data) is data:
-            raise TypeError(f"data is a one-shot iterator ({type(data).__name__}), spent after the first product, "
-                            "while every product iterates the data afresh; pass a list of (inputs, targets) "
-                            "pairs or a DataLoader")
+            raise TypeError(
+                f"data is a one-shot iterator ({type(data).__name__}), spent after the first product, "
+                "while every product iterates the data afresh; pass a list of (inputs, targets) "
+                "pairs or a DataLoader"
+            )
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise TypeError(f"batch_size_fn must be a callable (inputs, targets) -> number, got {batch_size_fn!r}")
         if not isinstance(check_deterministic, bool):
@@ -76,8 +98,10 @@ class HessianOperator:
             self._check_deterministic()
 
     def __repr__(self):
-        return (f"HessianOperator(curvature={self.curvature!r}, shape={self.shape}, dtype={self.dtype}, "
-                f"device={self.device})")
+        return (
+            f"HessianOperator(curvature={self.curvature!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"device={self.device})"
+        )
 
     @property
     def reduction(self):
@@ -90,11 +114,16 @@ class HessianOperator:
             return
         for j, batch in enumerate(self.data):
             if not _is_pair(batch):
-                what = (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
-                        else f"a {type(batch).__name__}")
-                raise TypeError(f"data's batches must be (inputs, targets) pairs of tensors; batch {j} is {what} "
-                                "(map dicts or (inputs, targets, weights) triples to pairs first, e.g. in a "
-                                "DataLoader's collate_fn)")
+                what = (
+                    f"a {type(batch).__name__} of {len(batch)}"
+                    if isinstance(batch, (tuple, list))
+                    else f"a {type(batch).__name__}"
+                )
+                raise TypeError(
+                    f"data's batches must be (inputs, targets) pairs of tensors; batch {j} is {what} "
+                    "(map dicts or (inputs, targets, weights) triples to pairs first, e.g. in a "
+                    "DataLoader's collate_fn)"
+                )
             yield batch
 
     def _check_deterministic(self):
@@ -103,10 +132,12 @@ class HessianOperator:
         first, second = self.matmul(v), self.matmul(v)
         diff, size = float((first - second).abs().max()), float(first.abs().max())
         if not diff <= torch.finfo(self.dtype).eps ** 0.5 * max(size, torch.finfo(self.dtype).tiny):
-            raise ValueError(f"the operator is not deterministic: two products with the same vector differ by "
-                             f"{diff:.3g} (largest entry {size:.3g}). Typical causes: dropout or batch norm in "
-                             "training mode (call model.eval()), a shuffling or augmenting DataLoader (shuffle=False, "
-                             "drop_last=False), random targets. check_deterministic=False skips this check")
+            raise ValueError(
+                f"the operator is not deterministic: two products with the same vector differ by "
+                f"{diff:.3g} (largest entry {size:.3g}). Typical causes: dropout or batch norm in "
+                "training mode (call model.eval()), a shuffling or augmenting DataLoader (shuffle=False, "
+                "drop_last=False), random targets. check_deterministic=False skips this check"
+            )
 
     def matmul(self, v):
         """H v for v [P] or [P, K] (K columns; one call per batch with all of them)."""
@@ -116,8 +147,7 @@ class HessianOperator:
             if batches == 1 and self._reduction is None:  # before the second batch's product
                 raise ValueError(_NO_REDUCTION + "combine several batches")
             n = self._count(inputs, targets) if self._reduction == "mean" else 1
-            out = self._product(self.model, self.loss_fn, inputs, targets, V, params=self.params,
-                                backend=self.backend)
+            out = self._product(self.model, self.loss_fn, inputs, targets, V, params=self.params, backend=self.backend)
             total.add_(out, alpha=n if self._reduction == "mean" else 1)
             count += n
             batches += 1
@@ -181,8 +211,18 @@ def scipy_operator(op):
     return LinearOperator(op.shape, matvec=apply, matmat=apply, rmatvec=apply, rmatmat=apply, dtype=np.float64)
 
 
-_ELEMENTWISE = ("MSELoss", "L1Loss", "HuberLoss", "SmoothL1Loss", "BCELoss", "BCEWithLogitsLoss", "SoftMarginLoss",
-                "PoissonNLLLoss", "GaussianNLLLoss", "KLDivLoss")
+_ELEMENTWISE = (
+    "MSELoss",
+    "L1Loss",
+    "HuberLoss",
+    "SmoothL1Loss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "SoftMarginLoss",
+    "PoissonNLLLoss",
+    "GaussianNLLLoss",
+    "KLDivLoss",
+)
 
 
 def _mean_count(loss_fn):
@@ -195,6 +235,7 @@ def _mean_count(loss_fn):
         captured = None
     name = type(loss_fn).__name__ if type(loss_fn).__module__ == "torch.nn.modules.loss" else None
     if name in ("CrossEntropyLoss", "NLLLoss") or (captured is not None and captured.classes):
+
         def classes(inputs, targets):
             if targets.is_floating_point():  # class probabilities: one row per sample (and position)
                 return targets.numel() // max(1, targets.shape[1] if targets.dim() > 1 else targets.shape[0])
@@ -210,12 +251,14 @@ def _mean_count(loss_fn):
     return lambda inputs, targets: int(inputs.shape[0]) if inputs.dim() else 1
 
 
-_NO_REDUCTION = ("loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
-                 "reduction='mean' or 'sum' to HessianOperator to ")
+_NO_REDUCTION = (
+    "loss_fn's reduction could not be read (hessext does not recognise the loss); pass "
+    "reduction='mean' or 'sum' to HessianOperator to "
+)
 
 
 def _loss_reduction(loss_fn):
-    """"mean" or "sum" as hessext reads it from the loss, or None where it cannot."""
+    """ "mean" or "sum" as hessext reads it from the loss, or None where it cannot."""
     try:
         return capture.capture_loss(loss_fn).reduction
     except capture.Unsupported:

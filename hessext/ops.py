@@ -6,6 +6,7 @@ Each wrapper calls its op with autograd off (the ops have no derivative of their
 torch.compile traces, through torch.ops under no_grad, so that the graph holds the op; otherwise
 through hessext._C's direct entry, the same dispatcher call without torch.ops' parsing of the
 arguments (about 2 us of a small call)."""
+
 import torch
 
 from hessext import _native
@@ -18,6 +19,7 @@ def _call(name, *args):
         with torch.no_grad():
             return getattr(torch.ops.hessext, name)(*args)
     return getattr(_native.load(), name)(*args)
+
 
 _FAKES = {}
 
@@ -106,13 +108,15 @@ def output_jets(inputs, targets, weights, biases, spec, scale, mode, features, g
     if _is_compiling():  # autograd takes a list of tensors only: an absent bias enters as zeros (the same jets)
         biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
         return torch.ops.hessext.output_jets(inputs, targets, weights, biases, *spec, scale, mode, features, True)[0]
-    return OutputJets.apply((targets, tuple(spec), scale, mode, tuple(features), len(weights)), inputs, *weights,
-                            *biases)
+    return OutputJets.apply(
+        (targets, tuple(spec), scale, mode, tuple(features), len(weights)), inputs, *weights, *biases
+    )
 
 
 @_fake("hessext::output_jets")
-def _output_jets_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode,
-                      features, save):
+def _output_jets_fake(
+    inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode, features, save
+):
     cols, M = 1 + len(features) + jet_channels(mode, len(features)), inputs.shape[0]
     out = [inputs.new_empty(cols, M, weights[-1].shape[0])]
     if save:
@@ -122,10 +126,14 @@ def _output_jets_fake(inputs, targets, weights, biases, activations, act_params,
 
 
 @_fake("hessext::output_jets_backward")
-def _output_jets_backward_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale,
-                               mode, features, saved, grad):
-    return ([torch.empty_like(inputs)] + [torch.empty_like(w) for w in weights] +
-            [torch.empty_like(b) for b in biases if b is not None])
+def _output_jets_backward_fake(
+    inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode, features, saved, grad
+):
+    return (
+        [torch.empty_like(inputs)]
+        + [torch.empty_like(w) for w in weights]
+        + [torch.empty_like(b) for b in biases if b is not None]
+    )
 
 
 def output_jets_tangent(inputs, targets, weights, biases, spec, features, saved, dW, db):
@@ -135,8 +143,9 @@ def output_jets_tangent(inputs, targets, weights, biases, spec, features, saved,
 
 
 @_fake("hessext::output_jets_tangent")
-def _output_jets_tangent_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale,
-                              features, saved, dW, db):
+def _output_jets_tangent_fake(
+    inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, features, saved, dW, db
+):
     return inputs.new_empty(len(features) + 2, inputs.shape[0], dW[0].shape[0], weights[-1].shape[0])
 
 
@@ -157,10 +166,24 @@ def _jets_reverse(args, x, targets, weights, biases, saved, grad):
         jet = jets.output_jet(jets.torch_functions(activations, act_params), weights, biases, x, features, mode)
         got = iter(torch.autograd.grad(jet, wanted, grad, create_graph=True, allow_unused=True))
         return [next(got) if t is not None and t.requires_grad else None for t in tensors]
-    found = _call("output_jets_backward", x, targets, weights, biases, activations, act_params, loss, loss_param,
-                  scale, mode, features, saved, grad)
-    db = iter(found[1 + L:])
-    return found[:1 + L] + [next(db) if b is not None else None for b in biases]
+    found = _call(
+        "output_jets_backward",
+        x,
+        targets,
+        weights,
+        biases,
+        activations,
+        act_params,
+        loss,
+        loss_param,
+        scale,
+        mode,
+        features,
+        saved,
+        grad,
+    )
+    db = iter(found[1 + L :])
+    return found[: 1 + L] + [next(db) if b is not None else None for b in biases]
 
 
 class OutputJets(torch.autograd.Function):
@@ -186,9 +209,9 @@ class OutputJets(torch.autograd.Function):
         L = ctx.layers
         x, targets, *rest = ctx.saved_tensors
         weights, rest = rest[:L], rest[L:]
-        kept = iter(rest[:sum(ctx.biased)])
+        kept = iter(rest[: sum(ctx.biased)])
         biases = [next(kept) if has else None for has in ctx.biased]
-        found = _jets_reverse(ctx.args, x, targets, weights, biases, rest[sum(ctx.biased):], grad)
+        found = _jets_reverse(ctx.args, x, targets, weights, biases, rest[sum(ctx.biased) :], grad)
         return (None, *found)
 
 
@@ -204,8 +227,8 @@ def _jets_backward(ctx, grads):
     """The registered autograd formula of hessext::output_jets (biases all present: zeros for absent ones)."""
     L = ctx.layers
     x, targets, *rest = ctx.saved_tensors
-    found = _jets_reverse(ctx.args, x, targets, rest[:L], rest[L:2 * L], rest[2 * L:], grads[0])
-    return found[0], None, found[1:1 + L], found[1 + L:], None, None, None, None, None, None, None, None
+    found = _jets_reverse(ctx.args, x, targets, rest[:L], rest[L : 2 * L], rest[2 * L :], grads[0])
+    return found[0], None, found[1 : 1 + L], found[1 + L :], None, None, None, None, None, None, None, None
 
 
 _registered = False

@@ -7,6 +7,7 @@ The diagonal comes from `estimator`: "exact" (hessext.hessian_diag: native where
 `samples` Rademacher vectors from `generator`). An exact diagonal that the native kernels cannot
 serve costs one Hessian-vector product per parameter per step; the optimizer warns once, with that
 cost, before the first such step."""
+
 import warnings
 
 import torch
@@ -22,8 +23,11 @@ def _check_group(group, cls):
     lr, betas = group["lr"], group["betas"]
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"{cls}: lr must be a number >= 0, got {lr!r}")
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+    if (
+        not isinstance(betas, (tuple, list))
+        or len(betas) != 2
+        or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)
+    ):
         raise ValueError(f"{cls}: betas must be a pair of numbers in [0, 1), got {betas!r}")
     for name in ("eps", "weight_decay"):
         if not isinstance(group[name], (int, float)) or not group[name] >= 0:
@@ -59,8 +63,9 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
             params = param_group["params"] if isinstance(param_group, dict) else param_group
             params = [params] if isinstance(params, torch.Tensor) else list(params)
             if any(p not in names for p in params):
-                raise ValueError(f"params must be parameters of the model; "
-                                 f"{sum(p not in names for p in params)} are not")
+                raise ValueError(
+                    f"params must be parameters of the model; {sum(p not in names for p in params)} are not"
+                )
             if isinstance(param_group, dict):
                 param_group = dict(param_group, params=params)
         super().add_param_group(param_group)
@@ -96,17 +101,21 @@ class _DiagonalOptimizer(torch.optim.Optimizer):
             return
         self._warned = True
         P = sum(t.numel() for t in self.model.parameters())
-        warnings.warn(f"{type(self).__name__}: estimator={self.estimator!r} has no native kernel here ({why}), so "
-                      f"each step computes the exact diagonal from {P} Hessian-vector products (about {P} times the "
-                      f"cost of one); estimator='hutchinson' estimates it from `samples` products", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{type(self).__name__}: estimator={self.estimator!r} has no native kernel here ({why}), so "
+            f"each step computes the exact diagonal from {P} Hessian-vector products (about {P} times the "
+            f"cost of one); estimator='hutchinson' estimates it from `samples` products",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _diagonal(self, inputs, targets):
         if self.estimator != "hutchinson":
             self._warn_basis_fallback()
         if self.estimator == "hutchinson":
-            d = curvature.hutchinson_diag(self.model, self.loss_fn, inputs, targets, samples=self.samples,
-                                          generator=self.generator)
+            d = curvature.hutchinson_diag(
+                self.model, self.loss_fn, inputs, targets, samples=self.samples, generator=self.generator
+            )
         elif self.estimator == "ggn":
             d = curvature.ggn_diag(self.model, self.loss_fn, inputs, targets)
         else:
@@ -131,8 +140,21 @@ class AdaHessian(_DiagonalOptimizer):
     lr and eps default by estimator (ADAHESSIAN_DEFAULTS): 0.05 and 1e-2 for the exact and GGN
     diagonals, the reference's 0.15 and 1e-4 for Hutchinson's estimate."""
 
-    def __init__(self, model, loss_fn, *, lr=None, betas=(0.9, 0.999), eps=None, weight_decay=0.0,
-                 hessian_power=1.0, estimator="exact", samples=1, generator=None, params=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        *,
+        lr=None,
+        betas=(0.9, 0.999),
+        eps=None,
+        weight_decay=0.0,
+        hessian_power=1.0,
+        estimator="exact",
+        samples=1,
+        generator=None,
+        params=None,
+    ):
         if estimator in ADAHESSIAN_DEFAULTS:
             lr = ADAHESSIAN_DEFAULTS[estimator][0] if lr is None else lr
             eps = ADAHESSIAN_DEFAULTS[estimator][1] if eps is None else eps
@@ -151,20 +173,34 @@ class AdaHessian(_DiagonalOptimizer):
                 t = state["step"]
                 state["exp_avg"].mul_(b1).add_(grads[p], alpha=1 - b1)
                 state["exp_hessian_diag_sq"].mul_(b2).addcmul_(diag[p], diag[p], value=1 - b2)
-                denom = (state["exp_hessian_diag_sq"] / (1 - b2 ** t)).pow_(group["hessian_power"] / 2).add_(group["eps"])
+                denom = (state["exp_hessian_diag_sq"] / (1 - b2**t)).pow_(group["hessian_power"] / 2).add_(group["eps"])
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1 ** t))
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**t))
         return loss
 
 
 class Sophia(_DiagonalOptimizer):
     """Sophia (Liu et al., 2023), clipped and diagonal-preconditioned:
-        m = b1 m + (1 - b1) g;  every `update_every` steps (first step included) h = b2 h + (1 - b2) D;
-        p <- p - lr wd p;  p <- p - lr clip(m / max(rho h, eps), -1, 1)."""
+    m = b1 m + (1 - b1) g;  every `update_every` steps (first step included) h = b2 h + (1 - b2) D;
+    p <- p - lr wd p;  p <- p - lr clip(m / max(rho h, eps), -1, 1)."""
 
-    def __init__(self, model, loss_fn, *, lr=1e-2, betas=(0.965, 0.99), rho=0.04, eps=1e-12, weight_decay=0.0,
-                 update_every=10, estimator="hutchinson", samples=1, generator=None, params=None):
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        *,
+        lr=1e-2,
+        betas=(0.965, 0.99),
+        rho=0.04,
+        eps=1e-12,
+        weight_decay=0.0,
+        update_every=10,
+        estimator="hutchinson",
+        samples=1,
+        generator=None,
+        params=None,
+    ):
         defaults = dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay, update_every=update_every)
         super().__init__(model, loss_fn, params, defaults, estimator, samples, generator)
 
@@ -221,8 +257,19 @@ class ENGD(torch.optim.Optimizer):
     ``step()`` returns the loss before the step; ``optimizer.last_lr`` holds the step length taken.
     """
 
-    def __init__(self, model, terms, *, lr=None, damping=1e-10, solver="dense", dims=None, line_search_steps=30,
-                 max_iter=None, tol=None):
+    def __init__(
+        self,
+        model,
+        terms,
+        *,
+        lr=None,
+        damping=1e-10,
+        solver="dense",
+        dims=None,
+        line_search_steps=30,
+        max_iter=None,
+        tol=None,
+    ):
         from hessext.pinn import _check_damping, _check_terms
 
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
@@ -250,8 +297,10 @@ class ENGD(torch.optim.Optimizer):
         from hessext.hessians import value_gradient_laplacian
 
         with torch.no_grad():
-            return sum(loss_fn(*value_gradient_laplacian(self.model, inputs, dims=self.dims), inputs)
-                       for loss_fn, inputs in self.terms)
+            return sum(
+                loss_fn(*value_gradient_laplacian(self.model, inputs, dims=self.dims), inputs)
+                for loss_fn, inputs in self.terms
+            )
 
     def _direction(self, G, g, damping):
         if self.solver == "dense":
@@ -288,7 +337,7 @@ class ENGD(torch.optim.Optimizer):
             new = start - eta * d
             offset = 0
             for p in params:
-                p.copy_(new[offset:offset + p.numel()].view_as(p))
+                p.copy_(new[offset : offset + p.numel()].view_as(p))
                 offset += p.numel()
 
         if group["lr"] is not None:
@@ -297,7 +346,7 @@ class ENGD(torch.optim.Optimizer):
             return loss
         best, best_eta = loss, 0.0
         for j in range(self.line_search_steps):
-            eta = 0.5 ** j
+            eta = 0.5**j
             move(eta)
             trial = self.loss()
             if trial < best:

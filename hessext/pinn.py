@@ -26,6 +26,7 @@ Gramian, the factor rows and the kernel) are the reverse pass run for each jet e
 at once, whose per-layer gradients G_l and input jets A_l give each point's weight gradient
 sum_c G_l[c, n]^T A_l[c, n]. Other models take torch.func (jvp, vjp and jacrev of the jet by
 vmap(jacrev) and vmap(jacrev(jacrev)) per point)."""
+
 import math
 
 import torch
@@ -46,11 +47,11 @@ def _derivatives3(fn, z):
     (zeros where a derivative no longer depends on z: the piecewise-linear rows)."""
     with torch.enable_grad():
         t = z.detach().requires_grad_()
-        d1, = torch.autograd.grad(fn(t).sum(), t, create_graph=True)
-        d2, = torch.autograd.grad(d1.sum(), t, create_graph=True, allow_unused=True)
+        (d1,) = torch.autograd.grad(fn(t).sum(), t, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), t, create_graph=True, allow_unused=True)
         d3 = None
         if d2 is not None and d2.requires_grad:
-            d3, = torch.autograd.grad(d2.sum(), t, allow_unused=True)
+            (d3,) = torch.autograd.grad(d2.sum(), t, allow_unused=True)
     zero = torch.zeros_like(z)
     return d1.detach(), (d2.detach() if d2 is not None else zero), (d3 if d3 is not None else zero)
 
@@ -73,8 +74,9 @@ class _StackJets:
         A0[torch.arange(1, k + 1), :, torch.tensor(features)] = 1
         self.y = x.new_zeros(()).expand(M, C)
         if x.device.type == "cpu":
-            out = ops._call("output_jets", x, self.y, self.weights, self.biases, *self.spec,
-                            1.0, 0, self.features, True)
+            out = ops._call(
+                "output_jets", x, self.y, self.weights, self.biases, *self.spec, 1.0, 0, self.features, True
+            )
             self.saved = out[1:]
             self.Z = [out[1 + 2 * l] for l in range(L - 1)] + [out[0]]
             self.A = [A0] + [out[2 + 2 * l] for l in range(L - 1)]
@@ -104,16 +106,17 @@ class _StackJets:
     def _activate(self, fn, z):
         k = self.k
         d1, d2, _ = _derivatives3(fn, z[0])
-        J = d1 * z[1:1 + k]
-        S = d1 * z[1 + k] + d2 * (z[1:1 + k] ** 2).sum(0)
+        J = d1 * z[1 : 1 + k]
+        S = d1 * z[1 + k] + d2 * (z[1 : 1 + k] ** 2).sum(0)
         return torch.cat([fn(z[0])[None], J, S[None]])
 
     def tangent(self, dW, db):
         """The tangent of the output jet [K, k + 2, M, C] along K directions: dW[l] [K, o_l, n_l], db[l]
         [K, o_l] or None. The kernels' (op output_jets_tangent) on the CPU."""
         if self.saved is not None:
-            out = ops.output_jets_tangent(self.x, self.y, self.weights, self.biases, self.spec, self.features,
-                                          self.saved, dW, db)
+            out = ops.output_jets_tangent(
+                self.x, self.y, self.weights, self.biases, self.spec, self.features, self.saved, dW, db
+            )
             return out.permute(2, 0, 1, 3)
         k, adot = self.k, None
         for l, W in enumerate(self.weights):
@@ -126,12 +129,16 @@ class _StackJets:
                 return zdot
             d1, d2, d3 = self.d[l]
             Z = self.Z[l]
-            Jz, Sz = Z[1:1 + k], Z[1 + k]
-            z0, Jdot, Sdot = zdot[:, 0], zdot[:, 1:1 + k], zdot[:, 1 + k]
-            adot = torch.cat([
-                (d1 * z0)[:, None],
-                d2 * z0[:, None] * Jz + d1 * Jdot,
-                (d2 * z0 * Sz + d1 * Sdot + d3 * z0 * (Jz ** 2).sum(0) + 2 * d2 * (Jz * Jdot).sum(1))[:, None]], 1)
+            Jz, Sz = Z[1 : 1 + k], Z[1 + k]
+            z0, Jdot, Sdot = zdot[:, 0], zdot[:, 1 : 1 + k], zdot[:, 1 + k]
+            adot = torch.cat(
+                [
+                    (d1 * z0)[:, None],
+                    d2 * z0[:, None] * Jz + d1 * Jdot,
+                    (d2 * z0 * Sz + d1 * Sdot + d3 * z0 * (Jz**2).sum(0) + 2 * d2 * (Jz * Jdot).sum(1))[:, None],
+                ],
+                1,
+            )
 
     def reverse(self, G):
         """The reverse pass for gradients G [B, k + 2, M, C] in the output jet: per layer, from the top,
@@ -144,25 +151,38 @@ class _StackJets:
             dA = torch.matmul(G, self.weights[l])
             d1, d2, d3 = self.d[l - 1]
             Z = self.Z[l - 1]
-            Jz, Sz = Z[1:1 + k], Z[1 + k]
-            g0, gJ, gS = dA[:, 0], dA[:, 1:1 + k], dA[:, 1 + k]
-            G = torch.cat([
-                (d1 * g0 + d2 * (gJ * Jz).sum(1) + gS * (d2 * Sz + d3 * (Jz ** 2).sum(0)))[:, None],
-                d1 * gJ + 2 * d2 * gS[:, None] * Jz,
-                (d1 * gS)[:, None]], 1)
+            Jz, Sz = Z[1 : 1 + k], Z[1 + k]
+            g0, gJ, gS = dA[:, 0], dA[:, 1 : 1 + k], dA[:, 1 + k]
+            G = torch.cat(
+                [
+                    (d1 * g0 + d2 * (gJ * Jz).sum(1) + gS * (d2 * Sz + d3 * (Jz**2).sum(0)))[:, None],
+                    d1 * gJ + 2 * d2 * gS[:, None] * Jz,
+                    (d1 * gS)[:, None],
+                ],
+                1,
+            )
 
     def vjp(self, G):
         """J^T w summed over the points for one gradient G [k + 2, M, C]: [(dW_l, db_l or None)] per layer."""
         if self.saved is not None:
             L = self.L
             with torch.no_grad():
-                found = ops._jets_reverse((*self.spec, 1.0, 0, self.features), self.x, self.y,
-                                          self.weights, self.biases, self.saved, G.contiguous())
+                found = ops._jets_reverse(
+                    (*self.spec, 1.0, 0, self.features),
+                    self.x,
+                    self.y,
+                    self.weights,
+                    self.biases,
+                    self.saved,
+                    G.contiguous(),
+                )
             return [(found[1 + l], found[1 + L + l]) for l in range(L)]
         out = [None] * self.L
         for l, Gl in self.reverse(G[None]):
-            out[l] = (torch.einsum("cmo,cmn->on", Gl[0], self.A[l]),
-                      Gl[0, 0].sum(0) if self.biases[l] is not None else None)
+            out[l] = (
+                torch.einsum("cmo,cmn->on", Gl[0], self.A[l]),
+                Gl[0, 0].sum(0) if self.biases[l] is not None else None,
+            )
         return out
 
     def per_point(self, G):
@@ -170,8 +190,7 @@ class _StackJets:
         or None)] per layer."""
         out = [None] * self.L
         for l, Gl in self.reverse(G):
-            out[l] = (torch.einsum("bcmo,cmn->bmon", Gl, self.A[l]),
-                      Gl[:, 0] if self.biases[l] is not None else None)
+            out[l] = (torch.einsum("bcmo,cmn->bmon", Gl, self.A[l]), Gl[:, 0] if self.biases[l] is not None else None)
         return out
 
 
@@ -196,9 +215,9 @@ class _FuncJets:
         def point(xi):
             return functional_call(self.model, params, (xi[None],))[0].reshape(-1)
 
-        u = vmap(point)(self.x)                                   # [N, C]
-        grad_u = vmap(jacrev(point))(self.x)[:, :, feats]         # [N, C, k]
-        hess = vmap(jacrev(jacrev(point)))(self.x)                # [N, C, d, d]
+        u = vmap(point)(self.x)  # [N, C]
+        grad_u = vmap(jacrev(point))(self.x)[:, :, feats]  # [N, C, k]
+        hess = vmap(jacrev(jacrev(point)))(self.x)  # [N, C, d, d]
         lap = sum(hess[:, :, i, i] for i in feats)
         return torch.cat([u[None], grad_u.permute(2, 0, 1), lap[None]])  # [k + 2, N, C]
 
@@ -221,8 +240,11 @@ class _FuncJets:
 def _jet_parts(jet, out_shape):
     """(u, grad_u, lap_u) shaped like the model output, from a jet [k + 2, N, C]."""
     k = jet.shape[0] - 2
-    return (jet[0].reshape(out_shape), jet[1:1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
-            jet[1 + k].reshape(out_shape))
+    return (
+        jet[0].reshape(out_shape),
+        jet[1 : 1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
+        jet[1 + k].reshape(out_shape),
+    )
 
 
 def _loss_curvature(loss_fn, jet, inputs, out_shape):
@@ -237,9 +259,11 @@ def _loss_curvature(loss_fn, jet, inputs, out_shape):
         t = jet.detach().requires_grad_()
         loss = loss_fn(*_jet_parts(t, out_shape), inputs)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(f"loss_fn(u, grad_u, lap_u, inputs) must return a scalar tensor, got "
-                             f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
-        g, = torch.autograd.grad(loss, t, create_graph=True, allow_unused=True)
+            raise ValueError(
+                f"loss_fn(u, grad_u, lap_u, inputs) must return a scalar tensor, got "
+                f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
+            )
+        (g,) = torch.autograd.grad(loss, t, create_graph=True, allow_unused=True)
         H = t.new_zeros(N, c, c)
         if g is None:
             return loss.detach(), torch.zeros_like(t), H
@@ -254,9 +278,11 @@ def _loss_curvature(loss_fn, jet, inputs, out_shape):
         rows = _batched_backward(g, t, torch.cat([directions, probe[None]]))  # [c + 1, cols, N, C]
         H = rows[:c].permute(2, 0, 1, 3).reshape(N, c, c)
         if N > 1 and bool((rows[c][:, ~mask] != 0).any()):
-            raise ValueError("loss_fn couples the collocation points (a point's term depends on other points' "
-                             "u, grad_u or lap_u, e.g. through their mean): the Gramian is a sum over points of "
-                             "each point's own term; write the loss as a sum or mean of per-point terms")
+            raise ValueError(
+                "loss_fn couples the collocation points (a point's term depends on other points' "
+                "u, grad_u or lap_u, e.g. through their mean): the Gramian is a sum over points of "
+                "each point's own term; write the loss as a sum or mean of per-point terms"
+            )
     return loss.detach(), g.detach(), H
 
 
@@ -264,7 +290,7 @@ def _batched_backward(g, t, grads):
     """d(g . w)/dt for each w in grads [B, *g.shape]: one vmapped backward, or one backward each where
     the loss's ops have no batching rule."""
     try:
-        out, = torch.autograd.grad(g, t, grads, retain_graph=True, allow_unused=True, is_grads_batched=True)
+        (out,) = torch.autograd.grad(g, t, grads, retain_graph=True, allow_unused=True, is_grads_batched=True)
     except RuntimeError:
         found = [torch.autograd.grad(g, t, w, retain_graph=True, allow_unused=True)[0] for w in grads]
         return torch.stack([f if f is not None else torch.zeros_like(t) for f in found])
@@ -278,8 +304,10 @@ class _Term:
 
     def __init__(self, model, loss_fn, inputs, dims, params, backend):
         if not callable(loss_fn):
-            raise TypeError(f"each term's loss_fn must be a callable (u, grad_u, lap_u, inputs) -> scalar, "
-                            f"got {type(loss_fn).__name__}")
+            raise TypeError(
+                f"each term's loss_fn must be a callable (u, grad_u, lap_u, inputs) -> scalar, "
+                f"got {type(loss_fn).__name__}"
+            )
         call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
         check_samples(inputs, "the Gramian")
         N, d = inputs.shape[0], math.prod(inputs.shape[1:])
@@ -347,7 +375,7 @@ class _Term:
 
     def ggn(self, V):
         """sum_n J_n^T H_n J_n v for V [K, P]: [K, P]."""
-        Jv = self.jvp(V)                                               # [K, cols, N, C]
+        Jv = self.jvp(V)  # [K, cols, N, C]
         K, cols, N, C = Jv.shape
         flat = Jv.permute(0, 2, 1, 3).reshape(K, N, cols * C)
         HJv = torch.einsum("nab,knb->kna", self.H, flat).reshape(K, N, cols, C).permute(0, 2, 1, 3)
@@ -363,12 +391,16 @@ class _Term:
 
 def _check_terms(terms):
     if isinstance(terms, tuple) and len(terms) == 2 and callable(terms[0]):
-        raise TypeError("terms must be a list of (loss_fn, inputs) pairs; wrap a single term in a list: [(loss_fn, inputs)]")
+        raise TypeError(
+            "terms must be a list of (loss_fn, inputs) pairs; wrap a single term in a list: [(loss_fn, inputs)]"
+        )
     if not isinstance(terms, (list, tuple)) or not terms:
         raise TypeError(f"terms must be a non-empty list of (loss_fn, inputs) pairs, got {terms!r:.80}")
     for j, term in enumerate(terms):
         if not (isinstance(term, (list, tuple)) and len(term) == 2 and isinstance(term[1], torch.Tensor)):
-            raise TypeError(f"terms[{j}] must be a (loss_fn, inputs) pair with inputs a tensor [N, d], got {term!r:.80}")
+            raise TypeError(
+                f"terms[{j}] must be a (loss_fn, inputs) pair with inputs a tensor [N, d], got {term!r:.80}"
+            )
     return list(terms)
 
 
@@ -415,7 +447,9 @@ class GramianOperator:
         self.damping = _check_damping(damping)
         model = unwrap(model)
         with torch.no_grad():
-            self._terms = [_Term(model, loss_fn, inputs, dims, params, backend) for loss_fn, inputs in _check_terms(terms)]
+            self._terms = [
+                _Term(model, loss_fn, inputs, dims, params, backend) for loss_fn, inputs in _check_terms(terms)
+            ]
         first = self._terms[0].call
         P = sum(self._terms[0].sizes)
         self.shape = (P, P)
@@ -424,8 +458,10 @@ class GramianOperator:
         self._versions = self._state()
 
     def __repr__(self):
-        return (f"GramianOperator(terms={len(self._terms)}, shape={self.shape}, damping={self.damping}, "
-                f"dtype={self.dtype}, native={all(t.native for t in self._terms)})")
+        return (
+            f"GramianOperator(terms={len(self._terms)}, shape={self.shape}, damping={self.damping}, "
+            f"dtype={self.dtype}, native={all(t.native for t in self._terms)})"
+        )
 
     def _state(self):
         seen = [t for term in self._terms for t in (*term.call.tensors, term.inputs)]
@@ -433,8 +469,10 @@ class GramianOperator:
 
     def _check_current(self):
         if self._state() != self._versions:
-            raise ValueError("the model's parameters or the points changed since this GramianOperator was built; "
-                             "build a new one at the new parameters")
+            raise ValueError(
+                "the model's parameters or the points changed since this GramianOperator was built; "
+                "build a new one at the new parameters"
+            )
 
     @property
     def loss(self):
@@ -464,8 +502,13 @@ class GramianOperator:
         rows = sum(t.jet.shape[1] * t.jet.shape[0] * t.jet.shape[2] for t in self._terms)
         widest = max(max(W.numel() for W in t.passes.weights) if t.native else 1 for t in self._terms)
         nbytes = int((rows * self.shape[0] * 2 + extra) * es * 1.2 + rows * widest * es)
-        _check_memory(f"GramianOperator.{what}() with {rows} point rows x {self.shape[0]} parameters", nbytes,
-                      self._terms[0].inputs, self.max_bytes, "use fewer points, or the products (G @ v)")
+        _check_memory(
+            f"GramianOperator.{what}() with {rows} point rows x {self.shape[0]} parameters",
+            nbytes,
+            self._terms[0].inputs,
+            self.max_bytes,
+            "use fewer points, or the products (G @ v)",
+        )
 
     def _factors(self):
         """Per term, the factor rows (B+, B-) with the term's Gramian = B+^T B+ - B-^T B-: per point and
@@ -475,13 +518,13 @@ class GramianOperator:
         self._check_current()
         for t in self._terms:
             cols, N, C = t.jet.shape
-            lam, Q = torch.linalg.eigh(t.H)                          # [N, c] ascending, [N, c, c]
+            lam, Q = torch.linalg.eigh(t.H)  # [N, c] ascending, [N, c, c]
             tol = lam.abs().amax().clamp_min(torch.finfo(lam.dtype).tiny) * lam.shape[-1] * torch.finfo(lam.dtype).eps
             pos, neg = [], []
             for j in range(lam.shape[1]):
                 for mask, out in ((lam[:, j] > tol, pos), (lam[:, j] < -tol, neg)):
                     if bool(mask.any()):
-                        G = Q[:, :, j] * lam[:, j].abs().sqrt()[:, None]          # [N, c]: each point its own
+                        G = Q[:, :, j] * lam[:, j].abs().sqrt()[:, None]  # [N, c]: each point its own
                         out.append(t.rows(G.reshape(N, cols, C).permute(1, 0, 2)[None])[0][mask])
             empty = t.jet.new_zeros(0, self.shape[0])
             yield (torch.cat(pos) if pos else empty), (torch.cat(neg) if neg else empty)
@@ -511,8 +554,10 @@ class GramianOperator:
         rows = []
         for pos, neg in self._factors():
             if neg.shape[0]:
-                raise ValueError("a point's Hessian of the loss in (u, grad_u, lap_u) has a negative eigenvalue: the "
-                                 "Gramian is not B^T B for real rows B (use dense() or the products)")
+                raise ValueError(
+                    "a point's Hessian of the loss in (u, grad_u, lap_u) has a negative eigenvalue: the "
+                    "Gramian is not B^T B for real rows B (use dense() or the products)"
+                )
             rows.append(pos)
         return torch.cat(rows)
 

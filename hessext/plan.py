@@ -5,6 +5,7 @@ every call that it still describes the model and loss as they are now.
 words, what keeps it off the native path (None when native). The cache holds each model weakly (a
 model passed to hessext is freed like any other) and re-captures when `guard.ModelState` or the
 loss key says the model or loss changed; captures run under a lock and patch nothing global."""
+
 import threading
 import weakref
 from typing import Optional
@@ -16,7 +17,7 @@ from hessext.compiled import unwrap
 
 BACKENDS = ("auto", "native", "torch.func")
 _CACHE_PER_MODEL = 8
-_cache = weakref.WeakKeyDictionary()   # model -> _Entry
+_cache = weakref.WeakKeyDictionary()  # model -> _Entry
 _lock = threading.RLock()
 
 
@@ -45,24 +46,30 @@ class Plan:
         if self.stack is not None:
             index = {name: j for j, name in enumerate(self.param_names)}
             order = [p for layer in self.stack.layers for p in (layer.weight, layer.bias) if p]
-            self.stack_order = [index[p] for p in order]   # stack slot -> named_parameters position
+            self.stack_order = [index[p] for p in order]  # stack slot -> named_parameters position
             self.weight_pos = [index[layer.weight] for layer in self.stack.layers]
             self.bias_pos = [index[layer.bias] if layer.bias else None for layer in self.stack.layers]
             self._shapes = {}
             self.batch_layouts = {}  # (inputs.shape, targets.shape) -> inputs.native_batch's layout
-            self.peaks = {}          # (rows, mode, element size, threads) -> hessians._jet_peak's bytes
+            self.peaks = {}  # (rows, mode, element size, threads) -> hessians._jet_peak's bytes
         if reason is None:  # the kernels' description: (activations, act_params, loss, loss_param)
             acts = self.stack.activations
-            self.spec = ([a.kind for a in acts], [p for a in acts for p in (a.p0, a.p1)], self.loss.kind,
-                         self.loss.param)
+            self.spec = (
+                [a.kind for a in acts],
+                [p for a in acts for p in (a.p0, a.p1)],
+                self.loss.kind,
+                self.loss.param,
+            )
 
     def ggn_reason(self):
         """Why the GGN of this model and loss is not native, or None: the plan's reason, or the split
         at a final LogSoftmax, where the NLL is linear in the model's output so the GGN there is zero
         (the kernels' split at the logits would differ); torch.func computes it."""
         if self.reason is None and self.stack.log_softmax is not None:
-            return ("the model ends in LogSoftmax, where the GGN (J^T H_out J at the model's output) is zero; "
-                    "use CrossEntropyLoss on the logits for the softmax GGN")
+            return (
+                "the model ends in LogSoftmax, where the GGN (J^T H_out J at the model's output) is zero; "
+                "use CrossEntropyLoss on the logits for the softmax GGN"
+            )
         return self.reason
 
     def __repr__(self):
@@ -95,8 +102,10 @@ def plan(model, loss_fn):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError(f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script or trace), "
-                        "whose parameters torch.func cannot substitute; pass the nn.Module it was made from")
+        raise TypeError(
+            f"model is a TorchScript module ({type(model).__name__}, from torch.jit.script or trace), "
+            "whose parameters torch.func cannot substitute; pass the nn.Module it was made from"
+        )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     key, loss_state = guard.loss_key(loss_fn)

@@ -1,5 +1,6 @@
 """Shared test cases: random Linear/Tanh stacks, the two seed models, devices and dtypes, and a
 comparison that reports the largest error and where it is."""
+
 import torch
 import torch.nn as nn
 
@@ -88,9 +89,10 @@ def assert_close(actual, expected, rtol, what="", floor=1e-30):
     worst = err.max().item()
     if worst > rtol * scale + 1e-300:
         where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-        raise AssertionError(f"{what}: max error {worst:.3e} at {where} (actual {actual[where].item():.6e}, "
-                             f"expected {expected[where].item():.6e}), allowed {rtol:.1e} x {scale:.3e}")
-
+        raise AssertionError(
+            f"{what}: max error {worst:.3e} at {where} (actual {actual[where].item():.6e}, "
+            f"expected {expected[where].item():.6e}), allowed {rtol:.1e} x {scale:.3e}"
+        )
 
 
 def flat_params(model):

@@ -10,6 +10,7 @@ that the loops vectorise) against torch's, at every instruction set this CPU run
 - phi' and phi'' are the rows' formulas of the value (1 - a^2, -2 a (1 - a^2); a (1 - a), ...), within
   2e-15 of the same formulas on torch's value (the formulas' slopes in a are at most 4: 4 times the
   value's bound); NaN stays NaN."""
+
 import pytest
 import torch
 
@@ -17,8 +18,12 @@ from hessext import _native
 from hessext.capture import SIGMOID, TANH
 
 C = _native.load()
-GRID = torch.cat([torch.linspace(-30, 30, 600_001, dtype=torch.float64),
-                  torch.randn(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-3])
+GRID = torch.cat(
+    [
+        torch.linspace(-30, 30, 600_001, dtype=torch.float64),
+        torch.randn(20_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-3,
+    ]
+)
 
 
 @pytest.fixture(params=["baseline", "avx2", "avx512"])

@@ -1,5 +1,6 @@
 """hessext.bench on tiny sizes (CPU, fast): JSON schema, wrong methods flagged and not timed,
 missing optional peers skipped with a note, plots written as PNG, the command line."""
+
 import builtins
 import json
 
@@ -14,7 +15,9 @@ TINY = dict(architectures=[[3, 5, 2]], batches=[6], min_run_time=0.002, progress
 def test_report_schema_and_checks():
     report = bench.run(["hvp", "diagonal", "laplacian"], methods=["hessext", "torch.func", "double-backward"], **TINY)
     assert set(report) == {"environment", "dtype", "k", "cases", "notes"}
-    assert {"date", "device", "torch", "cuda", "threads", "python", "git_commit", "hessext_native"} <= set(report["environment"])
+    assert {"date", "device", "torch", "cuda", "threads", "python", "git_commit", "hessext_native"} <= set(
+        report["environment"]
+    )
     assert report["dtype"] == "float64"
     assert [c["quantity"] for c in report["cases"]] == ["hvp", "diagonal", "laplacian"]
     for case in report["cases"]:
@@ -55,8 +58,28 @@ def test_missing_peers_are_skipped_with_a_note(monkeypatch):
 def test_plot_is_a_png_and_cli(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out, png, md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
-    bench.main(["--quantities", "hvp", "--widths", "2,3,1", "--widths", "2,6,1", "--batch", "4,8", "--methods",
-                "hessext,double-backward", "--min-run-time", "0.002", "--out", str(out), "--plot", str(png), "--md", str(md)])
+    bench.main(
+        [
+            "--quantities",
+            "hvp",
+            "--widths",
+            "2,3,1",
+            "--widths",
+            "2,6,1",
+            "--batch",
+            "4,8",
+            "--methods",
+            "hessext,double-backward",
+            "--min-run-time",
+            "0.002",
+            "--out",
+            str(out),
+            "--plot",
+            str(png),
+            "--md",
+            str(md),
+        ]
+    )
     report = json.loads(out.read_text())
     assert len(report["cases"]) == 4
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,7 +102,9 @@ def test_cli_defaults_shown_nothing_written_unasked(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         bench.main(["--help"])
     assert "(default: 0.5)" in capsys.readouterr().out
-    bench.main(["--quantities", "hvp", "--widths", "2,3,1", "--batch", "4", "--methods", "hessext", "--min-run-time", "0.002"])
+    bench.main(
+        ["--quantities", "hvp", "--widths", "2,3,1", "--batch", "4", "--methods", "hessext", "--min-run-time", "0.002"]
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -105,10 +130,19 @@ def test_peak_memory_is_the_methods_own():
 
 
 def test_markdown_cells_stay_on_one_line():
-    report = {"environment": {"date": "d", "device": "cpu", "threads": 2, "torch": "t", "git_commit": "c"},
-              "dtype": "float64", "notes": ["a\nmulti-line | note"],
-              "cases": [{"quantity": "hvp", "widths": [1, 2], "batch": 3,
-                         "methods": {"x": {"status": "failed", "note": "Error: one\n  two | three"}}}]}
+    report = {
+        "environment": {"date": "d", "device": "cpu", "threads": 2, "torch": "t", "git_commit": "c"},
+        "dtype": "float64",
+        "notes": ["a\nmulti-line | note"],
+        "cases": [
+            {
+                "quantity": "hvp",
+                "widths": [1, 2],
+                "batch": 3,
+                "methods": {"x": {"status": "failed", "note": "Error: one\n  two | three"}},
+            }
+        ],
+    }
     md = bench.markdown(report)
     assert "| hvp | 1,2 | 3 | x | n/a | |  | Error: one two \\| three |" in md
     assert "- a multi-line \\| note" in md
@@ -140,6 +174,7 @@ def test_jax_peer_missing_or_failing(monkeypatch):
 def test_a_failing_peer_leaves_no_forward_ad_level_behind():
     """A peer that fails inside forward-mode AD (as torch.compile of a jvp can) must not break the
     later cases, whose references use nested jvp."""
+
     def leaks(pb):
         def run():
             torch.autograd.forward_ad.enter_dual_level()
@@ -147,7 +182,8 @@ def test_a_failing_peer_leaves_no_forward_ad_level_behind():
 
         return run
 
-    report = bench.run(["laplacian", "laplacian"], methods=["hessext"], extra_methods={"laplacian": {"leaky": leaks}},
-                       **TINY)
+    report = bench.run(
+        ["laplacian", "laplacian"], methods=["hessext"], extra_methods={"laplacian": {"leaky": leaks}}, **TINY
+    )
     assert [c["methods"]["leaky"]["status"] for c in report["cases"]] == ["failed", "failed"]
     assert all(c["methods"]["hessext"]["status"] == "ok" for c in report["cases"])

@@ -5,6 +5,7 @@ ATen's products with the reason in `hessext.info`, products cut into row pieces 
 path equal the whole, and every native op gives the same answers on
 either BLAS. Tolerances: 1e-12 relative (float64) and 1e-5 (float32) between two BLAS libraries,
 which sum the products in different orders."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -38,20 +39,25 @@ def operands(dtype):
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
     big = r(40, 70)
     return [
-        (r(33, 17), r(17, 9)),                       # contiguous
-        (r(17, 33).t(), r(9, 17).t()),               # both transposed
-        (big[3:36, 5:22], big[:17, 30:39]),          # views with a long row stride
-        (r(1, 17), r(17, 9)), (r(33, 1), r(1, 9)),   # size-1 sides
-        (r(33, 17), r(17, 1)), (r(1, 1), r(1, 1)),
-        (r(8, 2, 5)[:, 1, :], r(5, 6)),              # a row stride that is not the row length
-        (r(6, 4).expand(6, 4)[::2], r(4, 3)),        # every other row
-        (r(0, 5), r(5, 4)), (r(4, 0), r(0, 3)), (r(4, 5), r(5, 0)),  # empty
-        (r(300, 120), r(120, 200)),                  # large enough to be split over threads
+        (r(33, 17), r(17, 9)),  # contiguous
+        (r(17, 33).t(), r(9, 17).t()),  # both transposed
+        (big[3:36, 5:22], big[:17, 30:39]),  # views with a long row stride
+        (r(1, 17), r(17, 9)),
+        (r(33, 1), r(1, 9)),  # size-1 sides
+        (r(33, 17), r(17, 1)),
+        (r(1, 1), r(1, 1)),
+        (r(8, 2, 5)[:, 1, :], r(5, 6)),  # a row stride that is not the row length
+        (r(6, 4).expand(6, 4)[::2], r(4, 3)),  # every other row
+        (r(0, 5), r(5, 4)),
+        (r(4, 0), r(0, 3)),
+        (r(4, 5), r(5, 0)),  # empty
+        (r(300, 120), r(120, 200)),  # large enough to be split over threads
         (r(120, 300).t(), r(200, 120).t()),
         # over 10^6 multiply-adds: row pieces on OpenBLAS's small-matrix path (gemm.cpp), uneven ones,
-        (r(1000, 64), r(64, 63)), (r(64, 1001).t(), r(64, 64)),
-        (r(1000, 64), r(64, 80)[:, 3:67].t()),       # B transposed with a long row stride: copied first
-        (r(40, 60), r(900, 60).t()),                 # C split by columns, then row pieces of each part
+        (r(1000, 64), r(64, 63)),
+        (r(64, 1001).t(), r(64, 64)),
+        (r(1000, 64), r(64, 80)[:, 3:67].t()),  # B transposed with a long row stride: copied first
+        (r(40, 60), r(900, 60).t()),  # C split by columns, then row pieces of each part
     ]
 
 
@@ -68,7 +74,9 @@ def row_pieces():
 def test_products_equal_aten(dtype, pieces, blas_choice, row_pieces):
     assert blas_choice("openblas").startswith("OpenBLAS")
     row_pieces(pieces)
-    assert C.row_pieces_on() == (pieces and any(t in C.blas_name() for t in ("SkylakeX", "Cooperlake", "SapphireRapids")))
+    assert C.row_pieces_on() == (
+        pieces and any(t in C.blas_name() for t in ("SkylakeX", "Cooperlake", "SapphireRapids"))
+    )
     for A, B in operands(dtype):
         what = f"{tuple(A.shape)} strides {A.stride()} x {tuple(B.shape)} strides {B.stride()}"
         same(C.mm(A, B), A @ B, TOL[dtype], "mm " + what)
@@ -155,13 +163,22 @@ def test_kernels_follow_torchs_cpu_capability(env):
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("the SkylakeX kernels need AVX-512")
     if not _blas._wheel():
-        pytest.skip("numpy's own OpenBLAS copy keeps the kernels it chose when numpy was imported, before hessext "
-                    "loads it; the choice needs the scipy-openblas64 wheel")
-    code = ("import torch; from hessext import _native, _blas; C = _native.load(); "
-            "A, B = torch.randn(300, 200, dtype=torch.float64), torch.randn(200, 100, dtype=torch.float64); "
-            "print(_blas.status()['name']); print(float((C.mm(A, B) - A @ B).abs().max() / (A @ B).abs().max()))")
+        pytest.skip(
+            "numpy's own OpenBLAS copy keeps the kernels it chose when numpy was imported, before hessext "
+            "loads it; the choice needs the scipy-openblas64 wheel"
+        )
+    code = (
+        "import torch; from hessext import _native, _blas; C = _native.load(); "
+        "A, B = torch.randn(300, 200, dtype=torch.float64), torch.randn(200, 100, dtype=torch.float64); "
+        "print(_blas.status()['name']); print(float((C.mm(A, B) - A @ B).abs().max() / (A @ B).abs().max()))"
+    )
     clean = {k: v for k, v in os.environ.items() if "CORETYPE" not in k}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(clean, HESSEXT_BLAS="openblas", **env))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(clean, HESSEXT_BLAS="openblas", **env),
+    )
     name, err = out.stdout.strip().splitlines()[-2:]
     assert "SkylakeX kernels" in name and float(err) < 1e-13, out.stdout + out.stderr

@@ -1,4 +1,5 @@
 """What the capture recognises as a native stack, and the reasons it gives when it does not."""
+
 import functools
 
 import pytest
@@ -30,34 +31,61 @@ class Skip(nn.Module):
         return self.b(torch.tanh(self.a(x)) + x)
 
 
-@pytest.mark.parametrize("model,loss_fn", [
-    (TinyTanhModel(), tiny_tanh_loss),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss()),
-    (nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Linear(3, 2)), F.mse_loss),
-    (Functional(), functools.partial(F.mse_loss, reduction="sum")),
-    (nn.Linear(3, 2), lambda out, tgt: ((tgt - out) ** 2).sum()),
-    (nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.0), nn.Linear(3, 1)), lambda o, t: F.mse_loss(o, t, reduction="sum")),
-], ids=["tiny", "sequential", "flatten-input", "functional-tanh", "lone-linear", "dropout0-lambda"])
+@pytest.mark.parametrize(
+    "model,loss_fn",
+    [
+        (TinyTanhModel(), tiny_tanh_loss),
+        (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss()),
+        (nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Linear(3, 2)), F.mse_loss),
+        (Functional(), functools.partial(F.mse_loss, reduction="sum")),
+        (nn.Linear(3, 2), lambda out, tgt: ((tgt - out) ** 2).sum()),
+        (
+            nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.0), nn.Linear(3, 1)),
+            lambda o, t: F.mse_loss(o, t, reduction="sum"),
+        ),
+    ],
+    ids=["tiny", "sequential", "flatten-input", "functional-tanh", "lone-linear", "dropout0-lambda"],
+)
 def test_native_models(model, loss_fn):
     plan = hessext.plan(model, loss_fn)
     assert plan.backend == "native", plan.reason
     assert plan.reason is None
 
 
-@pytest.mark.parametrize("model,loss_fn,reason", [
-    (nn.Sequential(nn.Linear(2, 3), nn.Softsign(), nn.Linear(3, 1)), nn.MSELoss(), r"'softsign' after Linear '0' has no native kernel"),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)), nn.CrossEntropyLoss(weight=torch.ones(2)),
-     r"loss 'CrossEntropyLoss' uses a tensor .* a class weight"),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh()), nn.MSELoss(), r"ends in an activation"),
-    (Skip(), nn.MSELoss(), r"single chain"),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), nn.MSELoss(reduction="none"), r"does not return a scalar"),
-    (nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)), lambda o, t: (o - t).abs().mean(), r"no native kernel \(native: MSE"),
-], ids=["softsign", "weighted-cross-entropy", "final-tanh", "skip", "reduction-none", "l1"])
+@pytest.mark.parametrize(
+    "model,loss_fn,reason",
+    [
+        (
+            nn.Sequential(nn.Linear(2, 3), nn.Softsign(), nn.Linear(3, 1)),
+            nn.MSELoss(),
+            r"'softsign' after Linear '0' has no native kernel",
+        ),
+        (
+            nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)),
+            nn.CrossEntropyLoss(weight=torch.ones(2)),
+            r"loss 'CrossEntropyLoss' uses a tensor .* a class weight",
+        ),
+        (nn.Sequential(nn.Linear(2, 3), nn.Tanh()), nn.MSELoss(), r"ends in an activation"),
+        (Skip(), nn.MSELoss(), r"single chain"),
+        (
+            nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)),
+            nn.MSELoss(reduction="none"),
+            r"does not return a scalar",
+        ),
+        (
+            nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)),
+            lambda o, t: (o - t).abs().mean(),
+            r"no native kernel \(native: MSE",
+        ),
+    ],
+    ids=["softsign", "weighted-cross-entropy", "final-tanh", "skip", "reduction-none", "l1"],
+)
 def test_fallback_reasons(model, loss_fn, reason):
     plan = hessext.plan(model, loss_fn)
     assert plan.backend == "torch.func"
     assert plan.reason is not None
     import re
+
     assert re.search(reason, plan.reason), plan.reason
 
 
@@ -81,4 +109,8 @@ def test_the_table_codes_agree_with_the_kernels():
     assert tuple(activations) == capture.ACTIVATION_ROWS
     assert tuple(losses) == capture.LOSS_ROWS
     assert [capture.TANH, capture.ELU, capture.HUBER, capture.SOFTMAX_CE] == [
-        activations.index("tanh"), activations.index("elu"), losses.index("huber"), losses.index("softmax_cross_entropy")]
+        activations.index("tanh"),
+        activations.index("elu"),
+        losses.index("huber"),
+        losses.index("softmax_cross_entropy"),
+    ]

@@ -1,7 +1,8 @@
 """hessext under torch.compile: every public call traces with fullgraph=True (one op each) and equals
-the eager call (float64, 1e-12 relative), on the native path and on torch.func's; a torch.compile'd model passed to hessext is
-differentiated through the module it wraps, without recompiling or printing; a call that would need
+the eager call (float64, 1e-12 relative), on the native path and on torch.func's; a torch.compile'd model
+passed to hessext is differentiated through the module it wraps, without recompiling or printing; a call that would need
 a gradient under compile raises (fullgraph) or runs eagerly with its gradient (graph break)."""
+
 import contextlib
 import io
 
@@ -43,20 +44,24 @@ def every_call(model, x, y):
     v = [torch.ones_like(p) for p in model.parameters()]
     P = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        input_derivatives = (hessext.input_hessian(model, F.mse_loss, x, y),
-                             hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True),
-                             hessext.laplacian(model, x), hessext.laplacian(model, x, dims=[0, 2]),
-                             hessext.value_gradient_laplacian(model, x, dims=[1]))
-    return (hessext.hvp(model, F.mse_loss, x, y, v),
-            hessext.hvp(model, F.mse_loss, x, y, torch.ones(3, P, dtype=x.dtype)),
-            hessext.ggn_vp(model, F.mse_loss, x, y, dict(zip(names, v))),
-            hessext.hessian_diag(model, F.mse_loss, x, y),
-            hessext.ggn_diag(model, F.mse_loss, x, y, per_sample=isinstance(model[1], nn.Tanh)),  # native only
-            hessext.hessian(model, F.mse_loss, x, y, output="matrix"),
-            hessext.hessian(model, F.mse_loss, x, y),
-            hessext.hessian(model, F.mse_loss, x, y, blocks="layer"),
-            hessext.hvp(model, F.mse_loss, x, y, {"4.weight": v[4]}, params={"4.weight": model[4].weight}),
-            ) + input_derivatives
+        input_derivatives = (
+            hessext.input_hessian(model, F.mse_loss, x, y),
+            hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True),
+            hessext.laplacian(model, x),
+            hessext.laplacian(model, x, dims=[0, 2]),
+            hessext.value_gradient_laplacian(model, x, dims=[1]),
+        )
+    return (
+        hessext.hvp(model, F.mse_loss, x, y, v),
+        hessext.hvp(model, F.mse_loss, x, y, torch.ones(3, P, dtype=x.dtype)),
+        hessext.ggn_vp(model, F.mse_loss, x, y, dict(zip(names, v))),
+        hessext.hessian_diag(model, F.mse_loss, x, y),
+        hessext.ggn_diag(model, F.mse_loss, x, y, per_sample=isinstance(model[1], nn.Tanh)),  # native only
+        hessext.hessian(model, F.mse_loss, x, y, output="matrix"),
+        hessext.hessian(model, F.mse_loss, x, y),
+        hessext.hessian(model, F.mse_loss, x, y, blocks="layer"),
+        hessext.hvp(model, F.mse_loss, x, y, {"4.weight": v[4]}, params={"4.weight": model[4].weight}),
+    ) + input_derivatives
 
 
 def test_every_call_compiles_with_fullgraph(problem):
@@ -89,12 +94,20 @@ def test_a_result_that_needs_a_gradient(problem):
     with pytest.raises(Exception, match="carry a gradient, which hessext's op under torch.compile cannot"):
         torch.compile(lambda x: hessext.laplacian(model, x), fullgraph=True)(x)
     with pytest.raises(Exception, match="create_graph=True needs eager mode"):
-        torch.compile(lambda x: hessext.hvp(model, F.mse_loss, x, y, [torch.ones_like(p) for p in model.parameters()],
-                                            create_graph=True), fullgraph=True)(x)
+        torch.compile(
+            lambda x: hessext.hvp(
+                model, F.mse_loss, x, y, [torch.ones_like(p) for p in model.parameters()], create_graph=True
+            ),
+            fullgraph=True,
+        )(x)
     u, g, lap = torch.compile(lambda x: hessext.value_gradient_laplacian(model, x, dims=[0]))(x)
     ref = hessext.value_gradient_laplacian(model, x, dims=[0])
-    assert_close(torch.autograd.grad((g ** 2).sum(), model[0].weight)[0],
-                 torch.autograd.grad((ref[1] ** 2).sum(), model[0].weight)[0], 1e-12, "through a compiled gradient")
+    assert_close(
+        torch.autograd.grad((g**2).sum(), model[0].weight)[0],
+        torch.autograd.grad((ref[1] ** 2).sum(), model[0].weight)[0],
+        1e-12,
+        "through a compiled gradient",
+    )
     lap = torch.compile(lambda x: hessext.laplacian(model, x))(x)  # a graph break: eager, with its gradient
     g = torch.autograd.grad(lap.sum(), model[0].weight)[0]
     ref = torch.autograd.grad(hessext.laplacian(model, x).sum(), model[0].weight)[0]

@@ -6,6 +6,7 @@ both CPU paths (fused per-sample loops and GEMMs). Tolerances (relative to the l
 entry): tests/cases.py RTOL, 1e-10 for float64 and 2e-4 for float32 (input Hessians: relative to at
 least 1e-5, since a softmax that is nearly one-hot leaves float32 entries of 1e-7); native invariants
 (hessian @ v == hvp, diag(hessian) == hessian_diag, symmetry) to 1e-12 in float64."""
+
 import copy
 import random
 
@@ -20,18 +21,26 @@ import hessext
 from cases import DEVICES, DTYPES, RTOL, as_dict_flat, assert_close, reference_ggn, reference_hessian, to_flat
 
 ACTIVATIONS = {
-    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.2), "sigmoid": nn.Sigmoid, "silu": nn.SiLU,
-    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.2),
+    "sigmoid": nn.Sigmoid,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "softplus": lambda: nn.Softplus(beta=2.0, threshold=1.0),  # both branches on a randn batch
-    "elu": lambda: nn.ELU(0.7), "tanh": nn.Tanh, "identity": nn.Identity,
+    "elu": lambda: nn.ELU(0.7),
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
 }
 LOSSES = ["mse", "huber", "bce", "ce", "ce-probs", "ce-smooth", "ce-ignore", "nll"]
 
 
 def make_loss(kind, reduction):
     return {
-        "mse": nn.MSELoss(reduction=reduction), "huber": nn.HuberLoss(reduction=reduction, delta=0.5),
-        "bce": nn.BCEWithLogitsLoss(reduction=reduction), "ce": nn.CrossEntropyLoss(reduction=reduction),
+        "mse": nn.MSELoss(reduction=reduction),
+        "huber": nn.HuberLoss(reduction=reduction, delta=0.5),
+        "bce": nn.BCEWithLogitsLoss(reduction=reduction),
+        "ce": nn.CrossEntropyLoss(reduction=reduction),
         "ce-probs": nn.CrossEntropyLoss(reduction=reduction),
         "ce-smooth": nn.CrossEntropyLoss(reduction=reduction, label_smoothing=0.1),
         "ce-ignore": nn.CrossEntropyLoss(reduction=reduction, ignore_index=1),
@@ -94,17 +103,27 @@ def test_every_row_through_every_op(case, dtype, path):
     V = torch.randn(3, P, dtype=torch.float64, generator=torch.Generator().manual_seed(case))
     rtol = RTOL[dtype]
     assert_close(hessext.hvp(model, loss, x, y, V.to(dtype), backend="native"), V @ H, rtol, f"hvp {tag}")
-    assert_close(as_dict_flat(hessext.hessian_diag(model, loss, x, y, backend="native"), names), torch.diagonal(H),
-                 rtol, f"diag {tag}")
+    assert_close(
+        as_dict_flat(hessext.hessian_diag(model, loss, x, y, backend="native"), names),
+        torch.diagonal(H),
+        rtol,
+        f"diag {tag}",
+    )
     assert_close(hessext.hessian(model, loss, x, y, output="matrix", backend="native"), H, rtol, f"hessian {tag}")
     per = hessext.hessian_diag(model, loss, x, y, per_sample=True, backend="native")
     assert all(t.shape[0] == x.shape[0] for t in per.values())
-    assert_close(as_dict_flat({k: t.sum(0) for k, t in per.items()}, names), torch.diagonal(H), rtol, f"per-sample {tag}")
+    assert_close(
+        as_dict_flat({k: t.sum(0) for k, t in per.items()}, names), torch.diagonal(H), rtol, f"per-sample {tag}"
+    )
     if not isinstance(loss, nn.NLLLoss):  # after LogSoftmax the GGN at the model output is zero: torch.func's
         G = reference_ggn(model, loss, x, y)
         assert_close(hessext.ggn_vp(model, loss, x, y, V.to(dtype), backend="native"), V @ G, rtol, f"ggn_vp {tag}")
-        assert_close(as_dict_flat(hessext.ggn_diag(model, loss, x, y, backend="native"), names), torch.diagonal(G),
-                     rtol, f"ggn diag {tag}")
+        assert_close(
+            as_dict_flat(hessext.ggn_diag(model, loss, x, y, backend="native"), names),
+            torch.diagonal(G),
+            rtol,
+            f"ggn diag {tag}",
+        )
 
 
 @pytest.mark.parametrize("case", range(16))
@@ -122,7 +141,9 @@ def test_native_invariants(case):
 @pytest.mark.parametrize("case", range(16))
 def test_input_hessian_and_laplacian_of_every_row(case, dtype):
     model, loss, x, y, tag = random_case(case, dtype)
-    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    model.requires_grad_(
+        False
+    )  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     m64 = copy.deepcopy(model).double()
     x64 = x.double()
     y64 = y.double() if y.is_floating_point() else y
@@ -131,13 +152,19 @@ def test_input_hessian_and_laplacian_of_every_row(case, dtype):
     got = hessext.input_hessian(model, loss, x, y, backend="native")
     floor = 1e-5 if dtype == torch.float32 else 1e-30
     assert_close(got, ref, RTOL[dtype], f"input Hessian {tag}", floor)
-    assert_close(hessext.input_hessian(model, loss, x, y, diagonal=True, backend="native"),
-                 torch.diagonal(ref, dim1=1, dim2=2), RTOL[dtype], f"input diagonal {tag}", floor)
+    assert_close(
+        hessext.input_hessian(model, loss, x, y, diagonal=True, backend="native"),
+        torch.diagonal(ref, dim1=1, dim2=2),
+        RTOL[dtype],
+        f"input diagonal {tag}",
+        floor,
+    )
     if isinstance(loss, nn.NLLLoss):
         return  # the Laplacian of a log-softmax output is not a stack output the kernels serve
     out_h = vmap(jacfwd(jacrev(lambda xm: m64(xm[None])[0])))(x64)
-    assert_close(hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), RTOL[dtype],
-                 f"Laplacian {tag}")
+    assert_close(
+        hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), RTOL[dtype], f"Laplacian {tag}"
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -163,8 +190,15 @@ def test_each_activation_closed_form(name, device):
         assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (name, z0, got, want)
 
 
-@pytest.mark.parametrize("name,module", [("relu", nn.ReLU()), ("leaky_relu", nn.LeakyReLU(0.3)), ("elu", nn.ELU(0.5)),
-                                         ("softplus", nn.Softplus(beta=1.0, threshold=0.0))])
+@pytest.mark.parametrize(
+    "name,module",
+    [
+        ("relu", nn.ReLU()),
+        ("leaky_relu", nn.LeakyReLU(0.3)),
+        ("elu", nn.ELU(0.5)),
+        ("softplus", nn.Softplus(beta=1.0, threshold=0.0)),
+    ],
+)
 def test_kinks_follow_autograd(name, module):
     """At z = 0 exactly (zero weights), and at Softplus's threshold, the kernels take autograd's branch."""
     model = nn.Sequential(nn.Linear(2, 3), module, nn.Linear(3, 2)).double()
@@ -174,8 +208,9 @@ def test_kinks_follow_autograd(name, module):
     x, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
     H = reference_hessian(model, nn.MSELoss(), x, y)
     assert_close(hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", backend="native"), H, 1e-12, name)
-    assert_close(as_dict_flat(hessext.hessian_diag(model, nn.MSELoss(), x, y), names_of(model)), torch.diagonal(H),
-                 1e-12, name)
+    assert_close(
+        as_dict_flat(hessext.hessian_diag(model, nn.MSELoss(), x, y), names_of(model)), torch.diagonal(H), 1e-12, name
+    )
 
 
 def test_functional_forms_and_methods_are_native():
@@ -197,20 +232,39 @@ def test_functional_forms_and_methods_are_native():
     assert plan.spec[0] == [7, 2, 8] and plan.spec[1] == [0.0, 0.0, 0.0, 0.0, 3.0, 5.0]
     H = reference_hessian(model, F.nll_loss, x, y)
     assert_close(hessext.hessian(model, F.nll_loss, x, y, output="matrix"), H, 1e-10, "functional")
-    assert_close(hessext.hvp(model, lambda o, t: 0.5 * F.cross_entropy(o, t, label_smoothing=0.2), x, y,
-                             torch.ones(H.shape[0], dtype=torch.float64)),
-                 reference_hessian(model, lambda o, t: 0.5 * F.cross_entropy(o, t, label_smoothing=0.2), x, y).sum(1),
-                 1e-10, "scaled smoothed cross-entropy")
+    assert_close(
+        hessext.hvp(
+            model,
+            lambda o, t: 0.5 * F.cross_entropy(o, t, label_smoothing=0.2),
+            x,
+            y,
+            torch.ones(H.shape[0], dtype=torch.float64),
+        ),
+        reference_hessian(model, lambda o, t: 0.5 * F.cross_entropy(o, t, label_smoothing=0.2), x, y).sum(1),
+        1e-10,
+        "scaled smoothed cross-entropy",
+    )
 
 
-@pytest.mark.parametrize("model,loss,why", [
-    (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.NLLLoss(), "NLLLoss needs log-probabilities"),
-    (nn.Sequential(nn.Linear(3, 2), nn.LogSoftmax(-1)), nn.MSELoss(), "ends in LogSoftmax"),
-    (nn.Sequential(nn.Linear(3, 2), nn.LogSoftmax(-1), nn.Flatten(0)), nn.NLLLoss(), "after the final log_softmax"),
-    (nn.Sequential(nn.Linear(3, 2)), nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "a class weight"),
-    (nn.Sequential(nn.Linear(3, 2)), nn.HuberLoss(delta=0.0), "delta > 0"),
-    (nn.Sequential(nn.Linear(3, 2), nn.Hardtanh(), nn.Linear(2, 2)), nn.MSELoss(), "'hardtanh' after Linear '0'"),
-], ids=["nll-without-log-softmax", "log-softmax-mse", "after-log-softmax", "pos-weight", "huber-zero-delta", "hardtanh"])
+@pytest.mark.parametrize(
+    "model,loss,why",
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.NLLLoss(), "NLLLoss needs log-probabilities"),
+        (nn.Sequential(nn.Linear(3, 2), nn.LogSoftmax(-1)), nn.MSELoss(), "ends in LogSoftmax"),
+        (nn.Sequential(nn.Linear(3, 2), nn.LogSoftmax(-1), nn.Flatten(0)), nn.NLLLoss(), "after the final log_softmax"),
+        (nn.Sequential(nn.Linear(3, 2)), nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)), "a class weight"),
+        (nn.Sequential(nn.Linear(3, 2)), nn.HuberLoss(delta=0.0), "delta > 0"),
+        (nn.Sequential(nn.Linear(3, 2), nn.Hardtanh(), nn.Linear(2, 2)), nn.MSELoss(), "'hardtanh' after Linear '0'"),
+    ],
+    ids=[
+        "nll-without-log-softmax",
+        "log-softmax-mse",
+        "after-log-softmax",
+        "pos-weight",
+        "huber-zero-delta",
+        "hardtanh",
+    ],
+)
 def test_what_stays_with_torch_says_why(model, loss, why):
     plan = hessext.plan(model.double(), loss)
     assert plan.backend == "torch.func" and why in plan.reason, plan.reason
@@ -223,7 +277,9 @@ def test_class_targets_layouts_and_errors():
     ce = nn.CrossEntropyLoss()
     v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     # one unbatched sample: output [C], target a scalar index
-    assert_close(hessext.hvp(model, ce, x[0], t[0], v), reference_hessian(model, ce, x[0], t[0]) @ v, 1e-10, "unbatched")
+    assert_close(
+        hessext.hvp(model, ce, x[0], t[0], v), reference_hessian(model, ce, x[0], t[0]) @ v, 1e-10, "unbatched"
+    )
     # a [N, T, C] output reads the classes in dim 1: torch computes it
     x3 = torch.randn(2, 3, 3, dtype=torch.float64)
     t3 = torch.randint(0, 3, (2, 3))
@@ -266,19 +322,31 @@ def test_cross_entropy_ggn_is_the_softmax_fisher():
 
 
 def test_log_softmax_classifier_as_written_is_native():
-    """A log-softmax classifier: an MLP ending in LogSoftmax, nn.NLLLoss, the Hessian in the input and the weight diagonal."""
+    """A log-softmax classifier: an MLP ending in LogSoftmax, nn.NLLLoss, the Hessian in the input and the
+    weight diagonal."""
     from cases import log_softmax_classifier
 
     torch.manual_seed(0)
-    model = log_softmax_classifier().double().requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    model = (
+        log_softmax_classifier().double().requires_grad_(False)
+    )  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     x, y = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,))
     assert hessext.plan(model, nn.NLLLoss()).backend == "native"
     ref = func_hessian(lambda xx: nn.NLLLoss()(model(xx), y))(x)
     ref = torch.stack([ref[n, :, n, :] for n in range(64)])
-    assert_close(hessext.input_hessian(model, nn.NLLLoss(), x, y, backend="native"), ref, 1e-10, "log-softmax classifier input Hessian")
+    assert_close(
+        hessext.input_hessian(model, nn.NLLLoss(), x, y, backend="native"),
+        ref,
+        1e-10,
+        "log-softmax classifier input Hessian",
+    )
     H = reference_hessian(model, nn.NLLLoss(), x, y)
-    assert_close(as_dict_flat(hessext.hessian_diag(model, nn.NLLLoss(), x, y, backend="native"), names_of(model)),
-                 torch.diagonal(H), 1e-10, "log-softmax classifier diagonal")
+    assert_close(
+        as_dict_flat(hessext.hessian_diag(model, nn.NLLLoss(), x, y, backend="native"), names_of(model)),
+        torch.diagonal(H),
+        1e-10,
+        "log-softmax classifier diagonal",
+    )
 
 
 def test_flat_result_formats_unchanged_for_new_rows():

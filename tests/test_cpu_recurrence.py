@@ -4,12 +4,13 @@ torch's threads (csrc/cpu/row_blocks.h, csrc/cpu/hvp.cpp) and the per-thread scr
 
 - Row blocks (one vector) and vector blocks (K = 5: blocks of 1-3 vectors, run in chunks of one vector
   at N = 1000, whose [N, 1, 80] intermediates exceed half of a 1 MB L2, and in one chunk at N = 100):
-  HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks and short ones, against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in
-  float32).
+  HVPs, GGN-vector products and summed diagonals at 1, 2 and 3 threads, in tall blocks and short ones,
+  against the float64 torch.func reference (1e-10 relative in float64, 1e-4 in float32).
 - The arena: reusing it from call to call never changes an answer and never hands a caller memory
   that a later call writes; it grows to the largest call and stays within its cap; concurrent Python
   threads each use their own. Tolerance 1e-14 relative between two calls of the same op on the same
   data (the same products in the same order; only the memory they run in differs)."""
+
 import threading
 
 import torch
@@ -52,16 +53,22 @@ def test_row_blocks_match_reference(threads, n, K, dtype):
     V = {k: torch.randn((K,) + p.shape, generator=g, dtype=torch.float64) for k, p in model.named_parameters()}
     m64 = build_stack([12, 80, 80, 3], [True] * 3, ["tanh"] * 2, seed=n + K)
     p64 = {k: p.detach() for k, p in m64.named_parameters()}
-    ref = {"hvp": fallback.hvp(m64, loss_fn, x.double(), y.double(), p64, V),
-           "ggn_vp": fallback.ggn_vp(m64, loss_fn, x.double(), y.double(), p64, V)}
+    ref = {
+        "hvp": fallback.hvp(m64, loss_fn, x.double(), y.double(), p64, V),
+        "ggn_vp": fallback.ggn_vp(m64, loss_fn, x.double(), y.double(), p64, V),
+    }
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for name, op in (("hvp", hessext.hvp), ("ggn_vp", hessext.ggn_vp)):
             got = op(model, loss_fn, x, y, {k: t.to(dtype) for k, t in V.items()}, backend="native")
             for k in V:
-                assert_close(got[k].double(), ref[name][k], 1e-10 if dtype == torch.float64 else 1e-4,
-                             f"{name} {k}, N={n}, K={K}, {threads} threads, {dtype}")
+                assert_close(
+                    got[k].double(),
+                    ref[name][k],
+                    1e-10 if dtype == torch.float64 else 1e-4,
+                    f"{name} {k}, N={n}, K={K}, {threads} threads, {dtype}",
+                )
     finally:
         torch.set_num_threads(old)
 
@@ -141,7 +148,11 @@ def test_row_blocks_input_derivatives_match_reference(threads, dtype):
     loss = nn.MSELoss(reduction="sum")
     lap_ref = hessext.laplacian(model, x, backend="torch.func")
     hess_ref = hessext.input_hessian(model, loss, x, y, backend="torch.func")
-    model32, x32, y32 = model.to(dtype).requires_grad_(False), x.to(dtype), y.to(dtype)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    model32, x32, y32 = (
+        model.to(dtype).requires_grad_(False),
+        x.to(dtype),
+        y.to(dtype),
+    )  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -153,7 +164,9 @@ def test_row_blocks_input_derivatives_match_reference(threads, dtype):
         torch.set_num_threads(old)
     assert_close(lap.double(), lap_ref, tol, f"Laplacian, {threads} threads, {dtype}")
     assert_close(hess.double(), hess_ref, tol, f"input Hessian, {threads} threads, {dtype}")
-    assert_close(diag.double(), torch.diagonal(hess_ref, dim1=1, dim2=2), tol, f"input Hessian diagonal, {threads} threads")
+    assert_close(
+        diag.double(), torch.diagonal(hess_ref, dim1=1, dim2=2), tol, f"input Hessian diagonal, {threads} threads"
+    )
 
 
 @pytest.mark.parametrize("loss_name", ["mse", "cross_entropy"])
@@ -167,8 +180,15 @@ def test_row_chunks_match_reference(loss_name, K, threads):
     chunk's rows). HVPs and GGN-vector products against the float64 torch.func reference, 1e-10
     relative."""
     torch.manual_seed(K)
-    model = nn.Sequential(nn.Linear(7, 96), nn.Tanh(), nn.Linear(96, 96, bias=False), nn.ReLU(),
-                          nn.Linear(96, 90), nn.Sigmoid(), nn.Linear(90, 5)).double()
+    model = nn.Sequential(
+        nn.Linear(7, 96),
+        nn.Tanh(),
+        nn.Linear(96, 96, bias=False),
+        nn.ReLU(),
+        nn.Linear(96, 90),
+        nn.Sigmoid(),
+        nn.Linear(90, 5),
+    ).double()
     n = 700
     x = torch.randn(n, 7, dtype=torch.float64)
     if loss_name == "mse":

@@ -1,6 +1,7 @@
 """CUDA-only checks (skipped without a GPU): every op on both CUDA paths against the float64 CPU
 reference, a CUDA-graph capture of hessext.hvp, work on the current stream, and the input derivatives
 with the gradients through them (float32 within 10x the ops' tolerance)."""
+
 import copy
 
 import pytest
@@ -19,8 +20,14 @@ CUDA_RTOL = {torch.float32: 2e-4, torch.float64: 1e-10}
 def cuda_case(dtype, widths=(4, 9, 7, 3), n=33):
     cpu = build_stack(list(widths), [True, False, True], ["tanh", "tanh"])
     x, y = random_batch(widths[0], widths[-1], n)
-    return cpu, x, y, build_stack(list(widths), [True, False, True], ["tanh", "tanh"], dtype, "cuda"), \
-        x.to("cuda", dtype), y.to("cuda", dtype)
+    return (
+        cpu,
+        x,
+        y,
+        build_stack(list(widths), [True, False, True], ["tanh", "tanh"], dtype, "cuda"),
+        x.to("cuda", dtype),
+        y.to("cuda", dtype),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -30,17 +37,33 @@ def test_every_op_on_cuda_matches_cpu(dtype, path):
     names = [n for n, _ in cpu.named_parameters()]
     V = torch.randn(5, sum(p.numel() for p in cpu.parameters()), dtype=torch.float64)
     rtol = CUDA_RTOL[dtype]
-    assert_close(hessext.hvp(gpu, loss, xg, yg, V.to("cuda", dtype)), hessext.hvp(cpu, loss, x, y, V), rtol, f"hvp {path}")
-    assert_close(hessext.ggn_vp(gpu, loss, xg, yg, V.to("cuda", dtype)), hessext.ggn_vp(cpu, loss, x, y, V), rtol, "ggn_vp")
+    assert_close(
+        hessext.hvp(gpu, loss, xg, yg, V.to("cuda", dtype)), hessext.hvp(cpu, loss, x, y, V), rtol, f"hvp {path}"
+    )
+    assert_close(
+        hessext.ggn_vp(gpu, loss, xg, yg, V.to("cuda", dtype)), hessext.ggn_vp(cpu, loss, x, y, V), rtol, "ggn_vp"
+    )
     for fn in (hessext.hessian_diag, hessext.ggn_diag):
-        assert_close(as_dict_flat(fn(gpu, loss, xg, yg), names), as_dict_flat(fn(cpu, loss, x, y), names), rtol, fn.__name__)
+        assert_close(
+            as_dict_flat(fn(gpu, loss, xg, yg), names), as_dict_flat(fn(cpu, loss, x, y), names), rtol, fn.__name__
+        )
         per = fn(gpu, loss, xg, yg, per_sample=True)
-        assert_close(as_dict_flat({n: per[n].sum(0) for n in names}, names), as_dict_flat(fn(cpu, loss, x, y), names),
-                     rtol, f"{fn.__name__} per sample")
-    assert_close(hessext.hessian(gpu, loss, xg, yg, output="matrix"), hessext.hessian(cpu, loss, x, y, output="matrix"),
-                 rtol, "hessian")
+        assert_close(
+            as_dict_flat({n: per[n].sum(0) for n in names}, names),
+            as_dict_flat(fn(cpu, loss, x, y), names),
+            rtol,
+            f"{fn.__name__} per sample",
+        )
+    assert_close(
+        hessext.hessian(gpu, loss, xg, yg, output="matrix"),
+        hessext.hessian(cpu, loss, x, y, output="matrix"),
+        rtol,
+        "hessian",
+    )
     gpu.requires_grad_(False)  # frozen weights: input derivatives run natively
-    assert_close(hessext.input_hessian(gpu, loss, xg, yg), hessext.input_hessian(cpu, loss, x, y), rtol, "input_hessian")
+    assert_close(
+        hessext.input_hessian(gpu, loss, xg, yg), hessext.input_hessian(cpu, loss, x, y), rtol, "input_hessian"
+    )
     assert_close(hessext.laplacian(gpu, xg), hessext.laplacian(cpu, x), rtol, "laplacian")
 
 
@@ -118,8 +141,12 @@ def test_input_derivatives_and_their_gradients_on_cuda(dtype, act):
         gpu_params, cpu_params = list(gpu.parameters()) + [xg], list(cpu.parameters()) + [x]
         g_gpu = torch.autograd.grad(pinn(gpu, xg, hessext.laplacian(gpu, xg, dims=dims)), gpu_params)
         g_cpu = torch.autograd.grad(pinn(cpu, x, hessext.laplacian(cpu, x, dims=dims)), cpu_params)
-        assert_close(torch.cat([g.reshape(-1) for g in g_gpu]), torch.cat([g.reshape(-1) for g in g_cpu]), rtol,
-                     f"PINN loss gradient dims={dims}")
+        assert_close(
+            torch.cat([g.reshape(-1) for g in g_gpu]),
+            torch.cat([g.reshape(-1) for g in g_cpu]),
+            rtol,
+            f"PINN loss gradient dims={dims}",
+        )
     loss = nn.MSELoss()
     y = torch.randn(37, 2, dtype=torch.float64)
     H_gpu = hessext.input_hessian(gpu, loss, xg, y.to("cuda", dtype))

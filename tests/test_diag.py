@@ -1,4 +1,5 @@
 """Exact Hessian and GGN diagonals, GGN-vector products and the Hutchinson estimate."""
+
 import random
 
 import pytest
@@ -7,8 +8,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hessext
-from cases import (DEVICES, DTYPES, RTOL, TinyTanhModel, as_dict_flat, assert_close, build_stack, random_batch,
-                   random_stack, reference_ggn, reference_hessian, tiny_tanh_loss, log_softmax_classifier)
+from cases import (
+    DEVICES,
+    DTYPES,
+    RTOL,
+    TinyTanhModel,
+    as_dict_flat,
+    assert_close,
+    build_stack,
+    random_batch,
+    random_stack,
+    reference_ggn,
+    reference_hessian,
+    tiny_tanh_loss,
+    log_softmax_classifier,
+)
 from hessext import fallback
 
 
@@ -29,8 +43,9 @@ def test_hessian_diag_matches_torch_func(case, dtype, device, path):
     label, model, x, y, loss_fn = stack_case(case, dtype, device)
     names = [n for n, _ in model.named_parameters()]
     got = hessext.hessian_diag(model, loss_fn, x, y, backend="native")
-    assert list(got) == names and all(got[n].shape == p.shape and got[n].dtype == dtype
-                                      for n, p in model.named_parameters())
+    assert list(got) == names and all(
+        got[n].shape == p.shape and got[n].dtype == dtype for n, p in model.named_parameters()
+    )
     H = reference_hessian(model.cpu(), loss_fn, x.cpu(), y.cpu())
     assert_close(as_dict_flat(got, names), torch.diagonal(H), RTOL[dtype], f"{label} {path}")
 
@@ -43,16 +58,24 @@ def test_per_sample_diagonals(case, path):
     per = hessext.hessian_diag(model, loss_fn, x, y, per_sample=True)
     N = x.shape[0]
     assert all(per[n].shape == (N,) + p.shape for n, p in model.named_parameters())
-    assert_close(torch.stack([as_dict_flat({n: per[n][m] for n in names}, names) for m in range(N)]).sum(0),
-                 as_dict_flat(full, names), 1e-10, f"sum of per-sample diagonals {label}")
+    assert_close(
+        torch.stack([as_dict_flat({n: per[n][m] for n in names}, names) for m in range(N)]).sum(0),
+        as_dict_flat(full, names),
+        1e-10,
+        f"sum of per-sample diagonals {label}",
+    )
     # sample m's own term: scale * sum_c (f(x_m) - y_m)^2, scale = 1/(N C) for mean
     scale = 1.0 / y.numel() if loss_fn.reduction == "mean" else 1.0
     m = N // 2
-    own = reference_hessian(model, lambda o, t: scale * ((o - t) ** 2).sum(), x[m:m + 1], y[m:m + 1])
+    own = reference_hessian(model, lambda o, t: scale * ((o - t) ** 2).sum(), x[m : m + 1], y[m : m + 1])
     assert_close(as_dict_flat({n: per[n][m] for n in names}, names), torch.diagonal(own), 1e-10, f"sample {m} {label}")
     ggn_per = hessext.ggn_diag(model, loss_fn, x, y, per_sample=True)
-    assert_close(torch.stack([as_dict_flat({n: ggn_per[n][k] for n in names}, names) for k in range(N)]).sum(0),
-                 as_dict_flat(hessext.ggn_diag(model, loss_fn, x, y), names), 1e-10, "GGN per-sample sum")
+    assert_close(
+        torch.stack([as_dict_flat({n: ggn_per[n][k] for n in names}, names) for k in range(N)]).sum(0),
+        as_dict_flat(hessext.ggn_diag(model, loss_fn, x, y), names),
+        1e-10,
+        "GGN per-sample sum",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -61,8 +84,12 @@ def test_ggn_diag_and_products_match_jt_h_j(case, dtype, path):
     label, model, x, y, loss_fn = stack_case(case, dtype)
     names = [n for n, _ in model.named_parameters()]
     G = reference_ggn(model, loss_fn, x, y)
-    assert_close(as_dict_flat(hessext.ggn_diag(model, loss_fn, x, y, backend="native"), names),
-                 torch.diagonal(G), RTOL[dtype], f"GGN diagonal {label}")
+    assert_close(
+        as_dict_flat(hessext.ggn_diag(model, loss_fn, x, y, backend="native"), names),
+        torch.diagonal(G),
+        RTOL[dtype],
+        f"GGN diagonal {label}",
+    )
     V = torch.randn(3, G.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(case))
     got = hessext.ggn_vp(model, loss_fn, x, y, V.to(dtype), backend="native")
     assert_close(got, V @ G, RTOL[dtype], f"ggn_vp {label}")
@@ -84,8 +111,12 @@ def test_ggn_equals_hessian_without_tanh():
     x, y = random_batch(5, 2, 21)
     names = [n for n, _ in model.named_parameters()]
     loss = nn.MSELoss()
-    assert_close(as_dict_flat(hessext.ggn_diag(model, loss, x, y), names),
-                 as_dict_flat(hessext.hessian_diag(model, loss, x, y), names), 1e-12, "diag")
+    assert_close(
+        as_dict_flat(hessext.ggn_diag(model, loss, x, y), names),
+        as_dict_flat(hessext.hessian_diag(model, loss, x, y), names),
+        1e-12,
+        "diag",
+    )
     single = nn.Linear(5, 2).double()
     V = torch.randn(4, 12, dtype=torch.float64)
     assert_close(hessext.ggn_vp(single, loss, x, y, V), hessext.hvp(single, loss, x, y, V), 1e-12, "products")
@@ -149,8 +180,10 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian_and_unbiased_otherwise():
     x, y = random_batch(3, 2, 40)
     names = [n for n, _ in net.named_parameters()]
     exact = as_dict_flat(hessext.hessian_diag(net, nn.MSELoss(), x, y), names)
-    est = as_dict_flat(hessext.hutchinson_diag(net, nn.MSELoss(), x, y, samples=4000,
-                                               generator=torch.Generator().manual_seed(0)), names)
+    est = as_dict_flat(
+        hessext.hutchinson_diag(net, nn.MSELoss(), x, y, samples=4000, generator=torch.Generator().manual_seed(0)),
+        names,
+    )
     # the estimate's error shrinks like 1/sqrt(samples): 4000 samples put it within a few percent
     assert (est - exact).abs().max() < 0.1 * exact.abs().max()
 

@@ -1,5 +1,6 @@
 """The examples in the public docstrings run and print what they show (doctest), and every public
 name is documented in the API reference page."""
+
 import doctest
 import os
 
@@ -8,8 +9,15 @@ import pytest
 import hessext
 from hessext import curvature, hessians
 
-PUBLIC = [hessext.hvp, hessext.ggn_vp, hessext.hessian_diag, hessext.hessian, hessext.input_hessian,
-          hessext.laplacian, hessext.value_gradient_laplacian]
+PUBLIC = [
+    hessext.hvp,
+    hessext.ggn_vp,
+    hessext.hessian_diag,
+    hessext.hessian,
+    hessext.input_hessian,
+    hessext.laplacian,
+    hessext.value_gradient_laplacian,
+]
 
 
 @pytest.mark.parametrize("fn", PUBLIC, ids=lambda f: f.__name__)

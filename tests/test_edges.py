@@ -2,6 +2,7 @@
 batch norm in training mode, TorchScript modules, sparse tensors, mistyped flags, and the benchmark
 command's arguments. Each result equals torch autograd's (double backward, float64; tolerance 1e-10
 relative to the largest reference entry) or the call raises a clear error."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,8 +16,11 @@ def autograd_hvp(model, loss_fn, x, y, vs):
     params = list(model.parameters())
     g = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True, allow_unused=True)
     used = [(gi, v) for gi, v in zip(g, vs) if gi is not None and gi.requires_grad]
-    hv = torch.autograd.grad([u[0] for u in used], params, grad_outputs=[u[1] for u in used],
-                             allow_unused=True) if used else [None] * len(params)
+    hv = (
+        torch.autograd.grad([u[0] for u in used], params, grad_outputs=[u[1] for u in used], allow_unused=True)
+        if used
+        else [None] * len(params)
+    )
     return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params)])
 
 
@@ -49,8 +53,9 @@ def test_integer_inputs_of_an_embedding_model():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Tanh(), nn.Linear(8, 2)).double()
     x, y = torch.randint(0, 10, (6, 2)), torch.randn(6, 2, dtype=torch.float64)
     v = vectors(model)
-    assert_close(flat(hessext.hvp(model, F.mse_loss, x, y, v)), autograd_hvp(model, F.mse_loss, x, y, v), 1e-10,
-                 "embedding")
+    assert_close(
+        flat(hessext.hvp(model, F.mse_loss, x, y, v)), autograd_hvp(model, F.mse_loss, x, y, v), 1e-10, "embedding"
+    )
     with pytest.raises(TypeError, match="must be floating point"):
         hessext.input_hessian(model, F.mse_loss, x, y)
 
@@ -99,11 +104,16 @@ def test_torchscript_modules_and_sparse_tensors_are_clear_errors():
         hessext.input_hessian(model, F.mse_loss, x, y, diagonal="yes")
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--k", "0"], "--k: expected a positive integer"), (["--k", "-3"], "--k: expected a positive integer"),
-    (["--device", "foo"], "--device: 'foo' is not a device"), (["--threads", "-1"], "--threads: expected a positive"),
-    (["--min-run-time", "0"], "--min-run-time must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--k", "0"], "--k: expected a positive integer"),
+        (["--k", "-3"], "--k: expected a positive integer"),
+        (["--device", "foo"], "--device: 'foo' is not a device"),
+        (["--threads", "-1"], "--threads: expected a positive"),
+        (["--min-run-time", "0"], "--min-run-time must be positive"),
+    ],
+)
 def test_bench_command_arguments(argv, message, capsys):
     from hessext import bench
 
@@ -115,6 +125,7 @@ def test_bench_command_arguments(argv, message, capsys):
 def test_ggn_of_a_float32_lstm_without_forward_mode():
     """A float32 LSTM on the CPU has no forward-mode derivative (mkldnn_rnn_layer): the GGN's J v is
     taken in reverse mode instead; equal to the float64 model's GGN (forward mode) to float32 rounding."""
+
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()

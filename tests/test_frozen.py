@@ -2,6 +2,7 @@
 torch.optim trains them (all of them when none does), or those named in `params=`. Each result equals
 the matching block of the full quantity computed with every parameter (float64, 1e-10 relative), on
 the native path and on torch.func's, which then takes products only in the chosen parameters."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -63,7 +64,7 @@ def test_params_subset_and_all_frozen():
     w = dict(model.named_parameters())["4.weight"]
     v = torch.randn_like(w)
     got = hessext.hvp(model, F.mse_loss, x, y, {"4.weight": v}, params={"4.weight": w.detach()})
-    block = H[start:start + w.numel(), start:start + w.numel()]
+    block = H[start : start + w.numel(), start : start + w.numel()]
     assert_close(got["4.weight"].reshape(-1), block @ v.reshape(-1), 1e-10, "params subset")
     model.requires_grad_(False)  # none requires grad: all of them
     assert_close(hessext.hessian(model, F.mse_loss, x, y, output="matrix"), H, 1e-10, "all frozen")

@@ -7,6 +7,7 @@
 
 Each gradient is compared with plain autograd (create_graph=True, float64) on the same loss.
 Tolerance: 1e-10 relative to the largest reference entry."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -88,7 +89,7 @@ def test_the_differentiated_laplacian_is_native_on_the_cpu():
         nodes += [n for n, _ in node.next_functions if n is not None]
     assert any("outputjets" in name.lower().replace("_", "") for name in seen), seen
     ref = flat_grad((autograd_laplacian(model, x) ** 2).sum(), list(model.parameters()))
-    assert_close(flat_grad((lap ** 2).sum(), list(model.parameters())), ref, RTOL, "native reverse pass")
+    assert_close(flat_grad((lap**2).sum(), list(model.parameters())), ref, RTOL, "native reverse pass")
     with torch.no_grad():
         assert hessext.laplacian(model, x, backend="native").grad_fn is None
 
@@ -125,15 +126,19 @@ def test_input_hessian_in_a_loss():
         got = hessext.input_hessian(model, F.mse_loss, x, y, diagonal=diagonal)
         ref = autograd_input_hessian()
         ref = torch.diagonal(ref, dim1=1, dim2=2) if diagonal else ref
-        assert_close(flat_grad((got ** 2).sum(), params), flat_grad((ref ** 2).sum(), params), RTOL,
-                     f"input Hessian gradient (diagonal={diagonal})")
+        assert_close(
+            flat_grad((got**2).sum(), params),
+            flat_grad((ref**2).sum(), params),
+            RTOL,
+            f"input Hessian gradient (diagonal={diagonal})",
+        )
 
 
 def _hvp_penalty_reference(model, x, y, v):
     params = list(model.parameters())
     g = torch.autograd.grad(F.mse_loss(model(x), y), params, create_graph=True)
     hv = torch.autograd.grad(g, params, grad_outputs=v, create_graph=True)
-    return sum((h ** 2).sum() for h in hv)
+    return sum((h**2).sum() for h in hv)
 
 
 @pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
@@ -145,7 +150,7 @@ def test_hvp_penalty_with_create_graph(act):
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
     v = [torch.randn_like(p) for p in params]
     hv = hessext.hvp(model, F.mse_loss, x, y, v, create_graph=True)
-    got = flat_grad(sum((h ** 2).sum() for h in hv), params)
+    got = flat_grad(sum((h**2).sum() for h in hv), params)
     assert_close(got, flat_grad(_hvp_penalty_reference(model, x, y, v), params), RTOL, "HVP penalty gradient")
     assert not any(h.requires_grad for h in hessext.hvp(model, F.mse_loss, x, y, v))
     V = torch.randn(3, sum(p.numel() for p in params), dtype=torch.float64)  # K vectors, flat
@@ -161,8 +166,9 @@ def test_weight_quantities_with_create_graph_match_autograd():
 
     def autograd_hessian():
         g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(F.mse_loss(model(x), y), params, create_graph=True)])
-        return torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(g[i], params, create_graph=True)])
-                            for i in range(P)])
+        return torch.stack(
+            [torch.cat([t.reshape(-1) for t in torch.autograd.grad(g[i], params, create_graph=True)]) for i in range(P)]
+        )
 
     H = autograd_hessian()
     ref = flat_grad((torch.diagonal(H) ** 3).sum(), params)
@@ -170,7 +176,7 @@ def test_weight_quantities_with_create_graph_match_autograd():
     got = flat_grad(sum((diag[n] ** 3).sum() for n in names), params)
     assert_close(got, ref, RTOL, "Hessian diagonal gradient")
     Hm = hessext.hessian(model, F.mse_loss, x, y, output="matrix", create_graph=True)
-    assert_close(flat_grad((Hm ** 2).sum(), params), flat_grad((H ** 2).sum(), params), RTOL, "Hessian gradient")
+    assert_close(flat_grad((Hm**2).sum(), params), flat_grad((H**2).sum(), params), RTOL, "Hessian gradient")
     v = torch.randn(P, dtype=torch.float64)
     gv = hessext.ggn_vp(model, F.mse_loss, x, y, v, create_graph=True)
     assert gv.requires_grad
@@ -198,14 +204,18 @@ def test_ggn_products_with_create_graph_match_autograd():
     x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
     v = [torch.randn_like(p) for p in params]
     out = model(x).reshape(-1)
-    J = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, create_graph=True)])
-                     for i in range(out.numel())])
+    J = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[i], params, create_graph=True)])
+            for i in range(out.numel())
+        ]
+    )
     vf = torch.cat([t.reshape(-1) for t in v])
     ref = J.T @ (2.0 / out.numel() * (J @ vf))
     got = torch.cat([t.reshape(-1) for t in hessext.ggn_vp(model, F.mse_loss, x, y, v, create_graph=True)])
     assert_close(got.detach(), ref.detach(), RTOL, "GGN product")
-    assert_close(flat_grad((got ** 2).sum(), params), flat_grad((ref ** 2).sum(), params), RTOL, "GGN product gradient")
+    assert_close(flat_grad((got**2).sum(), params), flat_grad((ref**2).sum(), params), RTOL, "GGN product gradient")
     diag = hessext.ggn_diag(model, F.mse_loss, x, y, create_graph=True)
-    dref = (2.0 / out.numel() * (J * J).sum(0))
+    dref = 2.0 / out.numel() * (J * J).sum(0)
     got_d = torch.cat([t.reshape(-1) for t in diag.values()])
-    assert_close(flat_grad((got_d ** 2).sum(), params), flat_grad((dref ** 2).sum(), params), RTOL, "GGN diagonal gradient")
+    assert_close(flat_grad((got_d**2).sum(), params), flat_grad((dref**2).sum(), params), RTOL, "GGN diagonal gradient")

@@ -1,5 +1,6 @@
 """Full weight Hessians (dict, matrix, block-diagonal), input Hessians and Laplacians against
 float64 torch.func, exact symmetry, consistency with hvp and hessian_diag, memory refusal."""
+
 import random
 
 import pytest
@@ -9,8 +10,19 @@ import torch.nn.functional as F
 from torch.func import hessian as func_hessian, jacfwd, jacrev, vmap
 
 import hessext
-from cases import (DTYPES, RTOL, TinyTanhModel, as_dict_flat, assert_close, build_stack, random_batch, random_stack,
-                   reference_hessian, tiny_tanh_loss, log_softmax_classifier)
+from cases import (
+    DTYPES,
+    RTOL,
+    TinyTanhModel,
+    as_dict_flat,
+    assert_close,
+    build_stack,
+    random_batch,
+    random_stack,
+    reference_hessian,
+    tiny_tanh_loss,
+    log_softmax_classifier,
+)
 
 
 def case_model(case, dtype=torch.float64, max_width=12):
@@ -63,7 +75,9 @@ def test_dict_layout_and_layer_blocks(case):
         assert list(D[na]) == names
         for b, nb in enumerate(names):
             assert D[na][nb].shape == params[na].shape + params[nb].shape
-            assert torch.equal(D[na][nb].reshape(params[na].numel(), -1), H[starts[a]:starts[a + 1], starts[b]:starts[b + 1]])
+            assert torch.equal(
+                D[na][nb].reshape(params[na].numel(), -1), H[starts[a] : starts[a + 1], starts[b] : starts[b + 1]]
+            )
     layer_mats = hessext.hessian(model, loss, x, y, output="matrix", blocks="layer")
     layer_dict = hessext.hessian(model, loss, x, y, blocks="layer")
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -71,7 +85,7 @@ def test_dict_layout_and_layer_blocks(case):
     r0 = 0
     for lin, mat in zip(linears, layer_mats):
         n = sum(p.numel() for p in lin.parameters())
-        assert_close(mat, H[r0:r0 + n, r0:r0 + n], 1e-12, f"layer block {label}")
+        assert_close(mat, H[r0 : r0 + n, r0 : r0 + n], 1e-12, f"layer block {label}")
         assert torch.equal(mat, mat.T)
         r0 += n
     for na in names:  # only same-layer pairs
@@ -128,7 +142,11 @@ def test_fallback_hessian_log_softmax_classifier():
 def test_memory_refusal_names_the_bytes():
     model = build_stack([10, 64, 64, 1], [True, True, True], ["tanh", "tanh"])
     x, y = random_batch(10, 1, 4)
-    with pytest.raises(ValueError, match=r"of 4929 parameters would need [0-9,]+ bytes, more than the 1,000,000 bytes.*blocks='layer'.*hessext.hvp"):
+    with pytest.raises(
+        ValueError,
+        match=r"of 4929 parameters would need [0-9,]+ bytes, more than the 1,000,000 bytes"
+        r".*blocks='layer'.*hessext.hvp",
+    ):
         hessext.hessian(model, nn.MSELoss(), x, y, max_bytes=10**6)
     assert len(hessext.hessian(model, nn.MSELoss(), x, y, output="matrix", blocks="layer", max_bytes=4 * 10**8)) == 3
     with pytest.raises(ValueError, match="output must be one of"):
@@ -148,17 +166,31 @@ def input_reference(model, loss, x, y):
 @pytest.mark.parametrize("case", range(8))
 def test_input_hessian_and_laplacian(case, dtype):
     label, model, x, y, loss = case_model(case, dtype)
-    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
-    m64, x64, y64 = build_stack(*random_stack(random.Random(200 + case), max_width=12), seed=case), x.double(), y.double()
+    model.requires_grad_(
+        False
+    )  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    m64, x64, y64 = (
+        build_stack(*random_stack(random.Random(200 + case), max_width=12), seed=case),
+        x.double(),
+        y.double(),
+    )
     ref = input_reference(m64, loss, x64, y64)
     got = hessext.input_hessian(model, loss, x, y, backend="native")
     assert got.shape == ref.shape and got.dtype == dtype
     assert_close(got, ref, RTOL[dtype], f"input Hessian {label}")
-    assert_close(hessext.input_hessian(model, loss, x, y, diagonal=True), torch.diagonal(ref, dim1=1, dim2=2),
-                 RTOL[dtype], f"input Hessian diagonal {label}")
+    assert_close(
+        hessext.input_hessian(model, loss, x, y, diagonal=True),
+        torch.diagonal(ref, dim1=1, dim2=2),
+        RTOL[dtype],
+        f"input Hessian diagonal {label}",
+    )
     out_h = vmap(jacfwd(jacrev(lambda xm: m64(xm[None])[0])))(x64)  # [N, C, d, d]
-    assert_close(hessext.laplacian(model, x, backend="native"), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1),
-                 RTOL[dtype], f"Laplacian {label}")
+    assert_close(
+        hessext.laplacian(model, x, backend="native"),
+        torch.diagonal(out_h, dim1=2, dim2=3).sum(-1),
+        RTOL[dtype],
+        f"Laplacian {label}",
+    )
 
 
 def test_wide_input_uses_backward_recurrence():
@@ -166,10 +198,16 @@ def test_wide_input_uses_backward_recurrence():
     model = build_stack([40, 6, 5, 2], [True, True, False], ["tanh", "tanh"])
     x, y = random_batch(40, 2, 7)
     ref = input_reference(model, nn.MSELoss(), x, y)
-    model.requires_grad_(False)  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
+    model.requires_grad_(
+        False
+    )  # frozen weights: input derivatives run natively (with trainable ones they carry a gradient, through torch.func)
     assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y), ref, 1e-10, "full")
-    assert_close(hessext.input_hessian(model, nn.MSELoss(), x, y, diagonal=True),
-                 torch.diagonal(ref, dim1=1, dim2=2), 1e-10, "diagonal")
+    assert_close(
+        hessext.input_hessian(model, nn.MSELoss(), x, y, diagonal=True),
+        torch.diagonal(ref, dim1=1, dim2=2),
+        1e-10,
+        "diagonal",
+    )
 
 
 def test_log_softmax_classifier_input_hessian_and_laplacian_fallback():
@@ -181,7 +219,12 @@ def test_log_softmax_classifier_input_hessian_and_laplacian_fallback():
     assert got.shape == (4, 5, 5)
     assert_close(got, ref, 1e-12, "log-softmax classifier input Hessian")
     out_h = vmap(jacfwd(jacrev(lambda xm: model(xm[None])[0])))(x)
-    assert_close(hessext.laplacian(model, x), torch.diagonal(out_h, dim1=2, dim2=3).sum(-1), 1e-12, "log-softmax classifier Laplacian")
+    assert_close(
+        hessext.laplacian(model, x),
+        torch.diagonal(out_h, dim1=2, dim2=3).sum(-1),
+        1e-12,
+        "log-softmax classifier Laplacian",
+    )
 
 
 def test_tiny_tanh_laplacian_shape_and_op_fakes():
@@ -193,9 +236,17 @@ def test_tiny_tanh_laplacian_shape_and_op_fakes():
     W, b = [lin[0].weight.detach(), lin[2].weight.detach()], [lin[0].bias.detach(), None]
     utils = ("test_schema", "test_faketensor")
     for layer_blocks in (False, True):
-        torch.library.opcheck(torch.ops.hessext.hessian.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, layer_blocks), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.hessext.hessian.default,
+            (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, layer_blocks),
+            test_utils=utils,
+        )
     for mode in (0, 1, 2):
-        torch.library.opcheck(torch.ops.hessext.input_derivatives.default, (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, mode), test_utils=utils)
+        torch.library.opcheck(
+            torch.ops.hessext.input_derivatives.default,
+            (xs, ys, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, mode),
+            test_utils=utils,
+        )
 
 
 def _vm_flags(address):
@@ -259,8 +310,12 @@ def test_input_derivatives_of_a_model_that_couples_samples(N):
     H = func_hessian(lambda xx: F.mse_loss(model(xx), y))(x)
     ref = torch.stack([H[n, :, n, :] for n in range(N)])
     assert_close(hessext.input_hessian(model, F.mse_loss, x, y).detach(), ref, 1e-12, "input Hessian")
-    assert_close(hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True).detach(),
-                 torch.diagonal(ref, dim1=1, dim2=2), 1e-12, "input Hessian diagonal")
+    assert_close(
+        hessext.input_hessian(model, F.mse_loss, x, y, diagonal=True).detach(),
+        torch.diagonal(ref, dim1=1, dim2=2),
+        1e-12,
+        "input Hessian diagonal",
+    )
     J = jacfwd(jacrev(model))(x)  # [N, C, N, d, N, d]
     lap = torch.stack([torch.diagonal(J[n, :, n, :, n, :], dim1=-2, dim2=-1).sum(-1) for n in range(N)])
     assert_close(hessext.laplacian(model, x).detach(), lap, 1e-12, "Laplacian")

@@ -1,4 +1,5 @@
 """hessext.hvp against the float64 torch.func reference, closed forms and invariants."""
+
 import random
 
 import pytest
@@ -8,8 +9,20 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian
 
 import hessext
-from cases import (DEVICES, DTYPES, RTOL, TinyTanhModel, assert_close, build_stack, random_batch, random_stack,
-                   reference_hessian, tiny_tanh_loss, log_softmax_classifier, to_flat)
+from cases import (
+    DEVICES,
+    DTYPES,
+    RTOL,
+    TinyTanhModel,
+    assert_close,
+    build_stack,
+    random_batch,
+    random_stack,
+    reference_hessian,
+    tiny_tanh_loss,
+    log_softmax_classifier,
+    to_flat,
+)
 from hessext import fallback
 
 
@@ -21,7 +34,7 @@ def reference_hvp(model, loss_fn, x, y, V):
     params = {k: p.detach() for k, p in m64.named_parameters()}
     vecs, start = {}, 0
     for k, p in params.items():
-        vecs[k] = V[:, start:start + p.numel()].double().reshape((V.shape[0],) + p.shape)
+        vecs[k] = V[:, start : start + p.numel()].double().reshape((V.shape[0],) + p.shape)
         start += p.numel()
     out = fallback.hvp(m64, loss_fn, x64, y64, params, vecs)
     return torch.cat([out[k].reshape(V.shape[0], -1) for k in params], 1)
@@ -110,8 +123,9 @@ def test_tiny_tanh_as_written():
     hess = hessian(compute_loss, argnums=0)(params, inputs, targets)
     P = num_params(net)
     names = list(params)
-    H = torch.cat([torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
-                   for a in names], 0)
+    H = torch.cat(
+        [torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1) for a in names], 0
+    )
     V = torch.randn(4, P, dtype=torch.float64)
     got = hessext.hvp(net, tiny_tanh_loss, inputs, targets, V, params=params)
     assert_close(got, V @ H, 1e-12, "1-16-1 HVP vs torch.func.hessian")
@@ -130,10 +144,16 @@ def test_log_softmax_classifier_native_as_written():
     f = lambda p: nn.NLLLoss()(functional_call(model, p, (x,)), y)  # noqa: E731
     hess = hessian(f)(params)
     names = list(params)
-    H = torch.cat([torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1)
-                   for a in names], 0)
+    H = torch.cat(
+        [torch.cat([hess[a][b].reshape(params[a].numel(), params[b].numel()) for b in names], 1) for a in names], 0
+    )
     assert_close(got, V @ H, 1e-12, "log-softmax classifier native HVP")
-    assert_close(hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="torch.func"), V @ H, 1e-12, "log-softmax classifier fallback HVP")
+    assert_close(
+        hessext.hvp(model, nn.NLLLoss(), x, y, V, backend="torch.func"),
+        V @ H,
+        1e-12,
+        "log-softmax classifier fallback HVP",
+    )
 
 
 @pytest.mark.parametrize("loss_fn", [F.mse_loss, nn.MSELoss(), nn.MSELoss(reduction="sum")], ids=["F", "mean", "sum"])
@@ -156,8 +176,12 @@ def test_vector_formats(fmt, K):
     shapes = [p.shape for p in model.parameters()]
     lead = () if K is None else (K,)
     parts = [torch.randn(lead + s, dtype=torch.float64) for s in shapes]
-    vectors = {"dict": dict(zip(names, parts)), "list": parts, "tuple": tuple(parts),
-               "flat": torch.cat([p.reshape(lead + (-1,)) for p in parts], -1)}[fmt]
+    vectors = {
+        "dict": dict(zip(names, parts)),
+        "list": parts,
+        "tuple": tuple(parts),
+        "flat": torch.cat([p.reshape(lead + (-1,)) for p in parts], -1),
+    }[fmt]
     got = hessext.hvp(model, nn.MSELoss(), x, y, vectors)
     assert type(got) is type(vectors)
     if fmt == "dict":
@@ -214,8 +238,8 @@ def test_leaves_no_grad_and_works_under_no_grad():
 def test_non_contiguous_and_expanded_inputs():
     model = build_stack([4, 8, 3], [True, True], ["tanh"])
     base = torch.randn(4, 20, dtype=torch.float64)
-    x = base.T[::2]                                             # [10, 4], non-contiguous
-    y = torch.randn(3, dtype=torch.float64).expand(10, 3)       # expanded
+    x = base.T[::2]  # [10, 4], non-contiguous
+    y = torch.randn(3, dtype=torch.float64).expand(10, 3)  # expanded
     V = torch.randn(2, num_params(model), dtype=torch.float64)
     got = hessext.hvp(model, nn.MSELoss(), x, y, V)
     ref = reference_hvp(model, nn.MSELoss(), x.contiguous(), y.contiguous(), V)
@@ -240,15 +264,21 @@ def test_op_registration_and_fakes():
     x, y = random_batch(3, 2, 5)
     W = [model[0].weight.detach(), model[2].weight.detach()]
     b = [model[0].bias.detach(), None]
-    V = [torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
-         torch.randn(2, 2, 4, dtype=torch.float64)]
+    V = [
+        torch.randn(2, 4, 3, dtype=torch.float64),
+        torch.randn(2, 4, dtype=torch.float64),
+        torch.randn(2, 2, 4, dtype=torch.float64),
+    ]
     utils = ("test_schema", "test_faketensor")
     for op in (torch.ops.hessext.hvp.default, torch.ops.hessext.ggn_vp.default):
         torch.library.opcheck(op, (x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V), test_utils=utils)
     for ggn in (False, True):
         for per_sample in (False, True):
-            torch.library.opcheck(torch.ops.hessext.diag.default, (x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, ggn, per_sample),
-                                  test_utils=utils)
+            torch.library.opcheck(
+                torch.ops.hessext.diag.default,
+                (x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, ggn, per_sample),
+                test_utils=utils,
+            )
 
 
 def test_op_under_torch_compile_fullgraph():
@@ -259,7 +289,9 @@ def test_op_under_torch_compile_fullgraph():
     W = [model[0].weight.detach(), model[2].weight.detach()]
     b = [model[0].bias.detach(), model[2].bias.detach()]
     V = [torch.randn((2,) + p.shape, dtype=torch.float64) for p in model.parameters()]
-    compiled = torch.compile(lambda V: [2 * t for t in torch.ops.hessext.hvp(x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V)], fullgraph=True)
+    compiled = torch.compile(
+        lambda V: [2 * t for t in torch.ops.hessext.hvp(x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V)], fullgraph=True
+    )
     for got, want in zip(compiled(V), torch.ops.hessext.hvp(x, y, W, b, [1], [0.0, 0.0], 0, 0.0, 0.1, V)):
         assert_close(got, 2 * want, 1e-15, "compiled op")
     Vf = torch.randn(2, num_params(model), dtype=torch.float64)
@@ -271,6 +303,7 @@ def test_op_under_torch_compile_fullgraph():
 def test_fallback_routes_agree(K):
     """The fallback's double backward (live module or functional_call) and its vmapped vjp(grad) give
     torch.func's products, with frozen and unused parameters too (tolerance 1e-12)."""
+
     class Unused(nn.Module):
         def __init__(self):
             super().__init__()

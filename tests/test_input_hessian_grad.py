@@ -5,6 +5,7 @@ on random stacks with every activation the kernels serve, every native loss (wit
 end for NLL), both reductions, several outputs, bias on and off, N = 1 and more. The kernels' jets and
 their reverse pass carry it on the CPU (the op hessext::output_jets in the graph); a second derivative
 through it equals nested autograd's; torch.autograd.gradcheck on a small case."""
+
 import random
 
 import pytest
@@ -15,8 +16,17 @@ from torch.func import jacrev
 import hessext
 from cases import assert_close
 
-ACTIVATIONS = [nn.Tanh, nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid, nn.SiLU, nn.GELU,
-               lambda: nn.GELU(approximate="tanh"), lambda: nn.Softplus(beta=2.0), nn.ELU]
+ACTIVATIONS = [
+    nn.Tanh,
+    nn.ReLU,
+    lambda: nn.LeakyReLU(0.1),
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.Softplus(beta=2.0),
+    nn.ELU,
+]
 LOSSES = ["mse", "huber", "bce", "ce", "nll"]
 
 
@@ -24,8 +34,11 @@ def case_of(seed, dtype=torch.float64):
     rng = random.Random(seed)
     act, loss = ACTIVATIONS[seed % len(ACTIVATIONS)], LOSSES[seed % len(LOSSES)]
     torch.manual_seed(seed)
-    widths = [rng.randint(1, 4)] + [rng.choice([1, rng.randint(2, 7)]) for _ in range(rng.randint(1, 3))] + [
-        rng.randint(2, 3) if loss in ("ce", "nll") else rng.randint(1, 3)]
+    widths = (
+        [rng.randint(1, 4)]
+        + [rng.choice([1, rng.randint(2, 7)]) for _ in range(rng.randint(1, 3))]
+        + [rng.randint(2, 3) if loss in ("ce", "nll") else rng.randint(1, 3)]
+    )
     layers = []
     for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(i, o, bias=rng.random() < 0.7))
@@ -42,8 +55,11 @@ def case_of(seed, dtype=torch.float64):
         loss_fn = (nn.CrossEntropyLoss if loss == "ce" else nn.NLLLoss)(reduction=reduction)
     else:
         y = (torch.rand(N, C, dtype=dtype) if loss == "bce" else torch.randn(N, C, dtype=dtype)).requires_grad_()
-        loss_fn = {"mse": nn.MSELoss, "huber": lambda reduction: nn.HuberLoss(reduction=reduction, delta=0.5),
-                   "bce": nn.BCEWithLogitsLoss}[loss](reduction=reduction)
+        loss_fn = {
+            "mse": nn.MSELoss,
+            "huber": lambda reduction: nn.HuberLoss(reduction=reduction, delta=0.5),
+            "bce": nn.BCEWithLogitsLoss,
+        }[loss](reduction=reduction)
     return model, loss_fn, x, y
 
 
@@ -79,8 +95,9 @@ def test_values_and_gradients_against_torch_func(seed, diagonal):
     assert_close(got, ref, 1e-10, "input Hessian")
     wanted = list(model.parameters()) + [x] + ([y] if y.requires_grad else [])
     weight = torch.randn_like(ref)
-    assert_close(gradients(got, weight, wanted), gradients(ref, weight, wanted), 1e-10,
-                 "gradient through the input Hessian")
+    assert_close(
+        gradients(got, weight, wanted), gradients(ref, weight, wanted), 1e-10, "gradient through the input Hessian"
+    )
 
 
 def test_float32_and_no_graph_without_grad():
@@ -104,12 +121,16 @@ def test_second_derivative_through_the_input_hessian():
     v = [torch.randn_like(p) for p in params]
 
     def hvp(H):
-        grads = torch.autograd.grad((H ** 2).sum(), params, create_graph=True, allow_unused=True)
+        grads = torch.autograd.grad((H**2).sum(), params, create_graph=True, allow_unused=True)
         dot = sum((g * w).sum() for g, w in zip(grads, v) if g is not None)
         return gradients(dot, torch.ones(()), params + [x])
 
-    assert_close(hvp(hessext.input_hessian(model, loss_fn, x, y)), hvp(reference(model, loss_fn, x, y, False)),
-                 1e-10, "HVP through the input Hessian")
+    assert_close(
+        hvp(hessext.input_hessian(model, loss_fn, x, y)),
+        hvp(reference(model, loss_fn, x, y, False)),
+        1e-10,
+        "HVP through the input Hessian",
+    )
 
 
 def test_gradcheck():

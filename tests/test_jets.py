@@ -4,6 +4,7 @@ by autograd), float64 to 1e-10 relative to the largest reference entry (float32 
 stacks with every activation the kernels serve, subsets of the input features, several outputs,
 bias on and off, N = 1 and more; on torch.func's path for other models, and for models that couple
 samples; torch.autograd.gradcheck on a small case."""
+
 import random
 
 import pytest
@@ -14,13 +15,25 @@ from torch.func import jacfwd, jacrev, vmap
 import hessext
 from cases import assert_close
 
-ACTIVATIONS = [nn.Tanh, nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid, nn.SiLU, nn.GELU,
-               lambda: nn.GELU(approximate="tanh"), lambda: nn.Softplus(beta=2.0), nn.ELU]
+ACTIVATIONS = [
+    nn.Tanh,
+    nn.ReLU,
+    lambda: nn.LeakyReLU(0.1),
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.Softplus(beta=2.0),
+    nn.ELU,
+]
 
 
 def stack(rng, act, dtype=torch.float64):
-    widths = [rng.randint(1, 4)] + [rng.choice([1, rng.randint(2, 9)]) for _ in range(rng.randint(1, 3))] + [
-        rng.randint(1, 3)]
+    widths = (
+        [rng.randint(1, 4)]
+        + [rng.choice([1, rng.randint(2, 9)]) for _ in range(rng.randint(1, 3))]
+        + [rng.randint(1, 3)]
+    )
     layers = []
     for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(i, o, bias=rng.random() < 0.7))
@@ -31,17 +44,18 @@ def stack(rng, act, dtype=torch.float64):
 
 def reference(model, x, dims):
     """(u, grad u over dims, lap u over dims) by torch.func, per sample."""
+
     def f(xm):
         return model(xm[None])[0]
 
-    G = vmap(jacrev(f))(x)                 # [N, C, d]
-    H = vmap(jacfwd(jacrev(f)))(x)         # [N, C, d, d]
+    G = vmap(jacrev(f))(x)  # [N, C, d]
+    H = vmap(jacfwd(jacrev(f)))(x)  # [N, C, d, d]
     lap = sum(H[:, :, i, i] for i in dims)
     return model(x), G[:, :, dims], lap
 
 
 def loss_of(u, g, lap):
-    return (u ** 2).sum() + (g.sin()).sum() + (lap ** 3).sum()
+    return (u**2).sum() + (g.sin()).sum() + (lap**3).sum()
 
 
 @pytest.mark.parametrize("case", range(18))
@@ -87,8 +101,9 @@ def test_gradcheck():
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
     x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
     W = model[0].weight.detach().clone().requires_grad_()
-    torch.autograd.gradcheck(lambda x, W: hessext.value_gradient_laplacian(model, x, dims=[1], params={"0.weight": W}),
-                             (x, W))
+    torch.autograd.gradcheck(
+        lambda x, W: hessext.value_gradient_laplacian(model, x, dims=[1], params={"0.weight": W}), (x, W)
+    )
 
 
 class Centred(nn.Module):
@@ -100,15 +115,18 @@ class Centred(nn.Module):
         return self.b(nn.functional.softsign(self.a(x - x.mean(0))))
 
 
-@pytest.mark.parametrize("model_fn", [
-    lambda: nn.Sequential(nn.Linear(3, 6), nn.Softsign(), nn.Linear(6, 2)), Centred], ids=["softsign", "coupled"])
+@pytest.mark.parametrize(
+    "model_fn",
+    [lambda: nn.Sequential(nn.Linear(3, 6), nn.Softsign(), nn.Linear(6, 2)), Centred],
+    ids=["softsign", "coupled"],
+)
 def test_torch_func_path(model_fn):
     torch.manual_seed(0)
     model = model_fn().double()
     x = torch.randn(4, 3, dtype=torch.float64)
     dims = [0, 2]
     got = hessext.value_gradient_laplacian(model, x, dims=dims)
-    J = jacrev(model)(x)          # [N, C, N, d]
+    J = jacrev(model)(x)  # [N, C, N, d]
     H = jacfwd(jacrev(model))(x)  # [N, C, N, d, N, d]
     N = x.shape[0]
     grad = torch.stack([J[n, :, n][:, dims] for n in range(N)])
@@ -120,12 +138,20 @@ def test_torch_func_path(model_fn):
 def test_dims_are_checked():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
     x = torch.randn(2, 3, dtype=torch.float64)
-    for dims, error, text in ((5, TypeError, "list of input feature indices"), ([], TypeError, "non-empty"),
-                              ([0, 3], ValueError, "index the 3 input features"), ([1, -2], ValueError, "repeat"),
-                              ([0.5], TypeError, "int feature indices")):
+    for dims, error, text in (
+        (5, TypeError, "list of input feature indices"),
+        ([], TypeError, "non-empty"),
+        ([0, 3], ValueError, "index the 3 input features"),
+        ([1, -2], ValueError, "repeat"),
+        ([0.5], TypeError, "int feature indices"),
+    ):
         with pytest.raises(error, match=text):
             hessext.laplacian(model, x, dims=dims)
     # on the CPU the kernels serve dims and gradients (backend="native" holds); elsewhere torch ops do
     xg = x.clone().requires_grad_()
-    assert_close(hessext.laplacian(model, xg, dims=[0], backend="native").detach(),
-                 hessext.laplacian(model, x, dims=[0], backend="torch.func"), 1e-12, "native dims")
+    assert_close(
+        hessext.laplacian(model, xg, dims=[0], backend="native").detach(),
+        hessext.laplacian(model, x, dims=[0], backend="torch.func"),
+        1e-12,
+        "native dims",
+    )

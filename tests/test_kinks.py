@@ -2,6 +2,7 @@
 activation's kink, NaN propagation, overflow in a derivative, and a call that leaves the kernels
 while backend="native" was asked for. References: torch autograd double backward, float64.
 Tolerance: 1e-10 relative to the largest reference entry."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,9 +37,15 @@ def test_huber_at_exactly_delta_takes_autograds_branch():
     v = [torch.randn_like(p) for p in model.parameters()]
     ref = autograd_hvp(model, loss, x, y, v)
     for backend in ("native", "torch.func"):
-        assert_close(flat(hessext.hvp(model, loss, x, y, v, backend=backend)), ref, 1e-10, f"Huber at delta ({backend})")
-    assert_close(flat(hessext.hessian_diag(model, loss, x, y).values()),
-                 flat(hessext.hessian_diag(model, loss, x, y, backend="torch.func").values()), 1e-10, "diagonal")
+        assert_close(
+            flat(hessext.hvp(model, loss, x, y, v, backend=backend)), ref, 1e-10, f"Huber at delta ({backend})"
+        )
+    assert_close(
+        flat(hessext.hessian_diag(model, loss, x, y).values()),
+        flat(hessext.hessian_diag(model, loss, x, y, backend="torch.func").values()),
+        1e-10,
+        "diagonal",
+    )
 
 
 @pytest.mark.parametrize("where", ["weight", "bias"])
@@ -57,8 +64,10 @@ def test_nan_parameter_in_a_relu_net_propagates(where):
     assert torch.isnan(hessext.hessian(model, F.mse_loss, x, y, output="matrix")).any()
 
 
-@pytest.mark.parametrize("dtype,z", [(torch.float32, 1e9), (torch.float32, -1e9), (torch.float64, 1e76),
-                                     (torch.float64, -1e76), (torch.float32, 3e12)])
+@pytest.mark.parametrize(
+    "dtype,z",
+    [(torch.float32, 1e9), (torch.float32, -1e9), (torch.float64, 1e76), (torch.float64, -1e76), (torch.float32, 3e12)],
+)
 def test_gelu_tanh_derivatives_do_not_overflow(dtype, z):
     """GELU(approximate='tanh') at huge pre-activations: tanh saturates and torch's derivatives are
     finite (0 for the second); the table's formula multiplied 0 by an overflowed z^5."""
@@ -93,5 +102,11 @@ def test_native_backend_raises_wherever_the_call_leaves_the_kernels():
     xn = torch.randn(4, 2, dtype=torch.float64)
     xn[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
-        hessext.hvp(mlp, F.mse_loss, xn, torch.randn(4, 1, dtype=torch.float64),
-                    [torch.randn_like(p) for p in mlp.parameters()], backend="native")
+        hessext.hvp(
+            mlp,
+            F.mse_loss,
+            xn,
+            torch.randn(4, 1, dtype=torch.float64),
+            [torch.randn_like(p) for p in mlp.parameters()],
+            backend="native",
+        )

@@ -10,6 +10,7 @@ four and two alone): against
 the float64 torch.func reference. Tolerance: 1e-10 relative to the largest reference entry in float64, 2e-4 in float32
 (tests/cases.py RTOL). The instruction sets against each other: 1e-13 in float64 (the same
 operations; only fused multiply-adds and the order of the final sum over lanes differ)."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -69,8 +70,10 @@ def test_lanes_match_reference(loss, n, bias, simd, threads):
     loss_fn = LOSSES[loss]()
     p64 = {k: p.detach() for k, p in model.named_parameters()}
     vb = {k: t.unsqueeze(0) for k, t in v.items()}
-    ref = {name: f(model, loss_fn, x, y, p64, {k: torch.cat([vb[k], six[k]]) for k in v})
-           for name, f in (("hvp", fallback.hvp), ("ggn_vp", fallback.ggn_vp))}
+    ref = {
+        name: f(model, loss_fn, x, y, p64, {k: torch.cat([vb[k], six[k]]) for k in v})
+        for name, f in (("hvp", fallback.hvp), ("ggn_vp", fallback.ggn_vp))
+    }
     assert hessext.plan(model, loss_fn).backend == "native"
     for dtype in (torch.float64, torch.float32):
         m, xd = model.to(dtype), x.to(dtype)
@@ -119,8 +122,10 @@ def test_torchs_cpu_capability_holds_the_kernels_to_it():
     import subprocess
     import sys
 
-    code = ("import torch; from hessext import _native, _blas; C = _native.load(); "
-            "print(torch.backends.cpu.get_cpu_capability(), C.simd(), _blas.status()['name'])")
+    code = (
+        "import torch; from hessext import _native, _blas; C = _native.load(); "
+        "print(torch.backends.cpu.get_cpu_capability(), C.simd(), _blas.status()['name'])"
+    )
     env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     capability, lanes = out.split()[:2]

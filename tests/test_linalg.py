@@ -5,6 +5,7 @@ solves to 1e-7 relative residual, Hutch++ exact when its sketch spans the space 
 exact spectrum as its nodes when it runs P steps; the operator over a DataLoader equal (1e-12) to the
 operator over the concatenated data, the GGN operator equal to ggn_vp, the scipy LinearOperator under
 scipy's own eigsh, and a 2-process gloo operator over uneven shards equal to one process on all data."""
+
 import os
 import tempfile
 
@@ -65,8 +66,14 @@ def test_density_integrates_to_one_with_the_spectrum_as_nodes():
     Hd = dense(model, loss, x, y)
     ev = torch.linalg.eigvalsh(Hd)
     P = Hd.shape[0]
-    grid, dens = linalg.density(Hd, num_steps=P, samples=4, generator=torch.Generator().manual_seed(0),
-                                sigma=1e-3 * (ev[-1] - ev[0]).item(), points=20000)
+    grid, dens = linalg.density(
+        Hd,
+        num_steps=P,
+        samples=4,
+        generator=torch.Generator().manual_seed(0),
+        sigma=1e-3 * (ev[-1] - ev[0]).item(),
+        points=20000,
+    )
     assert abs(torch.trapezoid(dens, grid).item() - 1) <= 1e-6
     assert grid[0] <= ev[0] and grid[-1] >= ev[-1]
     mean = torch.trapezoid(grid * dens, grid).item()  # the probes' Rayleigh quotients: trace / P on average
@@ -137,7 +144,11 @@ def test_errors_name_the_argument():
         (lambda: linalg.eigsh(H, k=0), ValueError, "k must be a positive integer"),
         (lambda: linalg.trace(H, samples=0), ValueError, "samples must be a positive integer"),
         (lambda: linalg.density(H, samples=-1), ValueError, "samples must be a positive integer"),
-        (lambda: linalg.solve(H, torch.zeros(P + 1, dtype=torch.float64)), ValueError, f"b must be a tensor of shape [{P}]"),
+        (
+            lambda: linalg.solve(H, torch.zeros(P + 1, dtype=torch.float64)),
+            ValueError,
+            f"b must be a tensor of shape [{P}]",
+        ),
         (lambda: linalg.solve(H, torch.zeros(P, dtype=torch.float64), method="lu"), ValueError, "method must be"),
         (lambda: H @ torch.zeros(P + 1, dtype=torch.float64), ValueError, f"v must have shape [{P}]"),
         (lambda: H @ torch.zeros(P, dtype=torch.float32), TypeError, "v must be torch.float64"),
@@ -172,8 +183,9 @@ def _worker(rank, world, init, shards, out_path):
     torch.set_num_threads(1)
     model, loss, x, y = small_problem(n=29)
     lo, hi = shards[rank]
-    H = hessext.HessianOperator(model, loss, DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=5),
-                                process_group=True)
+    H = hessext.HessianOperator(
+        model, loss, DataLoader(TensorDataset(x[lo:hi], y[lo:hi]), batch_size=5), process_group=True
+    )
     V = torch.randn(H.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     torch.save(H @ V, f"{out_path}.{rank}")
     dist.destroy_process_group()
@@ -337,12 +349,17 @@ def test_batches_weighted_by_what_the_mean_divides_by():
     t = torch.randint(0, 4, (20,), generator=g)
     t[:7] = -100
     batches = [(x[:10], t[:10]), (x[10:], t[10:])]
-    for loss in (nn.CrossEntropyLoss(), nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64))):
+    for loss in (
+        nn.CrossEntropyLoss(),
+        nn.CrossEntropyLoss(weight=torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)),
+    ):
         got, ref = _concatenated(model, loss, batches)
         assert_close(got, ref, 1e-12, "cross-entropy batches")
     seq = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    seq_batches = [(torch.randn(2, T, 3, generator=g, dtype=torch.float64), torch.randn(2, T, 2, generator=g, dtype=torch.float64))
-                   for T in (3, 8)]
+    seq_batches = [
+        (torch.randn(2, T, 3, generator=g, dtype=torch.float64), torch.randn(2, T, 2, generator=g, dtype=torch.float64))
+        for T in (3, 8)
+    ]
     H = hessext.HessianOperator(seq, nn.MSELoss(), seq_batches)
     eye = torch.eye(H.shape[0], dtype=torch.float64)
     ref = sum(hessext.hessian(seq, nn.MSELoss(reduction="sum"), xb, yb, output="matrix") for xb, yb in seq_batches)
@@ -352,7 +369,7 @@ def test_batches_weighted_by_what_the_mean_divides_by():
 def test_operator_data_checks_and_determinism():
     model, loss, x, y = small_problem()
     with pytest.raises(TypeError, match="one-shot iterator"):
-        hessext.HessianOperator(model, loss, ((x[j:j + 10], y[j:j + 10]) for j in range(0, 30, 10)))
+        hessext.HessianOperator(model, loss, ((x[j : j + 10], y[j : j + 10]) for j in range(0, 30, 10)))
     with pytest.raises(TypeError, match="batch 0 is a dict"):
         hessext.HessianOperator(model, loss, [{"x": x, "y": y}])
     with pytest.raises(TypeError, match="batch 0 is a tuple of 3"):
@@ -391,14 +408,19 @@ def test_eigsh_values_criterion(tol):
     g = torch.Generator().manual_seed(0)
     P = 400
     Q, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))
-    lam = torch.cat([torch.tensor([1.0, 0.99, 0.97, 0.96, 0.94], dtype=torch.float64),
-                     0.9 * torch.rand(P - 5, generator=g, dtype=torch.float64)])
+    lam = torch.cat(
+        [
+            torch.tensor([1.0, 0.99, 0.97, 0.96, 0.94], dtype=torch.float64),
+            0.9 * torch.rand(P - 5, generator=g, dtype=torch.float64),
+        ]
+    )
     A = (Q * lam) @ Q.T
     runs = {}
     for criterion in ("values", "residual"):
         calls = []
-        values, _ = linalg.eigsh(_Counted(A, calls), k=5, tol=tol, criterion=criterion,
-                                 generator=torch.Generator().manual_seed(1))
+        values, _ = linalg.eigsh(
+            _Counted(A, calls), k=5, tol=tol, criterion=criterion, generator=torch.Generator().manual_seed(1)
+        )
         assert float((values - lam[:5]).abs().max()) <= tol * 1.0
         runs[criterion] = sum(calls)
     assert runs["values"] < runs["residual"]

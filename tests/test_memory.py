@@ -4,6 +4,7 @@ refuses up front (native and torch.func paths).
 Each case runs in a fresh process that reads the bytes the call would need from the refusal at
 max_bytes=0, runs the call with exactly that budget, and measures its peak resident memory growth
 (the kernel's high-water mark, reset before the call, against the resident memory before it)."""
+
 import json
 import os
 import subprocess
@@ -36,7 +37,8 @@ if output in ("laplacian", "input_hessian"):  # input derivatives: native with f
     fn = getattr(hessext, output)
     call = lambda max_bytes: fn(*args, max_bytes=max_bytes, **kw)
 else:
-    call = lambda max_bytes: hessext.hessian(model, nn.MSELoss(), x, y, output=output, blocks=blocks, max_bytes=max_bytes)
+    def call(max_bytes):
+        return hessext.hessian(model, nn.MSELoss(), x, y, output=output, blocks=blocks, max_bytes=max_bytes)
 small = nn.Linear(2, 1).to(getattr(torch, dtype))
 hessext.hessian(small, nn.MSELoss(), x[:3, :2] if widths[0] >= 2 else torch.randn(3, 2).to(x), y[:3, :1])  # warm up
 try:
@@ -52,40 +54,59 @@ print(json.dumps({"need": need, "growth": None if growth is None else growth * 2
 """
 
 
-@pytest.mark.parametrize("case", [
-    ([10, 64, 64, 1], "tanh", 256, "float64", "matrix", "full"),
-    ([10, 64, 64, 1], "tanh", 256, "float64", "dict", "layer"),
-    ([2, 50, 50, 50, 1], "tanh", 64, "float32", "matrix", "full"),
-    ([10, 40, 40, 1], "softsign", 64, "float64", "matrix", "full"),
-    ([10, 24, 24, 1], "softsign", 1500, "float64", "matrix", "full"),
-    ([300, 128, 128, 10], "tanh", 200, "float64", "laplacian", None),
-    ([300, 128, 128, 10], "tanh", 200, "float64", "input_hessian", "full"),
-    ([50, 128, 128, 1], "tanh", 1000, "float64", "input_hessian", "diagonal"),
-    ([20, 64, 3], "tanh", 2000, "float32", "input_hessian", "full"),
-    ([4, 32, 32, 1], "softsign", 2000, "float64", "input_hessian", "full"),
-    ([4, 32, 32, 1], "softsign", 2000, "float64", "laplacian", None),
-], ids=["native-full", "native-layer", "native-float32", "fallback", "fallback-many-samples", "laplacian",
-        "input-hessian-backward", "input-hessian-jets-diagonal", "input-hessian-jets-float32",
-        "input-hessian-fallback", "laplacian-fallback"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ([10, 64, 64, 1], "tanh", 256, "float64", "matrix", "full"),
+        ([10, 64, 64, 1], "tanh", 256, "float64", "dict", "layer"),
+        ([2, 50, 50, 50, 1], "tanh", 64, "float32", "matrix", "full"),
+        ([10, 40, 40, 1], "softsign", 64, "float64", "matrix", "full"),
+        ([10, 24, 24, 1], "softsign", 1500, "float64", "matrix", "full"),
+        ([300, 128, 128, 10], "tanh", 200, "float64", "laplacian", None),
+        ([300, 128, 128, 10], "tanh", 200, "float64", "input_hessian", "full"),
+        ([50, 128, 128, 1], "tanh", 1000, "float64", "input_hessian", "diagonal"),
+        ([20, 64, 3], "tanh", 2000, "float32", "input_hessian", "full"),
+        ([4, 32, 32, 1], "softsign", 2000, "float64", "input_hessian", "full"),
+        ([4, 32, 32, 1], "softsign", 2000, "float64", "laplacian", None),
+    ],
+    ids=[
+        "native-full",
+        "native-layer",
+        "native-float32",
+        "fallback",
+        "fallback-many-samples",
+        "laplacian",
+        "input-hessian-backward",
+        "input-hessian-jets-diagonal",
+        "input-hessian-jets-float32",
+        "input-hessian-fallback",
+        "laplacian-fallback",
+    ],
+)
 def test_peak_within_accepted_budget(case):
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(case)], capture_output=True, text=True,
-                         env=env, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(case)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if result["growth"] is None:
         pytest.skip("this kernel does not allow resetting the peak (/proc/self/clear_refs)")
     assert result["native"] == (case[1] != "softsign")
-    assert result["growth"] <= result["need"], (f"peak growth {result['growth']:,} bytes over the accepted "
-                                                f"{result['need']:,}")
+    assert result["growth"] <= result["need"], (
+        f"peak growth {result['growth']:,} bytes over the accepted {result['need']:,}"
+    )
 
 
-@pytest.mark.parametrize("max_bytes,error,match", [
-    ("1GB", TypeError, r"max_bytes must be an int number of bytes"),
-    (-1, ValueError, r"max_bytes must be >= 0, got -1"),
-    (1.5e9, TypeError, r"max_bytes must be an int"),
-    (0, ValueError, r"would need [0-9,]+ bytes, more than the 0 bytes available"),
-])
+@pytest.mark.parametrize(
+    "max_bytes,error,match",
+    [
+        ("1GB", TypeError, r"max_bytes must be an int number of bytes"),
+        (-1, ValueError, r"max_bytes must be >= 0, got -1"),
+        (1.5e9, TypeError, r"max_bytes must be an int"),
+        (0, ValueError, r"would need [0-9,]+ bytes, more than the 0 bytes available"),
+    ],
+)
 def test_max_bytes_is_checked(max_bytes, error, match):
     import torch
 

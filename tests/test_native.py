@@ -1,5 +1,6 @@
 """Loading the native module: build facts, and the torch.func fallback (with one warning) when
 neither the prebuilt module nor a JIT build is available."""
+
 import os
 import shutil
 import subprocess

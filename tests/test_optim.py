@@ -1,4 +1,5 @@
 """AdaHessian and Sophia: one step on a quadratic with a known diagonal Hessian, and state_dict."""
+
 import copy
 
 import pytest
@@ -18,16 +19,23 @@ def quadratic():
     x = torch.diag(s)
     y = torch.randn(d, 1, dtype=torch.float64)
     w = model.weight.detach().clone()[0]
-    grad = 2.0 / d * (x @ w - y[:, 0]) * s        # d/dw mean((x w - y)^2)
-    hdiag = 2.0 / d * s ** 2
+    grad = 2.0 / d * (x @ w - y[:, 0]) * s  # d/dw mean((x w - y)^2)
+    hdiag = 2.0 / d * s**2
     return model, x, y, w, grad, hdiag
 
 
 @pytest.mark.parametrize("estimator", ["exact", "ggn", "hutchinson"])
 def test_adahessian_first_step(estimator):
     model, x, y, w, g, h = quadratic()
-    opt = AdaHessian(model, nn.MSELoss(), lr=0.3, eps=1e-4, estimator=estimator, samples=2,
-                     generator=torch.Generator().manual_seed(0))
+    opt = AdaHessian(
+        model,
+        nn.MSELoss(),
+        lr=0.3,
+        eps=1e-4,
+        estimator=estimator,
+        samples=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     opt.step(x, y)
     # bias-corrected: m_hat = g, v_hat = h^2 -> w - lr g / (|h| + eps) (Hutchinson is exact: H is diagonal)
     expected = w - 0.3 * g / (h.abs() + 1e-4)
@@ -37,8 +45,9 @@ def test_adahessian_first_step(estimator):
 def test_sophia_first_steps_clip():
     model, x, y, w, g, h = quadratic()
     lr, rho, b1, b2, wd = 0.05, 0.04, 0.965, 0.99, 0.1
-    opt = Sophia(model, nn.MSELoss(), lr=lr, rho=rho, betas=(b1, b2), weight_decay=wd, estimator="exact",
-                 update_every=2)
+    opt = Sophia(
+        model, nn.MSELoss(), lr=lr, rho=rho, betas=(b1, b2), weight_decay=wd, estimator="exact", update_every=2
+    )
     opt.step(x, y)
     m = (1 - b1) * g
     hh = (1 - b2) * h
@@ -75,8 +84,9 @@ def test_state_dict_round_trip(cls):
 
 def test_param_groups_and_bad_arguments():
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
-    opt = AdaHessian(net, nn.MSELoss(), params=[{"params": net[0].parameters(), "lr": 0.1},
-                                                {"params": net[2].parameters()}], lr=0.01)
+    opt = AdaHessian(
+        net, nn.MSELoss(), params=[{"params": net[0].parameters(), "lr": 0.1}, {"params": net[2].parameters()}], lr=0.01
+    )
     assert [g["lr"] for g in opt.param_groups] == [0.1, 0.01]
     frozen = [p.detach().clone() for p in net[2].parameters()]
     opt_one = AdaHessian(net, nn.MSELoss(), params=net[0].parameters(), lr=0.1)
@@ -109,8 +119,12 @@ def test_sophia_honours_each_groups_update_every():
     extra = nn.Linear(1, 1, bias=False).double()
     model.add_module("extra", extra)  # a second parameter in its own group
     calls = []
-    opt = Sophia(model, nn.MSELoss(), estimator="exact", params=[
-        {"params": [model.weight], "update_every": 1}, {"params": [extra.weight], "update_every": 3}])
+    opt = Sophia(
+        model,
+        nn.MSELoss(),
+        estimator="exact",
+        params=[{"params": [model.weight], "update_every": 1}, {"params": [extra.weight], "update_every": 3}],
+    )
     real = opt._diagonal
     opt._diagonal = lambda *a: calls.append(1) or real(*a)
     hist = []
@@ -118,22 +132,25 @@ def test_sophia_honours_each_groups_update_every():
         opt.step(x, y)
         hist.append((opt.state[model.weight]["hessian"].clone(), opt.state[extra.weight]["hessian"].clone()))
     assert len(calls) == 4  # group 0 refreshes every step
-    assert not torch.equal(hist[0][0], hist[1][0])            # group 0 refreshed at step 2
+    assert not torch.equal(hist[0][0], hist[1][0])  # group 0 refreshed at step 2
     assert torch.equal(hist[0][1], hist[1][1]) and torch.equal(hist[1][1], hist[2][1])  # group 1 kept steps 2, 3
 
 
-@pytest.mark.parametrize("cls,setting,value,match", [
-    (AdaHessian, "lr", -0.1, "lr must be a number >= 0"),
-    (AdaHessian, "betas", (0.9, 1.0), r"betas must be a pair of numbers in \[0, 1\)"),
-    (AdaHessian, "betas", 0.9, "betas must be a pair"),
-    (AdaHessian, "eps", -1.0, "eps must be a number >= 0"),
-    (AdaHessian, "hessian_power", 0.0, r"hessian_power must be in \(0, 1\]"),
-    (AdaHessian, "samples", 0, "samples must be an int >= 1"),
-    (Sophia, "rho", 0.0, "rho must be a number > 0"),
-    (Sophia, "update_every", 0, "update_every must be an int >= 1"),
-    (Sophia, "update_every", 2.5, "update_every must be an int >= 1"),
-    (Sophia, "weight_decay", -1.0, "weight_decay must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "cls,setting,value,match",
+    [
+        (AdaHessian, "lr", -0.1, "lr must be a number >= 0"),
+        (AdaHessian, "betas", (0.9, 1.0), r"betas must be a pair of numbers in \[0, 1\)"),
+        (AdaHessian, "betas", 0.9, "betas must be a pair"),
+        (AdaHessian, "eps", -1.0, "eps must be a number >= 0"),
+        (AdaHessian, "hessian_power", 0.0, r"hessian_power must be in \(0, 1\]"),
+        (AdaHessian, "samples", 0, "samples must be an int >= 1"),
+        (Sophia, "rho", 0.0, "rho must be a number > 0"),
+        (Sophia, "update_every", 0, "update_every must be an int >= 1"),
+        (Sophia, "update_every", 2.5, "update_every must be an int >= 1"),
+        (Sophia, "weight_decay", -1.0, "weight_decay must be a number >= 0"),
+    ],
+)
 def test_bad_settings_raise(cls, setting, value, match):
     model = nn.Linear(2, 1).double()
     with pytest.raises(ValueError, match=match):
@@ -181,16 +198,23 @@ def _digits():
     return X[perm[:1400]], Y[perm[:1400]], X[perm[1400:]], Y[perm[1400:]]
 
 
-@pytest.mark.parametrize("make", [
-    lambda m, l: AdaHessian(m, l, estimator="exact"), lambda m, l: AdaHessian(m, l, estimator="ggn"),
-    lambda m, l: AdaHessian(m, l, estimator="hutchinson", generator=torch.Generator().manual_seed(0)),
-    lambda m, l: Sophia(m, l, lr=1e-2, rho=0.04, update_every=10, estimator="hutchinson",
-                        generator=torch.Generator().manual_seed(0)),
-], ids=["adahessian-exact", "adahessian-ggn", "adahessian-hutchinson", "sophia-hutchinson"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m, l: AdaHessian(m, l, estimator="exact"),
+        lambda m, l: AdaHessian(m, l, estimator="ggn"),
+        lambda m, l: AdaHessian(m, l, estimator="hutchinson", generator=torch.Generator().manual_seed(0)),
+        lambda m, l: Sophia(
+            m, l, lr=1e-2, rho=0.04, update_every=10, estimator="hutchinson", generator=torch.Generator().manual_seed(0)
+        ),
+    ],
+    ids=["adahessian-exact", "adahessian-ggn", "adahessian-hutchinson", "sophia-hutchinson"],
+)
 @pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.GELU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_readme_optimizers_train_on_digits(make, act, dtype):
-    """The user guide's optimizer lines (docs/guide.md), with their defaults, train a 64-64-64-10 MLP on sklearn's digits
+    """The user guide's optimizer lines (docs/guide.md), with their defaults, train a 64-64-64-10 MLP on
+    sklearn's digits
     (1400 training images, 10 epochs of batches of 128) to at least 90% test accuracy (measured:
     AdaHessian exact 96.7-97.2%, GGN 97.0-97.2%, Hutchinson 95.7-96.2%, Sophia 93.2-95.7%). With the
     reference's lr=0.15, eps=1e-4, the exact diagonal's steps diverged to NaN within 8 steps."""
@@ -201,7 +225,7 @@ def test_readme_optimizers_train_on_digits(make, act, dtype):
     for epoch in range(10):
         order = torch.randperm(1400, generator=torch.Generator().manual_seed(epoch))
         for i in range(0, 1400, 128):
-            batch = order[i:i + 128]
+            batch = order[i : i + 128]
             loss = opt.step(Xtr[batch].to(dtype), Ytr[batch])
             assert torch.isfinite(loss), f"loss {float(loss)} at epoch {epoch}"
     with torch.no_grad():

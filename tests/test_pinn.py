@@ -4,6 +4,7 @@ products, diagonal, dense matrix, factor rows and kernel against a reference bui
 float64 to 1e-10 relative to the largest reference entry, on random native stacks with every activation,
 several loss forms (Poisson, a subset of the features, a Burgers-like nonlinear term), sum and mean,
 one and two outputs; the torch.func path for other models; and the energy natural gradient optimizer."""
+
 import random
 import warnings
 
@@ -15,16 +16,25 @@ from torch.func import functional_call, jacrev, vmap
 import hessext
 from cases import assert_close
 
-ACTIVATIONS = [nn.Tanh, nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Sigmoid, nn.SiLU, nn.GELU,
-               lambda: nn.GELU(approximate="tanh"), lambda: nn.Softplus(beta=2.0), nn.ELU]
+ACTIVATIONS = [
+    nn.Tanh,
+    nn.ReLU,
+    lambda: nn.LeakyReLU(0.1),
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.Softplus(beta=2.0),
+    nn.ELU,
+]
 
 
 def losses(f):
     return {
         "poisson": lambda u, g, lap, x: ((-lap - f) ** 2).mean(),
         "poisson-sum": lambda u, g, lap, x: ((-lap - f) ** 2).sum(),
-        "burgers": lambda u, g, lap, x: ((u * g[..., 0] - 0.1 * lap - f) ** 2).mean() + (u ** 2).mean(),
-        "mixed": lambda u, g, lap, x: (torch.sin(u) * lap).sum() + (g ** 2).mean(),  # an indefinite H
+        "burgers": lambda u, g, lap, x: ((u * g[..., 0] - 0.1 * lap - f) ** 2).mean() + (u**2).mean(),
+        "mixed": lambda u, g, lap, x: (torch.sin(u) * lap).sum() + (g**2).mean(),  # an indefinite H
     }
 
 
@@ -32,8 +42,11 @@ def case_of(seed):
     rng = random.Random(seed)
     torch.manual_seed(seed)
     act = ACTIVATIONS[seed % len(ACTIVATIONS)]
-    widths = [rng.randint(1, 3)] + [rng.choice([1, rng.randint(2, 6)]) for _ in range(rng.randint(1, 2))] + [
-        rng.randint(1, 2)]
+    widths = (
+        [rng.randint(1, 3)]
+        + [rng.choice([1, rng.randint(2, 6)]) for _ in range(rng.randint(1, 2))]
+        + [rng.randint(1, 2)]
+    )
     layers = []
     for j, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(i, o, bias=rng.random() < 0.7))
@@ -69,7 +82,7 @@ def reference(model, loss_fn, x, dims):
     C = e0.numel() // (N * (len(feats) + 2))
 
     def loss_of(e):
-        u, g, lap = e[:N * C], e[N * C:N * C * (1 + len(feats))], e[N * C * (1 + len(feats)):]
+        u, g, lap = e[: N * C], e[N * C : N * C * (1 + len(feats))], e[N * C * (1 + len(feats)) :]
         return loss_fn(u.reshape(N, C), g.reshape(N, C, len(feats)), lap.reshape(N, C), x)
 
     H = torch.func.hessian(loss_of)(e0)
@@ -126,7 +139,7 @@ def test_several_terms_damping_and_solvers():
         return ((-lap - f) ** 2).mean()
 
     def boundary(u, g, lap, inputs):
-        return (u ** 2).mean()
+        return (u**2).mean()
 
     G1, _ = reference(model, interior, x, None)
     G2, _ = reference(model, boundary, xb, None)
@@ -167,7 +180,7 @@ def test_errors():
     x = torch.rand(8, 2, dtype=torch.float64)
 
     def ok(u, g, lap, inputs):
-        return (lap ** 2).mean()
+        return (lap**2).mean()
 
     with pytest.raises(TypeError, match="list of"):
         hessext.GramianOperator(model, (ok, x))
@@ -234,8 +247,12 @@ def test_pinn_example_runs():
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "pinn_poisson.py")
     for optimizer in ("engd", "adam", "lbfgs"):
-        out = subprocess.run([sys.executable, script, "--optimizer", optimizer, "--steps", "3"], capture_output=True,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, script, "--optimizer", optimizer, "--steps", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         last = out.stdout.strip().splitlines()[-1]
         assert last.startswith("relative L2 error: ") and float(last.split(": ")[1]) > 0

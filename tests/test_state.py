@@ -2,6 +2,7 @@
 that read state mutated in place, and concurrent calls sharing one plan. Each case calls hessext,
 changes something, and compares the next call with plain autograd on the model and loss as they
 are now (double backward, float64). Tolerance: 1e-10 relative to the largest reference entry."""
+
 import sys
 import threading
 import types
@@ -41,12 +42,16 @@ def class_batch(n=12):
     return torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
-@pytest.mark.parametrize("change", [
-    lambda loss: setattr(loss, "label_smoothing", 0.3),
-    lambda loss: setattr(loss, "reduction", "sum"),
-    lambda loss: setattr(loss, "ignore_index", 1),
-    lambda loss: setattr(loss, "weight", torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)),
-], ids=["label_smoothing", "reduction", "ignore_index", "weight"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda loss: setattr(loss, "label_smoothing", 0.3),
+        lambda loss: setattr(loss, "reduction", "sum"),
+        lambda loss: setattr(loss, "ignore_index", 1),
+        lambda loss: setattr(loss, "weight", torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)),
+    ],
+    ids=["label_smoothing", "reduction", "ignore_index", "weight"],
+)
 def test_cross_entropy_changed_after_first_use(change):
     model, (x, y) = classifier(), class_batch()
     loss = nn.CrossEntropyLoss()
@@ -103,9 +108,12 @@ def test_losses_over_mutable_objects():
     module, obj, trainer, cfg = ScaledMSE(), CallableLoss(), Trainer(), {"scale": 1.0}
     method = trainer.loss
     over_dict = lambda o, t: cfg["scale"] * F.mse_loss(o, t)  # noqa: E731
-    for loss_fn, change in ((module, lambda: setattr(module, "scale", 3.0)), (obj, lambda: setattr(obj, "scale", 2.5)),
-                            (method, lambda: setattr(trainer, "scale", 0.5)),
-                            (over_dict, lambda: cfg.update(scale=4.0))):
+    for loss_fn, change in (
+        (module, lambda: setattr(module, "scale", 3.0)),
+        (obj, lambda: setattr(obj, "scale", 2.5)),
+        (method, lambda: setattr(trainer, "scale", 0.5)),
+        (over_dict, lambda: cfg.update(scale=4.0)),
+    ):
         check(model, loss_fn, x, y, f"{type(loss_fn).__name__} before")
         change()
         check(model, loss_fn, x, y, f"{type(loss_fn).__name__} after")
@@ -177,11 +185,17 @@ class Configured(nn.Module):
         return self.fc2(h) * Configured.factor * helper_scale()
 
 
-@pytest.mark.parametrize("change", [
-    lambda m: m.cfg.update(scale=2.0), lambda m: m.steps.__setitem__(0, 0.5),
-    lambda m: setattr(m.ns, "shift", 3.0), lambda m: setattr(Configured, "factor", 2.0),
-    lambda m: SCALE.update(value=1.5),
-], ids=["dict", "list", "namespace", "class attribute", "global via helper"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m.cfg.update(scale=2.0),
+        lambda m: m.steps.__setitem__(0, 0.5),
+        lambda m: setattr(m.ns, "shift", 3.0),
+        lambda m: setattr(Configured, "factor", 2.0),
+        lambda m: SCALE.update(value=1.5),
+    ],
+    ids=["dict", "list", "namespace", "class attribute", "global via helper"],
+)
 def test_forward_reading_mutated_state(change):
     torch.manual_seed(0)
     model = Configured().double()

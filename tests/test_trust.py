@@ -3,6 +3,7 @@
 Each test changes a model or loss after (or before) a first call, or gives input the kernels cannot
 serve as torch would, and compares hessext with plain torch autograd on the model as it is now
 (double backward, float64). Tolerance: 1e-10 relative to the largest reference entry."""
+
 import gc
 import sys
 import threading
@@ -54,8 +55,7 @@ def mlp(*widths, act=nn.Tanh, seed=0):
 
 def batch(d, c, n=7, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=g, dtype=torch.float64),
-            torch.randn(n, c, generator=g, dtype=torch.float64))
+    return (torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, c, generator=g, dtype=torch.float64))
 
 
 class Switch(nn.Module):
@@ -72,6 +72,7 @@ class Switch(nn.Module):
 
 
 # ---- 1. stale plans ---------------------------------------------------------------------------------
+
 
 def _swap_activation(m, act):
     m[1] = act
@@ -96,12 +97,20 @@ def _append(m):
     m.append(nn.Linear(1, 1).double())
 
 
-@pytest.mark.parametrize("change", [
-    lambda m: _swap_activation(m, nn.ReLU()), lambda m: _swap_activation(m, nn.Identity()), _swap_linear,
-    _remove_bias, _change_widths, _append,
-    lambda m: setattr(m, "forward", types.MethodType(lambda self, x: 2 * nn.Sequential.forward(self, x), m)),
-    lambda m: m[2].weight.data.mul_(3.0),
-], ids=["relu", "identity", "new-linear", "remove-bias", "widths", "append", "patched-forward", "weights-in-place"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: _swap_activation(m, nn.ReLU()),
+        lambda m: _swap_activation(m, nn.Identity()),
+        _swap_linear,
+        _remove_bias,
+        _change_widths,
+        _append,
+        lambda m: setattr(m, "forward", types.MethodType(lambda self, x: 2 * nn.Sequential.forward(self, x), m)),
+        lambda m: m[2].weight.data.mul_(3.0),
+    ],
+    ids=["relu", "identity", "new-linear", "remove-bias", "widths", "append", "patched-forward", "weights-in-place"],
+)
 def test_changed_model_is_recaptured(change):
     model = mlp(2, 4, 1)
     x, y = batch(2, 1)
@@ -138,6 +147,7 @@ def test_class_forward_patched():
 
 
 # ---- 2. hooks -----------------------------------------------------------------------------------------
+
 
 def _double_output(module, args, output):
     return output * 2
@@ -186,6 +196,7 @@ def test_global_hook_goes_to_torch():
 
 # ---- 3. loss subclasses -------------------------------------------------------------------------------
 
+
 class TenMSE(nn.MSELoss):
     def forward(self, input, target):
         return 10 * super().forward(input, target)
@@ -194,15 +205,18 @@ class TenMSE(nn.MSELoss):
 class HuberLike(nn.MSELoss):
     def forward(self, input, target):
         r = (input - target).abs()
-        return torch.where(r < 1, 0.5 * r ** 2, r - 0.5).mean()
+        return torch.where(r < 1, 0.5 * r**2, r - 0.5).mean()
 
 
 class PlainSubclass(nn.MSELoss):
     pass
 
 
-@pytest.mark.parametrize("loss,native", [(TenMSE(), True), (HuberLike(), False), (PlainSubclass(), True)],
-                         ids=["ten-times", "huber-like", "plain"])
+@pytest.mark.parametrize(
+    "loss,native",
+    [(TenMSE(), True), (HuberLike(), False), (PlainSubclass(), True)],
+    ids=["ten-times", "huber-like", "plain"],
+)
 def test_loss_subclass_is_what_it_computes(loss, native):
     model = mlp(2, 4, 1)
     x, y = batch(2, 1)
@@ -220,6 +234,7 @@ def test_loss_settings_changed():
 
 
 # ---- 4. dropout ---------------------------------------------------------------------------------------
+
 
 def dropout_model():
     torch.manual_seed(0)
@@ -253,6 +268,7 @@ def test_dropout_first_called_in_train_mode():
 
 # ---- 5. tied weights ----------------------------------------------------------------------------------
 
+
 def test_tied_weights():
     model = mlp(3, 3, 3)
     x, y = batch(3, 3)
@@ -265,13 +281,17 @@ def test_tied_weights():
 
 # ---- 6. the cache keeps no model alive -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("loss", ["module", "closure-over-model", "patched-forward"])
 def test_models_are_freed(loss):
     refs = []
     for _ in range(5):
         model = mlp(2, 4, 1)
-        fn = nn.MSELoss() if loss != "closure-over-model" else (
-            lambda o, t, m=model: F.mse_loss(o, t) + 0 * sum(p.sum() for p in m.parameters()))
+        fn = (
+            nn.MSELoss()
+            if loss != "closure-over-model"
+            else (lambda o, t, m=model: F.mse_loss(o, t) + 0 * sum(p.sum() for p in m.parameters()))
+        )
         if loss == "patched-forward":
             model.forward = types.MethodType(nn.Sequential.forward, model)
         x, y = batch(2, 1)
@@ -284,6 +304,7 @@ def test_models_are_freed(loss):
 
 
 # ---- 7. capture in one thread, plain forward passes in another ------------------------------------------
+
 
 def test_capture_does_not_disturb_other_threads():
     other = Switch().double()
@@ -313,6 +334,7 @@ def test_capture_does_not_disturb_other_threads():
 
 # ---- 8. half precision ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_goes_to_torch(dtype):
     model = mlp(2, 4, 1)
@@ -328,6 +350,7 @@ def test_half_precision_goes_to_torch(dtype):
 
 
 # ---- 9. per-sample input derivatives need samples -------------------------------------------------------
+
 
 def test_input_hessian_needs_a_batch_dimension():
     model = mlp(3, 4, 1)
@@ -367,6 +390,7 @@ def test_regrouped_rows_match_torch():
 
 # ---- 10. non-finite input --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("where", ["inputs", "targets"])
 def test_non_finite_input_is_torchs(bad, where):
@@ -375,7 +399,9 @@ def test_non_finite_input_is_torchs(bad, where):
     (x if where == "inputs" else y)[3, 0] = bad
     H = hessext.hessian(model, F.mse_loss, x, y, output="matrix")
     ref = hessext.hessian(model, F.mse_loss, x, y, output="matrix", backend="torch.func")
-    assert torch.equal(H.isfinite(), ref.isfinite()), f"{int(H.isfinite().sum())} finite, torch {int(ref.isfinite().sum())}"
+    assert torch.equal(H.isfinite(), ref.isfinite()), (
+        f"{int(H.isfinite().sum())} finite, torch {int(ref.isfinite().sum())}"
+    )
     assert torch.equal(H.isnan(), ref.isnan())
     for fn in (hessext.hessian_diag, hessext.ggn_diag):
         got, want = fn(model, F.mse_loss, x, y), fn(model, F.mse_loss, x, y, backend="torch.func")
@@ -383,6 +409,7 @@ def test_non_finite_input_is_torchs(bad, where):
 
 
 # ---- 11. differentiating through a result ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["auto", "torch.func"])
 def test_grad_through_hvp(backend):
@@ -403,8 +430,12 @@ def test_grad_through_hvp(backend):
         return sum(t.sum() for t in vjp_fn(v)[0].values())
 
     got, want = grad(through_hessext)(params), grad(pure)(params)
-    assert_close(torch.cat([got[k].reshape(-1) for k in params]), torch.cat([want[k].reshape(-1) for k in params]),
-                 RTOL, "third derivative")
+    assert_close(
+        torch.cat([got[k].reshape(-1) for k in params]),
+        torch.cat([want[k].reshape(-1) for k in params]),
+        RTOL,
+        "third derivative",
+    )
     assert max(want[k].abs().max() for k in want) > 0
 
 
@@ -430,6 +461,7 @@ def test_vmap_over_hvp():
 
 # ---- 13. float32 at large batches ---------------------------------------------------------------------
 
+
 def test_float32_large_batch_accuracy():
     """[2,8,8,1], float32: the dense Hessian (N=2e5) and the diagonal (N=1e6) within 1e-5 of float64 in
     relative norm, like the float32 HVP (about 2e-5 at N=1e6)."""
@@ -438,7 +470,10 @@ def test_float32_large_batch_accuracy():
     m64 = build_stack([2, 8, 8, 1], [True] * 3, ["tanh", "tanh"], torch.float64)
     m32 = build_stack([2, 8, 8, 1], [True] * 3, ["tanh", "tanh"], torch.float32)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(10**6, 2, generator=g, dtype=torch.float64), torch.randn(10**6, 1, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(10**6, 2, generator=g, dtype=torch.float64),
+        torch.randn(10**6, 1, generator=g, dtype=torch.float64),
+    )
 
     def rel(a, b):
         return ((a.double() - b).norm() / b.norm()).item()
@@ -446,14 +481,20 @@ def test_float32_large_batch_accuracy():
     def flat(d):
         return torch.cat([v.reshape(-1) for v in d.values()])
 
-    d = rel(flat(hessext.hessian_diag(m32, F.mse_loss, x.float(), y.float())), flat(hessext.hessian_diag(m64, F.mse_loss, x, y)))
+    d = rel(
+        flat(hessext.hessian_diag(m32, F.mse_loss, x.float(), y.float())),
+        flat(hessext.hessian_diag(m64, F.mse_loss, x, y)),
+    )
     n = 2 * 10**5
-    H = rel(hessext.hessian(m32, F.mse_loss, x[:n].float(), y[:n].float(), output="matrix"),
-            hessext.hessian(m64, F.mse_loss, x[:n], y[:n], output="matrix"))
+    H = rel(
+        hessext.hessian(m32, F.mse_loss, x[:n].float(), y[:n].float(), output="matrix"),
+        hessext.hessian(m64, F.mse_loss, x[:n], y[:n], output="matrix"),
+    )
     assert d < 1e-5 and H < 1e-5, f"diagonal {d:.2e}, dense Hessian {H:.2e}"
 
 
 # ---- 15. smaller ------------------------------------------------------------------------------------------
+
 
 def test_hutchinson_batch_must_be_positive():
     model = mlp(2, 3, 1)
@@ -480,11 +521,14 @@ def test_reason_uses_the_users_layer_names():
     assert "Linear '2'" in reason and "_2" not in reason, reason
 
 
-@pytest.mark.parametrize("loss,factor", [
-    (lambda o, t: 0.5 * torch.mean((o - t) ** 2), 0.5),
-    (lambda o, t: ((o - t) ** 2).sum() / 2, 0.5),
-    (lambda o, t: F.mse_loss(o, t) * 3, 3.0),
-])
+@pytest.mark.parametrize(
+    "loss,factor",
+    [
+        (lambda o, t: 0.5 * torch.mean((o - t) ** 2), 0.5),
+        (lambda o, t: ((o - t) ** 2).sum() / 2, 0.5),
+        (lambda o, t: F.mse_loss(o, t) * 3, 3.0),
+    ],
+)
 def test_scaled_mse_is_native(loss, factor):
     model = mlp(2, 4, 1)
     x, y = batch(2, 1)
@@ -526,6 +570,7 @@ def test_per_call_check_cost_is_small():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_finiteness_check_sees_every_entry(n, dtype):
     from hessext import _native
+
     check = _native.load().all_finite
     t = torch.randn(n, 3, dtype=dtype)
     # contiguous tensors: the loop in C++; strided ones: the max-abs reductions and one read-back
@@ -606,8 +651,9 @@ def test_guard_in_c_agrees_with_python(name):
             python = state.read() == state.objects
         except Exception:  # noqa: BLE001 - as ModelState.matches: a comparison that fails is a change
             python = False
-        c = native.state_matches(state.parts, model, state.params, guard._GLOBAL_HOOKS, state.fwd_globals,
-                                 guard._MISSING, state.objects)
+        c = native.state_matches(
+            state.parts, model, state.params, guard._GLOBAL_HOOKS, state.fwd_globals, guard._MISSING, state.objects
+        )
         assert python == expected and c == expected, f"{name}: Python says {python}, C says {c}"
         assert state.matches() == expected
     finally:
@@ -625,15 +671,28 @@ def test_vector_items_accepts_only_what_the_checks_accept():
     params = list(model.parameters())
     good = [torch.randn(p.shape, dtype=torch.float64) for p in params]
     batched = [torch.randn((3,) + p.shape, dtype=torch.float64) for p in params]
-    for vectors, K in ((good, 0), (tuple(good), 0), (dict(zip(names, good)), 0), (batched, 3),
-                       (dict(zip(names, batched)), 3)):
+    for vectors, K in (
+        (good, 0),
+        (tuple(good), 0),
+        (dict(zip(names, good)), 0),
+        (batched, 3),
+        (dict(zip(names, batched)), 3),
+    ):
         items, k = native.vector_items(vectors, names, params)
         assert k == K and all(a is b for a, b in zip(items, vectors.values() if isinstance(vectors, dict) else vectors))
     bad = [
-        good[:-1], good + [good[0]], dict(zip(names[:-1], good)), {**dict(zip(names, good)), "x": good[0]},
-        [good[0].float()] + good[1:], [good[0].t()] + good[1:], batched[:1] + good[1:],
-        [batched[0]] + [b[:2] for b in batched[1:]], [good[0][None][:0]] + [b[:0] for b in batched[1:]],
-        [1.0] + good[1:], {"w": good[0]}, torch.cat([g.reshape(-1) for g in good]),
+        good[:-1],
+        good + [good[0]],
+        dict(zip(names[:-1], good)),
+        {**dict(zip(names, good)), "x": good[0]},
+        [good[0].float()] + good[1:],
+        [good[0].t()] + good[1:],
+        batched[:1] + good[1:],
+        [batched[0]] + [b[:2] for b in batched[1:]],
+        [good[0][None][:0]] + [b[:0] for b in batched[1:]],
+        [1.0] + good[1:],
+        {"w": good[0]},
+        torch.cat([g.reshape(-1) for g in good]),
     ]
     for vectors in bad:
         assert native.vector_items(vectors, names, params) is None, vectors

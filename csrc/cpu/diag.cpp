@@ -2,12 +2,13 @@
 // batched forward pass, then the fused per-sample recurrence (fused.h), samples split over threads.
 // Otherwise the factored GEMM recurrence of diag.h with the CPU elementwise steps, for the summed
 // diagonal once per block of samples (row_blocks.h).
+#include "diag.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
 #include "cpu/row_blocks.h"
-#include "diag.h"
 
 namespace hessext {
 namespace {
@@ -55,7 +56,8 @@ std::vector<at::Tensor> diag_fused_cpu(const Stack& s, bool ggn, bool per_sample
     return direct;
   }
   const at::Tensor total = per_sample ? acc : (nt == 1 ? acc[0] : acc.sum(0));
-  return layout.split_rows(total.to(s.x.scalar_type()), s, per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
+  return layout.split_rows(total.to(s.x.scalar_type()), s,
+                           per_sample ? std::vector<int64_t>{M} : std::vector<int64_t>{});
 }
 
 std::vector<at::Tensor> diag_cpu(HX_STACK_PARAMS, bool ggn, bool per_sample) {

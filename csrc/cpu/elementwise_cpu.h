@@ -298,8 +298,8 @@ struct CpuElementwise {
   }
 
   // The loss rows (losses.h) of the output z [M, C] against y [M, C]: g, h [M, C], w [M].
-  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y,
-                        at::Tensor& g, at::Tensor& h, at::Tensor& w) {
+  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y, at::Tensor& g,
+                        at::Tensor& h, at::Tensor& w) {
     const int64_t M = z.size(0), C = z.size(1);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "loss_rows_cpu", [&] {
       const scalar_t *pz = z.data_ptr<scalar_t>(), *py = y.data_ptr<scalar_t>();
@@ -355,7 +355,7 @@ struct CpuElementwise {
           for (int64_t k = 0; k < K; ++k) {
             T* __restrict__ row = r + (m * K + k) * w;
             const T* __restrict__ rzrow = prz + (m * K + k) * w;
-            const T *__restrict__ drow = pd + m * w, *__restrict__ d2row = pd2 + m * w, *__restrict__ erow = pe + m * w;
+            const T* __restrict__ drow = pd + m * w, * __restrict__ d2row = pd2 + m * w, * __restrict__ erow = pe + m * w;
             for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
           }
       });
@@ -453,8 +453,17 @@ struct CpuElementwise {
                                       const std::vector<std::pair<int64_t, int64_t>>& pairs) {
     const int64_t M = G.size(1), O = G.size(2);
     AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jet_activation_backward_cpu", [&] {
-      const JetReverse<scalar_t> step{G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                      kind, p0, p1, M, O, k, sum_channel, pairs};
+      const JetReverse<scalar_t> step{G.data_ptr<scalar_t>(),
+                                      Z.data_ptr<scalar_t>(),
+                                      A.data_ptr<scalar_t>(),
+                                      kind,
+                                      p0,
+                                      p1,
+                                      M,
+                                      O,
+                                      k,
+                                      sum_channel,
+                                      pairs};
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }
@@ -465,8 +474,8 @@ struct CpuElementwise {
                                      double p1, int64_t k) {
     const int64_t M = D.size(1), K = D.size(2), O = D.size(3);
     AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "jet_activation_tangent_cpu", [&] {
-      const JetTangent<scalar_t> step{D.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                                      kind, p0, p1, M, K, O, k};
+      const JetTangent<scalar_t> step{
+          D.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), kind, p0, p1, M, K, O, k};
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / (K * O)), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }

@@ -95,8 +95,10 @@ constexpr int64_t kParallelWork = 1 << 16;
 
 template <typename T>
 Gemm<T> blas_gemm() {
-  if constexpr (std::is_same_v<T, double>) return blas().dgemm;
-  else return blas().sgemm;
+  if constexpr (std::is_same_v<T, double>)
+    return blas().dgemm;
+  else
+    return blas().sgemm;
 }
 
 // OpenBLAS's SkylakeX kernels (shared by its Cooperlake and SapphireRapids targets) serve a product of
@@ -114,9 +116,7 @@ constexpr int64_t kMinPieceRows = 16;
 constexpr int64_t kMinCopyRows = 32;
 
 // Whether an [m, k] x [k, n] product (or its row pieces) can take the small-matrix path.
-bool small_path(int64_t n, int64_t k) {
-  return row_pieces_on() && n * k * kMinPieceRows <= kSmallProduct;
-}
+bool small_path(int64_t n, int64_t k) { return row_pieces_on() && n * k * kMinPieceRows <= kSmallProduct; }
 
 // How many row pieces the loaded BLAS should see for an [m, k] x [k, n] product (1: the product whole).
 int64_t piece_count(int64_t m, int64_t n, int64_t k) {
@@ -187,8 +187,10 @@ void gemm_blas(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T 
 // made contiguous first.
 void blas_into(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, double beta, double alpha = 1.0) {
   const at::Tensor A = layout(A_).first ? A_ : A_.contiguous(), B = layout(B_).first ? B_ : B_.contiguous();
-  if (A.scalar_type() == at::kDouble) gemm_blas<double>(mat<double>(A), mat<double>(B), mat<double>(C), alpha, beta);
-  else gemm_blas<float>(mat<float>(A), mat<float>(B), mat<float>(C), static_cast<float>(alpha), static_cast<float>(beta));
+  if (A.scalar_type() == at::kDouble)
+    gemm_blas<double>(mat<double>(A), mat<double>(B), mat<double>(C), alpha, beta);
+  else
+    gemm_blas<float>(mat<float>(A), mat<float>(B), mat<float>(C), static_cast<float>(alpha), static_cast<float>(beta));
 }
 
 bool row_major(const at::Tensor& C) {
@@ -232,19 +234,15 @@ void addmm_into(const at::Tensor& C, const at::Tensor& bias, const at::Tensor& A
   into(C, A, B, alpha, alpha);
 }
 
-void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) {
-  into(C, A, B, 1.0, 1.0);
-}
+void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { into(C, A, B, 1.0, 1.0); }
 
-void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha) {
-  into(C, A, B, 0.0, alpha);
-}
+void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha) { into(C, A, B, 0.0, alpha); }
 
 template <typename T>
 void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
   TORCH_CHECK(A.cols == B.rows && C.rows == A.rows && C.cols == B.cols && (C.cols == 1 || C.cs == 1),
-              "hx::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ",
-              B.cols, "] do not match, or C is not row-major");
+              "hx::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ", B.cols,
+              "] do not match, or C is not row-major");
   if (C.rows == 0 || C.cols == 0) return;
   if (blas_gemm<T>() && A.cols > 0 && layout(A).first && layout(B).first && layout(C).first == kNoTrans) {
     gemm_blas<T>(A, B, C, alpha, beta);
@@ -286,16 +284,10 @@ std::string blas_load(const std::string& path) {
   return "";
 }
 
-std::string blas_name() {
-  return blas().name;
-}
+std::string blas_name() { return blas().name; }
 
-bool row_pieces_on() {
-  return blas().small_kernels && row_pieces_setting();
-}
+bool row_pieces_on() { return blas().small_kernels && row_pieces_setting(); }
 
-bool set_row_pieces(bool on) {
-  return row_pieces_setting().exchange(on);
-}
+bool set_row_pieces(bool on) { return row_pieces_setting().exchange(on); }
 
 }  // namespace hx

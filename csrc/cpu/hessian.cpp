@@ -1,12 +1,13 @@
 // CPU kernels of hessext::hessian (dense and block-diagonal weight Hessians, hessian.h) and
 // hessext::input_derivatives (Laplacians and input Hessians: jets.h, or the backward recurrence of
 // hessian.h when the input is wide).
+#include "hessian.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
 #include "cpu/row_blocks.h"
-#include "hessian.h"
 
 namespace hessext {
 namespace {
@@ -33,8 +34,8 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
         rows.load(net, m, smp);
         fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
         fused::backward(net, smp.d, smp.delta, smp.e);
-        fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B,
-                              off.woff.data(), off.boff.data(), P, acc.data_ptr<T>() + t * P * P);
+        fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B, off.woff.data(),
+                              off.boff.data(), P, acc.data_ptr<T>() + t * P * P);
       }
   });
   at::Tensor H = nt == 1 ? acc[0] : acc.sum(0);
@@ -44,8 +45,10 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
 
 std::vector<at::Tensor> hessian_cpu(HX_STACK_PARAMS, bool layer_blocks) {
   const Stack s(HX_STACK_ARGS);
-  if (layer_blocks || !PathChoice::fused_hessian(s)) return hessian<CpuElementwise>(s, layer_blocks, kHessianChunkElems);
-  return {AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hessian_fused_cpu", [&] { return hessian_fused_cpu<scalar_t>(s); })};
+  if (layer_blocks || !PathChoice::fused_hessian(s))
+    return hessian<CpuElementwise>(s, layer_blocks, kHessianChunkElems);
+  return {AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hessian_fused_cpu",
+                                     [&] { return hessian_fused_cpu<scalar_t>(s); })};
 }
 
 // Per-sample results: each thread runs the whole pass for its block of samples (row_blocks.h).

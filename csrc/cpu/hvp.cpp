@@ -4,6 +4,8 @@
 // groups of kGroup, samples split over threads, each thread accumulating into its own buffer. Wide
 // stacks: the GEMM recurrence of hvp.h on raw rows (hvp_rows) with the CPU elementwise steps, per
 // block of samples (row_blocks.h) or of vectors (hvp_vector_blocks).
+#include "hvp.h"
+
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -13,7 +15,6 @@
 #include "cpu/elementwise_cpu.h"
 #include "cpu/lanes.h"
 #include "cpu/row_blocks.h"
-#include "hvp.h"
 
 namespace hessext {
 namespace {
@@ -107,8 +108,8 @@ struct HvpLanes {
           vb[l] = single.vb[l] ? single.vb[l] + k * net.n[l + 1] : nullptr;
         }
         single.targets(L, 1, acc + k * P, HW, Hb);
-        fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1,
-                                        HW, Hb);
+        fused::hvp_sample<T, 1, GGN, S>(net, 1, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, V, vb, Rz, r0, r1, HW,
+                                        Hb);
       }
     }
   }
@@ -140,7 +141,8 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
     fused::LayerVectors<T> group = given;  // the slots' offsets; the vectors from the interleaved copy
     for (int64_t l = 0; l < s.L; ++l) {
       group.V[l] = grouped.data() + grp * P * kGroup + layout.offset[s.slot_W[l]] * kGroup;
-      group.vb[l] = s.slot_b[l] >= 0 ? grouped.data() + grp * P * kGroup + layout.offset[s.slot_b[l]] * kGroup : nullptr;
+      group.vb[l] =
+          s.slot_b[l] >= 0 ? grouped.data() + grp * P * kGroup + layout.offset[s.slot_b[l]] * kGroup : nullptr;
     }
     lv.push_back(group);
   }
@@ -186,8 +188,8 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
 template <typename T, bool GGN>
 void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, const std::vector<at::Tensor>& out) {
   const int64_t L = s.L, K = vectors[s.slot_W[0]].numel() / s.W[0].numel(), maxw = s.max_width();
-  const int64_t fit = !rows_in_chunks(s) ? s.M
-                                          : std::max(kMinChunkRows, l2_cache_bytes() / 8 / (K * maxw * int64_t(sizeof(T))));
+  const int64_t fit =
+      !rows_in_chunks(s) ? s.M : std::max(kMinChunkRows, l2_cache_bytes() / 8 / (K * maxw * int64_t(sizeof(T))));
   const int64_t chunks = (s.M + fit - 1) / fit;
   const int64_t rows = (s.M + chunks - 1) / chunks;
   const Forward& f = sh.f;
@@ -256,8 +258,8 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
       T* Re = Re_buf[l % 2];
       if (!GGN)
         for (int64_t k = 0; k < K; ++k)
-          hx::gemm<T>(hx::rows_of(delta, M, o), hx::rows_of(V + k * o * i, o, i),
-                      hx::rows_of(Re + k * i, M, i, K * i), 1, 0);
+          hx::gemm<T>(hx::rows_of(delta, M, o), hx::rows_of(V + k * o * i, o, i), hx::rows_of(Re + k * i, M, i, K * i),
+                      1, 0);
       hx::gemm<T>(hx::rows_of(Rdelta, M * K, o), hx::rows_of(ptr(s.W[l]), o, i), hx::rows_of(Re, M * K, i), 1,
                   GGN ? 0 : 1);
       if (Rzs[l]) {
@@ -324,9 +326,8 @@ std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
     if (K >= nt && nt > 1 && !at::in_parallel_region()) return hvp_vector_blocks<GGN>(s, vectors, lead, nt);
     return sum_over_row_blocks(s, work, [&](const Stack& part) { return hvp_gemm<GGN>(part, vectors, lead); });
   }
-  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu", [&] {
-    return hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead);
-  });
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
+                                    [&] { return hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead); });
 }
 
 }  // namespace

@@ -2,10 +2,11 @@
 // the second-order channels of a jet mode, from one forward pass of jets.h), of their reverse pass,
 // hessext::output_jets_backward, which hessext/ops.py registers as the op's autograd formula, and of
 // the Laplacian jets' tangent along weight directions, hessext::output_jets_tangent.
+#include "jets.h"
+
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
-#include "jets.h"
 
 namespace hessext {
 namespace {

@@ -69,9 +69,9 @@ constexpr const char* kSimdNames[] = {"baseline", "avx2", "avx512"};
 // The widest this CPU has.
 inline Simd cpu_simd() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const Simd best = __builtin_cpu_supports("avx512f") ? Simd::AVX512
+  static const Simd best = __builtin_cpu_supports("avx512f")                                   ? Simd::AVX512
                            : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Simd::AVX2
-                                                                                                : Simd::Baseline;
+                                                                                               : Simd::Baseline;
   return best;
 #else
   return Simd::Baseline;
@@ -88,7 +88,8 @@ inline Simd& simd_in_use() {
 // the variant for this CPU run.
 #if defined(__x86_64__) && defined(__GNUC__)
 template <class Job>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512"), flatten)) void run_avx512(const Job& job) {
+__attribute__((target("avx512f,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512"),
+               flatten)) void run_avx512(const Job& job) {
   job();
 }
 template <class Job>

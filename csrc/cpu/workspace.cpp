@@ -12,10 +12,10 @@ namespace {
 constexpr int64_t kAlign = 64;
 
 struct Arena {
-  at::Tensor buf;     // uint8 [capacity], or undefined
-  int64_t used = 0;   // bytes handed out; beyond the capacity they came from at::empty
-  int64_t peak = 0;   // the most `used` of the current outermost Workspace
-  int depth = 0;      // Workspaces alive in this thread
+  at::Tensor buf;    // uint8 [capacity], or undefined
+  int64_t used = 0;  // bytes handed out; beyond the capacity they came from at::empty
+  int64_t peak = 0;  // the most `used` of the current outermost Workspace
+  int depth = 0;     // Workspaces alive in this thread
   int64_t capacity() const { return buf.defined() ? buf.numel() : 0; }
 };
 
@@ -102,9 +102,7 @@ at::Tensor kept_empty(at::IntArrayRef shape, const at::TensorOptions& options) {
   return on_storage(pool.back(), shape, options);
 }
 
-int64_t workspace_bytes() {
-  return arena().capacity();
-}
+int64_t workspace_bytes() { return arena().capacity(); }
 
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
   at::Tensor t = at::empty(shape, options);

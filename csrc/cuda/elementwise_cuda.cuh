@@ -11,9 +11,12 @@ namespace hessext {
 namespace cuda_detail {
 
 constexpr int kThreads = 256;
-inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 16)); }
+inline int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 16));
+}
 
-#define HX_GRID_LOOP(j, n) for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < (n); j += int64_t(gridDim.x) * blockDim.x)
+#define HX_GRID_LOOP(j, n) \
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < (n); j += int64_t(gridDim.x) * blockDim.x)
 
 // z -> phi(z) in place; d = phi'(z), d2 = phi''(z) (d2 nullptr: not stored)
 template <typename T>
@@ -117,22 +120,23 @@ struct CudaElementwise {
   static void activation(at::Tensor& z, Act kind, double p0, double p1, at::Tensor& d, at::Tensor& d2) {
     const int64_t n = z.numel();
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "activation_cuda", [&] {
-      cuda_detail::activation_kernel<scalar_t><<<cuda_detail::blocks_for(n), cuda_detail::kThreads, 0,
-                                                 at::cuda::getCurrentCUDAStream()>>>(
-          z.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.defined() ? d2.data_ptr<scalar_t>() : nullptr, n, kind,
-          static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
+      cuda_detail::activation_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(n), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              z.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.defined() ? d2.data_ptr<scalar_t>() : nullptr, n, kind,
+              static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
-  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y,
-                        at::Tensor& g, at::Tensor& h, at::Tensor& w) {
+  static void loss_rows(Loss kind, double param, double scale, const at::Tensor& z, const at::Tensor& y, at::Tensor& g,
+                        at::Tensor& h, at::Tensor& w) {
     const int64_t M = z.size(0), C = z.size(1);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "loss_rows_cuda", [&] {
-      cuda_detail::loss_rows_kernel<scalar_t><<<cuda_detail::blocks_for(M), cuda_detail::kThreads, 0,
-                                                at::cuda::getCurrentCUDAStream()>>>(
-          kind, static_cast<scalar_t>(param), static_cast<scalar_t>(scale), static_cast<int>(C), z.data_ptr<scalar_t>(),
-          y.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), M);
+      cuda_detail::loss_rows_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(M), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              kind, static_cast<scalar_t>(param), static_cast<scalar_t>(scale), static_cast<int>(C),
+              z.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+              w.data_ptr<scalar_t>(), M);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -140,10 +144,10 @@ struct CudaElementwise {
   static void r_scale(const at::Tensor& out, const at::Tensor& R, const at::Tensor& d, const at::Tensor& vb = {}) {
     const int64_t M = R.size(0), K = R.size(1), w = R.size(2);
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "r_scale_cuda", [&] {
-      cuda_detail::r_scale_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
-                                              at::cuda::getCurrentCUDAStream()>>>(
-          out.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
-          vb.defined() ? vb.data_ptr<scalar_t>() : nullptr, M, K, w);
+      cuda_detail::r_scale_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              out.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(),
+              vb.defined() ? vb.data_ptr<scalar_t>() : nullptr, M, K, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -152,10 +156,10 @@ struct CudaElementwise {
                          const at::Tensor& Rz) {
     const int64_t M = Re.size(0), K = Re.size(1), w = Re.size(2);
     AT_DISPATCH_FLOATING_TYPES(Re.scalar_type(), "r_residual_cuda", [&] {
-      cuda_detail::r_residual_kernel<scalar_t><<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0,
-                                                 at::cuda::getCurrentCUDAStream()>>>(
-          Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
-          Rz.data_ptr<scalar_t>(), M, K, w);
+      cuda_detail::r_residual_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(M * K * w), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              Re.data_ptr<scalar_t>(), d.data_ptr<scalar_t>(), d2.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
+              Rz.data_ptr<scalar_t>(), M, K, w);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -163,10 +167,10 @@ struct CudaElementwise {
   static void scale_square_sum(at::Tensor& F, const at::Tensor& d, const at::Tensor& sigma, at::Tensor& dG) {
     const int64_t I = F.size(0), M = F.size(1), Q = F.size(2);
     AT_DISPATCH_FLOATING_TYPES(F.scalar_type(), "scale_square_sum_cuda", [&] {
-      cuda_detail::scale_square_sum_kernel<scalar_t><<<cuda_detail::blocks_for(I * M), cuda_detail::kThreads, 0,
-                                                       at::cuda::getCurrentCUDAStream()>>>(
-          F.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr,
-          sigma.defined() ? sigma.data_ptr<scalar_t>() : nullptr, dG.data_ptr<scalar_t>(), I, M, Q);
+      cuda_detail::scale_square_sum_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(I * M), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              F.data_ptr<scalar_t>(), d.defined() ? d.data_ptr<scalar_t>() : nullptr,
+              sigma.defined() ? sigma.data_ptr<scalar_t>() : nullptr, dG.data_ptr<scalar_t>(), I, M, Q);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -176,10 +180,10 @@ struct CudaElementwise {
     at::Tensor F = at::empty({I, M, O}, R.options());
     const at::Tensor root = R.abs().sqrt();
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "residual_factor_cuda", [&] {
-      cuda_detail::residual_factor_kernel<scalar_t><<<cuda_detail::blocks_for(I * M * O), cuda_detail::kThreads, 0,
-                                                      at::cuda::getCurrentCUDAStream()>>>(
-          F.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), root.data_ptr<scalar_t>(),
-          d.defined() ? d.data_ptr<scalar_t>() : nullptr, I, M, O);
+      cuda_detail::residual_factor_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(I * M * O), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              F.data_ptr<scalar_t>(), W.data_ptr<scalar_t>(), root.data_ptr<scalar_t>(),
+              d.defined() ? d.data_ptr<scalar_t>() : nullptr, I, M, O);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return F;
@@ -190,10 +194,10 @@ struct CudaElementwise {
     const int64_t M = z.size(1), O = z.size(2);
     const int mode = sum_channel ? 0 : (static_cast<int64_t>(pairs.size()) == d ? 1 : 2);
     AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "jet_activation_cuda", [&] {
-      cuda_detail::jet_activation_kernel<scalar_t><<<cuda_detail::blocks_for(O * M), cuda_detail::kThreads, 0,
-                                                     at::cuda::getCurrentCUDAStream()>>>(
-          z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, O, M, d, mode, kind,
-          static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
+      cuda_detail::jet_activation_kernel<scalar_t>
+          <<<cuda_detail::blocks_for(O * M), cuda_detail::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              z.data_ptr<scalar_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr, O, M, d, mode, kind,
+              static_cast<scalar_t>(p0), static_cast<scalar_t>(p1));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

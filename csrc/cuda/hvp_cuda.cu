@@ -14,8 +14,8 @@ namespace hessext {
 namespace {
 
 template <typename T, bool GGN>
-__global__ void hvp_fused_kernel(fused::Net<T> net, fused::LayerVectors<T> vp, int K, const T* x, const T* y, T* scratch,
-                                 int64_t per_sample, T* out, int64_t M, int64_t PK) {
+__global__ void hvp_fused_kernel(fused::Net<T> net, fused::LayerVectors<T> vp, int K, const T* x, const T* y,
+                                 T* scratch, int64_t per_sample, T* out, int64_t M, int64_t PK) {
   const int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (m >= M) return;
   const int U = net.off[net.L + 1];
@@ -27,8 +27,8 @@ __global__ void hvp_fused_kernel(fused::Net<T> net, fused::LayerVectors<T> vp, i
   T* HW[fused::kMaxLayers];
   T* Hb[fused::kMaxLayers];
   vp.targets(net.L, K, out + m * PK, HW, Hb);
-  fused::hvp_sample<T, 0, GGN>(net, K, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, vp.V, vp.vb, Rz, r0, r1,
-                               HW, Hb);
+  fused::hvp_sample<T, 0, GGN>(net, K, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, vp.V, vp.vb, Rz, r0, r1, HW,
+                               Hb);
 }
 
 template <typename T, bool GGN>
@@ -39,14 +39,15 @@ std::vector<at::Tensor> hvp_fused_cuda(const Stack& s, at::TensorList vectors, c
   std::vector<at::Tensor> vt;  // each vector slot as [numel, K]
   for (const auto& v : vectors) vt.push_back(v.reshape({K, -1}).t().contiguous());
   const fused::LayerVectors<T> vp = layer_vectors<T>(s, layout, vt);
-  const int64_t M = s.M, U = net.off[net.L + 1], per = fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K, PK = layout.total * K;
+  const int64_t M = s.M, U = net.off[net.L + 1], per = fused::Sample<T>::size(net) + (U + 2 * net.maxw) * K,
+                PK = layout.total * K;
   at::Tensor scratch = at::empty({M * per}, s.x.options());
   at::Tensor out = at::zeros({M, PK}, s.x.options());
   constexpr int threads = 128;
-  hvp_fused_kernel<T, GGN><<<static_cast<int>((M + threads - 1) / threads), threads, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(net, vp, static_cast<int>(K), s.x.data_ptr<T>(),
-                                                                 s.y.data_ptr<T>(), scratch.data_ptr<T>(), per,
-                                                                 out.data_ptr<T>(), M, PK);
+  hvp_fused_kernel<T, GGN>
+      <<<static_cast<int>((M + threads - 1) / threads), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          net, vp, static_cast<int>(K), s.x.data_ptr<T>(), s.y.data_ptr<T>(), scratch.data_ptr<T>(), per,
+          out.data_ptr<T>(), M, PK);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return layout.unpack(out.sum(0), s, lead);
 }
