@@ -1,9 +1,13 @@
 """The user-facing second-order quantities. Each call: plan (cached capture) -> argument checks ->
 one native op or the torch.func fallback -> results shaped like the user's input."""
 
+from __future__ import annotations
+
 import torch
+import torch.nn as nn
 
 from hessext import compiled, fallback, ops
+from hessext._types import LossFn, Params, Tensor, Vectors
 from hessext.compiled import unwrap
 from hessext.inputs import (
     capturing,
@@ -177,7 +181,17 @@ def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, 
     return restore([call.result(result[n] if batched else result[n][0]) for n in names])
 
 
-def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    vectors: Vectors,
+    *,
+    params: Params = None,
+    backend: str = "auto",
+    create_graph: bool = False,
+) -> Vectors:
     """Hessian-vector products of ``loss_fn(model(inputs), targets)`` in the parameters.
 
     Args:
@@ -229,7 +243,17 @@ def hvp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto"
     )
 
 
-def ggn_vp(model, loss_fn, inputs, targets, vectors, *, params=None, backend="auto", create_graph=False):
+def ggn_vp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    vectors: Vectors,
+    *,
+    params: Params = None,
+    backend: str = "auto",
+    create_graph: bool = False,
+) -> Vectors:
     """Generalised Gauss-Newton-vector products ``J^T H_out J v``.
 
     J is the Jacobian of the model output in the parameters and H_out the Hessian of the loss in
@@ -299,7 +323,17 @@ def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, cre
     return {n: call.result(t) for n, t in out.items()}
 
 
-def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False, create_graph=False):
+def hessian_diag(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Params = None,
+    backend: str = "auto",
+    per_sample: bool = False,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
     """The exact diagonal of the Hessian of the loss in every parameter (not an estimate).
 
     It includes the activations' second-derivative (residual) terms. Native for the stacks the
@@ -325,7 +359,17 @@ def hessian_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto"
     return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
-def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", per_sample=False, create_graph=False):
+def ggn_diag(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Params = None,
+    backend: str = "auto",
+    per_sample: bool = False,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
     """The exact diagonal of the generalised Gauss-Newton matrix ``J^T H_out J``.
 
     Arguments and result as in :func:`hessext.hessian_diag`.
@@ -334,8 +378,17 @@ def ggn_diag(model, loss_fn, inputs, targets, *, params=None, backend="auto", pe
 
 
 def hutchinson_diag(
-    model, loss_fn, inputs, targets, *, samples=100, generator=None, params=None, backend="auto", batch=64
-):
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    samples: int = 100,
+    generator: torch.Generator | None = None,
+    params: Params = None,
+    backend: str = "auto",
+    batch: int = 64,
+) -> dict[str, Tensor]:
     """An unbiased estimate of the Hessian diagonal, for any model.
 
     The mean of ``v * (H v)`` over Rademacher vectors v (entries +1 or -1 with probability 1/2).

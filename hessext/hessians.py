@@ -4,14 +4,18 @@ inputs (per-sample input Hessians of the loss, Laplacians of the model output).
 Each call: plan (cached capture) -> argument checks (and a memory estimate before allocating) ->
 one native op or the torch.func fallback -> results shaped like the user's parameters/inputs."""
 
+from __future__ import annotations
+
 import math
 import random
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from hessext import compiled, fallback, jets, ops
+from hessext._types import LossFn, Params, Tensor
 from hessext.compiled import unwrap
 from hessext.curvature import _native_raw, _stack_args, route, run_native
 from hessext.inputs import check_samples, native_batch, native_inputs, remember, rows_are_samples, transformed
@@ -67,18 +71,18 @@ def _layers(plan):
 
 
 def hessian(
-    model,
-    loss_fn,
-    inputs,
-    targets,
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
     *,
-    params=None,
-    backend="auto",
-    output="dict",
-    blocks="full",
-    max_bytes=None,
-    create_graph=False,
-):
+    params: Params = None,
+    backend: str = "auto",
+    output: str = "dict",
+    blocks: str = "full",
+    max_bytes: int | None = None,
+    create_graph: bool = False,
+) -> dict | Tensor:
     """The Hessian of the loss in the parameters, exact and exactly symmetric.
 
     The bytes are estimated before allocating; beyond ``max_bytes`` the call is refused with the
@@ -306,7 +310,17 @@ def _through_torch_func(call, what):
     )
 
 
-def input_hessian(model, loss_fn, inputs, targets, *, diagonal=False, params=None, backend="auto", max_bytes=None):
+def input_hessian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    diagonal: bool = False,
+    params: Params = None,
+    backend: str = "auto",
+    max_bytes: int | None = None,
+) -> Tensor:
     """For each sample, the Hessian of the loss in that sample's input row.
 
     The diagonal blocks of torch.func's ``[N, d, N, d]`` (the others are zero). Differentiable like
@@ -569,7 +583,15 @@ def _input_hessian_fallback(model, loss_fn, inputs, targets, call, diagonal, per
     return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
 
 
-def laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_bytes=None):
+def laplacian(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    dims: Sequence[int] | None = None,
+    params: Params = None,
+    backend: str = "auto",
+    max_bytes: int | None = None,
+) -> Tensor:
     """For each sample and output, the Laplacian of the model output in that sample's inputs.
 
     The sum of the unmixed second derivatives over the input features ``dims``, from one
@@ -616,7 +638,15 @@ def laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_byte
     return _input_jets(model, inputs, dims, params, backend, max_bytes, "laplacian")[2]
 
 
-def value_gradient_laplacian(model, inputs, *, dims=None, params=None, backend="auto", max_bytes=None):
+def value_gradient_laplacian(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    dims: Sequence[int] | None = None,
+    params: Params = None,
+    backend: str = "auto",
+    max_bytes: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The model output, its input gradient and its Laplacian, from one forward-mode pass.
 
     The three a PDE residual with first-order terms (heat, advection, Burgers) needs.

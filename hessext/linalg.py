@@ -9,6 +9,8 @@
 - `solve`: (H + damping I) x = b by MINRES (symmetric, indefinite Hessians) or CG (positive
   definite, e.g. a damped GGN), columns of b solved together."""
 
+from __future__ import annotations
+
 import math
 import warnings
 
@@ -140,8 +142,17 @@ CRITERIA = ("residual", "values")
 
 
 def eigsh(
-    H, k=6, *, which="LA", tol=None, max_iter=None, generator=None, block_size=None, progress=None, criterion="residual"
-):
+    H,
+    k: int = 6,
+    *,
+    which: str = "LA",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    block_size: int | None = None,
+    progress: bool | None = None,
+    criterion: str = "residual",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [k], vectors [P, k]): k eigenpairs of the symmetric operator H, values in descending
     order. which: "LA" largest algebraic, "SA" smallest algebraic, "LM" largest magnitude.
     tol: converged when ``||H y - theta y|| <= tol * max |theta|`` for each pair (default: the square root
@@ -232,7 +243,7 @@ def _error_bound(res, theta, order, criterion):
     return torch.minimum(res, res**2 / gaps.min(1).values.clamp_min(torch.finfo(theta.dtype).tiny))
 
 
-def trace(H, *, samples=100, generator=None, progress=None):
+def trace(H, *, samples: int = 100, generator: torch.Generator | None = None, progress: bool | None = None) -> float:
     """An unbiased estimate of trace(H) from `samples` products (Hutch++: samples // 3 of them sketch
     H's dominant range, whose trace is taken exactly, as many more apply H to the sketch, and the rest
     are Hutchinson's Rademacher probes of the deflated remainder; below 3, plain Hutchinson).
@@ -363,7 +374,16 @@ def plot_density(grid, density, path=None, *, ax=None, title="Hessian spectral d
     return ax
 
 
-def solve(H, b, *, damping=0.0, tol=None, max_iter=None, method="minres", progress=None):
+def solve(
+    H,
+    b: torch.Tensor,
+    *,
+    damping: float = 0.0,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    method: str = "minres",
+    progress: bool | None = None,
+) -> torch.Tensor:
     """x with (H + damping I) x = b, for b [P] or [P, K] (columns solved together, one product per
     iteration with all of them). method: "minres" (any symmetric H, e.g. an indefinite Hessian) or
     "cg" (H + damping I positive definite, e.g. a damped GGN). Converged when

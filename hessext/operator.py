@@ -10,11 +10,16 @@ With `process_group`, each process passes its own shard and every product is all
 products and the sample count in one tensor), so that every process holds the operator of the
 union of the shards."""
 
+from __future__ import annotations
+
 from collections.abc import Iterable
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from hessext import capture, curvature
+from hessext._types import LossFn, Params
 from hessext.inputs import check_params
 from hessext.plan import plan as make_plan
 
@@ -49,18 +54,18 @@ class HessianOperator:
 
     def __init__(
         self,
-        model,
-        loss_fn,
+        model: nn.Module,
+        loss_fn: LossFn,
         data,
         *,
-        curvature="hessian",
-        params=None,
-        backend="auto",
+        curvature: str = "hessian",
+        params: Params = None,
+        backend: str = "auto",
         process_group=None,
-        progress=False,
-        reduction=None,
-        batch_size_fn=None,
-        check_deterministic=True,
+        progress: bool = False,
+        reduction: str | None = None,
+        batch_size_fn: Callable | None = None,
+        check_deterministic: bool = True,
     ):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")

@@ -27,12 +27,17 @@ at once, whose per-layer gradients G_l and input jets A_l give each point's weig
 sum_c G_l[c, n]^T A_l[c, n]. Other models take torch.func (jvp, vjp and jacrev of the jet by
 vmap(jacrev) and vmap(jacrev(jacrev)) per point)."""
 
+from __future__ import annotations
+
 import math
+from typing import Sequence
 
 import torch
+import torch.nn as nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from hessext import jets, ops
+from hessext._types import Params, PinnLossFn, Tensor, Vectors
 from hessext.compiled import unwrap
 from hessext.curvature import _stack_args, route
 from hessext.hessians import _check_memory, _MODEL_ONLY, _native_stack, check_max_bytes
@@ -442,7 +447,17 @@ class GramianOperator:
         True
     """
 
-    def __init__(self, model, terms, *, dims=None, damping=0.0, params=None, backend="auto", max_bytes=None):
+    def __init__(
+        self,
+        model: nn.Module,
+        terms: Sequence[tuple[PinnLossFn, Tensor]],
+        *,
+        dims: Sequence[int] | None = None,
+        damping: float = 0.0,
+        params: Params = None,
+        backend: str = "auto",
+        max_bytes: int | None = None,
+    ):
         check_max_bytes(max_bytes)
         self.damping = _check_damping(damping)
         model = unwrap(model)
@@ -572,7 +587,16 @@ class GramianOperator:
         return scipy_operator(self)
 
 
-def pinn_ggn_vp(model, loss_fn, inputs, vectors, *, dims=None, params=None, backend="auto"):
+def pinn_ggn_vp(
+    model: nn.Module,
+    loss_fn: PinnLossFn,
+    inputs: Tensor,
+    vectors: Vectors,
+    *,
+    dims: Sequence[int] | None = None,
+    params: Params = None,
+    backend: str = "auto",
+) -> Vectors:
     """Generalised Gauss-Newton-vector products of a physics-informed loss, split at (u, grad_u, lap_u).
 
     Args:
