@@ -66,6 +66,12 @@ TORCH_LIBRARY(hessext, m) {
       "output_jets_tangent(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, "
       "int[] activations, float[] act_params, int loss, float loss_param, float scale, int[] features, "
       "Tensor[] saved, Tensor[] dW, Tensor?[] db) -> Tensor");
+  // Its transpose: [dW_l ([K, o_l, n_l]) per layer, then db_l ([K, o_l]) per layer with a bias] for K
+  // gradients grad [k + 2, M, K, C] in the Laplacian's output jet, summed over the samples.
+  m.def(
+      "output_jets_vjp(Tensor inputs, Tensor targets, Tensor[] weights, Tensor?[] biases, int[] activations, "
+      "float[] act_params, int loss, float loss_param, float scale, int[] features, Tensor[] saved, Tensor grad) "
+      "-> Tensor[]");
 }
 
 namespace {
@@ -266,6 +272,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                                                     "hessext::output_jets_backward");
   bind_direct<at::Tensor, at::IntArrayRef, at::TensorList, at::TensorList, const c10::List<c10::optional<at::Tensor>>&>(
       m, "output_jets_tangent", "hessext::output_jets_tangent");
+  bind_direct<Tensors, at::IntArrayRef, at::TensorList, const at::Tensor&>(m, "output_jets_vjp",
+                                                                           "hessext::output_jets_vjp");
   m.def(
       "simd",
       [](const std::string& name) {

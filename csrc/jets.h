@@ -162,6 +162,37 @@ at::Tensor output_jet_tangent(const Stack& s, const std::vector<int64_t>& featur
   return adot;
 }
 
+// The transpose of output_jet_tangent: for K gradients G [k + 2, M, K, C] in the Laplacian's output jet
+// (the tangent's layout), each one's gradient in the weights and biases, summed over the samples:
+// [dW_0, ..., dW_{L-1} ([K, o_l, n_l]), db_0, ..., db_{L-1} ([K, o_l], undefined where no bias)]. The
+// recurrence of output_jet_backward per direction; per layer one GEMM for all K weight gradients,
+// [K o, (k+2) M] x [(k+2) M, n], one for the input jet's gradients, [(k+2) M K, o] x [o, n], and one
+// elementwise pass (E::jet_activation_backward_batched).
+template <class E>
+std::vector<at::Tensor> output_jet_vjp(const Stack& s, const std::vector<int64_t>& features,
+                                       const std::vector<at::Tensor>& saved, at::Tensor G) {
+  const int64_t M = s.M, k = static_cast<int64_t>(features.size()), cols = k + 2, K = G.size(2);
+  std::vector<at::Tensor> grads(2 * s.L);
+  for (int64_t l = s.L - 1; l >= 0; --l) {
+    const int64_t o = s.W[l].size(0), n = s.width(l);
+    if (s.b[l].defined()) grads[s.L + l] = G.select(0, 0).sum(0);
+    if (l == 0) {                                                          // A_0 = (x, e_features, 0)
+      at::Tensor dW = at::matmul(G.select(0, 0).permute({1, 2, 0}), s.x);  // [K, o, M] x [M, n]
+      dW.index_add_(2, feature_index(s, features), G.narrow(0, 1, k).sum(1).permute({1, 2, 0}));
+      grads[0] = dW;
+      break;
+    }
+    const at::Tensor& Z = saved[2 * (l - 1)];
+    const at::Tensor& A = saved[2 * (l - 1) + 1];
+    grads[l] = at::mm(G.view({cols * M, K * o}).t(), A.view({cols * M, n})).view({K, o, n});
+    at::Tensor dA = s.scratch({cols, M, K, n});
+    hx::mm_into(dA.view({cols * M * K, n}), G.view({cols * M * K, o}), s.W[l]);
+    E::jet_activation_backward_batched(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k);
+    G = dA;
+  }
+  return grads;
+}
+
 // mode Laplacian: the Laplacian of each output, [M, C]. Diagonal/Full: the input Hessian of the
 // loss per sample, [M, d] or [M, d, d]. (New tensors: the jets are the call's scratch.)
 template <class E>

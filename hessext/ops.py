@@ -149,6 +149,22 @@ def _output_jets_tangent_fake(
     return inputs.new_empty(len(features) + 2, inputs.shape[0], dW[0].shape[0], weights[-1].shape[0])
 
 
+def output_jets_vjp(inputs, targets, weights, biases, spec, features, saved, grad):
+    """[dW_l [K, *W.shape] per layer, then db_l [K, o] per layer with a bias]: the transpose of
+    output_jets_tangent for K gradients grad [k + 2, M, K, C] in the Laplacian's output jet."""
+    return _call("output_jets_vjp", inputs, targets, weights, biases, *spec, 1.0, features, saved, grad)
+
+
+@_fake("hessext::output_jets_vjp")
+def _output_jets_vjp_fake(
+    inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, features, saved, grad
+):
+    K = grad.shape[2]
+    return [inputs.new_empty((K,) + tuple(w.shape)) for w in weights] + [
+        inputs.new_empty(K, b.shape[0]) for b in biases if b is not None
+    ]
+
+
 def _jets_reverse(args, x, targets, weights, biases, saved, grad):
     """[dx, dW_0, ..., dW_{L-1}, db_0, ..., db_{L-1}] (None for an absent bias) for the gradient `grad`
     in the output jet: the reverse pass in the kernels; under create_graph (a second derivative through

@@ -20,7 +20,7 @@ csrc/jets.h, per layer with the tangents (ż, J̇z, Ṡz) of the layer's output 
                Ṡa = phi'' ż Sz + phi' Ṡz + phi''' ż sum_i Jz_i^2 + 2 phi'' sum_i Jz_i J̇z_i
 
 for K vectors at once (one product per layer over all of them); J^T w is the jets' reverse pass
-(the kernels' on the CPU, hessext.ops._jets_reverse); H_n comes from autograd through loss_fn
+(the kernels' on the CPU, op output_jets_vjp, for all K at once); H_n comes from autograd through loss_fn
 (per point: C (k + 2) gradients of the jet). The per-point rows of J (for the diagonal, the dense
 Gramian, the factor rows and the kernel) are the reverse pass run for each jet entry at every point
 at once, whose per-layer gradients G_l and input jets A_l give each point's weight gradient
@@ -168,25 +168,19 @@ class _StackJets:
             )
 
     def vjp(self, G):
-        """J^T w summed over the points for one gradient G [k + 2, M, C]: [(dW_l, db_l or None)] per layer."""
+        """J^T w summed over the points for K gradients G [K, k + 2, M, C]: [(dW_l [K, o, n], db_l [K, o] or
+        None)] per layer. The kernels' (op output_jets_vjp) on the CPU."""
         if self.saved is not None:
-            L = self.L
-            with torch.no_grad():
-                found = ops._jets_reverse(
-                    (*self.spec, 1.0, 0, self.features),
-                    self.x,
-                    self.y,
-                    self.weights,
-                    self.biases,
-                    self.saved,
-                    G.contiguous(),
-                )
-            return [(found[1 + l], found[1 + L + l]) for l in range(L)]
+            found = ops.output_jets_vjp(
+                self.x, self.y, self.weights, self.biases, self.spec, self.features, self.saved, G.permute(1, 2, 0, 3)
+            )
+            db = iter(found[self.L :])
+            return [(found[l], next(db) if b is not None else None) for l, b in enumerate(self.biases)]
         out = [None] * self.L
-        for l, Gl in self.reverse(G[None]):
+        for l, Gl in self.reverse(G):
             out[l] = (
-                torch.einsum("cmo,cmn->on", Gl[0], self.A[l]),
-                Gl[0, 0].sum(0) if self.biases[l] is not None else None,
+                torch.einsum("bcmo,cmn->bon", Gl, self.A[l]),
+                Gl[:, 0].sum(1) if self.biases[l] is not None else None,
             )
         return out
 
@@ -232,8 +226,9 @@ class _FuncJets:
         return vmap(lambda *v: jvp(self.of, (chosen,), (v,))[1])(*vecs)
 
     def vjp(self, G):
+        """Per chosen parameter [K, *shape] for K gradients G [K, k + 2, N, C]."""
         _, pullback = vjp(self.of, self.chosen(self.params))
-        return pullback(G)[0]
+        return vmap(lambda g: pullback(g)[0])(G)
 
     def per_point(self, G):
         """[B, N, P_chosen] for B output gradients G [B, k + 2, N, C], each point's own."""
@@ -364,11 +359,12 @@ class _Term:
         return p.tangent(dW, db)
 
     def vjp(self, G):
-        """J^T w for G [k + 2, N, C] (w, in the jets' layout): [P]."""
+        """J^T w for K gradients G [K, k + 2, N, C] (w, in the jets' layout): [K, P]."""
+        K = G.shape[0]
         if not self.native:
-            return torch.cat([t.reshape(-1) for t in self.passes.vjp(G)])
+            return torch.cat([t.reshape(K, -1) for t in self.passes.vjp(G)], 1)
         layers = self.passes.vjp(G)
-        return torch.cat([layers[l][kind].reshape(-1) for l, kind in self.where])
+        return torch.cat([layers[l][kind].reshape(K, -1) for l, kind in self.where], 1)
 
     def rows(self, G):
         """Each point's J^T w for B gradients G [B, k + 2, N, C] (the same at every point): [B, N, P]."""
@@ -384,7 +380,7 @@ class _Term:
         K, cols, N, C = Jv.shape
         flat = Jv.permute(0, 2, 1, 3).reshape(K, N, cols * C)
         HJv = torch.einsum("nab,knb->kna", self.H, flat).reshape(K, N, cols, C).permute(0, 2, 1, 3)
-        return torch.stack([self.vjp(HJv[j]) for j in range(K)])
+        return self.vjp(HJv)
 
     @torch.no_grad()
     def jacobian(self):
@@ -498,7 +494,7 @@ class GramianOperator:
     def gradient(self):
         """The loss's gradient in the parameters, [P] (one reverse pass of the jets per term)."""
         self._check_current()
-        return sum(t.vjp(t.g) for t in self._terms)
+        return sum(t.vjp(t.g[None])[0] for t in self._terms)
 
     @torch.no_grad()
     def matmul(self, v):

@@ -278,6 +278,57 @@ struct JetTangent {
   }
 };
 
+// The reverse of the Laplacian's activation step for K gradients at once
+// (CpuElementwise::jet_activation_backward_batched) over samples [lo, hi) of G [k + 2, M, K, O] (in
+// place: from the jet after the activation to the jet before it), given that jet before (Z) and after
+// (A), [k + 2, M, O]; per direction the formulas of JetReverse::sum_channels.
+template <typename T>
+struct JetReverseBatched {
+  T* G;
+  const T *Z, *A;
+  Act kind;
+  double p0, p1;
+  int64_t M, K, O, k;
+
+  void run(int64_t lo, int64_t hi) const {
+    std::vector<T> buffer(5 * O);
+    T *d1 = buffer.data(), *d2 = d1 + O, *d3 = d2 + O, *sq = d3 + O, *dot = sq + O;
+    const int64_t n = M * O, nd = M * K * O;
+    for (int64_t m = lo; m < hi; ++m) {
+      const T* Zm = Z + m * O;
+      jet_derivatives(kind, p0, p1, Zm, A + m * O, d1, d2, d3, O);
+      run_simd([&] {
+        for (int64_t o = 0; o < O; ++o) sq[o] = T(0);
+        for (int64_t i = 0; i < k; ++i) {
+          const T* __restrict__ J = Zm + (1 + i) * n;
+          for (int64_t o = 0; o < O; ++o) sq[o] += J[o] * J[o];
+        }
+        for (int64_t kk = 0; kk < K; ++kk) channels(G + (m * K + kk) * O, Zm, d1, d2, d3, sq, dot, n, nd);
+      });
+    }
+  }
+
+  void channels(T* G0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+                const T* __restrict__ sq, T* __restrict__ dot, int64_t n, int64_t nd) const {
+    T* __restrict__ gS = G0 + (1 + k) * nd;
+    for (int64_t o = 0; o < O; ++o) dot[o] = T(0);
+    for (int64_t i = 0; i < k; ++i) {
+      T* __restrict__ gJ = G0 + (1 + i) * nd;
+      const T* __restrict__ J = Zm + (1 + i) * n;
+      for (int64_t o = 0; o < O; ++o) {
+        dot[o] += gJ[o] * J[o];
+        gJ[o] = d1[o] * gJ[o] + T(2) * d2[o] * gS[o] * J[o];
+      }
+    }
+    T* __restrict__ g0 = G0;
+    const T* __restrict__ S = Zm + (1 + k) * n;
+    for (int64_t o = 0; o < O; ++o) {
+      g0[o] = d1[o] * g0[o] + d2[o] * dot[o] + gS[o] * (d2[o] * S[o] + d3[o] * sq[o]);
+      gS[o] *= d1[o];
+    }
+  }
+};
+
 struct CpuElementwise {
   // The factor that the forward pass's product applies to z for activation(), a power of 2 (exact):
   // tanh takes 2 z.
@@ -465,6 +516,17 @@ struct CpuElementwise {
                                       sum_channel,
                                       pairs};
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / O), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
+    });
+  }
+  // jet_activation_backward for K gradients at once in the layout [k + 2, M, K, O] (jets.h, output_jet_vjp),
+  // the Laplacian's sum channel (JetReverseBatched).
+  static void jet_activation_backward_batched(const at::Tensor& G, const at::Tensor& Z, const at::Tensor& A, Act kind,
+                                              double p0, double p1, int64_t k) {
+    const int64_t M = G.size(1), K = G.size(2), O = G.size(3);
+    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jet_activation_backward_batched_cpu", [&] {
+      const JetReverseBatched<scalar_t> step{
+          G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), kind, p0, p1, M, K, O, k};
+      at::parallel_for(0, M, std::max<int64_t>(1, 8192 / (K * O)), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
   }
   // The tangent of jet_activation with the Laplacian's sum channel (jets.h, output_jet_tangent), in place:
