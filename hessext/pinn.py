@@ -19,10 +19,11 @@ csrc/jets.h, per layer with the tangents (ż, J̇z, Ṡz) of the layer's output 
     phi        ȧ = phi' ż,   J̇a_i = phi'' ż Jz_i + phi' J̇z_i,
                Ṡa = phi'' ż Sz + phi' Ṡz + phi''' ż sum_i Jz_i^2 + 2 phi'' sum_i Jz_i J̇z_i
 
-for K vectors at once (one product per layer over all of them); J^T w is the jets' reverse pass
-(the kernels' on the CPU, op output_jets_vjp, for all K at once); H_n comes from autograd through loss_fn
-(per point: C (k + 2) gradients of the jet). The per-point rows of J (for the diagonal, the dense
-Gramian, the factor rows and the kernel) are the reverse pass run for each jet entry at every point
+for K vectors at once (one product per layer over all of them); H (J v) is one backward of the loss's
+gradient in the jets (autograd through loss_fn) or, for several vectors or once known, each point's H_n
+(C (k + 2) such backwards at once); J^T w is the jets' reverse pass (the kernels' on the CPU, op
+output_jets_vjp, for all K at once). The per-point rows of J (for the diagonal, the dense Gramian, the
+factor rows and the kernel) are the reverse pass run for each jet entry at every point
 at once, whose per-layer gradients G_l and input jets A_l give each point's weight gradient
 sum_c G_l[c, n]^T A_l[c, n]. Other models take torch.func (jvp, vjp and jacrev of the jet by
 vmap(jacrev) and vmap(jacrev(jacrev)) per point)."""
@@ -247,14 +248,9 @@ def _jet_parts(jet, out_shape):
     )
 
 
-def _loss_curvature(loss_fn, jet, inputs, out_shape):
-    """(the loss, its gradient in the jet [k + 2, N, C], each point's Hessian H [N, c, c] of the loss in
-    its jet, c = (k + 2) C, entry (channel, output) at channel * C + output), by autograd through
-    loss_fn: one batched backward of its gradient along the c unit directions at every point, and a
-    probe supported on some points that must not reach the others (a loss that couples the points, by
-    a batch statistic of u say, is refused: its Gramian is not a sum over points)."""
-    cols, N, C = jet.shape
-    c = cols * C
+def _loss_gradient(loss_fn, jet, inputs, out_shape):
+    """(the loss, the jet as the leaf t it is a function of, its gradient in t with the graph kept, or
+    None where the loss does not depend on the jet), by autograd through loss_fn."""
     with torch.enable_grad():
         t = jet.detach().requires_grad_()
         loss = loss_fn(*_jet_parts(t, out_shape), inputs)
@@ -264,26 +260,28 @@ def _loss_curvature(loss_fn, jet, inputs, out_shape):
                 f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}"
             )
         (g,) = torch.autograd.grad(loss, t, create_graph=True, allow_unused=True)
-        H = t.new_zeros(N, c, c)
-        if g is None:
-            return loss.detach(), torch.zeros_like(t), H
-        if not g.requires_grad:  # the loss is linear in the jet: no curvature
-            return loss.detach(), g.detach(), H
-        from hessext.hessians import _probe_rows
+    return loss.detach(), t, g
 
-        directions = torch.eye(c, dtype=t.dtype, device=t.device).reshape(c, cols, 1, C).expand(c, cols, N, C)
-        mask = _probe_rows(N, t)
-        probe = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(t)
-        probe = probe * mask[None, :, None].to(t.dtype)
-        rows = _batched_backward(g, t, torch.cat([directions, probe[None]]))  # [c + 1, cols, N, C]
-        H = rows[:c].permute(2, 0, 1, 3).reshape(N, c, c)
-        if N > 1 and bool((rows[c][:, ~mask] != 0).any()):
-            raise ValueError(
-                "loss_fn couples the collocation points (a point's term depends on other points' "
-                "u, grad_u or lap_u, e.g. through their mean): the Gramian is a sum over points of "
-                "each point's own term; write the loss as a sum or mean of per-point terms"
-            )
-    return loss.detach(), g.detach(), H
+
+def _point_hessians(g, t):
+    """Each point's Hessian H [N, c, c] of the loss in its jet (c = (k + 2) C, entry (channel, output) at
+    channel * C + output): one batched backward of the gradient g along the c unit directions at every
+    point, and a probe supported on some points that must not reach the others; None for a loss that
+    couples the points (by a batch statistic of u, say): it has no per-point Hessians."""
+    cols, N, C = t.shape
+    c = cols * C
+    if g is None or not g.requires_grad:  # the loss is linear in the jet (or constant): no curvature
+        return t.new_zeros(N, c, c)
+    from hessext.hessians import _probe_rows
+
+    directions = torch.eye(c, dtype=t.dtype, device=t.device).reshape(c, cols, 1, C).expand(c, cols, N, C)
+    mask = _probe_rows(N, t)
+    probe = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(t)
+    probe = probe * mask[None, :, None].to(t.dtype)
+    rows = _batched_backward(g, t, torch.cat([directions, probe[None]]))  # [c + 1, cols, N, C]
+    if N > 1 and bool((rows[c][:, ~mask] != 0).any()):
+        return None
+    return rows[:c].permute(2, 0, 1, 3).reshape(N, c, c)
 
 
 def _batched_backward(g, t, grads):
@@ -333,7 +331,42 @@ class _Term:
         self.sizes = [t.numel() for t in call.selected]
         self.shapes = [t.shape for t in call.selected]
         self.jet = self.passes.jet.detach()
-        self.loss, self.g, self.H = _loss_curvature(loss_fn, self.jet, inputs, self.out_shape)
+        self.loss, self._t, self._g = _loss_gradient(loss_fn, self.jet, inputs, self.out_shape)
+        self.g = self._g.detach() if self._g is not None else torch.zeros_like(self.jet)
+
+    def point_hessians(self):
+        """Each point's Hessian of the loss in its jet, [N, c, c], computed once; None where the loss
+        couples the points."""
+        if not hasattr(self, "_H"):
+            self._H = _point_hessians(self._g, self._t)
+        return self._H
+
+    @property
+    def H(self):
+        H = self.point_hessians()
+        if H is None:
+            raise ValueError(
+                "loss_fn couples the collocation points (a point's term depends on other points' u, grad_u or "
+                "lap_u, e.g. through their mean): the Gramian's per-point rows, diagonal and dense matrix need "
+                "it as a sum over points of each point's own term; write the loss as a sum or mean of per-point "
+                "terms (its products G @ v need no such split)"
+            )
+        return H
+
+    def loss_hvp(self, W):
+        """The loss's Hessian in the jets times K directions W [K, k + 2, N, C]: for several directions, or
+        once they are known, through the points' Hessians; else one backward of the loss's gradient."""
+        if self._g is None or not self._g.requires_grad:
+            return torch.zeros_like(W)
+        K, cols, N, C = W.shape
+        H = self.point_hessians() if K > 1 or hasattr(self, "_H") else None
+        if H is not None:
+            flat = W.permute(0, 2, 1, 3).reshape(K, N, cols * C)
+            return torch.einsum("nab,knb->kna", H, flat).reshape(K, N, cols, C).permute(0, 2, 1, 3)
+        if K == 1:
+            (out,) = torch.autograd.grad(self._g, self._t, W[0], retain_graph=True, allow_unused=True)
+            return (out if out is not None else torch.zeros_like(self._t))[None]
+        return _batched_backward(self._g, self._t, W)
 
     @property
     def native(self):
@@ -375,12 +408,8 @@ class _Term:
         return torch.cat([layers[l][kind].reshape(B, N, -1) for l, kind in self.where], -1)
 
     def ggn(self, V):
-        """sum_n J_n^T H_n J_n v for V [K, P]: [K, P]."""
-        Jv = self.jvp(V)  # [K, cols, N, C]
-        K, cols, N, C = Jv.shape
-        flat = Jv.permute(0, 2, 1, 3).reshape(K, N, cols * C)
-        HJv = torch.einsum("nab,knb->kna", self.H, flat).reshape(K, N, cols, C).permute(0, 2, 1, 3)
-        return self.vjp(HJv)
+        """J^T H J v for V [K, P] (H: the loss's Hessian in the points' jets, applied by autograd): [K, P]."""
+        return self.vjp(self.loss_hvp(self.jvp(V)))
 
     @torch.no_grad()
     def jacobian(self):
