@@ -154,7 +154,7 @@ def main():
     ]
     notes = [
         "G v for the loss mean((-lap u - f)^2), float64. x: the method's time over hessext.pinn_ggn_vp's "
-        "(which builds the jets and the loss's per-point Hessian every call, as JAX's jit recomputes its "
+        "(which builds the jets and the loss's derivatives in them every call, as JAX's jit recomputes its "
         "forward jets). The floor is the sum of the product's matrix products timed one by one."
     ]
     print(write("gramian_cpu", environment(), rows, columns, notes))
