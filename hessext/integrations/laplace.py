@@ -1,0 +1,83 @@
+"""laplace-torch curvature backends on hessext.
+
+`HessextGGN` and `HessextHessian` are laplace-torch backends (``Laplace(model, likelihood,
+hessian_structure=..., backend=HessextGGN)``), subclasses of its curvlinops backends:
+
+- ``diag``: the exact GGN or Hessian diagonal of the batch (:func:`hessext.ggn_diag`,
+  :func:`hessext.hessian_diag`), with no per-sample Jacobians materialised (laplace-torch's own GGN
+  diagonal builds them: [N, C, P]);
+- ``full``: the dense matrix from one call (:func:`hessext.hessian` with ``output="matrix"``, or the GGN's
+  products with all P unit vectors at once), refused up front past the memory available;
+- ``kron``, the Jacobians and gradients: laplace-torch's curvlinops backend's (KFAC factors from
+  curvlinops, Jacobians from torch.func).
+
+Last-layer and subnetwork Laplace, and inputs that are not a tensor, keep the curvlinops backend's
+computation throughout (the same answers). Needs laplace-torch: ``pip install hessext[laplace]``."""
+
+from __future__ import annotations
+
+try:
+    from laplace.curvature import CurvlinopsGGN, CurvlinopsHessian
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(
+        "hessext.integrations.laplace needs laplace-torch: pip install hessext[laplace] (or pip install laplace-torch)"
+    ) from exc
+
+import torch
+
+from hessext import curvature, hessians
+
+__all__ = ["HessextGGN", "HessextHessian"]
+
+
+class _HessextBackend:
+    """diag and full of the batch on hessext, in laplace-torch's scaling (its `factor` times the
+    curvature of its `lossfunc`, a sum over the batch), over the parameters that require grad."""
+
+    _diag = None
+
+    def _served(self, x):
+        return isinstance(x, torch.Tensor) and not self.last_layer and self.subnetwork_indices is None
+
+    def _loss(self, x, y):
+        with torch.no_grad():
+            return self.factor * self.lossfunc(self.model(x), y)
+
+    def diag(self, x, y, **kwargs):
+        if not self._served(x):
+            return super().diag(x, y, **kwargs)
+        d = type(self)._diag(self.model, self.lossfunc, x, y, params=self.params_dict)
+        return self._loss(x, y), self.factor * torch.cat([d[n].reshape(-1) for n in self.params_dict])
+
+    def full(self, x, y, **kwargs):
+        if not self._served(x):
+            return super().full(x, y, **kwargs)
+        return self._loss(x, y), self.factor * self._dense(x, y)
+
+
+class HessextGGN(_HessextBackend, CurvlinopsGGN):
+    """laplace-torch's GGN backend with hessext's exact diagonal and dense GGN (``stochastic=True``, the
+    Monte-Carlo Fisher, keeps curvlinops')."""
+
+    _diag = staticmethod(curvature.ggn_diag)
+
+    def _served(self, x):
+        return super()._served(x) and not self.stochastic
+
+    def _dense(self, x, y):
+        P = sum(p.numel() for p in self.params_dict.values())
+        p = next(iter(self.params_dict.values()))
+        hessians._check_memory(
+            f"the dense GGN of {P} parameters", 3 * P * P * p.element_size(), x, None, "use hessian_structure='diag'"
+        )
+        eye = torch.eye(P, dtype=p.dtype, device=p.device)
+        return curvature.ggn_vp(self.model, self.lossfunc, x, y, eye, params=self.params_dict)
+
+
+class HessextHessian(_HessextBackend, CurvlinopsHessian):
+    """laplace-torch's Hessian backend with hessext's exact diagonal and dense Hessian."""
+
+    _diag = staticmethod(curvature.hessian_diag)
+
+    def _dense(self, x, y):
+        return hessians.hessian(self.model, self.lossfunc, x, y, params=self.params_dict, output="matrix")
