@@ -86,3 +86,19 @@ def test_example_runs():
     out = subprocess.run([sys.executable, script, "--points", "256"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1].split(": ")[1]) < 1e-10
+
+
+@pytest.mark.parametrize("likelihood", ["regression", "classification"])
+def test_predictive_and_kron_equal_the_curvlinops_backend(likelihood):
+    """The predictive of a diagonal Laplace, and a Kronecker-factored one (whose factors are curvlinops'
+    KFAC in either backend), equal laplace-torch's curvlinops backend's."""
+    model, X, y = problem(likelihood)
+    loader = DataLoader(TensorDataset(X, y), batch_size=16)
+    for structure, rtol in (("diag", 1e-10), ("kron", 1e-12)):
+        out = {}
+        for backend in (HessextGGN, CurvlinopsGGN):
+            la = Laplace(model, likelihood, subset_of_weights="all", hessian_structure=structure, backend=backend)
+            la.fit(loader)
+            pred = la(X[:5], pred_type="glm", link_approx="probit") if likelihood == "classification" else la(X[:5])
+            out[backend] = torch.cat([p.reshape(-1) for p in (pred if isinstance(pred, tuple) else (pred,))])
+        assert_close(out[HessextGGN], out[CurvlinopsGGN], rtol, f"{structure} predictive")
