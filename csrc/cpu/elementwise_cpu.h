@@ -229,62 +229,17 @@ struct JetReverse {
   }
 };
 
-// The tangent of the Laplacian's activation step (CpuElementwise::jet_activation_tangent) over
-// samples [lo, hi) of D [k + 2, M, K, O] (the K directions' tangents of the jet before the activation,
-// in place: after it), given the jet before (Z) and after (A) it, [k + 2, M, O]. Per sample: phi',
-// phi'', phi''' and sum_i Jz_i^2 of its row, then each direction's channels, in loops compiled for
-// this CPU's vectors.
-template <typename T>
-struct JetTangent {
+// The Laplacian's activation step for K directions at once, in the layout [k + 2, M, K, O] of
+// jets.h's output_jet_tangent and output_jet_vjp, over samples [lo, hi) of D (in place), given the jet
+// before (Z) and after (A) the activation, [k + 2, M, O]. Per sample: phi', phi'', phi''' and
+// sum_i Jz_i^2 of its row (shared by its K directions), then each direction's channels, in loops
+// compiled for this CPU's vectors. Reverse false: D holds tangents of the jet before the activation
+// and becomes theirs after it (CpuElementwise::jet_activation_tangent); true: D holds gradients in the
+// jet after it and becomes those in the jet before it, per direction the formulas of
+// JetReverse::sum_channels (CpuElementwise::jet_activation_backward_batched).
+template <typename T, bool Reverse>
+struct JetDirections {
   T* D;
-  const T *Z, *A;
-  Act kind;
-  double p0, p1;
-  int64_t M, K, O, k;
-
-  void run(int64_t lo, int64_t hi) const {
-    std::vector<T> buffer(4 * O);
-    T *d1 = buffer.data(), *d2 = d1 + O, *d3 = d2 + O, *sq = d3 + O;
-    const int64_t n = M * O, nd = M * K * O;
-    for (int64_t m = lo; m < hi; ++m) {
-      const T* Zm = Z + m * O;
-      jet_derivatives(kind, p0, p1, Zm, A + m * O, d1, d2, d3, O);
-      run_simd([&] {
-        for (int64_t o = 0; o < O; ++o) sq[o] = T(0);
-        for (int64_t i = 0; i < k; ++i) {
-          const T* __restrict__ J = Zm + (1 + i) * n;
-          for (int64_t o = 0; o < O; ++o) sq[o] += J[o] * J[o];
-        }
-        for (int64_t kk = 0; kk < K; ++kk) channels(D + (m * K + kk) * O, Zm, d1, d2, d3, sq, n, nd);
-      });
-    }
-  }
-
-  void channels(T* D0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
-                const T* __restrict__ sq, int64_t n, int64_t nd) const {
-    T* __restrict__ z0 = D0;
-    T* __restrict__ S = D0 + (1 + k) * nd;
-    const T* __restrict__ Sz = Zm + (1 + k) * n;
-    for (int64_t o = 0; o < O; ++o) S[o] = d2[o] * z0[o] * Sz[o] + d1[o] * S[o] + d3[o] * z0[o] * sq[o];
-    for (int64_t i = 0; i < k; ++i) {
-      T* __restrict__ J = D0 + (1 + i) * nd;
-      const T* __restrict__ Jz = Zm + (1 + i) * n;
-      for (int64_t o = 0; o < O; ++o) {
-        S[o] += T(2) * d2[o] * Jz[o] * J[o];
-        J[o] = d2[o] * z0[o] * Jz[o] + d1[o] * J[o];
-      }
-    }
-    for (int64_t o = 0; o < O; ++o) z0[o] *= d1[o];
-  }
-};
-
-// The reverse of the Laplacian's activation step for K gradients at once
-// (CpuElementwise::jet_activation_backward_batched) over samples [lo, hi) of G [k + 2, M, K, O] (in
-// place: from the jet after the activation to the jet before it), given that jet before (Z) and after
-// (A), [k + 2, M, O]; per direction the formulas of JetReverse::sum_channels.
-template <typename T>
-struct JetReverseBatched {
-  T* G;
   const T *Z, *A;
   Act kind;
   double p0, p1;
@@ -303,13 +258,38 @@ struct JetReverseBatched {
           const T* __restrict__ J = Zm + (1 + i) * n;
           for (int64_t o = 0; o < O; ++o) sq[o] += J[o] * J[o];
         }
-        for (int64_t kk = 0; kk < K; ++kk) channels(G + (m * K + kk) * O, Zm, d1, d2, d3, sq, dot, n, nd);
+        for (int64_t kk = 0; kk < K; ++kk) {
+          if constexpr (Reverse) {
+            reverse(D + (m * K + kk) * O, Zm, d1, d2, d3, sq, dot, n, nd);
+          } else {
+            tangent(D + (m * K + kk) * O, Zm, d1, d2, d3, sq, n, nd);
+          }
+        }
       });
     }
   }
 
-  void channels(T* G0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
-                const T* __restrict__ sq, T* __restrict__ dot, int64_t n, int64_t nd) const {
+  // ȧ = phi' ż, J̇a_i = phi'' ż Jz_i + phi' J̇z_i, Ṡa = phi'' ż Sz + phi' Ṡz + phi''' ż sum_i Jz_i^2 + 2 phi'' sum_i Jz_i
+  // J̇z_i
+  void tangent(T* D0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+               const T* __restrict__ sq, int64_t n, int64_t nd) const {
+    T* __restrict__ z0 = D0;
+    T* __restrict__ S = D0 + (1 + k) * nd;
+    const T* __restrict__ Sz = Zm + (1 + k) * n;
+    for (int64_t o = 0; o < O; ++o) S[o] = d2[o] * z0[o] * Sz[o] + d1[o] * S[o] + d3[o] * z0[o] * sq[o];
+    for (int64_t i = 0; i < k; ++i) {
+      T* __restrict__ J = D0 + (1 + i) * nd;
+      const T* __restrict__ Jz = Zm + (1 + i) * n;
+      for (int64_t o = 0; o < O; ++o) {
+        S[o] += T(2) * d2[o] * Jz[o] * J[o];
+        J[o] = d2[o] * z0[o] * Jz[o] + d1[o] * J[o];
+      }
+    }
+    for (int64_t o = 0; o < O; ++o) z0[o] *= d1[o];
+  }
+
+  void reverse(T* G0, const T* Zm, const T* __restrict__ d1, const T* __restrict__ d2, const T* __restrict__ d3,
+               const T* __restrict__ sq, T* __restrict__ dot, int64_t n, int64_t nd) const {
     T* __restrict__ gS = G0 + (1 + k) * nd;
     for (int64_t o = 0; o < O; ++o) dot[o] = T(0);
     for (int64_t i = 0; i < k; ++i) {
@@ -519,24 +499,24 @@ struct CpuElementwise {
     });
   }
   // jet_activation_backward for K gradients at once in the layout [k + 2, M, K, O] (jets.h, output_jet_vjp),
-  // the Laplacian's sum channel (JetReverseBatched).
+  // the Laplacian's sum channel (JetDirections, reverse).
   static void jet_activation_backward_batched(const at::Tensor& G, const at::Tensor& Z, const at::Tensor& A, Act kind,
                                               double p0, double p1, int64_t k) {
-    const int64_t M = G.size(1), K = G.size(2), O = G.size(3);
-    AT_DISPATCH_FLOATING_TYPES(G.scalar_type(), "jet_activation_backward_batched_cpu", [&] {
-      const JetReverseBatched<scalar_t> step{
-          G.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), kind, p0, p1, M, K, O, k};
-      at::parallel_for(0, M, std::max<int64_t>(1, 8192 / (K * O)), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
-    });
+    directions<true>(G, Z, A, kind, p0, p1, k);
   }
   // The tangent of jet_activation with the Laplacian's sum channel (jets.h, output_jet_tangent), in place:
   // D [k + 2, M, K, O] holds K directions' tangents of the jet before the activation and becomes theirs
-  // after it; Z, A [k + 2, M, O] the jet before and after (JetTangent).
+  // after it; Z, A [k + 2, M, O] the jet before and after (JetDirections, forward).
   static void jet_activation_tangent(const at::Tensor& D, const at::Tensor& Z, const at::Tensor& A, Act kind, double p0,
                                      double p1, int64_t k) {
+    directions<false>(D, Z, A, kind, p0, p1, k);
+  }
+  template <bool Reverse>
+  static void directions(const at::Tensor& D, const at::Tensor& Z, const at::Tensor& A, Act kind, double p0, double p1,
+                         int64_t k) {
     const int64_t M = D.size(1), K = D.size(2), O = D.size(3);
-    AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "jet_activation_tangent_cpu", [&] {
-      const JetTangent<scalar_t> step{
+    AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "jet_activation_directions_cpu", [&] {
+      const JetDirections<scalar_t, Reverse> step{
           D.data_ptr<scalar_t>(), Z.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(), kind, p0, p1, M, K, O, k};
       at::parallel_for(0, M, std::max<int64_t>(1, 8192 / (K * O)), [&](int64_t lo, int64_t hi) { step.run(lo, hi); });
     });
