@@ -66,7 +66,7 @@ class _StackJets:
     """The forward jets of a captured stack at rows x [M, n_0], kept per layer for the tangent and
     reverse passes: A_l, the layer's input jet [k + 2, M, n_l] (A_0 = (x, e_dims, 0)), Z_l its output jet
     (bias included) and phi', phi'', phi''' at each hidden layer's values. On the CPU the forward is
-    the kernels' (op output_jets with its saved jets), elsewhere jets.py's torch ops."""
+    the kernels' (op output_jets with its saved jets), elsewhere the same recurrence in torch ops."""
 
     def __init__(self, call, x, C, features):
         plan = call.plan
@@ -88,7 +88,7 @@ class _StackJets:
             self.A = [A0] + [out[2 + 2 * l] for l in range(L - 1)]
         else:
             self.saved = None
-            self.Z, self.A = [], [A0]
+            self.Z, self.A, self._d = [], [A0], []
             a = A0
             for l, (W, b) in enumerate(zip(self.weights, self.biases)):
                 z = torch.matmul(a, W.T)
@@ -96,7 +96,8 @@ class _StackJets:
                     z[0] += b
                 self.Z.append(z)
                 if l < L - 1:
-                    a = self._activate(fns[l], z)
+                    self._d.append(_derivatives3(fns[l], z[0]))
+                    a = self._activate(fns[l], z, *self._d[-1][:2])
                     self.A.append(a)
         self.fns = fns
         self.jet = self.Z[-1]
@@ -104,14 +105,14 @@ class _StackJets:
     @property
     def d(self):
         """The first three derivatives of each hidden activation at its values (for the passes in torch
-        ops), computed once."""
+        ops), computed once (by the forward itself where it runs in torch ops)."""
         if not hasattr(self, "_d"):
             self._d = [_derivatives3(self.fns[l], self.Z[l][0]) for l in range(self.L - 1)]
         return self._d
 
-    def _activate(self, fn, z):
+    def _activate(self, fn, z, d1, d2):
+        """The jet after the activation, from the jet z before it and the first two derivatives at its values."""
         k = self.k
-        d1, d2, _ = _derivatives3(fn, z[0])
         J = d1 * z[1 : 1 + k]
         S = d1 * z[1 + k] + d2 * (z[1 : 1 + k] ** 2).sum(0)
         return torch.cat([fn(z[0])[None], J, S[None]])
