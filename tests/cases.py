@@ -9,6 +9,18 @@ DTYPES = [torch.float32, torch.float64]
 # Tolerances against the float64 torch.func reference (relative to the largest reference entry):
 # float64 results agree to rounding, float32 to the accumulated rounding of a few thousand products.
 RTOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+# Every activation the kernels serve, as module factories (parameters off their defaults where they have one).
+ACTIVATIONS = [
+    nn.Tanh,
+    nn.ReLU,
+    lambda: nn.LeakyReLU(0.1),
+    nn.Sigmoid,
+    nn.SiLU,
+    nn.GELU,
+    lambda: nn.GELU(approximate="tanh"),
+    lambda: nn.Softplus(beta=2.0),
+    nn.ELU,
+]
 
 
 class TinyTanhModel(nn.Module):

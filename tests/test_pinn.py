@@ -14,19 +14,7 @@ import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
 
 import hessext
-from cases import assert_close
-
-ACTIVATIONS = [
-    nn.Tanh,
-    nn.ReLU,
-    lambda: nn.LeakyReLU(0.1),
-    nn.Sigmoid,
-    nn.SiLU,
-    nn.GELU,
-    lambda: nn.GELU(approximate="tanh"),
-    lambda: nn.Softplus(beta=2.0),
-    nn.ELU,
-]
+from cases import ACTIVATIONS, assert_close
 
 
 def losses(f):
