@@ -135,20 +135,64 @@ def median(fn, repeat=30):
 
 
 def product_s(m, k, n, dtype=torch.float64, repeat=30):
-    """The fastest of hessext's BLAS and ATen for one [m, k] x [k, n] product, computed as is or
-    transposed ([n, k] x [k, m]), each into an output allocated beforehand (a fresh output of some
-    MB would time its page faults, not the product): the floors' product time."""
+    """The fastest of hessext's BLAS libraries (each loaded one, hessext/_blas.py) and ATen for one
+    [m, k] x [k, n] product, computed as is or transposed ([n, k] x [k, m]), each into an output
+    allocated beforehand (a fresh output of some MB would time its page faults, not the product): with
+    xla_product_s, the floors' product time."""
     from hessext import _native
 
     C = _native.load()
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     c, ct = torch.empty(m, n, dtype=dtype), torch.empty(n, m, dtype=dtype)
-    return min(
-        median(lambda: C.mm_into(c, a, b), repeat),
-        median(lambda: torch.mm(a, b, out=c), repeat),
-        median(lambda: C.mm_into(ct, b.t(), a.t()), repeat),
-        median(lambda: torch.mm(b.t(), a.t(), out=ct), repeat),
+    is_double, best = dtype == torch.float64, []
+    for library in range(-1, len(C.blas_names())):
+        old = [C.blas_choose(is_double, cls, library) for cls in (0, 1)]
+        best += [median(lambda: C.mm_into(c, a, b), repeat), median(lambda: C.mm_into(ct, b.t(), a.t()), repeat)]
+        for cls in (0, 1):
+            C.blas_choose(is_double, cls, old[cls])
+    return min(best + [median(lambda: torch.mm(a, b, out=c), repeat)])
+
+
+XLA_CHILD = """
+import json, sys, time
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+import numpy as np
+shapes, dtype = json.loads(sys.argv[1]), sys.argv[2]
+dot = jax.jit(jnp.dot)
+out = []
+for m, k, n in shapes:
+    a = jnp.asarray(np.random.randn(m, k).astype(dtype))
+    b = jnp.asarray(np.random.randn(k, n).astype(dtype))
+    dot(a, b).block_until_ready()
+    times = []
+    for _ in range(15):
+        reps, start = 0, time.perf_counter()
+        while reps < 3 or time.perf_counter() - start < 0.005:
+            dot(a, b).block_until_ready()
+            reps += 1
+        times.append((time.perf_counter() - start) / reps)
+    out.append(sorted(times)[len(times) // 2])
+print(json.dumps(out))
+"""
+
+
+def xla_product_s(shapes, dtype="float64"):
+    """{(m, k, n): median seconds} of XLA's dot under jax.jit for each [m, k] x [k, n] product (in a
+    process of its own, held to the same instruction set), or {} without JAX."""
+    import sys
+
+    shapes = sorted(set(map(tuple, shapes)))
+    done = subprocess.run(
+        [sys.executable, "-c", XLA_CHILD, json.dumps(shapes), str(dtype).replace("torch.", "")],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
+    if done.returncode:
+        return {}
+    return dict(zip(shapes, json.loads(done.stdout.strip().splitlines()[-1])))
 
 
 def instruction_set():

@@ -4,9 +4,9 @@ process of its own; folx's forward Laplacian) and torch.compile of torch.func, e
 against the float64 reference before it is timed.
 
 The floor of a quantity is the time of the matrix products it cannot avoid, each timed on its own
-through the fastest product this process has (hessext's loaded BLAS or ATen's, whichever is faster
-for that shape), plus one tanh per hidden unit and sample (the faster of ATen's vectorised tanh and
-sigmoid, timed):
+through the fastest product measured in the run for that shape (each BLAS library hessext loads,
+ATen's, and XLA's dot under jax.jit, as is or transposed), plus one tanh per hidden unit and sample
+(the faster of ATen's vectorised tanh and sigmoid, timed):
 - one HVP (the R-operator): per layer the forward product, R-forward a V^T (+ Ra W^T after the
   first layer), and R-backward Rdelta^T a (+ delta^T Ra, delta W, Rdelta W, delta V after the first
   layer): 3 products in the first layer, 8 in every other;
@@ -19,7 +19,7 @@ The dense Hessian has no floor here (its cost is dominated by the P x P output, 
 
 import torch
 
-from common import environment, hold_isa, median, product_s, write
+from common import environment, hold_isa, median, product_s, write, xla_product_s
 from hessext import _native, bench
 
 NETS = {
@@ -75,7 +75,9 @@ def products(quantity, widths, N):
 def floor_s(quantity, widths, N):
     if quantity == "hessian":
         return None
-    gemm = sum(product_s(*p) for p in products(quantity, widths, N))
+    shapes = products(quantity, widths, N)
+    xla = xla_product_s(shapes)
+    gemm = sum(min(product_s(*p), xla.get(tuple(p), float("inf"))) for p in shapes)
     return gemm + sum(tanh_s(N, w) for w in widths[1:-1])
 
 

@@ -1,13 +1,15 @@
-// The matrix products of every path. On the CPU, float32/float64 products go to an OpenBLAS loaded at
-// run time (gemm.cpp: numpy's own scipy-openblas64, found by hessext/_blas.py), which on this
-// project's machines runs 1.1-1.7x faster than ATen's MKL for the shapes of an MLP; everything else
-// (no BLAS loaded, CUDA tensors, other dtypes, empty shapes)
-// is ATen's at::mm / at::addmm, so the results are the same products either way.
+// The matrix products of every path. On the CPU, float32/float64 products go to the BLAS library
+// chosen for their dtype and class among those loaded at run time (gemm.cpp; OpenBLAS, MKL or BLIS,
+// found, measured and chosen by hessext/_blas.py); everything else (no library chosen, CUDA tensors,
+// other dtypes, empty shapes) is ATen's at::mm / at::addmm, so the results are the same products
+// either way.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace hx {
 
@@ -44,15 +46,25 @@ void addmm_(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B);
 // C = alpha A B into a given [m, n] tensor (a Workspace's, say); C may be a view.
 void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double alpha = 1.0);
 
-// Load an OpenBLAS (64-bit integers, scipy-openblas symbol names) from a shared library path; an
-// empty path unloads it. Returns "" on success, else why not (the products then stay ATen's).
-std::string blas_load(const std::string& path);
-// What the CPU products run on: "OpenBLAS <its config>" or "ATen".
-std::string blas_name();
+// Products whose middle dimension (of m, k, n) is at most this are narrow (class 0), the others wide
+// (class 1): the shapes where libraries' small-matrix paths and their packed kernels differ most.
+constexpr int64_t kNarrowWidth = 128;
+int product_class(int64_t m, int64_t k, int64_t n);
+
+// Load a BLAS from a shared library path: a 64-bit-integer CBLAS (OpenBLAS with the scipy-openblas64
+// or ILP64 names, MKL's `_64` names) or BLIS's typed API. Returns (its index, "") or (-1, why not).
+// A library stays loaded; loading the same path again returns its index.
+std::pair<int64_t, std::string> blas_load(const std::string& path);
+// The loaded libraries' names ("OpenBLAS <version>, <core> kernels", "MKL <version>", "BLIS <version>,
+// <arch> kernels"), by index.
+std::vector<std::string> blas_names();
+// Which library serves float64 (is_double) or float32 products of a class: a loaded library's index, or
+// -1 for ATen (the default). Returns the old choice.
+int64_t blas_choose(bool is_double, int product_class, int64_t index);
 // Whether products go to OpenBLAS's small-matrix path in row pieces (gemm.cpp, on by default; off:
 // each product whole, for the measurement that made the choice); returns the old setting.
 bool set_row_pieces(bool on);
-// Whether products are cut so now (the loaded BLAS has the small-matrix path and the setting is on).
+// Whether products are cut so now (a chosen library has the small-matrix path and the setting is on).
 bool row_pieces_on();
 
 }  // namespace hx

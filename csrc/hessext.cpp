@@ -104,16 +104,17 @@ bool all_finite(const std::vector<at::Tensor>& tensors) {
       const scalar_t* p = t.data_ptr<scalar_t>();
       const int64_t n = t.numel();
       bool bad = false;
-      hessext::run_simd([&] {  // x - x summed in kLanes lanes: a NaN in any lane is a non-finite entry
-        using Vec = typename hessext::Lanes<scalar_t>::Vec;
+      constexpr int W = hessext::lanes_of<scalar_t>(hessext::Simd::AVX2);
+      hessext::run_simd([&] {  // x - x summed in W lanes: a NaN in any lane is a non-finite entry
+        using Vec = typename hessext::Lanes<scalar_t, W>::Vec;
         Vec acc{};
         int64_t j = 0;
-        for (; j + hessext::kLanes <= n; j += hessext::kLanes) {
+        for (; j + W <= n; j += W) {
           Vec v;
           std::memcpy(&v, p + j, sizeof v);
           acc += v - v;
         }
-        for (int lane = 0; lane < hessext::kLanes; ++lane) bad |= !(acc[lane] == scalar_t(0));
+        for (int lane = 0; lane < W; ++lane) bad |= !(acc[lane] == scalar_t(0));
         for (; j < n; ++j) bad |= !(p[j] - p[j] == scalar_t(0));
       });
       return !bad;
@@ -221,8 +222,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
   m.def("blas_load", &hx::blas_load,
-        "load an OpenBLAS for the CPU products (empty path: ATen's); returns why not, or ''");
-  m.def("blas_name", &hx::blas_name, "what the CPU matrix products run on");
+        "load a BLAS (OpenBLAS, MKL, BLIS) for the CPU products; returns (its index, '') or (-1, why not)");
+  m.def("blas_names", &hx::blas_names, "the loaded BLAS libraries' names, by index");
+  m.def("blas_choose", &hx::blas_choose, py::arg("is_double"), py::arg("product_class"), py::arg("index"),
+        "which loaded library (-1: ATen) serves float64/float32 products of a class (0 narrow, 1 wide); returns "
+        "the old choice");
+  m.def("product_class", &hx::product_class, py::arg("m"), py::arg("k"), py::arg("n"),
+        "0 (narrow) or 1 (wide) for an [m, k] x [k, n] product");
   m.def("set_row_pieces", &hx::set_row_pieces,
         "cut products into row pieces for OpenBLAS's small-matrix path (default on); returns the old setting");
   m.def("row_pieces_on", &hx::row_pieces_on, "whether products are cut into row pieces now");

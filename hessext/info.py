@@ -25,11 +25,13 @@ def report():
                 + _native.REBUILD
             )
         blas = status["blas"]
-        lines.append(
-            f"CPU matrix products: {blas['name']}"
-            + (f" from {blas['path']}" if blas.get("path") else "")
-            + (f" (not OpenBLAS: {blas['why']})" if blas["why"] else "")
-        )
+        lines.append(f"CPU matrix products: {blas['name']}" + (f" (ATen's: {blas['why']})" if blas["why"] else ""))
+        for slot, chosen in blas["choice"].items():
+            rates = blas["rates"].get(slot)
+            measured = ", ".join(f"{name} {rate:.1f}" for name, rate in rates.items()) if rates else "not measured"
+            lines.append(f"  {slot}: {chosen} (GFLOP/s: {measured})")
+        if blas["measured"]:
+            lines.append(f"  measured {blas['measured']}; python -m hessext.info --measure measures again")
         if _native.load().row_pieces_on():
             lines.append("  products over 10^6 multiply-adds cut into row pieces for its small-matrix path")
         lines.append(f"CPU sample-lane kernels (one vector, narrow stacks): {_native.load().simd()} instructions")
@@ -43,4 +45,10 @@ def report():
 
 
 if __name__ == "__main__":
+    import sys
+
+    if "--measure" in sys.argv[1:]:
+        from hessext import _blas
+
+        _blas.use(_native.load(), measure=True)
     print(report())

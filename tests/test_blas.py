@@ -1,10 +1,11 @@
-"""The CPU matrix products (csrc/gemm.h): the loaded OpenBLAS computes what ATen computes for every
-operand layout the kernels pass (views, transposes, size-1 and empty sides, float32/float64, in-place
-accumulation into views), anything it cannot take goes to ATen, a library that will not load leaves
-ATen's products with the reason in `hessext.info`, products cut into row pieces for OpenBLAS's small-matrix
-path equal the whole, and every native op gives the same answers on
-either BLAS. Tolerances: 1e-12 relative (float64) and 1e-5 (float32) between two BLAS libraries,
-which sum the products in different orders."""
+"""The CPU matrix products (csrc/gemm.h): every BLAS library found (OpenBLAS, and MKL and BLIS where
+installed) computes what ATen computes for every operand layout the kernels pass (views, transposes,
+size-1 and empty sides, float32/float64, in-place accumulation into views), anything it cannot take
+goes to ATen, a library that will not load leaves ATen's products with the reason in `hessext.info`,
+products cut into row pieces for OpenBLAS's small-matrix path equal the whole, the measured choice
+per dtype and product class is cached and applied (each class served by its own library), and every
+native op gives the same answers on any BLAS. Tolerances: 1e-12 relative (float64) and 1e-5
+(float32) between two BLAS libraries, which sum the products in different orders."""
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from tests.cases import assert_close
 
 C = _native.load()
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-openblas = pytest.mark.skipif(not _blas.candidates(), reason="no OpenBLAS found beside numpy or as scipy-openblas64")
+LIBRARIES = [name for name in _blas.LIBRARIES if _blas.candidates(name)]
 
 
 def same(actual, expected, rtol, what):
@@ -30,7 +31,7 @@ def same(actual, expected, rtol, what):
 def blas_choice():
     """Run a test under a named BLAS, and restore the default afterwards."""
     yield lambda choice: _blas.use(C, choice)
-    _blas.use(C, "openblas")
+    _blas.use(C)
 
 
 def operands(dtype):
@@ -68,15 +69,14 @@ def row_pieces():
     C.set_row_pieces(True)
 
 
-@openblas
+@pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("pieces", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_products_equal_aten(dtype, pieces, blas_choice, row_pieces):
-    assert blas_choice("openblas").startswith("OpenBLAS")
+def test_products_equal_aten(library, dtype, pieces, blas_choice, row_pieces):
+    name = blas_choice(library)
+    assert name.startswith({"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}[library]), name
     row_pieces(pieces)
-    assert C.row_pieces_on() == (
-        pieces and any(t in C.blas_name() for t in ("SkylakeX", "Cooperlake", "SapphireRapids"))
-    )
+    assert C.row_pieces_on() == (pieces and any(t in name for t in ("SkylakeX", "Cooperlake", "SapphireRapids")))
     for A, B in operands(dtype):
         what = f"{tuple(A.shape)} strides {A.stride()} x {tuple(B.shape)} strides {B.stride()}"
         same(C.mm(A, B), A @ B, TOL[dtype], "mm " + what)
@@ -90,9 +90,9 @@ def test_products_equal_aten(dtype, pieces, blas_choice, row_pieces):
             same(out, expected, TOL[dtype], "addmm_ " + what)
 
 
-@openblas
-def test_in_place_into_a_row_block_view(blas_choice):
-    blas_choice("openblas")
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_in_place_into_a_row_block_view(library, blas_choice):
+    blas_choice(library)
     whole = torch.randn(10, 12, dtype=torch.float64)
     A, B = torch.randn(4, 7, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64)
     expected = whole.clone()
@@ -117,15 +117,15 @@ def test_a_library_that_will_not_load_leaves_aten(blas_choice, tmp_path):
     assert status["name"] == "ATen" and "dlopen failed" in status["why"]
     from hessext import info
 
-    assert "not OpenBLAS: dlopen failed" in info.report()
+    assert "ATen's: dlopen failed" in info.report()
     x = torch.randn(5, 3, dtype=torch.float64)
     assert_close(C.mm(x, x.t()), x @ x.t(), 1e-15, "ATen after a failed load")
     assert blas_choice("aten") == "ATen" and _blas.status()["why"] == "HESSEXT_BLAS=aten"
 
 
-@openblas
+@pytest.mark.parametrize("library", LIBRARIES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_native_ops_agree_on_either_blas(blas_choice, path, threads):
+def test_native_ops_agree_on_any_blas(library, blas_choice, path, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -144,13 +144,13 @@ def test_native_ops_agree_on_either_blas(blas_choice, path, threads):
         for name, call in calls.items():
             blas_choice("aten")
             reference = call()
-            blas_choice("openblas")
-            assert_close(call(), reference, 1e-12, f"{name} ({path} path, {threads} threads)")
+            blas_choice(library)
+            assert_close(call(), reference, 1e-12, f"{name} ({library}, {path} path, {threads} threads)")
     finally:
         torch.set_num_threads(old)
 
 
-@openblas
+@pytest.mark.skipif("openblas" not in LIBRARIES, reason="no OpenBLAS beside numpy or as scipy-openblas64")
 @pytest.mark.parametrize("env", [{"OPENBLAS_CORETYPE": "Haswell"}, {"HESSEXT_OPENBLAS_CORETYPE": "SkylakeX"}])
 def test_kernels_follow_torchs_cpu_capability(env):
     """hessext's copy takes the kernels of torch's CPU capability (SkylakeX with AVX-512) whatever
@@ -162,7 +162,7 @@ def test_kernels_follow_torchs_cpu_capability(env):
 
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip("the SkylakeX kernels need AVX-512")
-    if not _blas._wheel():
+    if not any(os.sep + "scipy_openblas64" + os.sep in p for p in _blas.candidates("openblas")):
         pytest.skip(
             "numpy's own OpenBLAS copy keeps the kernels it chose when numpy was imported, before hessext "
             "loads it; the choice needs the scipy-openblas64 wheel"
@@ -182,3 +182,50 @@ def test_kernels_follow_torchs_cpu_capability(env):
     )
     name, err = out.stdout.strip().splitlines()[-2:]
     assert "SkylakeX kernels" in name and float(err) < 1e-13, out.stdout + out.stderr
+
+
+def test_product_classes():
+    """Narrow: the middle one of m, k, n at most 128 (an MLP of width 50-64, its weight products over
+    a batch); wide: the rest."""
+    assert [C.product_class(*s) for s in [(1024, 50, 50), (50, 1024, 50), (100, 1, 16), (4096, 128, 128)]] == [0] * 4
+    assert [C.product_class(*s) for s in [(256, 784, 256), (256, 256, 10), (10, 256, 256), (129, 129, 1)]] == [1] * 4
+
+
+@pytest.mark.skipif(not LIBRARIES, reason="no BLAS library found")
+def test_measured_choice_is_cached_and_applied(blas_choice, tmp_path, monkeypatch):
+    monkeypatch.setenv("HESSEXT_CACHE", str(tmp_path))
+    monkeypatch.setattr(_blas, "ROUNDS", 1)
+    blas_choice("auto")
+    first = _blas.status()
+    assert (tmp_path / "blas.json").exists() and first["measured"]
+    assert set(first["choice"]) == {f"{d} {c}" for d in _blas.DTYPES for c in _blas.CLASSES}
+    for slot, rates in first["rates"].items():  # every library loaded and ATen timed, the fastest chosen
+        assert set(rates) == set(first["libraries"]) | {"ATen"} and all(r > 0 for r in rates.values())
+        assert first["choice"][slot] == max(rates, key=rates.get)
+    monkeypatch.setattr(_blas, "_measure", lambda *a: pytest.fail("measured again with the cache in place"))
+    blas_choice("auto")
+    assert _blas.status() == first
+    from hessext import info
+
+    assert "float64 narrow" in info.report() and "GFLOP/s" in info.report()
+
+
+@pytest.mark.skipif(not LIBRARIES, reason="no BLAS library found")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_class_served_by_its_own_library(dtype, blas_choice):
+    """Narrow products on one library, wide ones on another (or ATen), each class's products right."""
+    blas_choice(LIBRARIES[-1])
+    index = C.blas_names().index(_blas.status()["libraries"][0])
+    C.blas_choose(dtype == torch.float64, 1, -1)  # wide ones on ATen
+    g = torch.Generator().manual_seed(1)
+    for m, k, n in [(300, 50, 40), (40, 300, 50), (200, 300, 260), (260, 200, 10)]:
+        A, B = torch.randn(m, k, generator=g, dtype=dtype), torch.randn(k, n, generator=g, dtype=dtype)
+        same(C.mm(A, B), A @ B, TOL[dtype], f"[{m}, {k}] x [{k}, {n}]")
+    assert C.blas_choose(dtype == torch.float64, 0, index) == index
+
+
+def test_choice_arguments_are_checked():
+    with pytest.raises(ValueError, match="product_class"):
+        C.blas_choose(True, 2, -1)
+    with pytest.raises(ValueError, match="index"):
+        C.blas_choose(True, 0, len(C.blas_names()))

@@ -555,12 +555,13 @@ struct ForwardRows {
     }
   }
   // Samples m .. m + count - 1 into lanes 0 .. count - 1 of a lanes scratch; the lanes past count zero.
-  void load_lanes(const fused::Net<T>& net, int64_t m, int count, const fused::Sample<Lanes<T>>& smp) const {
+  template <int W>
+  void load_lanes(const fused::Net<T>& net, int64_t m, int count, const fused::Sample<Lanes<T, W>>& smp) const {
     for (int l = 0; l <= net.L; ++l) {
       const int64_t n = net.n[l], u = net.off[l];
       for (int64_t i = 0; i < n; ++i) {
-        Lanes<T>&a_ = smp.a[u + i], &d_ = smp.d[u + i], &d2_ = smp.d2[u + i];
-        for (int j = 0; j < kLanes; ++j) {
+        Lanes<T, W>&a_ = smp.a[u + i], &d_ = smp.d[u + i], &d2_ = smp.d2[u + i];
+        for (int j = 0; j < W; ++j) {
           const bool in = j < count;
           const int64_t at = (m + j) * n + i;
           a_.v[j] = in ? a[l][at] : T(0);

@@ -1,13 +1,18 @@
-// hx::mm / addmm / addmm_ (gemm.h): CPU float32/float64 products through a run-time loaded OpenBLAS,
-// every other product through ATen. The BLAS sees each operand as row-major or transposed row-major
-// (a view of the right strides is passed as is, anything else is made contiguous first) and
-// writes C in row-major order, so C = alpha A B + beta C is one ?gemm call.
+// hx::mm / addmm / addmm_ (gemm.h): CPU float32/float64 products through BLAS libraries loaded at run
+// time, every other product through ATen. Each loaded library is called through one of two
+// interfaces: CBLAS with 64-bit integers (OpenBLAS's scipy-openblas64 names, MKL's `_64` names) or
+// BLIS's typed API (general strides). The BLAS sees each operand as row-major or transposed row-major
+// (a view of the right strides is passed as is, anything else is made contiguous first) and writes C
+// in row-major order, so C = alpha A B + beta C is one ?gemm call. Which library serves a product is
+// chosen per dtype and product class (narrow or wide, product_class) by hessext/_blas.py from
+// measured rates.
 #include "gemm.h"
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -23,40 +28,81 @@ namespace {
 enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
 
 template <typename T>
-using Gemm = void (*)(int, int, int, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,
-                      int64_t);
+using Cblas = void (*)(int, int, int, int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*,
+                       int64_t);
+// bli_?gemm(transa, transb, m, n, k, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc), no transposes
+template <typename T>
+using Typed = void (*)(int, int, int64_t, int64_t, int64_t, const T*, const T*, int64_t, int64_t, const T*, int64_t,
+                       int64_t, const T*, T*, int64_t, int64_t);
 
-struct Blas {
-  void* handle = nullptr;
-  Gemm<double> dgemm = nullptr;
-  Gemm<float> sgemm = nullptr;
+struct Library {
+  std::string path, name;
+  Cblas<double> dgemm = nullptr;
+  Cblas<float> sgemm = nullptr;
+  Typed<double> bli_dgemm = nullptr;
+  Typed<float> bli_sgemm = nullptr;
   bool small_kernels = false;  // see kSmallProduct
-  std::string name = "ATen";
+
+  // C [m, n] (row-major, ldc) = alpha op(A) op(B) + beta C, each operand row-major (kNoTrans) or
+  // transposed row-major (kTrans) with its leading dimension, as CBLAS takes them.
+  template <typename T>
+  void gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+            T beta, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, double>) {
+      if (dgemm) return dgemm(kRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      bli_dgemm(0, 0, m, n, k, &alpha, a, ta == kNoTrans ? lda : 1, ta == kNoTrans ? 1 : lda, b,
+                tb == kNoTrans ? ldb : 1, tb == kNoTrans ? 1 : ldb, &beta, c, ldc, 1);
+    } else {
+      if (sgemm) return sgemm(kRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      bli_sgemm(0, 0, m, n, k, &alpha, a, ta == kNoTrans ? lda : 1, ta == kNoTrans ? 1 : lda, b,
+                tb == kNoTrans ? ldb : 1, tb == kNoTrans ? 1 : ldb, &beta, c, ldc, 1);
+    }
+  }
 };
 
-Blas& blas() {
-  static Blas b;
-  return b;
+// Every library loaded so far (a library stays loaded: products may be running in it), and which one
+// serves each (dtype, product class): an index into the list, -1 for ATen.
+constexpr size_t kMaxLibraries = 8;
+struct Libraries {
+  std::vector<Library> list;
+  std::array<std::atomic<int>, 4> chosen;  // [float64 narrow, float64 wide, float32 narrow, float32 wide]
+  Libraries() {
+    list.reserve(kMaxLibraries);  // never reallocated: readers hold no lock
+    for (auto& c : chosen) c = -1;
+  }
+};
+
+Libraries& libraries() {
+  static Libraries l;
+  return l;
 }
 
-std::mutex& blas_mutex() {
+std::mutex& load_mutex() {
   static std::mutex m;
   return m;
 }
 
+int slot(bool is_double, int product_class) { return (is_double ? 0 : 2) + product_class; }
+
+// The library chosen for T and this product's class, or nullptr for ATen.
+template <typename T>
+const Library* chosen(int64_t m, int64_t n, int64_t k) {
+  const int i = libraries().chosen[slot(std::is_same_v<T, double>, product_class(m, k, n))];
+  return i < 0 ? nullptr : &libraries().list[i];
+}
+
 // Whether products may be cut into row pieces (set_row_pieces): a setting of its own, kept whichever
-// library blas_load loads.
+// library serves.
 std::atomic<bool>& row_pieces_setting() {
   static std::atomic<bool> on{true};
   return on;
 }
 
-// The first of the scipy-openblas64 / openblas64_ names for a routine that the library exports.
-void* symbol(void* handle, const char* base) {
-  for (const char* prefix : {"scipy_", ""}) {
-    const std::string name = std::string(prefix) + base + "64_";
+// The first of a CBLAS routine's 64-bit-integer names (scipy-openblas64's, OpenBLAS's ILP64 build's,
+// MKL's ILP64 ones) that the library exports.
+void* symbol(void* handle, const std::string& base) {
+  for (const std::string& name : {"scipy_" + base + "64_", base + "64_", base + "_64"})
     if (void* f = dlsym(handle, name.c_str())) return f;
-  }
   return nullptr;
 }
 
@@ -80,26 +126,19 @@ Mat<T> mat(const at::Tensor& X) {
   return {X.data_ptr<T>(), X.size(0), X.size(1), X.stride(0), X.stride(1)};
 }
 
-// Whether this product goes to the loaded BLAS.
-bool use_blas(const at::Tensor& A, const at::Tensor& B) {
-  const Blas& b = blas();
-  if (!b.handle || !A.device().is_cpu() || A.dim() != 2 || B.dim() != 2 || A.scalar_type() != B.scalar_type() ||
-      !B.device().is_cpu())
-    return false;
-  if (A.scalar_type() == at::kDouble ? !b.dgemm : (A.scalar_type() != at::kFloat || !b.sgemm)) return false;
-  return A.size(0) > 0 && A.size(1) > 0 && B.size(1) > 0;
+// The library that serves an [m, k] x [k, n] product of A and B's dtype, or nullptr for ATen (other
+// devices and dtypes, empty products, ATen chosen for this class).
+const Library* library_for(const at::Tensor& A, const at::Tensor& B) {
+  if (!A.device().is_cpu() || A.dim() != 2 || B.dim() != 2 || A.scalar_type() != B.scalar_type() ||
+      !B.device().is_cpu() || A.size(0) == 0 || A.size(1) == 0 || B.size(1) == 0)
+    return nullptr;
+  if (A.scalar_type() == at::kDouble) return chosen<double>(A.size(0), B.size(1), A.size(1));
+  if (A.scalar_type() == at::kFloat) return chosen<float>(A.size(0), B.size(1), A.size(1));
+  return nullptr;
 }
 
 // Products of at least this many multiply-adds are split over torch's threads.
 constexpr int64_t kParallelWork = 1 << 16;
-
-template <typename T>
-Gemm<T> blas_gemm() {
-  if constexpr (std::is_same_v<T, double>)
-    return blas().dgemm;
-  else
-    return blas().sgemm;
-}
 
 // OpenBLAS's SkylakeX kernels (shared by its Cooperlake and SapphireRapids targets) serve a product of
 // m n k <= 10^6 multiply-adds with B read as stored (not transposed) on their small-matrix path,
@@ -115,25 +154,26 @@ constexpr int64_t kSmallProduct = 1000000;
 constexpr int64_t kMinPieceRows = 16;
 constexpr int64_t kMinCopyRows = 32;
 
-// Whether an [m, k] x [k, n] product (or its row pieces) can take the small-matrix path.
-bool small_path(int64_t n, int64_t k) { return row_pieces_on() && n * k * kMinPieceRows <= kSmallProduct; }
+// Whether an [m, k] x [k, n] product (or its row pieces) can take lib's small-matrix path.
+bool small_path(const Library& lib, int64_t n, int64_t k) {
+  return lib.small_kernels && row_pieces_setting() && n * k * kMinPieceRows <= kSmallProduct;
+}
 
-// How many row pieces the loaded BLAS should see for an [m, k] x [k, n] product (1: the product whole).
-int64_t piece_count(int64_t m, int64_t n, int64_t k) {
-  if (m * n * k <= kSmallProduct || !small_path(n, k)) return 1;
+// How many row pieces lib should see for an [m, k] x [k, n] product (1: the product whole).
+int64_t piece_count(const Library& lib, int64_t m, int64_t n, int64_t k) {
+  if (m * n * k <= kSmallProduct || !small_path(lib, n, k)) return 1;
   return (m * n * k + kSmallProduct - 1) / kSmallProduct;
 }
 
 // C [m, n] = alpha A B + beta C as row pieces (piece_count), every operand at its BLAS layout.
 template <typename T>
-void gemm_rows(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-               int64_t ldb, T beta, T* c, int64_t ldc) {
-  const Gemm<T> f = blas_gemm<T>();
-  const int64_t pieces = piece_count(m, n, k);
+void gemm_rows(const Library& lib, int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const int64_t pieces = piece_count(lib, m, n, k);
   for (int64_t p = 0; p < pieces; ++p) {
     const int64_t lo = m * p / pieces, hi = m * (p + 1) / pieces;
-    f(kRowMajor, ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, b, ldb, beta, c + lo * ldc,
-      ldc);
+    lib.gemm<T>(ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, b, ldb, beta, c + lo * ldc,
+                ldc);
   }
 }
 
@@ -151,12 +191,12 @@ const T* transposed_copy(const T* b, int64_t ldb, int64_t k, int64_t n) {
   return buf.data();
 }
 
-// OpenBLAS runs single-threaded, in the calling thread: its own worker threads would spin beside
+// The library runs single-threaded, in the calling thread: its own worker threads would spin beside
 // torch's OpenMP workers on the same cores (measured 10-50x slower on 2 cores). Instead the longer of
 // C's two sides is cut into one block per torch thread (at::parallel_for), each block one ?gemm;
 // inside a parallel region (a kernel already split over threads) the product is one ?gemm.
 template <typename T>
-void gemm_blas(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
+void gemm_blas(const Library& lib, const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
   const auto [ta, lda] = layout(A);
   auto [tb, ldb] = layout(B);
   const int64_t m = A.rows, k = A.cols, n = B.cols, ldc = C.rows == 1 ? std::max<int64_t>(C.cols, 1) : C.rs;
@@ -167,56 +207,113 @@ void gemm_blas(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T 
                             ? std::min<int64_t>(at::get_num_threads(), std::max(m, n))
                             : 1;
   const bool rows = m >= n;
-  if (tb == kTrans && (rows ? m / parts : m) >= kMinCopyRows && small_path(rows ? n : n / parts, k))
+  if (tb == kTrans && (rows ? m / parts : m) >= kMinCopyRows && small_path(lib, rows ? n : n / parts, k))
     bp = transposed_copy(bp, ldb, k, n), tb = kNoTrans, ldb = std::max<int64_t>(n, 1);
   at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t len = rows ? m : n, lo = len * p / parts, hi = len * (p + 1) / parts;
       if (hi == lo) continue;
       if (rows)  // rows lo..hi of A and C
-        gemm_rows<T>(ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, bp, ldb, beta,
+        gemm_rows<T>(lib, ta, tb, hi - lo, n, k, alpha, a + (ta == kNoTrans ? lo * lda : lo), lda, bp, ldb, beta,
                      c + lo * ldc, ldc);
       else  // columns lo..hi of B and C
-        gemm_rows<T>(ta, tb, m, hi - lo, k, alpha, a, lda, bp + (tb == kNoTrans ? lo : lo * ldb), ldb, beta, c + lo,
-                     ldc);
+        gemm_rows<T>(lib, ta, tb, m, hi - lo, k, alpha, a, lda, bp + (tb == kNoTrans ? lo : lo * ldb), ldb, beta,
+                     c + lo, ldc);
     }
   });
 }
 
 // C (row-major, unit column stride) = alpha A B + beta C; an operand BLAS cannot read in place is
 // made contiguous first.
-void blas_into(const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, double beta, double alpha = 1.0) {
+void blas_into(const Library& lib, const at::Tensor& A_, const at::Tensor& B_, const at::Tensor& C, double beta,
+               double alpha = 1.0) {
   const at::Tensor A = layout(A_).first ? A_ : A_.contiguous(), B = layout(B_).first ? B_ : B_.contiguous();
   if (A.scalar_type() == at::kDouble)
-    gemm_blas<double>(mat<double>(A), mat<double>(B), mat<double>(C), alpha, beta);
+    gemm_blas<double>(lib, mat<double>(A), mat<double>(B), mat<double>(C), alpha, beta);
   else
-    gemm_blas<float>(mat<float>(A), mat<float>(B), mat<float>(C), static_cast<float>(alpha), static_cast<float>(beta));
+    gemm_blas<float>(lib, mat<float>(A), mat<float>(B), mat<float>(C), static_cast<float>(alpha),
+                     static_cast<float>(beta));
 }
 
 bool row_major(const at::Tensor& C) {
   return (C.size(1) == 1 || C.stride(1) == 1) && (C.size(0) == 1 || C.stride(0) >= std::max<int64_t>(C.size(1), 1));
 }
 
+// A loaded library's routines and name, or why it cannot serve.
+std::string open_library(const std::string& path, Library& lib) {
+  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!handle) return std::string("dlopen failed: ") + dlerror();
+  lib.path = path;
+  lib.dgemm = reinterpret_cast<Cblas<double>>(symbol(handle, "cblas_dgemm"));
+  lib.sgemm = reinterpret_cast<Cblas<float>>(symbol(handle, "cblas_sgemm"));
+  const auto fn = [&](const char* name) { return dlsym(handle, name); };
+  if (lib.dgemm && lib.sgemm) {
+    if (auto set_threads = reinterpret_cast<void (*)(int)>(symbol(handle, "openblas_set_num_threads"))) {
+      auto config = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_config"));
+      auto core = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_corename"));
+      if (!config || !core) return "no openblas_get_config/openblas_get_corename in " + path;
+      set_threads(1);  // see gemm_blas(): the threads are torch's
+      const std::string core_name = core();
+      for (const char* target : {"SkylakeX", "Cooperlake", "SapphireRapids"})
+        lib.small_kernels = lib.small_kernels || core_name == target;
+      const std::string text(config());  // "OpenBLAS 0.3.34.481.3  USE64BITINT DYNAMIC_ARCH ..."
+      lib.name = text.substr(0, text.find(' ', text.find(' ') + 1)) + ", " + core_name + " kernels";
+      return "";
+    }
+    auto layer = reinterpret_cast<int (*)(int)>(fn("MKL_Set_Threading_Layer"));
+    auto version = reinterpret_cast<void (*)(char*, int)>(fn("MKL_Get_Version_String"));
+    if (!layer || !version) return "a CBLAS that is neither OpenBLAS nor MKL in " + path;
+    layer(1);  // MKL_THREADING_SEQUENTIAL: see gemm_blas()
+    char buf[256] = {0};
+    version(buf, sizeof(buf) - 1);
+    const std::string text(buf);  // "Intel(R) oneAPI Math Kernel Library Version 2026.2-Product Build ..."
+    const size_t at = text.find("Version ");
+    lib.name = at == std::string::npos ? text : "MKL " + text.substr(at + 8, text.find('-', at) - at - 8);
+    return "";
+  }
+  lib.dgemm = nullptr, lib.sgemm = nullptr;
+  lib.bli_dgemm = reinterpret_cast<Typed<double>>(fn("bli_dgemm"));
+  lib.bli_sgemm = reinterpret_cast<Typed<float>>(fn("bli_sgemm"));
+  auto init = reinterpret_cast<void (*)()>(fn("bli_init"));
+  auto set_threads = reinterpret_cast<void (*)(int64_t)>(fn("bli_thread_set_num_threads"));
+  auto version = reinterpret_cast<const char* (*)()>(fn("bli_info_get_version_str"));
+  auto arch_id = reinterpret_cast<int (*)()>(fn("bli_arch_query_id"));
+  auto arch = reinterpret_cast<const char* (*)(int)>(fn("bli_arch_string"));
+  if (!lib.bli_dgemm || !lib.bli_sgemm || !init || !set_threads || !version || !arch_id || !arch)
+    return "neither a 64-bit-integer CBLAS (cblas_dgemm64_, cblas_dgemm_64) nor BLIS (bli_dgemm) in " + path;
+  init();
+  set_threads(1);
+  lib.name = std::string("BLIS ") + version() + ", " + arch(arch_id()) + " kernels";
+  return "";
+}
+
 }  // namespace
 
+int product_class(int64_t m, int64_t k, int64_t n) {
+  const int64_t middle = std::max(std::min(m, k), std::min(std::max(m, k), n));
+  return middle > kNarrowWidth ? 1 : 0;
+}
+
 at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
-  if (!use_blas(A, B)) return at::mm(A, B);
+  const Library* lib = library_for(A, B);
+  if (!lib) return at::mm(A, B);
   TORCH_CHECK(A.size(1) == B.size(0), "hx::mm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
   at::Tensor C = empty_output({A.size(0), B.size(1)}, A.options());
-  blas_into(A, B, C, 0.0);
+  blas_into(*lib, A, B, C, 0.0);
   return C;
 }
 
 namespace {
 // C = alpha A B + beta C, C given (beta 0: C's contents are ignored).
 void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double beta, double alpha) {
-  if (!use_blas(A, B) || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
+  const Library* lib = library_for(A, B);
+  if (!lib || C.scalar_type() != A.scalar_type() || !C.device().is_cpu() || C.dim() != 2 || !row_major(C)) {
     C.addmm_(A, B, beta, alpha);
     return;
   }
   TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx: product shapes ",
               C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
-  blas_into(A, B, C, beta, alpha);
+  blas_into(*lib, A, B, C, beta, alpha);
 }
 }  // namespace
 
@@ -244,8 +341,9 @@ void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha
               "hx::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ", B.cols,
               "] do not match, or C is not row-major");
   if (C.rows == 0 || C.cols == 0) return;
-  if (blas_gemm<T>() && A.cols > 0 && layout(A).first && layout(B).first && layout(C).first == kNoTrans) {
-    gemm_blas<T>(A, B, C, alpha, beta);
+  const Library* lib = chosen<T>(A.rows, B.cols, A.cols);
+  if (lib && A.cols > 0 && layout(A).first && layout(B).first && layout(C).first == kNoTrans) {
+    gemm_blas<T>(*lib, A, B, C, alpha, beta);
     return;
   }
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -257,36 +355,41 @@ void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha
 template void gemm<float>(const Mat<const float>&, const Mat<const float>&, const Mat<float>&, float, float);
 template void gemm<double>(const Mat<const double>&, const Mat<const double>&, const Mat<double>&, double, double);
 
-std::string blas_load(const std::string& path) {
-  std::lock_guard<std::mutex> guard(blas_mutex());
-  Blas& b = blas();
-  b = Blas{};
-  if (path.empty()) return "";
-  void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (!handle) return std::string("dlopen failed: ") + dlerror();
-  Blas loaded;
-  loaded.handle = handle;
-  loaded.dgemm = reinterpret_cast<Gemm<double>>(symbol(handle, "cblas_dgemm"));
-  loaded.sgemm = reinterpret_cast<Gemm<float>>(symbol(handle, "cblas_sgemm"));
-  auto set_threads = reinterpret_cast<void (*)(int)>(symbol(handle, "openblas_set_num_threads"));
-  auto config = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_config"));
-  auto core = reinterpret_cast<const char* (*)()>(symbol(handle, "openblas_get_corename"));
-  if (!loaded.dgemm || !loaded.sgemm || !set_threads || !config || !core) {
-    dlclose(handle);
-    return "no 64-bit-integer OpenBLAS cblas_dgemm/cblas_sgemm/openblas_set_num_threads in " + path;
-  }
-  set_threads(1);  // see gemm(): the threads are torch's
-  const std::string core_name = core();
-  for (const char* target : {"SkylakeX", "Cooperlake", "SapphireRapids"})
-    loaded.small_kernels = loaded.small_kernels || core_name == target;
-  loaded.name = "OpenBLAS, " + core_name + " kernels (" + config() + ")";
-  b = loaded;
-  return "";
+std::pair<int64_t, std::string> blas_load(const std::string& path) {
+  std::lock_guard<std::mutex> guard(load_mutex());
+  Libraries& libs = libraries();
+  for (size_t i = 0; i < libs.list.size(); ++i)
+    if (libs.list[i].path == path) return {static_cast<int64_t>(i), ""};
+  if (libs.list.size() == kMaxLibraries) return {-1, "already " + std::to_string(kMaxLibraries) + " libraries loaded"};
+  Library lib;
+  std::string why = open_library(path, lib);
+  if (!why.empty()) return {-1, why};
+  libs.list.push_back(lib);
+  return {static_cast<int64_t>(libs.list.size()) - 1, ""};
 }
 
-std::string blas_name() { return blas().name; }
+std::vector<std::string> blas_names() {
+  std::lock_guard<std::mutex> guard(load_mutex());
+  std::vector<std::string> names;
+  for (const Library& lib : libraries().list) names.push_back(lib.name);
+  return names;
+}
 
-bool row_pieces_on() { return blas().small_kernels && row_pieces_setting(); }
+int64_t blas_choose(bool is_double, int product_class, int64_t index) {
+  std::lock_guard<std::mutex> guard(load_mutex());
+  TORCH_CHECK_VALUE(product_class == 0 || product_class == 1, "product_class must be 0 (narrow) or 1 (wide), got ",
+                    product_class);
+  TORCH_CHECK_VALUE(index >= -1 && index < static_cast<int64_t>(libraries().list.size()),
+                    "index must be -1 (ATen) or a loaded library's (0..", libraries().list.size(), "), got ", index);
+  return libraries().chosen[slot(is_double, product_class)].exchange(static_cast<int>(index));
+}
+
+bool row_pieces_on() {
+  if (!row_pieces_setting()) return false;
+  for (const auto& i : libraries().chosen)
+    if (i >= 0 && libraries().list[i].small_kernels) return true;
+  return false;
+}
 
 bool set_row_pieces(bool on) { return row_pieces_setting().exchange(on); }
 

@@ -1,6 +1,6 @@
 // CPU kernels of hessext::hvp and hessext::ggn_vp (the same recurrence without the delta terms).
 // Narrow stacks: one batched forward pass (ATen GEMMs, one activation pass), then the fused
-// per-sample recurrence of fused.h, kLanes samples at a time in SIMD lanes (lanes.h), the vectors in
+// per-sample recurrence of fused.h, one register of samples at a time in SIMD lanes (lanes.h), the vectors in
 // groups of kGroup, samples split over threads, each thread accumulating into its own buffer. Wide
 // stacks: the GEMM recurrence of hvp.h on raw rows (hvp_rows) with the CPU elementwise steps, per
 // block of samples (row_blocks.h) or of vectors (hvp_vector_blocks).
@@ -54,14 +54,14 @@ inline int64_t acc_index(int64_t k, int64_t q, int64_t P, int64_t G) {
   return k < G * kGroup ? (k / kGroup) * P * kGroup + q * kGroup + k % kGroup : k * P + q;
 }
 
-// K products for rows [m0, m1), kLanes samples per pass of fused.h's recurrence in SIMD lanes
+// K products for rows [m0, m1), W samples per pass of fused.h's recurrence in SIMD lanes
 // (lanes.h): the loss head and backward once per pass, then hvp_sample on Lanes<T> once per group of
 // kGroup vectors (their entries interleaved, lv[g]) and once per remaining vector (the vectors as
 // given, [K, numel] per slot, lv.back()), each lane's terms summed into acc (acc_index). Lanes past m1
 // are zero rows: with a zero loss head and delta every term of theirs is zero.
-template <typename T, bool GGN>
+template <typename T, bool GGN, int W>
 struct HvpLanes {
-  using S = Lanes<T>;
+  using S = Lanes<T, W>;
   const Stack& s;
   const fused::Net<T>& net;
   const ForwardRows<T>& rows;
@@ -83,10 +83,10 @@ struct HvpLanes {
     const T* y = s.y.data_ptr<T>();
     const fused::LayerVectors<T>& single = lv.back();
     T *z = head_row.data(), *g = z + C, *h = g + C;
-    for (int64_t m = m0; m < m1; m += kLanes) {
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, m1 - m));
+    for (int64_t m = m0; m < m1; m += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, m1 - m));
       rows.load_lanes(net, m, count, smp);
-      for (int j = 0; j < kLanes; ++j) {  // the loss head, lane by lane
+      for (int j = 0; j < W; ++j) {  // the loss head, lane by lane
         T w = T(0);
         std::fill_n(g, 2 * C, T(0));
         if (j < count) {
@@ -115,7 +115,7 @@ struct HvpLanes {
   }
 };
 
-template <typename T, bool GGN>
+template <typename T, bool GGN, int W>
 std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead) {
   const fused::Net<T> net = make_net<T>(s);
   const SlotLayout layout(s);
@@ -124,7 +124,7 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   std::vector<at::Tensor> vt;
   vt.reserve(vectors.size());
   for (const auto& v : vectors) vt.push_back(v.contiguous());
-  const int64_t M = s.M, K = num_vectors(lead), P = layout.total, blocks = (M + kLanes - 1) / kLanes;
+  const int64_t M = s.M, K = num_vectors(lead), P = layout.total, blocks = (M + W - 1) / W;
   const int64_t G = K / kGroup;
   // groups' vectors interleaved, [G][P][kGroup] in slot order (fused.h's V_l [o, i, K] per group)
   std::vector<T> grouped(G * P * kGroup);
@@ -148,12 +148,12 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
   }
   lv.push_back(given);
   const int64_t nt = std::min(threads_for(M * K * P, int64_t(1) << 15), blocks);
-  std::vector<std::vector<Lanes<T>>> acc(nt);
+  std::vector<std::vector<Lanes<T, W>>> acc(nt);
   at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      acc[t].assign(K * P, Lanes<T>(T(0)));
-      const int64_t m0 = t * blocks / nt * kLanes, m1 = std::min(M, (t + 1) * blocks / nt * kLanes);
-      run_simd(HvpLanes<T, GGN>{s, net, rows, lv, K, P, m0, m1, acc[t].data()});
+      acc[t].assign(K * P, Lanes<T, W>(T(0)));
+      const int64_t m0 = t * blocks / nt * W, m1 = std::min(M, (t + 1) * blocks / nt * W);
+      run_simd(HvpLanes<T, GGN, W>{s, net, rows, lv, K, P, m0, m1, acc[t].data()});
     }
   });
   const std::vector<at::Tensor> out = s.new_slots(lead);
@@ -326,8 +326,16 @@ std::vector<at::Tensor> products_cpu(HX_STACK_PARAMS, at::TensorList vectors) {
     if (K >= nt && nt > 1 && !at::in_parallel_region()) return hvp_vector_blocks<GGN>(s, vectors, lead, nt);
     return sum_over_row_blocks(s, work, [&](const Stack& part) { return hvp_gemm<GGN>(part, vectors, lead); });
   }
-  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu",
-                                    [&] { return hvp_lanes_cpu<scalar_t, GGN>(s, vectors, lead); });
+  return AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "hvp_fused_cpu", [&] {
+    switch (simd_in_use()) {  // lanes of one register of the instruction set run_simd runs
+      case Simd::AVX512:
+        return hvp_lanes_cpu<scalar_t, GGN, lanes_of<scalar_t>(Simd::AVX512)>(s, vectors, lead);
+      case Simd::AVX2:
+        return hvp_lanes_cpu<scalar_t, GGN, lanes_of<scalar_t>(Simd::AVX2)>(s, vectors, lead);
+      default:
+        return hvp_lanes_cpu<scalar_t, GGN, lanes_of<scalar_t>(Simd::Baseline)>(s, vectors, lead);
+    }
+  });
 }
 
 }  // namespace

@@ -1,26 +1,26 @@
-// Sample lanes: kLanes samples side by side in one value, so that fused.h's per-sample recurrences
-// (templates on the per-sample type S) run over kLanes samples per instruction, the weights and
-// vectors broadcast. Every operation is lane by lane, so each lane computes exactly what the
-// one-sample code computes for its sample; only the final sum over samples adds in another order.
+// Sample lanes: W samples side by side in one value, so that fused.h's per-sample recurrences
+// (templates on the per-sample type S) run over W samples per instruction, the weights and vectors
+// broadcast. Every operation is lane by lane, so each lane computes exactly what the one-sample code
+// computes for its sample; only the final sum over samples adds in another order.
 //
 // The loops over lanes vectorise to the widest registers the function is compiled for. This file is
 // built for baseline x86-64 (SSE2), so the kernels that use Lanes are compiled three times, for
 // AVX-512, AVX2 with FMA and the baseline, and run_simd() picks the widest the CPU has at run time
-// (GCC's __builtin_cpu_supports).
+// (GCC's __builtin_cpu_supports). W is one register of that instruction set (lanes_of): a Lanes value
+// wider than the registers is split by the compiler through the stack, lane by lane (float64 in 8
+// lanes under AVX2 ran the [1,16,1] HVP's recurrence 3x slower than in 4).
 #pragma once
 #include <cstdint>
 
 namespace hessext {
 
-constexpr int kLanes = 8;
-
-template <typename T>
+template <typename T, int W>
 struct Lanes {
-  // A GCC vector of kLanes values: the operators below are single vector operations, so that a Lanes
-  // value lives in registers (a plain array of kLanes values is split into kLanes scalars when it is
-  // a local accumulator). Aligned as T, so that any T-aligned buffer holds Lanes (unaligned vector
+  // A GCC vector of W values: the operators below are single vector operations, so that a Lanes
+  // value lives in registers (a plain array of W values is split into W scalars when it is a local
+  // accumulator). Aligned as T, so that any T-aligned buffer holds Lanes (unaligned vector
   // loads and stores cost the same as aligned ones on the CPUs with AVX).
-  typedef T Vec __attribute__((vector_size(kLanes * sizeof(T)), aligned(alignof(T))));
+  typedef T Vec __attribute__((vector_size(W * sizeof(T)), aligned(alignof(T))));
   Vec v;
   Lanes() = default;
   Lanes(T x) : v(Vec{} + x) {}  // NOLINT(google-explicit-constructor): a scalar is the same value in every lane
@@ -30,41 +30,47 @@ struct Lanes {
   }
   T sum() const {
     T acc = v[0];
-    for (int j = 1; j < kLanes; ++j) acc += v[j];
+    for (int j = 1; j < W; ++j) acc += v[j];
     return acc;
   }
 };
 
-template <typename T>
-inline Lanes<T> operator+(Lanes<T> x, const Lanes<T>& y) {
+template <typename T, int W>
+inline Lanes<T, W> operator+(Lanes<T, W> x, const Lanes<T, W>& y) {
   return x += y;
 }
-template <typename T>
-inline Lanes<T> operator-(const Lanes<T>& x, const Lanes<T>& y) {
-  Lanes<T> r;
+template <typename T, int W>
+inline Lanes<T, W> operator-(const Lanes<T, W>& x, const Lanes<T, W>& y) {
+  Lanes<T, W> r;
   r.v = x.v - y.v;
   return r;
 }
-template <typename T>
-inline Lanes<T> operator*(const Lanes<T>& x, const Lanes<T>& y) {
-  Lanes<T> r;
+template <typename T, int W>
+inline Lanes<T, W> operator*(const Lanes<T, W>& x, const Lanes<T, W>& y) {
+  Lanes<T, W> r;
   r.v = x.v * y.v;
   return r;
 }
-template <typename T>
-inline Lanes<T> operator*(T x, const Lanes<T>& y) {
-  Lanes<T> r;
+template <typename T, int W>
+inline Lanes<T, W> operator*(T x, const Lanes<T, W>& y) {
+  Lanes<T, W> r;
   r.v = x * y.v;
   return r;
 }
-template <typename T>
-inline Lanes<T> operator*(const Lanes<T>& x, T y) {
+template <typename T, int W>
+inline Lanes<T, W> operator*(const Lanes<T, W>& x, T y) {
   return y * x;
 }
 
 // The instruction sets run_simd() chooses between.
 enum class Simd { Baseline, AVX2, AVX512 };
 constexpr const char* kSimdNames[] = {"baseline", "avx2", "avx512"};
+
+// The lanes of T in one register of an instruction set.
+template <typename T>
+constexpr int lanes_of(Simd simd) {
+  return (simd == Simd::AVX512 ? 64 : simd == Simd::AVX2 ? 32 : 16) / static_cast<int>(sizeof(T));
+}
 
 // The widest this CPU has.
 inline Simd cpu_simd() {
