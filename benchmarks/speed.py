@@ -1,5 +1,6 @@
 """Speed against the fastest peers and against this machine's floor, side by side in one run
-(float64, 2 threads, Tanh MLPs with the mean squared error as in `hessext.bench`): JAX under jit (in a
+(float64, or float32 with --dtype float32; 2 threads, Tanh MLPs with the mean squared error as in
+`hessext.bench`): JAX under jit (in a
 process of its own; folx's forward Laplacian) and torch.compile of torch.func, each result checked
 against the float64 reference before it is timed.
 
@@ -15,7 +16,8 @@ ATen's, and XLA's dot under jax.jit, as is or transposed), plus one tanh per hid
   product), the inputs alone through the first (its jet is the identity).
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
-    python benchmarks/speed.py [--isa avx2] [--rounds R]   ->   benchmarks/results/speed_cpu[_avx2].{json,md}"""
+    python benchmarks/speed.py [--isa avx2] [--dtype float32] [--rounds R]
+        ->   benchmarks/results/speed_cpu[_avx2][_float32].{json,md}"""
 
 import torch
 
@@ -52,9 +54,12 @@ K = 16
 ROUNDS = 5
 
 
+DTYPE = torch.float64
+
+
 def tanh_s(rows, cols):
     """The faster of ATen's tanh and its sigmoid (tanh z = 2 sigmoid(2 z) - 1) over [rows, cols]."""
-    z = torch.randn(rows, cols, dtype=torch.float64)
+    z = torch.randn(rows, cols, dtype=DTYPE)
     out = torch.empty_like(z)
     return min(median(lambda: torch.tanh(z, out=out)), median(lambda: torch.sigmoid(z, out=out)))
 
@@ -76,8 +81,8 @@ def floor_s(quantity, widths, N):
     if quantity == "hessian":
         return None
     shapes = products(quantity, widths, N)
-    xla = xla_product_s(shapes)
-    gemm = sum(min(product_s(*p), xla.get(tuple(p), float("inf"))) for p in shapes)
+    xla = xla_product_s(shapes, DTYPE)
+    gemm = sum(min(product_s(*p, dtype=DTYPE), xla.get(tuple(p), float("inf"))) for p in shapes)
     return gemm + sum(tanh_s(N, w) for w in widths[1:-1])
 
 
@@ -86,13 +91,18 @@ def main():
     speed_cpu, or speed_cpu_avx2 held to AVX2: common.hold_isa)."""
     import sys
 
-    global ROUNDS
+    global ROUNDS, DTYPE
     held = hold_isa()
     if "--rounds" in sys.argv:
         j = sys.argv.index("--rounds")
         ROUNDS = int(sys.argv[j + 1])
         del sys.argv[j : j + 2]
-    name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu" + (f"_{held}" if held else "")
+    if "--dtype" in sys.argv:
+        j = sys.argv.index("--dtype")
+        DTYPE = {"float64": torch.float64, "float32": torch.float32}[sys.argv[j + 1]]
+        del sys.argv[j : j + 2]
+    suffix = (f"_{held}" if held else "") + ("_float32" if DTYPE == torch.float32 else "")
+    name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu" + suffix
     torch.set_num_threads(2)
     bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []
@@ -101,7 +111,9 @@ def main():
         methods = ["hessext", "jax"] + (["torch.compile"] if compile_target or quantity == "hvp-batched" else [])
         got, floor = {}, None
         for _ in range(ROUNDS):
-            case = bench.run([quantity], [widths], [N], methods, k=K, min_run_time=1.0, progress=False)["cases"][0]
+            case = bench.run([quantity], [widths], [N], methods, dtype=DTYPE, k=K, min_run_time=1.0, progress=False)[
+                "cases"
+            ][0]
             for m, e in case["methods"].items():
                 if "median_s" in e:
                     got[m] = e["median_s"] if got.get(m) is None else min(got[m], e["median_s"])
@@ -136,6 +148,7 @@ def main():
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     env = environment()
     env["blas"] = _native.status()["blas"]["name"]
+    env["dtype"] = str(DTYPE).replace("torch.", "")
     columns = [
         ("quantity", "quantity", "{}"),
         ("net", "net", "{}"),
@@ -158,8 +171,8 @@ def main():
             rows,
             columns,
             [
-                f"CPU products: {env['blas']}. Each time, the floor's included: the best of {ROUNDS} rounds' medians "
-                "(benchmarks/speed.py). "
+                f"{env['dtype']}. CPU products: {env['blas']}. Each time, the floor's included: the best of "
+                f"{ROUNDS} rounds' medians (benchmarks/speed.py). "
                 f"x JAX / x compile: the peer's time over hessext's (above 1: hessext faster). K = {K} for "
                 f"hvp-batched. Floor: benchmarks/speed.py's docstring."
             ]

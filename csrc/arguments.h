@@ -1,7 +1,7 @@
 // The common case of hessext/inputs.py's pack_vectors in C: the user's vectors, a dict or list/tuple,
 // exactly as expected. Anything else answers None, and inputs.py's own checks then raise the error
 // that names the argument; so this never accepts what those checks reject, it only makes the
-// accepting answer cheap (seed 1's four vectors: 0.3 us against 3 us).
+// accepting answer cheap (a tenth of inputs.py's time for the 1-16-1 network's four vectors).
 #pragma once
 #include <torch/extension.h>
 

@@ -127,8 +127,7 @@ HX_HD void backward(const Net<T>& net, const S* d, S* delta, S* e) {
 // a chain of stores and loads through the scratch).
 // KC > 0 fixes K at compile time (KC = 1 makes the single-vector loops plain scalar code); KC > 1
 // sums the KC vectors' R-values and Re entries side by side in KC accumulators, so that each sample
-// value and weight is loaded once for all of them (the CPU lanes' groups of 4 vectors: seed 1's 16
-// HVPs 30.6 -> 24.4 us for the op, [4,16,16,1] N=256 8 HVPs 166 -> 144 us).
+// value and weight is loaded once for all of them (the CPU lanes' groups of 4 vectors).
 // GGN drops every delta and d2 term: the GGN-vector product J^T H_out J v (delta, e unused).
 // S: the per-sample value type (Sample); the weights and vectors are T, the accumulators S.
 template <typename T, int KC = 0, bool GGN = false, typename S = T>

@@ -1,7 +1,7 @@
 // The plan cache's guard in C (hessext/guard.py, ModelState): on every call, whether the objects a
 // capture read are still the model's. The traversal is guard.py's ModelState.read(), item for item;
 // here each object is compared as it is read (identity, else ==, as Python's list equality does)
-// instead of being collected into a list, which for seed 1's 183 objects takes 0.3 us against 3 us.
+// instead of being collected into a list (a tenth of the time).
 // tests/test_trust.py checks that both answer alike after every kind of change.
 #pragma once
 #include <Python.h>

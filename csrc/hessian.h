@@ -18,13 +18,11 @@
 // are the mirrored transposes, so the result is exactly symmetric. A diagonal block (k = l) is
 // symmetric under (o,i) <-> (p,j), and G_l and abar abar^T are symmetric, so its GEMM forms only the
 // rows of the lower pairs p <= o (half the multiply-adds and accumulator); put_diagonal_block writes
-// them into H's lower triangle, the rest by mirroring. [2,50,50,50,1], N = 1024: 910 -> 505 ms
-// together with the 2 MB pages of hx::empty_output; [10,64,64,1], N = 256: 125 -> 110 ms. Every GEMM
+// them into H's lower triangle, the rest by mirroring. Every GEMM
 // sums over a whole chunk of samples (all of them, unless memory says otherwise), and its per-sample
 // factors are the size of a row of the block, not of the block. The accumulators come from the call's workspace (kept
 // between calls, so their pages are not faulted in again) and are written once, never zero-filled, as is H.
-// [10,64,64,1], N = 256, float64, 2 threads: 390 -> 195 ms (the earlier form built G abar^T per
-// sample, as large as a block row times o, and zero-filled every accumulator and H). Cost: M * sum_{k<l}
+// Cost: M * sum_{k<l}
 // P_l P_k + M * sum_l P_l^2 / 2 multiply-adds plus O(M n^3) for the G_l and A_{l,k}. Memory: H plus
 // the block accumulators (under P^2) and one chunk's factors.
 #pragma once

@@ -319,10 +319,8 @@ struct PathChoice {
   // The fused HVP runs its M K P multiply-adds in per-sample loops (samples in SIMD lanes on the CPU)
   // at about 0.2-0.4 ns each, the GEMM path pays a fixed cost per layer and product and then runs at
   // BLAS speed, which products with a dimension of 16 or less hardly reach: fused while
-  // M K P <= L max_work / 64 for CPU stacks no wider than 16, L max_work / 256 otherwise (measured
-  // crossovers on the CPU, float64, 2 threads: about 3-11 x 10^4 per layer for [1,16,1], [4,8,8,2],
-  // [4,16,16,1], [16,16,16,16,1] and [2,12,12,12,1], 0.6-1.7 x 10^4 for [3,32,32,1], [8,24,24,1],
-  // [2,50,50,50,1] and [10,64,64,1]: seed 1's 16 HVPs stay fused, [2,50,50,50,1] at K = 1 does not).
+  // M K P <= L max_work / 64 for CPU stacks no wider than 16, L max_work / 256 otherwise (the measured
+  // crossovers: docs/internals.md, "Measurements behind the kernels' choices").
   // The fused dense Hessian adds P^2 products per sample in scalar loops: for small M P^2.
   static bool fused_hessian(const Stack& s) {
     if (s.L > fused::kMaxLayers) return false;

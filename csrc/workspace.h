@@ -1,10 +1,7 @@
 // Scratch memory for a kernel's intermediates, reused from call to call.
 //
 // A fresh CPU intermediate of a few hundred kB comes from mmap, and the call then pays a page fault
-// for every 4 kB of it: measured on the pinn HVP ([2,50,50,50,1], N = 1024, 2 threads), 1.19 ms with
-// its intermediates in reused memory against 1.2-1.6 ms with each one fresh from glibc, and 4.3
-// against 4.8 ms on [784,256,256,10], N = 256; the dense Hessian of [10,64,64,1] (N = 256) faults in
-// 170 MB of block accumulators, 240 -> 195 ms once they come from here. So each calling thread keeps
+// for every 4 kB of it (up to a fifth of a small HVP's time). So each calling thread keeps
 // one arena; a Workspace (one per op call, held by its Stack) hands out 64-byte aligned tensors from
 // it and takes them back, last in first out, when it ends. What does not fit comes from at::empty,
 // and the arena grows to the call's peak for the next call (up to kKeepBytes; larger peaks are left
@@ -38,9 +35,8 @@ int64_t workspace_bytes();
 // A kernel's output (or the arena itself): at::empty, and where it is a CPU tensor of kHugeBytes or
 // more the kernel is asked to back it with 2 MB pages (madvise MADV_HUGEPAGE, before anything touches
 // it; a no-op where transparent huge pages are off). glibc maps every block of 32 MB or more fresh
-// from the kernel, so such an output pays a page fault per 4 kB page on every call: the dense
-// Hessian of [10,64,64,1] (4929 x 4929 float64, 194 MB) faults in 47k pages, about 38 ms of a
-// 185 ms call, against under 1 ms in 2 MB pages.
+// from the kernel, so such an output pays a page fault per 4 kB page on every call (a fifth of a dense
+// Hessian's time), and under 1% of that in 2 MB pages.
 constexpr int64_t kHugeBytes = int64_t(32) << 20;
 at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options);
 

@@ -8,6 +8,7 @@ the same answers (`hessext.plan(model, loss_fn).reason` says why)."""
 from hessext import linalg, optim
 from hessext.curvature import ggn_diag, ggn_vp, hessian_diag, hutchinson_diag, hvp
 from hessext.hessians import hessian, input_hessian, laplacian, value_gradient_laplacian
+from hessext.kfac import kfac_factors
 from hessext.operator import HessianOperator
 from hessext.pinn import GramianOperator, pinn_ggn_vp
 from hessext.plan import Plan, plan
@@ -18,6 +19,7 @@ __all__ = [
     "hessian_diag",
     "ggn_diag",
     "hutchinson_diag",
+    "kfac_factors",
     "hessian",
     "input_hessian",
     "laplacian",

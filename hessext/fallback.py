@@ -163,7 +163,7 @@ def graph_bytes(model, loss_fn, inputs, targets, params):
 
 
 # Bytes one vector of a vmapped HVP (reverse over reverse) holds, in units of graph_bytes: the
-# gradient's graph and its vjp (measured on MLPs with tanh and softsign: 3.1-4.6).
+# gradient's graph and its vjp (3.1-4.6 measured on MLPs; docs/internals.md).
 HVP_GRAPHS = 6
 
 

@@ -142,14 +142,11 @@ constexpr int64_t kParallelWork = 1 << 16;
 
 // OpenBLAS's SkylakeX kernels (shared by its Cooperlake and SapphireRapids targets) serve a product of
 // m n k <= 10^6 multiply-adds with B read as stored (not transposed) on their small-matrix path,
-// which skips the packing of A and B. On this project's AVX-512 CPU that path runs 1.2-2x faster
-// (measured single-threaded, float64, GFLOP/s: [244,64,64] 129 against [245,64,64] 83 on the packed
-// path; [400,50,50] 120 against 72; [2000,50,10] 77 against 37; float32 [244,64,64] 254 against 209),
-// and a transposed B gains nothing (83, 72, 37 at the same sizes). So a larger product is cut into row
+// which skips the packing of A and B and runs 1.2-2x faster than the packed path for the MLP shapes,
+// while a transposed B gains nothing. So a larger product is cut into row
 // pieces under the limit, each one ?gemm, as long as a piece keeps kMinPieceRows rows (n k <= 62500:
 // the widths of an MLP up to 250), and a transposed B is first copied into row-major order where m is
-// at least kMinCopyRows (the copy of n k elements costs about 16 rows' worth of the rate gained; measured
-// [16,250,250]: 33 us as is, 38 with the copy; [32,64,64] 5.0 and 4.4; [128,64,64] 14.0 and 10.5).
+// at least kMinCopyRows (the copy of n k elements costs about 16 rows' worth of the rate gained).
 constexpr int64_t kSmallProduct = 1000000;
 constexpr int64_t kMinPieceRows = 16;
 constexpr int64_t kMinCopyRows = 32;

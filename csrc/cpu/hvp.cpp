@@ -174,15 +174,13 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
 // The GEMM path's R-recurrence (hvp.h has the math) for the K vectors (stack order, [K, *param shape]
 // or [*param shape]) into out (the same shapes, contiguous), given s's shared passes. The same products
 // and fused passes as hvp.h's hvp_into, but every operand a Mat over the shared passes' rows, the
-// vectors, the outputs and one scratch block: no ATen view, select or expand per step (one HVP of
-// [10,64,64,1] made about 140 of them, 25 us of fixed cost). On stacks no wider than kChunkMaxWidth the
+// vectors, the outputs and one scratch block: no ATen view, select or expand per step (a fixed cost of
+// about 0.2 us each, some 140 per HVP of three layers). On stacks no wider than kChunkMaxWidth the
 // rows run in chunks whose [rows, K, width] intermediates take an eighth of the L2 cache each (about
 // eight are live at a step), the products over the samples accumulating into out from chunk to chunk,
-// so that every pass and product finds its operands in L2. Measured at 2 threads, float64, best of 3
-// alternating runs: [2,50,50,50,1], N = 1024, one HVP 597 -> 562 us, 16 HVPs 6.51 -> 6.00 ms;
-// [10,64,64,1], N = 256, 16 HVPs 1.25 -> 1.21 ms. Wider stacks' products are bound by their
-// multiply-adds, not by memory, and the chunks' shorter sums over samples cost more than they save
-// ([784,256,256,10], N = 256, 16 HVPs: 37.5 -> 42.4 ms in 64-row chunks), so they run whole.
+// so that every pass and product finds its operands in L2. Wider stacks' products are bound by their
+// multiply-adds, not by memory, and the chunks' shorter sums over samples cost more than they save, so
+// they run whole.
 //   buffers: Rz_l [rows, K, n_{l+1}] per layer (Ra_{l+1} in place where phi is not curved, else
 //   Ra_{l+1} beside it, Rz_l kept for the residual), and two [rows, K, max width] for Re.
 template <typename T, bool GGN>
@@ -289,10 +287,7 @@ std::vector<at::Tensor> hvp_gemm(const Stack& s, at::TensorList vectors, const s
 // and the sum of the blocks' results, and each thread's products keep their full M-row sums. A thread
 // runs its block in chunks of vectors whose [rows, chunk, width] intermediates fill about half its L2
 // cache: rows = M, or at most 256 where hvp_rows runs the rows in chunks that fit L2 (stacks no wider
-// than kChunkMaxWidth). Measured at 2 threads, float64, 16 HVPs (512 kB with this machine's 1 MB L2),
-// [10,64,64,1], N = 256, products in row pieces (gemm.cpp): chunks of 4 vectors 1.24-1.26 ms, of 8
-// 1.34-1.44, of 2 1.31-1.34, of 1 1.46-1.51; [2,50,50,50,1], N = 1024, with hvp_rows' row chunks:
-// 5 vectors (256 rows) 5.67 ms against 5.99 for 1 (all 1024 rows) and 5.74 for all 8.
+// than kChunkMaxWidth).
 template <bool GGN>
 std::vector<at::Tensor> hvp_vector_blocks(const Stack& s, at::TensorList vectors, const std::vector<int64_t>& lead,
                                           int64_t nt) {

@@ -2,8 +2,7 @@
 // recurrence for one block of rows (its products single-threaded, its elementwise steps serial), and
 // the blocks' results, sums over samples, are added at the end. Against one recurrence with every
 // product and pass split over the threads this saves a fork and join per step (about 40 for three
-// layers) and keeps each thread on its own rows; measured at 2 threads, float64, one HVP:
-// [10,64,64,1], N = 256, 0.29 -> 0.25 ms; [2,50,50,50,1], N = 1024, 1.07 -> 0.96 ms.
+// layers) and keeps each thread on its own rows.
 #pragma once
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -32,8 +31,8 @@ inline int64_t l2_cache_bytes() {
 // job(t) for t in [0, nt), one per thread, each in the calling thread's dispatch state. at::parallel_for's
 // workers start in the default state, so ATen ops there would pass through the autograd and
 // ADInplaceOrView kernels (and their views would get autograd metadata) that the calling thread, below
-// them (hessext._C's entries), skips: measured at 2 threads, one HVP of [10,64,64,1], N = 256, the
-// worker's block took 25-45 us longer than the calling thread's (of about 145).
+// them (hessext._C's entries), skips, and the worker's block would take a fifth longer than the
+// calling thread's.
 template <class Job>
 void run_per_thread(int64_t nt, Job&& job) {
   const c10::impl::LocalDispatchKeySet state = c10::impl::tls_local_dispatch_key_set();
@@ -56,9 +55,7 @@ constexpr int64_t kMinBlockRows = 16;
 // run(block) for blocks of s's samples, one per thread, summed; run(s) itself (its products and passes
 // split over the threads) where one thread suffices, or where the blocks would be short and the work
 // large: then each block's weight-sized products (sums over only M / threads samples) and the final
-// sum of the blocks' results cost more than the joins save. Measured at 2 threads, float64, against
-// run(s), one HVP: [784,256,256,10], N = 256 (128-row blocks), level (3.9 ms); [2,50,50,50,1],
-// N = 1024 (512-row blocks), 1.07 -> 0.96 ms.
+// sum of the blocks' results cost more than the joins save.
 template <class Run>
 std::vector<at::Tensor> sum_over_row_blocks(const Stack& s, int64_t work, Run&& run) {
   constexpr int64_t kTallRows = 256, kSmallWork = int64_t(1) << 24;

@@ -8,11 +8,13 @@ hessian_structure=..., backend=HessextGGN)``), subclasses of its curvlinops back
   diagonal builds them: [N, C, P]);
 - ``full``: the dense matrix from one call (:func:`hessext.hessian` with ``output="matrix"``, or the GGN's
   products with all P unit vectors at once), refused up front past the memory available;
-- ``kron``, the Jacobians and gradients: laplace-torch's curvlinops backend's (KFAC factors from
-  curvlinops, Jacobians from torch.func).
+- ``kron`` (GGN): the Kronecker factors of each Linear layer from :func:`hessext.kfac_factors` (one
+  forward pass and C backward passes as matrix products; curvlinops' KFAC runs autograd with hooks);
+- the Jacobians and gradients: laplace-torch's curvlinops backend's (Jacobians from torch.func).
 
-Last-layer and subnetwork Laplace, and inputs that are not a tensor, keep the curvlinops backend's
-computation throughout (the same answers). Needs laplace-torch: ``pip install hessext[laplace]``."""
+Last-layer and subnetwork Laplace, inputs that are not a tensor, models the kernels do not serve, and
+``kron`` with frozen parameters inside the stack or with keyword arguments for curvlinops keep the
+curvlinops backend's computation (the same answers). Needs laplace-torch: ``pip install hessext[laplace]``."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 import torch
 
-from hessext import curvature, hessians
+from hessext import curvature, hessians, kfac
+from hessext.plan import plan as _plan
 
 __all__ = ["HessextGGN", "HessextHessian"]
 
@@ -72,6 +75,38 @@ class HessextGGN(_HessextBackend, CurvlinopsGGN):
         )
         eye = torch.eye(P, dtype=p.dtype, device=p.device)
         return curvature.ggn_vp(self.model, self.lossfunc, x, y, eye, params=self.params_dict)
+
+    def kron(self, x, y, N, **kwargs):
+        factors = self._kfac(x, y) if self._served(x) and not kwargs else None
+        if factors is None:
+            return super().kron(x, y, N, **kwargs)
+        from laplace.utils import Kron
+
+        kfacs = []
+        for name, module in self.model.named_modules():  # laplace-torch's layout (CurvlinopsInterface)
+            if name not in factors:
+                continue
+            A, B = factors[name]
+            if module.bias is not None:
+                kfacs += [[B, A * (len(y) / N)], [B]]
+            elif B.numel() == A.numel() == 1:
+                kfacs.append([B * A])
+            else:
+                kfacs.append([B, A * (len(y) / N)])
+        with torch.no_grad():
+            loss = self.factor * self.lossfunc(self.model(x), y)
+        return loss, Kron(kfacs) * self.factor
+
+    def _kfac(self, x, y):
+        """hessext's factors by module name where every parameter of the stack is in self.params and the
+        kernels serve the model, else None."""
+        plan = _plan(self.model, self.lossfunc)
+        if plan.ggn_reason() is not None:
+            return None
+        stack = {plan.param_names[j] for j in plan.weight_pos + [j for j in plan.bias_pos if j is not None]}
+        if stack != set(self.params_dict):
+            return None
+        return kfac.kfac_factors(self.model, self.lossfunc, x, y)
 
 
 class HessextHessian(_HessextBackend, CurvlinopsHessian):
