@@ -111,13 +111,13 @@ def hold_isa():
         return isa
     env = dict(os.environ)
     # torch.compile's cache does not key on the CPU capability: a kernel compiled held to AVX2 and
-    # reused in an unheld process gave a 16% wrong HVP (torch 2.13), so the held run keeps its own
+    # reused in an unheld process gave a 16% wrong HVP (torch 2.13), and unheld kernels reused in the
+    # held run gave NaN, so the held run keeps its own (always: importing torch's inductor sets
+    # TORCHINDUCTOR_CACHE_DIR in this process before this point)
     import getpass
     import tempfile
 
-    env.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{isa}")
-    )
+    env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{isa}")
     for key, value in ISA_ENV[isa].items():
         env[key] = f"{env[key]} {value}" if key == "XLA_FLAGS" and env.get(key) else value
     os.execve(sys.executable, [sys.executable] + argv, env)

@@ -6,8 +6,9 @@ against the float64 reference before it is timed.
 
 The floor of a quantity is the time of the matrix products it cannot avoid, each timed on its own
 through the fastest product measured in the run for that shape (each BLAS library hessext loads,
-ATen's, and XLA's dot under jax.jit, as is or transposed), plus one tanh per hidden unit and sample
-(the faster of ATen's vectorised tanh and sigmoid, timed):
+ATen's, and XLA's dot under jax.jit, as is or transposed; XLA's not in a run held to AVX2, since the
+dot kernels inside jaxlib choose their instructions at run time, past --xla_cpu_max_isa), plus one
+tanh per hidden unit and sample (the faster of ATen's vectorised tanh and sigmoid, timed):
 - one HVP (the R-operator): per layer the forward product, R-forward a V^T (+ Ra W^T after the
   first layer), and R-backward Rdelta^T a (+ delta^T Ra, delta W, Rdelta W, delta V after the first
   layer): 3 products in the first layer, 8 in every other;
@@ -16,7 +17,7 @@ ATen's, and XLA's dot under jax.jit, as is or transposed), plus one tanh per hid
   product), the inputs alone through the first (its jet is the identity).
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
-    python benchmarks/speed.py [--isa avx2] [--dtype float32] [--rounds R]
+    python benchmarks/speed.py [--isa avx2] [--dtype float32] [--rounds R] [--only hvp,laplacian,...] [name]
         ->   benchmarks/results/speed_cpu[_avx2][_float32].{json,md}"""
 
 import torch
@@ -55,6 +56,7 @@ ROUNDS = 5
 
 
 DTYPE = torch.float64
+HELD = None  # the instruction set the run is held to (--isa), or None
 
 
 def tanh_s(rows, cols):
@@ -81,7 +83,7 @@ def floor_s(quantity, widths, N):
     if quantity == "hessian":
         return None
     shapes = products(quantity, widths, N)
-    xla = xla_product_s(shapes, DTYPE)
+    xla = {} if HELD else xla_product_s(shapes, DTYPE)  # jaxlib's dot kernels are not held (module docstring)
     gemm = sum(min(product_s(*p, dtype=DTYPE), xla.get(tuple(p), float("inf"))) for p in shapes)
     return gemm + sum(tanh_s(N, w) for w in widths[1:-1])
 
@@ -91,11 +93,16 @@ def main():
     speed_cpu, or speed_cpu_avx2 held to AVX2: common.hold_isa)."""
     import sys
 
-    global ROUNDS, DTYPE
-    held = hold_isa()
+    global ROUNDS, DTYPE, HELD
+    held = HELD = hold_isa()
     if "--rounds" in sys.argv:
         j = sys.argv.index("--rounds")
         ROUNDS = int(sys.argv[j + 1])
+        del sys.argv[j : j + 2]
+    only = None
+    if "--only" in sys.argv:  # a comma-separated list of quantities (hvp, hvp-batched, laplacian, hessian)
+        j = sys.argv.index("--only")
+        only = set(sys.argv[j + 1].split(","))
         del sys.argv[j : j + 2]
     if "--dtype" in sys.argv:
         j = sys.argv.index("--dtype")
@@ -107,6 +114,8 @@ def main():
     bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []
     for quantity, net, jax_target, compile_target in CASES:
+        if only is not None and quantity not in only:
+            continue
         widths, N = NETS[net]
         methods = ["hessext", "jax"] + (["torch.compile"] if compile_target or quantity == "hvp-batched" else [])
         got, floor = {}, None
@@ -119,7 +128,8 @@ def main():
                     got[m] = e["median_s"] if got.get(m) is None else min(got[m], e["median_s"])
                 else:
                     got.setdefault(m, None)
-                    notes.append(f"- {quantity} {net}: {m} {e['status']}: {e.get('note', '')}")
+                    why = e.get("note") or (f"relative error {e['rel_error']:.1e}" if "rel_error" in e else "")
+                    notes.append(f"- {quantity} {net}: {m} {e['status']}: {why}")
             measured = floor_s(quantity, widths, N)
             floor = measured if floor is None or measured is None else min(floor, measured)
         hx, jx, tc = got["hessext"], got.get("jax"), got.get("torch.compile")
