@@ -36,11 +36,11 @@ struct FactorBlock {
 // float64, so that the diagonal of a large batch is as accurate as the HVP's.
 inline at::Tensor sum_over_samples(const at::Tensor& A, const at::Tensor& B) {
   constexpr int64_t kRows = 4096;
-  if (A.scalar_type() != at::kFloat || A.size(0) <= kRows) return hx::mm(A.t(), B);
+  if (A.scalar_type() != at::kFloat || A.size(0) <= kRows) return hessext::mm(A.t(), B);
   at::Tensor acc = at::zeros({A.size(1), B.size(1)}, A.options().dtype(at::kDouble));
   for (int64_t m0 = 0; m0 < A.size(0); m0 += kRows) {
     const int64_t mc = std::min(kRows, A.size(0) - m0);
-    acc.add_(hx::mm(A.narrow(0, m0, mc).t(), B.narrow(0, m0, mc)));
+    acc.add_(hessext::mm(A.narrow(0, m0, mc).t(), B.narrow(0, m0, mc)));
   }
   return acc.to(at::kFloat);
 }
@@ -73,11 +73,11 @@ std::vector<at::Tensor> diag(const Stack& s, bool ggn, bool per_sample) {
 
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor& d = f.d[l];  // [M, i] or undefined (identity)
-    at::Tensor dGn = R.defined() ? hx::mm(R, s.W[l].square()) : at::zeros({M, i}, opts);
+    at::Tensor dGn = R.defined() ? hessext::mm(R, s.W[l].square()) : at::zeros({M, i}, opts);
     if (R.defined() && d.defined()) dGn.mul_(d.square());
     for (auto& b : blocks) {  // F <- d * (W^T F), dG += sum_q sigma F^2, one GEMM and one fused pass
       const int64_t Q = b.F.size(2);
-      b.F = hx::mm(s.W[l].t(), b.F.reshape({o, M * Q})).view({i, M, Q});
+      b.F = hessext::mm(s.W[l].t(), b.F.reshape({o, M * Q})).view({i, M, Q});
       E::scale_square_sum(b.F, d, b.sigma, dGn);
     }
     if (R.defined() && l - 1 > 0)  // G_{l-1} travels further: R_l becomes a block of factor columns

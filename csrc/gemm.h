@@ -11,7 +11,7 @@
 #include <utility>
 #include <vector>
 
-namespace hx {
+namespace hessext {
 
 // A strided matrix in memory that the caller owns: element (r, c) at p[r * rs + c * cs]. The CPU
 // recurrences pass their operands so (a transpose or a column block is a new Mat, not an ATen view:
@@ -67,4 +67,4 @@ bool set_row_pieces(bool on);
 // Whether products are cut so now (a chosen library has the small-matrix path and the setting is on).
 bool row_pieces_on();
 
-}  // namespace hx
+}  // namespace hessext

@@ -220,30 +220,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return old;
       },
       "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
-  m.def("blas_load", &hx::blas_load,
+  m.def("blas_load", &hessext::blas_load,
         "load a BLAS (OpenBLAS, MKL, BLIS) for the CPU products; returns (its index, '') or (-1, why not)");
-  m.def("blas_names", &hx::blas_names, "the loaded BLAS libraries' names, by index");
-  m.def("blas_choose", &hx::blas_choose, py::arg("is_double"), py::arg("product_class"), py::arg("index"),
+  m.def("blas_names", &hessext::blas_names, "the loaded BLAS libraries' names, by index");
+  m.def("blas_choose", &hessext::blas_choose, py::arg("is_double"), py::arg("product_class"), py::arg("index"),
         "which loaded library (-1: ATen) serves float64/float32 products of a class (0 narrow, 1 wide); returns "
         "the old choice");
-  m.def("product_class", &hx::product_class, py::arg("m"), py::arg("k"), py::arg("n"),
+  m.def("product_class", &hessext::product_class, py::arg("m"), py::arg("k"), py::arg("n"),
         "0 (narrow) or 1 (wide) for an [m, k] x [k, n] product");
-  m.def("set_row_pieces", &hx::set_row_pieces,
+  m.def("set_row_pieces", &hessext::set_row_pieces,
         "cut products into row pieces for OpenBLAS's small-matrix path (default on); returns the old setting");
-  m.def("row_pieces_on", &hx::row_pieces_on, "whether products are cut into row pieces now");
-  m.def("mm", &hx::mm, "A @ B as the kernels compute it (for tests)");
+  m.def("row_pieces_on", &hessext::row_pieces_on, "whether products are cut into row pieces now");
+  m.def("mm", &hessext::mm, "A @ B as the kernels compute it (for tests)");
   m.def(
-      "mm_into", [](const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { hx::mm_into(C, A, B); },
+      "mm_into", [](const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { hessext::mm_into(C, A, B); },
       "C = A @ B into a given tensor, as the kernels compute it (for benchmarks: no allocation timed)");
   m.def(
       "addmm",
       [](const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
         at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
-        hx::addmm_into(C, bias, A, B);
+        hessext::addmm_into(C, bias, A, B);
         return C;
       },
       "bias + A @ B as the kernels compute it (for tests)");
-  m.def("addmm_", &hx::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
+  m.def("addmm_", &hessext::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
   m.def(
       "activation",
       [](const at::Tensor& z, int64_t kind, double p0, double p1) {
@@ -265,7 +265,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "(activation row names, loss row names) in the order of csrc/activations.h and csrc/losses.h");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
-  m.def("workspace_bytes", &hx::workspace_bytes,
+  m.def("workspace_bytes", &hessext::workspace_bytes,
         "bytes of scratch the calling thread keeps between calls (workspace.h)");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
   bind_direct<Tensors, at::TensorList>(m, "ggn_vp", "hessext::ggn_vp");

@@ -191,9 +191,9 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
     }
   auto accumulate = [&](const at::Tensor& into, const at::Tensor& A, const at::Tensor& B, bool first) {
     if (widen) {  // into (+)= A B
-      first ? into.copy_(hx::mm(A, B)) : into.add_(hx::mm(A, B));
+      first ? into.copy_(hessext::mm(A, B)) : into.add_(hessext::mm(A, B));
     } else {
-      first ? hx::mm_into(into, A, B) : hx::addmm_(into, A, B);
+      first ? hessext::mm_into(into, A, B) : hessext::addmm_(into, A, B);
     }
   };
   // The cross terms' per-sample factor and its product, allocated once for all chunks (a fresh block of
@@ -206,8 +206,8 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
       factor_max = std::max(factor_max, n * p * std::min(o, jb));
       product_max = std::max(product_max, o * n * p * jb);
     }
-  at::Tensor factor_buf = hx::empty_output({mc_max * factor_max}, s.x.options());
-  at::Tensor product_buf = hx::empty_output({product_max}, s.x.options());
+  at::Tensor factor_buf = hessext::empty_output({mc_max * factor_max}, s.x.options());
+  at::Tensor product_buf = hessext::empty_output({product_max}, s.x.options());
   std::vector<at::Tensor> lower(L);  // per layer, the lower pairs' positions in G_l (once for all chunks)
   for (int64_t l = 0; l < L; ++l) lower[l] = lower_index(s.W[l].size(0), s.x.device());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
@@ -245,11 +245,11 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
         if (o < jb) {
           at::Tensor X = factor_buf.narrow(0, 0, mc * o * n * p).view({mc, o, n, p});
           at::mul_out(X, delta.view({mc, o, 1, 1}), A.unsqueeze(1));
-          hx::mm_into(product.view({o * n * p, jb}), X.view({mc, o * n * p}).t(), abar[k]);
+          hessext::mm_into(product.view({o * n * p, jb}), X.view({mc, o * n * p}).t(), abar[k]);
         } else {
           at::Tensor Y = factor_buf.narrow(0, 0, mc * n * p * jb).view({mc, n, p, jb});
           at::mul_out(Y, A.unsqueeze(3), abar[k].view({mc, 1, 1, jb}));
-          hx::mm_into(product.view({o, n * p * jb}), delta.t(), Y.view({mc, n * p * jb}));
+          hessext::mm_into(product.view({o, n * p * jb}), delta.t(), Y.view({mc, n * p * jb}));
         }
         cross.add_(product.view({o, n, p, jb}).to(cross.scalar_type()));
       }
@@ -260,10 +260,10 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
   if (layer_only) {
     for (int64_t l = 0; l < L; ++l) {
       const int64_t Pl = s.W[l].numel() + (s.b[l].defined() ? s.W[l].size(0) : 0);
-      H.push_back(hx::empty_output({Pl, Pl}, s.x.options()));
+      H.push_back(hessext::empty_output({Pl, Pl}, s.x.options()));
     }
   } else {
-    H.push_back(hx::empty_output({off.total, off.total}, s.x.options()));
+    H.push_back(hessext::empty_output({off.total, off.total}, s.x.options()));
   }
   for (int64_t l = 0; l < L; ++l)
     for (int64_t k = 0; k <= l; ++k) {
@@ -300,7 +300,8 @@ at::Tensor input_hessian_backward(const Stack& s, bool diagonal, int64_t chunk_e
   int64_t widest = d * d;
   for (int64_t l = 0; l <= s.L; ++l) widest = std::max(widest, s.width(l) * s.width(l));
   const int64_t mc_max = std::max<int64_t>(1, std::min<int64_t>(M, chunk_elems / widest));
-  at::Tensor out = diagonal ? hx::empty_output({M, d}, s.x.options()) : hx::empty_output({M, d, d}, s.x.options());
+  at::Tensor out =
+      diagonal ? hessext::empty_output({M, d}, s.x.options()) : hessext::empty_output({M, d, d}, s.x.options());
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
     const at::Tensor G0 = pre_activation_hessians(s, f, g, head, m0, m0 + mc)[0];

@@ -67,7 +67,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor vb = s.act_after(l) ? Vb[l] : at::Tensor();  // joins the activation step's pass
     Rz = s.affine(f.a[l], V[l].view({K * o, i}).t(), vb.defined() ? at::Tensor() : Vb[l]);  // [M, K*o]
-    if (l > 0) hx::addmm_(Rz.view({M * K, o}), Ra[l].view({M * K, i}), s.W[l].t());
+    if (l > 0) hessext::addmm_(Rz.view({M * K, o}), Ra[l].view({M * K, i}), s.W[l].t());
     if (l == L - 1) break;
     const at::Tensor R = Rz.view({M, K, o});
     if (!ggn && s.curved_after(l)) {
@@ -84,7 +84,7 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
   for (int64_t l = L - 1; l >= 0; --l) {
     const int64_t i = s.width(l), o = s.width(l + 1);
     const at::Tensor HW = out[s.slot_W[l]].view({K, o, i});
-    hx::mm_into(HW.view({K * o, i}), Rdelta.view({M, K * o}).t(), f.a[l]);
+    hessext::mm_into(HW.view({K * o, i}), Rdelta.view({M, K * o}).t(), f.a[l]);
     if (l > 0 && !ggn) HW.baddbmm_(g.delta[l].t().expand({K, o, M}), Ra[l].transpose(0, 1));
     if (s.slot_b[l] >= 0) {
       at::Tensor Hb = out[s.slot_b[l]].view({K, o});
@@ -93,10 +93,10 @@ void hvp_into(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     if (l == 0) break;
     const at::Tensor Re = s.scratch({M, K * i});
     if (ggn) {
-      hx::mm_into(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
+      hessext::mm_into(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     } else {
       Re.view({M, K, i}).transpose(0, 1).baddbmm_(g.delta[l].expand({K, M, o}), V[l], 0.0);
-      hx::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
+      hessext::addmm_(Re.view({M * K, i}), Rdelta.view({M * K, o}), s.W[l]);
     }
     if (Rzs[l].defined()) {
       E::r_residual(Re.view({M, K, i}), f.d[l], f.d2[l], g.e[l], Rzs[l]);

@@ -55,21 +55,21 @@ at::Tensor output_jet(const Stack& s, JetMode mode, const std::vector<int64_t>* 
   at::Tensor jet;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t o = s.W[l].size(0), n = s.width(l);
-    const at::Tensor z = saved ? hx::kept_empty({cols, M, o}, s.x.options()) : s.scratch({cols, M, o});
+    const at::Tensor z = saved ? hessext::kept_empty({cols, M, o}, s.x.options()) : s.scratch({cols, M, o});
     if (l == 0) {  // the start jet is (x, I, 0): z = x W^T, Jz = W in every sample, Sz = 0, no product over I
-      hx::mm_into(z.select(0, 0), s.x, s.W[0].t());
+      hessext::mm_into(z.select(0, 0), s.x, s.W[0].t());
       const at::Tensor rows = features ? s.W[0].t().index_select(0, feature_index(s, *features))
                                        : s.W[0].t().contiguous();  // rows of W^T, not columns of W
       z.narrow(0, 1, d).copy_(rows.unsqueeze(1).expand({d, M, o}));
       z.narrow(0, 1 + d, q).zero_();
     } else {
-      hx::mm_into(z.view({cols * M, o}), jet.view({cols * M, n}), s.W[l].t());
+      hessext::mm_into(z.view({cols * M, o}), jet.view({cols * M, n}), s.W[l].t());
     }
     if (s.act_after(l)) {
       at::Tensor bias = s.b[l];
       if (saved) {  // the jet before the activation, bias included, is what the reverse pass differentiates at
         if (bias.defined()) z.select(0, 0).add_(bias);
-        saved->push_back(hx::kept_empty({cols, M, o}, s.x.options()).copy_(z));
+        saved->push_back(hessext::kept_empty({cols, M, o}, s.x.options()).copy_(z));
         bias = at::Tensor();
       }
       E::jet_activation(z, bias, s.act[l], s.p0[l], s.p1[l], d, mode == JetMode::Laplacian, pairs);
@@ -95,7 +95,7 @@ at::Tensor output_jet(const Stack& s, JetMode mode, const std::vector<int64_t>* 
 //              dSz_p = phi' dSa_p
 //   start      A = (x, e_features, 0): dx = G_value W, and dW[:, feature i] += the sample sum of G_(J_i)
 // Cost: twice the forward's products (dW and dA per layer) and one elementwise pass per activation.
-// dW sums over all (1 + k + q) M rows: ATen's product, not hx's row pieces (which serve long products
+// dW sums over all (1 + k + q) M rows: ATen's product, not the row pieces of gemm.cpp (which serve long products
 // with short sums; on [50, 4096] x [4096, 50], float64, ATen ran 1.4-1.6x faster).
 template <class E>
 std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const std::vector<int64_t>& features,
@@ -111,14 +111,14 @@ std::vector<at::Tensor> output_jet_backward(const Stack& s, JetMode mode, const 
       at::Tensor dW = at::mm(G.select(0, 0).t(), s.x);
       dW.index_add_(1, feature_index(s, features), G.narrow(0, 1, k).sum(1).t());
       grads[1] = dW;
-      grads[0] = hx::mm(G.select(0, 0), s.W[0]);
+      grads[0] = hessext::mm(G.select(0, 0), s.W[0]);
       break;
     }
     const at::Tensor& Z = saved[2 * (l - 1)];
     const at::Tensor& A = saved[2 * (l - 1) + 1];
     grads[1 + l] = at::mm(Gm.t(), A.view({cols * M, n}));
     at::Tensor dA = s.scratch({cols, M, n});
-    hx::mm_into(dA.view({cols * M, n}), Gm, s.W[l]);
+    hessext::mm_into(dA.view({cols * M, n}), Gm, s.W[l]);
     E::jet_activation_backward(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k, mode == JetMode::Laplacian, pairs);
     G = dA;
   }
@@ -146,13 +146,13 @@ at::Tensor output_jet_tangent(const Stack& s, const std::vector<int64_t>& featur
     const at::Tensor dWt = dW[l].permute({2, 0, 1}).reshape({n, K * o});  // [n, K o]: Ẇ^T of every direction
     at::Tensor zdot = l == s.L - 1 ? at::empty({cols, M, K, o}, s.x.options()) : s.scratch({cols, M, K, o});
     if (l == 0) {  // a = x: x Ẇ^T; Ja = the unit rows e_i: Ẇ[:, feature i]; Sa = 0
-      hx::mm_into(zdot.select(0, 0).view({M, K * o}), s.x, dWt);
+      hessext::mm_into(zdot.select(0, 0).view({M, K * o}), s.x, dWt);
       const at::Tensor columns = dW[0].index_select(2, feature_index(s, features)).permute({2, 0, 1});  // [k, K, o]
       zdot.narrow(0, 1, k).copy_(columns.unsqueeze(1).expand({k, M, K, o}));
       zdot.select(0, 1 + k).zero_();
     } else {
-      hx::mm_into(zdot.view({cols * M, K * o}), saved[2 * l - 1].view({cols * M, n}), dWt);
-      hx::addmm_(zdot.view({cols * M * K, o}), adot.view({cols * M * K, n}), s.W[l].t());
+      hessext::mm_into(zdot.view({cols * M, K * o}), saved[2 * l - 1].view({cols * M, n}), dWt);
+      hessext::addmm_(zdot.view({cols * M * K, o}), adot.view({cols * M * K, n}), s.W[l].t());
     }
     if (db[l].defined()) zdot.select(0, 0).add_(db[l].unsqueeze(0));
     if (l == s.L - 1) return zdot;
@@ -186,7 +186,7 @@ std::vector<at::Tensor> output_jet_vjp(const Stack& s, const std::vector<int64_t
     const at::Tensor& A = saved[2 * (l - 1) + 1];
     grads[l] = at::mm(G.view({cols * M, K * o}).t(), A.view({cols * M, n})).view({K, o, n});
     at::Tensor dA = s.scratch({cols, M, K, n});
-    hx::mm_into(dA.view({cols * M * K, n}), G.view({cols * M * K, o}), s.W[l]);
+    hessext::mm_into(dA.view({cols * M * K, n}), G.view({cols * M * K, o}), s.W[l]);
     E::jet_activation_backward_batched(dA, Z, A, s.act[l - 1], s.p0[l - 1], s.p1[l - 1], k);
     G = dA;
   }

@@ -40,7 +40,7 @@ struct Stack {
   Loss loss;
   double loss_param, scale;
   int64_t L, M, num_slots;
-  hx::Workspace ws;  // the call's intermediates (never its outputs)
+  hessext::Workspace ws;  // the call's intermediates (never its outputs)
 
   Stack(const at::Tensor& inputs, const at::Tensor& targets, at::TensorList weights,
         const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef activations,
@@ -123,9 +123,9 @@ struct Stack {
   at::Tensor affine(const at::Tensor& a, const at::Tensor& Wt, const at::Tensor& bias, double alpha = 1.0) const {
     at::Tensor z = scratch({a.size(0), Wt.size(1)});
     if (bias.defined()) {
-      hx::addmm_into(z, bias, a, Wt, alpha);
+      hessext::addmm_into(z, bias, a, Wt, alpha);
     } else {
-      hx::mm_into(z, a, Wt, alpha);
+      hessext::mm_into(z, a, Wt, alpha);
     }
     return z;
   }
@@ -138,7 +138,7 @@ struct Stack {
   std::vector<at::Tensor> new_slots(const std::vector<int64_t>& lead) const {
     std::vector<at::Tensor> out;
     out.reserve(num_slots);
-    for (const auto& shape : slot_shapes(lead)) out.push_back(hx::empty_output(shape, x.options()));
+    for (const auto& shape : slot_shapes(lead)) out.push_back(hessext::empty_output(shape, x.options()));
     return out;
   }
 
@@ -274,7 +274,7 @@ inline Backward backward(const Stack& s, const Forward& f, const LossHead& head)
   g.delta[s.L - 1] = head.g;
   for (int64_t l = s.L - 1; l >= 1; --l) {
     g.e[l] = s.scratch({s.M, s.width(l)});
-    hx::mm_into(g.e[l], g.delta[l], s.W[l]);
+    hessext::mm_into(g.e[l], g.delta[l], s.W[l]);
     g.delta[l - 1] = g.e[l];
     if (f.d[l].defined()) {
       g.delta[l - 1] = s.scratch(g.e[l].sizes());

@@ -11,7 +11,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
-namespace hx {
+namespace hessext {
 
 constexpr int64_t kKeepBytes = int64_t(256) << 20;
 
@@ -46,4 +46,4 @@ at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options)
 // faulting in fresh pages each step (kKeepBytes in all; beyond that, empty_output).
 at::Tensor kept_empty(at::IntArrayRef shape, const at::TensorOptions& options);
 
-}  // namespace hx
+}  // namespace hessext

@@ -1,4 +1,4 @@
-// hx::mm / addmm / addmm_ (gemm.h): CPU float32/float64 products through BLAS libraries loaded at run
+// hessext::mm / addmm / addmm_ (gemm.h): CPU float32/float64 products through BLAS libraries loaded at run
 // time, every other product through ATen. Each loaded library is called through one of two
 // interfaces: CBLAS with 64-bit integers (OpenBLAS's scipy-openblas64 names, MKL's `_64` names) or
 // BLIS's typed API (general strides). The BLAS sees each operand as row-major or transposed row-major
@@ -22,7 +22,7 @@
 
 #include "workspace.h"
 
-namespace hx {
+namespace hessext {
 namespace {
 
 enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
@@ -294,7 +294,7 @@ int product_class(int64_t m, int64_t k, int64_t n) {
 at::Tensor mm(const at::Tensor& A, const at::Tensor& B) {
   const Library* lib = library_for(A, B);
   if (!lib) return at::mm(A, B);
-  TORCH_CHECK(A.size(1) == B.size(0), "hx::mm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
+  TORCH_CHECK(A.size(1) == B.size(0), "hessext::mm: shapes ", A.sizes(), " and ", B.sizes(), " do not chain");
   at::Tensor C = empty_output({A.size(0), B.size(1)}, A.options());
   blas_into(*lib, A, B, C, 0.0);
   return C;
@@ -308,7 +308,7 @@ void into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, double 
     C.addmm_(A, B, beta, alpha);
     return;
   }
-  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hx: product shapes ",
+  TORCH_CHECK(A.size(1) == B.size(0) && C.size(0) == A.size(0) && C.size(1) == B.size(1), "hessext: product shapes ",
               C.sizes(), ", ", A.sizes(), " and ", B.sizes(), " do not match");
   blas_into(*lib, A, B, C, beta, alpha);
 }
@@ -335,8 +335,8 @@ void mm_into(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, doub
 template <typename T>
 void gemm(const Mat<const T>& A, const Mat<const T>& B, const Mat<T>& C, T alpha, T beta) {
   TORCH_CHECK(A.cols == B.rows && C.rows == A.rows && C.cols == B.cols && (C.cols == 1 || C.cs == 1),
-              "hx::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ", B.cols,
-              "] do not match, or C is not row-major");
+              "hessext::gemm: shapes [", C.rows, ", ", C.cols, "], [", A.rows, ", ", A.cols, "] and [", B.rows, ", ",
+              B.cols, "] do not match, or C is not row-major");
   if (C.rows == 0 || C.cols == 0) return;
   const Library* lib = chosen<T>(A.rows, B.cols, A.cols);
   if (lib && A.cols > 0 && layout(A).first && layout(B).first && layout(C).first == kNoTrans) {
@@ -390,4 +390,4 @@ bool row_pieces_on() {
 
 bool set_row_pieces(bool on) { return row_pieces_setting().exchange(on); }
 
-}  // namespace hx
+}  // namespace hessext

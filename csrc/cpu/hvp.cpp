@@ -218,10 +218,8 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
         for (int64_t m = 0; m < M; ++m) std::copy_n(vb, K * o, Z + m * K * o);
         beta = 1;
       }
-      hx::gemm<T>(hx::rows_of(at_rows(f.a[l], i), M, i), hx::rows_of(V, K * o, i).t(), hx::rows_of(Z, M, K * o), 1,
-                  beta);
-      if (l > 0)
-        hx::gemm<T>(hx::rows_of(Ra[l], M * K, i), hx::rows_of(ptr(s.W[l]), o, i).t(), hx::rows_of(Z, M * K, o), 1, 1);
+      gemm<T>(rows_of(at_rows(f.a[l], i), M, i), rows_of(V, K * o, i).t(), rows_of(Z, M, K * o), 1, beta);
+      if (l > 0) gemm<T>(rows_of(Ra[l], M * K, i), rows_of(ptr(s.W[l]), o, i).t(), rows_of(Z, M * K, o), 1, 1);
       if (l == L - 1) break;
       const T* d = at_rows(f.d[l + 1], o);
       if (!GGN && s.curved_after(l)) {
@@ -245,21 +243,18 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
       const T* V = ptr(vt[s.slot_W[l]]);
       const T* delta = GGN ? nullptr : at_rows(g.delta[l], o);
       T* HW = ptr(out[s.slot_W[l]]);
-      hx::gemm<T>(hx::rows_of(Rdelta, M, K * o).t(), hx::rows_of(at_rows(f.a[l], i), M, i), hx::rows_of(HW, K * o, i),
-                  1, beta0);
+      gemm<T>(rows_of(Rdelta, M, K * o).t(), rows_of(at_rows(f.a[l], i), M, i), rows_of(HW, K * o, i), 1, beta0);
       if (l > 0 && !GGN)
         for (int64_t k = 0; k < K; ++k)
-          hx::gemm<T>(hx::rows_of(delta, M, o).t(), hx::rows_of(Ra[l] + k * i, M, i, K * i),
-                      hx::rows_of(HW + k * o * i, o, i), 1, 1);
+          gemm<T>(rows_of(delta, M, o).t(), rows_of(Ra[l] + k * i, M, i, K * i), hessext::rows_of(HW + k * o * i, o, i),
+                  1, 1);
       if (s.slot_b[l] >= 0) column_sums<T>(Rdelta, M, K * o, ptr(out[s.slot_b[l]]), m0 > 0);
       if (l == 0) break;
       T* Re = Re_buf[l % 2];
       if (!GGN)
         for (int64_t k = 0; k < K; ++k)
-          hx::gemm<T>(hx::rows_of(delta, M, o), hx::rows_of(V + k * o * i, o, i), hx::rows_of(Re + k * i, M, i, K * i),
-                      1, 0);
-      hx::gemm<T>(hx::rows_of(Rdelta, M * K, o), hx::rows_of(ptr(s.W[l]), o, i), hx::rows_of(Re, M * K, i), 1,
-                  GGN ? 0 : 1);
+          gemm<T>(rows_of(delta, M, o), rows_of(V + k * o * i, o, i), rows_of(Re + k * i, M, i, K * i), 1, 0);
+      gemm<T>(rows_of(Rdelta, M * K, o), rows_of(ptr(s.W[l]), o, i), rows_of(Re, M * K, i), 1, GGN ? 0 : 1);
       if (Rzs[l]) {
         CpuElementwise::r_residual_rows<T>(Re, at_rows(f.d[l], i), at_rows(f.d2[l], i), at_rows(g.e[l], i), Rzs[l], M,
                                            K, i);

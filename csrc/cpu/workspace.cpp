@@ -1,4 +1,4 @@
-// hx::Workspace (workspace.h): one arena per calling thread, handed out last in first out.
+// hessext::Workspace (workspace.h): one arena per calling thread, handed out last in first out.
 #include "workspace.h"
 
 #include <sys/mman.h>
@@ -6,7 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace hx {
+namespace hessext {
 namespace {
 
 constexpr int64_t kAlign = 64;
@@ -117,4 +117,4 @@ at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options)
   return t;
 }
 
-}  // namespace hx
+}  // namespace hessext
