@@ -10,7 +10,7 @@ weight products, [N K, i] x [i, o] for K vectors).
 
 import torch
 
-from common import environment, hold_isa, median, write, xla_product_s
+from common import environment, hold_isa, median, serving, write, xla_product_s
 
 SHAPES = [
     (256, 784, 256),
@@ -34,18 +34,13 @@ def rates(dtype, library):
     from hessext import _native
 
     C = _native.load()
-    is_double = dtype == "float64"
-    old = [C.blas_choose(is_double, cls, library if library is not None else -1) for cls in (0, 1)]
     out = {}
-    try:
+    with serving(library if library is not None else -1, dtype):
         for m, k, n in SHAPES:
             a, b = torch.randn(m, k, dtype=getattr(torch, dtype)), torch.randn(k, n, dtype=getattr(torch, dtype))
             c = torch.empty(m, n, dtype=a.dtype)
             fn = (lambda: torch.mm(a, b, out=c)) if library is None else (lambda: C.mm_into(c, a, b))
             out[f"{m}x{k}x{n}"] = 2 * m * k * n / median(fn, repeat=20 if m * k * n > 10**8 else 100) / 1e9
-    finally:
-        for cls in (0, 1):
-            C.blas_choose(is_double, cls, old[cls])
     return out
 
 

@@ -1,6 +1,7 @@
 """Shared benchmark helpers: the configurations, medians with torch.utils.benchmark.Timer, the
 environment record, and the JSON + markdown writers for benchmarks/results/."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -144,13 +145,26 @@ def product_s(m, k, n, dtype=torch.float64, repeat=30):
     C = _native.load()
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     c, ct = torch.empty(m, n, dtype=dtype), torch.empty(n, m, dtype=dtype)
-    is_double, best = dtype == torch.float64, []
+    best = []
     for library in range(-1, len(C.blas_names())):
-        old = [C.blas_choose(is_double, cls, library) for cls in (0, 1)]
-        best += [median(lambda: C.mm_into(c, a, b), repeat), median(lambda: C.mm_into(ct, b.t(), a.t()), repeat)]
+        with serving(library, dtype):
+            best += [median(lambda: C.mm_into(c, a, b), repeat), median(lambda: C.mm_into(ct, b.t(), a.t()), repeat)]
+    return min(best + [median(lambda: torch.mm(a, b, out=c), repeat)])
+
+
+@contextlib.contextmanager
+def serving(library, dtype):
+    """hessext's products of `dtype` on one loaded library (its index in hessext._C.blas_names(); -1:
+    ATen) for every product class, the choice restored afterwards."""
+    from hessext import _native
+
+    C, is_double = _native.load(), dtype in (torch.float64, "float64")
+    old = [C.blas_choose(is_double, cls, library) for cls in (0, 1)]
+    try:
+        yield
+    finally:
         for cls in (0, 1):
             C.blas_choose(is_double, cls, old[cls])
-    return min(best + [median(lambda: torch.mm(a, b, out=c), repeat)])
 
 
 XLA_CHILD = """

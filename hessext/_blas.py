@@ -129,9 +129,9 @@ def _cache_path():
     return os.path.join(root, "blas.json")
 
 
-def _measure(module, names):
-    """{"float64 narrow": {library name or "ATen": GFLOP/s}, ...}: each loaded library (index = position in
-    names) and ATen timed on SHAPES through the kernels' own product (csrc/gemm.cpp)."""
+def _measure(module, libraries):
+    """{"float64 narrow": {library name or "ATen": GFLOP/s}, ...}: each loaded library ({index in the
+    module: name}) and ATen timed on SHAPES through the kernels' own product (csrc/gemm.cpp)."""
     import torch
 
     rates = {}
@@ -145,7 +145,7 @@ def _measure(module, names):
             flops = sum(2 * a.shape[0] * a.shape[1] * b.shape[1] for a, b in operands)
             best = {}
             for _ in range(ROUNDS):
-                for index in [-1] + list(range(len(names))):
+                for index in [-1] + list(libraries):
                     module.blas_choose(dtype == "float64", cls_index, index)
                     for (a, b), c in zip(operands, outputs):  # warm: the library's buffers, the caches
                         module.mm_into(c, a, b)
@@ -156,15 +156,16 @@ def _measure(module, names):
                         reps += 1
                     seconds = (time.perf_counter() - start) / reps
                     best[index] = min(best.get(index, seconds), seconds)
-            rates[f"{dtype} {cls}"] = {("ATen" if i < 0 else names[i]): flops / s / 1e9 for i, s in best.items()}
+            rates[f"{dtype} {cls}"] = {libraries.get(i, "ATen"): flops / s / 1e9 for i, s in best.items()}
     return rates
 
 
-def _choose(module, names, measure=False):
-    """Measure (or read from the cache) and apply the fastest library per dtype and class."""
+def _choose(module, libraries, measure=False):
+    """Measure (or read from the cache) and apply the fastest library per dtype and class; libraries:
+    {index in the module: name}."""
     import torch
 
-    key = json.dumps([_cpu(), torch.get_num_threads(), names, sorted(SHAPES.items())])
+    key = json.dumps([_cpu(), torch.get_num_threads(), list(libraries.values()), sorted(SHAPES.items())])
     path, cache = _cache_path(), {}
     try:
         with open(path) as f:
@@ -172,7 +173,7 @@ def _choose(module, names, measure=False):
     except (OSError, ValueError):
         pass
     if measure or key not in cache:
-        cache[key] = {"rates": _measure(module, names), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        cache[key] = {"rates": _measure(module, libraries), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path + ".tmp", "w") as f:
@@ -181,13 +182,19 @@ def _choose(module, names, measure=False):
         except OSError:
             pass  # a read-only home: measured again in the next process
     entry = cache[key]
-    choice = {}
+    choice, index = {}, {name: i for i, name in libraries.items()}
     for slot, rates in entry["rates"].items():
         dtype, cls = slot.split()
         choice[slot] = max(rates, key=rates.get)
-        index = -1 if choice[slot] == "ATen" else names.index(choice[slot])
-        module.blas_choose(dtype == "float64", CLASSES.index(cls), index)
+        module.blas_choose(dtype == "float64", CLASSES.index(cls), index.get(choice[slot], -1))
     return choice, entry["rates"], entry["measured"]
+
+
+def _serve_all(module, index):
+    """One library (its index in the module; -1: ATen) for every dtype and class."""
+    for dtype in DTYPES:
+        for cls_index in range(len(CLASSES)):
+            module.blas_choose(dtype == "float64", cls_index, index)
 
 
 def use(module, choice=None, measure=False):
@@ -196,9 +203,7 @@ def use(module, choice=None, measure=False):
     HESSEXT_BLAS (default "auto"). measure: time again even if the cache has this machine. Returns
     what the products now run on (status()["name"])."""
     choice = choice or os.environ.get("HESSEXT_BLAS", "auto")
-    for dtype in DTYPES:
-        for cls_index in range(len(CLASSES)):
-            module.blas_choose(dtype == "float64", cls_index, -1)
+    _serve_all(module, -1)
     _state.update(name="ATen", why=None, libraries=[], choice={}, rates={}, measured=None)
     if choice == "aten":
         _state["why"] = "HESSEXT_BLAS=aten"
@@ -211,35 +216,21 @@ def use(module, choice=None, measure=False):
         elif choice != "auto" or name == "openblas":  # mkl and blis are optional
             reasons.append(why)
     everything = module.blas_names()
-    names = [everything[i] for i in loaded]
+    libraries = {i: everything[i] for i in loaded}
+    names = list(libraries.values())
     if not names:
         _state["why"] = "; ".join(reasons) + " (pip install scipy-openblas64)"
         return _state["name"]
     if len(names) == 1 and choice != "auto":
         chosen = {f"{d} {c}": names[0] for d in DTYPES for c in CLASSES}
-        for cls_index in range(len(CLASSES)):
-            for dtype in DTYPES:
-                module.blas_choose(dtype == "float64", cls_index, loaded[0])
+        _serve_all(module, loaded[0])
         rates, measured = {}, None
     else:
-        chosen, rates, measured = _choose(_Indexed(module, loaded), names, measure)
+        chosen, rates, measured = _choose(module, libraries, measure)
     distinct = sorted(set(chosen.values()), key=list(chosen.values()).index)
     summary = distinct[0] if len(distinct) == 1 else "; ".join(f"{slot}: {lib}" for slot, lib in chosen.items())
     _state.update(name=summary, libraries=names, choice=chosen, rates=rates, measured=measured)
     return _state["name"]
-
-
-class _Indexed:
-    """The module with blas_choose taking positions in the loaded list (the order of `names`)."""
-
-    def __init__(self, module, loaded):
-        self._module, self._loaded = module, loaded
-
-    def blas_choose(self, is_double, cls, index):
-        return self._module.blas_choose(is_double, cls, -1 if index < 0 else self._loaded[index])
-
-    def __getattr__(self, name):
-        return getattr(self._module, name)
 
 
 def status():

@@ -30,17 +30,6 @@ from hessext import curvature, hessians, inputs, jets
 __all__ = ["kfac_factors"]
 
 
-def _value_and_slope(fn, z):
-    """(phi(z), phi'(z)) elementwise (None: the identity)."""
-    if fn is None:
-        return z, torch.ones_like(z)
-    with torch.enable_grad():
-        t = z.detach().requires_grad_()
-        value = fn(t)
-        (slope,) = torch.autograd.grad(value.sum(), t)
-    return value.detach(), slope
-
-
 def kfac_factors(model, loss_fn, inputs_, targets) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
     """The GGN's KFAC factors (A, B) of each Linear layer of the batch, by the Linear module's name.
 
@@ -91,8 +80,8 @@ def kfac_factors(model, loss_fn, inputs_, targets) -> Dict[str, Tuple[torch.Tens
         for l, (W, b) in enumerate(zip(weights, biases)):
             rows.append(a)
             z = a @ W.T if b is None else torch.addmm(b, a, W.T)
-            if l < len(weights) - 1:
-                a, d = _value_and_slope(fns[l], z)
+            if l < len(weights) - 1:  # phi'' from jets._derivatives is not needed here
+                a, d = (z, torch.ones_like(z)) if fns[l] is None else jets._derivatives(fns[l], z)[:2]
                 slopes.append(d)
     _, H = hessians._loss_head(plan, loss_fn, z, targets, out_shape)
     H = H.detach()

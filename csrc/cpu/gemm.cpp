@@ -48,15 +48,15 @@ struct Library {
   template <typename T>
   void gemm(int ta, int tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
             T beta, T* c, int64_t ldc) const {
-    if constexpr (std::is_same_v<T, double>) {
-      if (dgemm) return dgemm(kRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      bli_dgemm(0, 0, m, n, k, &alpha, a, ta == kNoTrans ? lda : 1, ta == kNoTrans ? 1 : lda, b,
-                tb == kNoTrans ? ldb : 1, tb == kNoTrans ? 1 : ldb, &beta, c, ldc, 1);
-    } else {
-      if (sgemm) return sgemm(kRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      bli_sgemm(0, 0, m, n, k, &alpha, a, ta == kNoTrans ? lda : 1, ta == kNoTrans ? 1 : lda, b,
-                tb == kNoTrans ? ldb : 1, tb == kNoTrans ? 1 : ldb, &beta, c, ldc, 1);
-    }
+    Cblas<T> cblas;
+    Typed<T> typed;
+    if constexpr (std::is_same_v<T, double>)
+      cblas = dgemm, typed = bli_dgemm;
+    else
+      cblas = sgemm, typed = bli_sgemm;
+    if (cblas) return cblas(kRowMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    typed(0, 0, m, n, k, &alpha, a, ta == kNoTrans ? lda : 1, ta == kNoTrans ? 1 : lda, b, tb == kNoTrans ? ldb : 1,
+          tb == kNoTrans ? 1 : ldb, &beta, c, ldc, 1);
   }
 };
 
