@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hessext
-from hessext import _native, bench, curvature, ops
+from hessext import _native, _route, bench, ops
 
 NETS = [([1, 16, 1], 100), ([2, 50, 50, 50, 1], 4096)]
 
@@ -34,17 +34,17 @@ def median_us(f, n=300):
 
 def op_args(call):
     """The arguments hessext.hvp passes to the native op."""
-    seen, real = {}, ops._call
+    seen, real = {}, ops.call
 
     def spy(name, *args):
         seen[name] = args
         return real(name, *args)
 
-    ops._call = spy
+    ops.call = spy
     try:
         call()
     finally:
-        ops._call = real
+        ops.call = real
     return seen["hvp"]
 
 
@@ -67,11 +67,11 @@ def profile_net(widths, N):
     C, args = _native.load(), op_args(call)
     op = lambda: C.hvp(*args)  # noqa: E731
     whole, alone = median_us(call), median_us(op)
-    finite, curvature.finite = curvature.finite, lambda *t: True
+    finite, _route.finite = _route.finite, lambda *t: True
     try:
         unchecked = median_us(call)
     finally:
-        curvature.finite = finite
+        _route.finite = finite
     torch.cuda.synchronize()
     start = time.perf_counter_ns()
     for _ in range(200):

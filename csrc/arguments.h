@@ -1,9 +1,12 @@
-// The common case of hessext/inputs.py's pack_vectors in C: the user's vectors, a dict or list/tuple,
-// exactly as expected. Anything else answers None, and inputs.py's own checks then raise the error
-// that names the argument; so this never accepts what those checks reject, it only makes the
-// accepting answer cheap (a tenth of inputs.py's time for the 1-16-1 network's four vectors).
+// The native path's common case of hessext/inputs.py's checks in one C call (hessext/_route.py): the batch
+// (check_batch), its finiteness (all_finite) and the user's vectors, a dict or list/tuple, exactly as
+// expected (pack_vectors). Anything else answers None, and inputs.py's own checks then raise the error
+// that names the argument; so this never accepts what those checks reject, it only makes the accepting
+// answer cheap (a tenth of inputs.py's time for the 1-16-1 network's four vectors).
 #pragma once
 #include <torch/extension.h>
+
+#include <functional>
 
 namespace hessext {
 namespace arguments {
@@ -44,6 +47,42 @@ inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list na
     PyList_SET_ITEM(items.ptr(), j, item);
   }
   return pybind11::make_tuple(items, K);
+}
+
+// Whether `obj` is a dense CPU tensor on ref's device whose dtype is ref's (kind 0), ref's or an integer
+// type (kind 1: class probabilities or indices), or an integer type (kind 2: NLL's class indices).
+inline const at::Tensor* batch_tensor(PyObject* obj, const at::Tensor& ref, int kind) {
+  if (!THPVariable_Check(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (t.layout() != at::kStrided || t.device() != ref.device() || !t.device().is_cpu()) return nullptr;
+  const bool same = t.scalar_type() == ref.scalar_type();
+  const bool index = at::isIntegralType(t.scalar_type(), /*includeBool=*/false);
+  return (kind == 0 ? same : kind == 1 ? same || index : index) ? &t : nullptr;
+}
+
+// (finite, vector_items(vectors, names, params) or None) when the batch passes check_batch as the native
+// path's: inputs and targets (None: a model-only quantity) dense CPU tensors on ref's device, the inputs
+// of ref's dtype with at least one sample, the targets as `target_kind` says (batch_tensor); finite:
+// whether every floating entry of both is (all_finite). vectors None: no vectors, None in the answer.
+// Else None (the Python checks decide: an error, CUDA, or a case they accept differently).
+inline pybind11::object native_arguments(pybind11::handle inputs, pybind11::handle targets, const at::Tensor& ref,
+                                         int target_kind, pybind11::handle vectors, pybind11::list names,
+                                         const std::vector<at::Tensor>& params,
+                                         const std::function<bool(const std::vector<at::Tensor>&)>& all_finite) {
+  const at::Tensor* x = batch_tensor(inputs.ptr(), ref, 0);
+  if (x == nullptr || x->dim() == 0 || x->size(0) == 0) return pybind11::none();
+  std::vector<at::Tensor> batch{*x};
+  if (!targets.is_none()) {
+    const at::Tensor* y = batch_tensor(targets.ptr(), ref, target_kind);
+    if (y == nullptr) return pybind11::none();
+    batch.push_back(*y);
+  }
+  pybind11::object found = pybind11::none();
+  if (!vectors.is_none()) {
+    found = vector_items(vectors, names, params);
+    if (found.is_none()) return found;
+  }
+  return pybind11::make_tuple(all_finite(batch), found);
 }
 
 }  // namespace arguments

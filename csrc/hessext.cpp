@@ -299,5 +299,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "hessext.guard.ModelState.read() == its objects, compared as read (csrc/guard.h)");
   m.def("vector_items", &hessext::arguments::vector_items,
         "hessext.inputs.pack_vectors' common case: (items, K) or None (csrc/arguments.h)");
+  m.def(
+      "native_arguments",
+      [](py::handle inputs, py::handle targets, const at::Tensor& ref, int target_kind, py::handle vectors,
+         py::list names, const std::vector<at::Tensor>& params) {
+        return hessext::arguments::native_arguments(inputs, targets, ref, target_kind, vectors, names, params,
+                                                    all_finite);
+      },
+      "the native path's batch checks, finiteness and vectors in one call: (finite, (items, K) or None) or None "
+      "(csrc/arguments.h)");
   m.def("torch_version", [] { return std::string(TORCH_VERSION); }, "torch version built against");
 }

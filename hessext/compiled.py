@@ -66,8 +66,8 @@ def _chosen(model, keys):
 @torch._dynamo.assume_constant_result
 def _layout(h, keys, blocks):
     """((name, shape), ...) per result matrix of `hessian`: one group of every chosen parameter, or
-    one per layer (hessians._layers) with its chosen parameters."""
-    from hessext.hessians import _layers
+    one per layer (_route.layers) with its chosen parameters."""
+    from hessext._route import layers
     from hessext.plan import plan as make_plan
 
     model = _model(h)
@@ -76,7 +76,7 @@ def _layout(h, keys, blocks):
     if blocks == "full":
         return (tuple((n, shapes[n]) for n in names),)
     p = make_plan(model, _handles[h][1])
-    groups = [[p.param_names[j] for j in g if p.param_names[j] in names] for g in _layers(p)]
+    groups = [[p.param_names[j] for j in g if p.param_names[j] in names] for g in layers(p)]
     groups = sorted((g for g in groups if g), key=lambda g: p.param_names.index(g[0]))
     return tuple(tuple((n, shapes[n]) for n in g) for g in groups)
 
@@ -88,7 +88,7 @@ def _names(h, keys):
 
 @torch._dynamo.assume_constant_result
 def _needs_graph(h, grad_enabled, inputs_grad):
-    """Whether input derivatives would carry a gradient here (hessians._needs_graph's rule)."""
+    """Whether input derivatives would carry a gradient here (_route.needs_graph's rule)."""
     return grad_enabled and (inputs_grad or any(p.requires_grad for p in _model(h).parameters()))
 
 

@@ -1,184 +1,15 @@
-"""The user-facing second-order quantities. Each call: plan (cached capture) -> argument checks ->
-one native op or the torch.func fallback -> results shaped like the user's input."""
+"""The second-order quantities in the parameters: Hessian- and GGN-vector products, exact diagonals and
+the Hutchinson estimate. Each function hands its call to hessext/_route.py (plan, checks, the native op or
+torch.func, results shaped like the user's input)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from hessext import compiled, fallback, ops
+from hessext import _route
 from hessext._types import LossFn, Params, Tensor, Vectors
 from hessext.compiled import unwrap
-from hessext.inputs import (
-    capturing,
-    check_batch,
-    check_params,
-    class_layout,
-    finite,
-    native_batch,
-    pack_vectors,
-    transformed,
-)
-from hessext.plan import resolve
-
-
-def _stack_args(plan, tensors):
-    weights = [tensors[j] for j in plan.weight_pos]
-    biases = [tensors[j] if j is not None else None for j in plan.bias_pos]
-    return weights, biases
-
-
-def _from_stack_order(plan, out):
-    """Per-parameter results in stack order -> named_parameters() order."""
-    named = [None] * len(out)
-    for slot, j in enumerate(plan.stack_order):
-        named[j] = out[slot]
-    return named
-
-
-class Call:
-    """One call's route: the plan, the parameter tensors (all of the model's, in named_parameters()
-    order) and the positions `sel` of those the quantities are taken in (inputs.check_params), whether
-    the kernels serve it, and whether torch.func transforms the arguments (then the fallback runs
-    without detaching, so that the result can be differentiated or batched further)."""
-
-    __slots__ = ("plan", "tensors", "sel", "partial", "native", "traced", "backend", "why")
-
-    def __init__(self, plan, tensors, sel, native, backend):
-        self.plan, self.tensors, self.sel, self.native, self.backend = plan, tensors, sel, native, backend
-        self.partial = len(sel) < len(tensors)  # some parameters left out (frozen, or not named in `params`)
-        self.traced = False
-        self.why = plan.reason  # why this call is not native (None while it is)
-
-    @property
-    def names(self):
-        """The names of the parameters the quantities are taken in."""
-        return [self.plan.param_names[j] for j in self.sel]
-
-    @property
-    def selected(self):
-        """Their tensors."""
-        return [self.tensors[j] for j in self.sel]
-
-    def check_traced(self, tensors):
-        """Leave the native path when torch.func transforms any of `tensors`."""
-        if transformed(*tensors):
-            if self.backend == "native":
-                raise ValueError(
-                    "backend='native' cannot run under a torch.func transform (grad, vjp, jvp, vmap): "
-                    "the kernels have no derivative of their own; use backend='auto' (torch.func then)"
-                )
-            self.traced, self.native = True, False
-            self.why = "a torch.func transform (grad, vjp, jvp, vmap) differentiates or batches this call"
-
-    def keep_graph(self, why):
-        """Differentiate through the result: torch.func on the live tensors, the graph kept (the
-        kernels have no backward of their own); backend='native' raises with `why`."""
-        self.leave_native(why)
-        self.traced = True
-
-    def leave_native(self, why):
-        """Take the fallback for this call; backend='native' raises with `why`."""
-        if self.backend == "native":
-            raise ValueError(f"backend='native' is not possible for this call: {why}")
-        self.native, self.why = False, why
-
-    def ggn_split(self):
-        """Leave the native path where the GGN is not the kernels' (Plan.ggn_reason)."""
-        why = self.plan.ggn_reason() if self.native else None
-        if why is not None:
-            self.leave_native(why)
-
-    def fallback_params(self):
-        """The selected parameters for torch.func (the others: the module's own, in functional_call)."""
-        return dict(zip(self.names, self.selected if self.traced else [t.detach() for t in self.selected]))
-
-    def result(self, t):
-        return t if self.traced else t.detach()
-
-
-def check_create_graph(create_graph):
-    if not isinstance(create_graph, bool):
-        raise TypeError(f"create_graph must be True or False, got {create_graph!r}")
-
-
-def route(model, loss_fn, inputs, targets, params, backend, *, targets_needed=True, create_graph=False):
-    """Plan, argument checks and the native/fallback decision for one call. The native path is
-    taken only for finite inputs and targets (torch's NaN/inf propagation is the fallback's; not
-    checked under CUDA-graph capture, which forbids reading values back), for cross-entropy only with
-    the classes in the last dim of a [N, C] output, never under a torch.func transform and never
-    with create_graph=True (the kernels have no derivative of their own); backend='native' raises
-    wherever the call leaves the kernels."""
-    check_create_graph(create_graph)
-    plan, native = resolve(model, loss_fn, backend)
-    tensors, sel = check_params(plan, params)
-    check_batch(inputs, targets, tensors[0], plan.loss if native else None, targets_needed)
-    batch = (inputs, targets) if targets_needed else (inputs,)
-    call = Call(plan, tensors, sel, native, backend)
-    call.check_traced(batch + tuple(tensors))
-    if create_graph and not call.traced:
-        call.keep_graph(
-            "create_graph=True differentiates through the result, which the kernels cannot "
-            "(torch.func computes it; use backend='auto')"
-        )
-    if call.native and plan.loss.classes and not class_layout(plan, inputs):
-        call.leave_native(
-            "cross-entropy reads the classes from dim 1 of this output; the kernels need them "
-            "in the last dim of an [N, C] output"
-        )
-    elif call.native and capturing(inputs):
-        # No value can be read back while a CUDA graph is captured: the finiteness check is left out
-        # (the captured kernels propagate NaN/inf as they compute them). Class indices are checked and
-        # counted on the host; torch's route would differ from the eager call's warm-up, so neither runs.
-        if plan.loss.classes and targets is not None and not targets.is_floating_point():
-            raise ValueError(
-                "targets: class indices are checked and counted on the host, which CUDA graph capture "
-                "forbids; capture with class probabilities [N, C] instead "
-                "(torch.nn.functional.one_hot(targets, C).to(inputs.dtype))"
-            )
-    elif call.native and not finite(*batch):
-        call.leave_native("inputs or targets hold NaN or inf, whose propagation torch.func reproduces exactly")
-    return call
-
-
-def run_native(op, call, x, y, scale, *extra):
-    """The native op on kernel-layout rows x [M, n_0], y [M, C] with the loss scale."""
-    weights, biases = _stack_args(call.plan, call.tensors)
-    return op(x, y, weights, biases, call.plan.spec, scale, *extra)
-
-
-def _native_raw(op, call, inputs, targets, *extra):
-    """The native op's own output for this batch."""
-    return run_native(op, call, *native_batch(call.plan, inputs, targets, call.tensors), *extra)
-
-
-def _native_call(op, call, inputs, targets, *extra):
-    """A native op with per-parameter outputs, for the selected parameters in named_parameters() order."""
-    out = _from_stack_order(call.plan, _native_raw(op, call, inputs, targets, *extra))
-    return [out[j] for j in call.sel] if call.partial else out
-
-
-def _products(native_op, fallback_op, model, loss_fn, inputs, targets, vectors, params, backend, create_graph):
-    call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
-    plan = call.plan
-    if native_op is ops.ggn_vp:
-        call.ggn_split()
-    names = call.names
-    vecs, batched, restore = pack_vectors(vectors, names, call.selected)
-    call.check_traced(vecs)
-    if call.native:
-        full = vecs
-        if call.partial:  # the kernels take every parameter: zeros along the left-out ones
-            lead = tuple(vecs[0].shape[:1]) if batched else ()
-            full = [t.new_zeros(lead + t.shape) for t in call.tensors]
-            for v, j in zip(vecs, call.sel):
-                full[j] = v
-        return restore(_native_call(native_op, call, inputs, targets, [full[j] for j in plan.stack_order]))
-    vecs = vecs if batched else [v.unsqueeze(0) for v in vecs]  # the fallback takes [K, *shape]
-    vecs = dict(zip(names, vecs if call.traced else [v.detach() for v in vecs]))
-    with fallback.batch_statistics(model):
-        result = fallback_op(model, loss_fn, inputs, targets, call.fallback_params(), vecs, keep_graph=call.traced)
-    return restore([call.result(result[n] if batched else result[n][0]) for n in names])
 
 
 def hvp(
@@ -226,21 +57,7 @@ def hvp(
         >>> [tuple(t.shape) for t in Hv]
         [(8, 3), (8,), (1, 8), (1,)]
     """
-    if torch.compiler.is_compiling():
-        return compiled.products(
-            "hvp",
-            unwrap(model),
-            loss_fn,
-            inputs,
-            targets,
-            vectors,
-            params=params,
-            backend=backend,
-            create_graph=create_graph,
-        )
-    return _products(
-        ops.hvp, fallback.hvp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend, create_graph
-    )
+    return _route.products("hvp", model, loss_fn, inputs, targets, vectors, params, backend, create_graph)
 
 
 def ggn_vp(
@@ -267,60 +84,7 @@ def ggn_vp(
         >>> hessext.ggn_vp(model, nn.MSELoss(), x, y, torch.ones(4, P, dtype=torch.float64)).shape
         torch.Size([4, 50])
     """
-    if torch.compiler.is_compiling():
-        return compiled.products(
-            "ggn_vp",
-            unwrap(model),
-            loss_fn,
-            inputs,
-            targets,
-            vectors,
-            params=params,
-            backend=backend,
-            create_graph=create_graph,
-        )
-    return _products(
-        ops.ggn_vp, fallback.ggn_vp, unwrap(model), loss_fn, inputs, targets, vectors, params, backend, create_graph
-    )
-
-
-def _diag(ggn, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph):
-    model = unwrap(model)
-    if torch.compiler.is_compiling():
-        return compiled.diag(
-            ggn,
-            model,
-            loss_fn,
-            inputs,
-            targets,
-            params=params,
-            backend=backend,
-            per_sample=per_sample,
-            create_graph=create_graph,
-        )
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
-    call = route(model, loss_fn, inputs, targets, params, backend, create_graph=create_graph)
-    if ggn:
-        call.ggn_split()
-    if call.native:
-        return dict(zip(call.names, _native_call(ops.diag, call, inputs, targets, ggn, per_sample)))
-    if per_sample:
-        raise ValueError(
-            f"per_sample=True needs the native path (a loss that is a sum over samples); "
-            f"this call takes torch.func because {call.why}"
-        )
-    p = call.fallback_params()
-    op = fallback.ggn_vp if ggn else fallback.hvp
-    per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, loss_fn, inputs, targets, p)
-    with fallback.batch_statistics(model):
-        out = fallback.basis_diag(
-            lambda v: op(model, loss_fn, inputs, targets, p, v, keep_graph=call.traced),
-            p,
-            "GGN diagonal" if ggn else "Hessian diagonal",
-            per_vector,
-        )
-    return {n: call.result(t) for n, t in out.items()}
+    return _route.products("ggn_vp", model, loss_fn, inputs, targets, vectors, params, backend, create_graph)
 
 
 def hessian_diag(
@@ -356,7 +120,7 @@ def hessian_diag(
         >>> {k: tuple(v.shape) for k, v in hessext.hessian_diag(model, nn.MSELoss(), x, y).items()}
         {'0.weight': (8, 3), '0.bias': (8,), '2.weight': (1, 8), '2.bias': (1,)}
     """
-    return _diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
+    return _route.diag(False, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
 def ggn_diag(
@@ -374,7 +138,7 @@ def ggn_diag(
 
     Arguments and result as in :func:`hessext.hessian_diag`.
     """
-    return _diag(True, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
+    return _route.diag(True, model, loss_fn, inputs, targets, params, backend, per_sample, create_graph)
 
 
 def hutchinson_diag(
@@ -409,7 +173,7 @@ def hutchinson_diag(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     model = unwrap(model)
-    call = route(model, loss_fn, inputs, targets, params, backend)
+    call = _route.route(model, loss_fn, inputs, targets, params, backend)
     names, tensors = call.names, call.selected
     ref = tensors[0]
     P = sum(t.numel() for t in tensors)

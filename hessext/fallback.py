@@ -12,6 +12,7 @@ GGN products are J^T H_out J v: a jvp through the model, an HVP of the loss in i
 Exact diagonals are read off products with basis vectors, in chunks, with a progress bar."""
 
 import contextlib
+import random
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
@@ -231,3 +232,154 @@ def _gather(pieces, total):
             out = rows.new_empty((total,) + tuple(rows.shape[1:]))
         out[j0:j1] = rows
     return torch.cat(kept) if kept else out
+
+
+def hessian_block(model, loss_fn, inputs, targets, call, group, per_vector):
+    """Rows/columns `group` of the Hessian through torch.func HVPs with basis vectors, symmetrised."""
+    p = call.fallback_params()  # the chosen parameters; the others are the module's own
+    names = [call.plan.param_names[j] for j in group]
+    sub = {n: p[n] for n in names}
+
+    def product(vectors):
+        full = {
+            n: vectors[n]
+            if n in vectors
+            else torch.zeros((next(iter(vectors.values())).shape[0],) + t.shape, dtype=t.dtype, device=t.device)
+            for n, t in p.items()
+        }
+        out = hvp(model, loss_fn, inputs, targets, p, full, keep_graph=call.traced)
+        return {n: out[n] for n in names}
+
+    H = basis_matrix(product, sub, "Hessian", per_vector)
+    return (H + H.T) / 2 if call.traced else symmetrize_(H)
+
+
+def symmetrize_(H, tile=256):
+    """H <- (H + H^T) / 2 in place, tile by tile (no second matrix)."""
+    n = H.shape[0]
+    for r in range(0, n, tile):
+        for c in range(r, n, tile):
+            upper, lower = H[r : r + tile, c : c + tile], H[c : c + tile, r : r + tile]
+            mean = (upper + lower.T) / 2
+            upper.copy_(mean)
+            lower.copy_(mean.T)
+    return H
+
+
+def probe_rows(N, like):
+    """A 0/1 mask [N] of probe samples: sample 0 and a fixed pseudo-random half of the others."""
+    rng = random.Random(N)
+    mask = torch.tensor([j == 0 or rng.random() < 0.5 for j in range(N)])
+    if N > 1 and bool(mask.all()):
+        mask[-1] = False
+    return mask.to(device=like.device)
+
+
+def reaches_other_rows(apply, N, shape, like):
+    """Whether `apply` (a linear map of [N, *shape] row blocks, such as an input HVP or the model's
+    vjp) carries a block supported on the probe samples into any other sample's rows: the samples
+    are coupled (a batch statistic in forward or loss). Exact zeros are expected otherwise. Under a
+    torch.func transform the values cannot be read: the samples are taken as coupled (the exact path)."""
+    if N == 1:
+        return False
+    if transformed(like):
+        return True
+    mask = probe_rows(N, like)
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn((N,) + tuple(shape), generator=g, dtype=torch.float64).to(like)
+    out = apply(v * mask.reshape((N,) + (1,) * len(shape)).to(like.dtype))
+    return bool((out[~mask] != 0).any())
+
+
+def directions(N, shape, features, like, coupled, start, count):
+    """`count` basis directions in the inputs [count, N, *shape] from `start`, over the input `features`
+    (k of them): each along one feature in every sample at once (k directions, independent samples),
+    or along one feature of one sample (N k directions, coupled samples; direction q is feature
+    features[q % k] of sample q // k)."""
+    d, k = int(torch.Size(shape).numel()), len(features)
+    if not coupled:
+        eye = torch.eye(d, dtype=like.dtype, device=like.device)[features[start : start + count]]
+        return eye.reshape((count, 1) + shape).expand((count, N) + shape)
+    q = torch.arange(start, start + count)
+    flat = (q // k) * d + torch.tensor(features)[q % k]
+    basis = torch.zeros(count, N * d, dtype=like.dtype, device=like.device)
+    basis[torch.arange(count), flat.to(like.device)] = 1
+    return basis.reshape((count, N) + shape)
+
+
+def chunks(N, d, k, es, coupled, per_vector):
+    """(start, count) chunks of the directions (k of them, or N k where the samples are coupled), each
+    chunk's basis, products and graphs (`per_vector` bytes a direction) within CHUNK_BYTES."""
+    total = N * k if coupled else k
+    step = max(1, CHUNK_BYTES // max(1, 2 * N * d * es + per_vector))
+    return [(q, min(step, total - q)) for q in range(0, total, step)]
+
+
+def input_hessian(model, loss_fn, inputs, targets, call, diagonal, per_vector):
+    """HVPs in the inputs: d of them, each along one feature direction in every sample at once, when
+    the samples are independent (each product then holds one column of every sample's block);
+    N d of them, one feature of one sample each, when forward or the loss couples the samples."""
+    N, shape = inputs.shape[0], inputs.shape[1:]
+    d = inputs[0].numel()
+    params = call.fallback_params()
+
+    def f(x):
+        return loss_fn(functional_call(model, params, (x,)), targets)
+
+    x = call.result(inputs)
+    with torch.enable_grad():
+        _, vjp_fn = vjp(grad(f), x)
+        coupled = reaches_other_rows(lambda v: vjp_fn(v)[0], N, shape, x)
+        columns = []
+        features = list(range(d))
+        for start, count in chunks(N, d, d, x.element_size(), coupled, per_vector):
+            out = vmap(vjp_fn)(directions(N, shape, features, x, coupled, start, count))[0].reshape(count, N, d)
+            if coupled:  # direction q: column q % d of sample q // d's block
+                out = out[
+                    torch.arange(count, device=x.device), torch.arange(start, start + count, device=x.device) // d
+                ]
+            columns.append(out)
+    cols = torch.cat(columns)  # [direction, N, d]: independent samples; [direction, d]: coupled
+    cols = cols.reshape(N, d, d).transpose(1, 2) if coupled else cols.permute(1, 2, 0)  # [n, i, j] = H_n[i, j]
+    H = call.result(cols)
+    H = (H + H.transpose(1, 2)) / 2
+    return torch.diagonal(H, dim1=1, dim2=2).contiguous() if diagonal else H
+
+
+def jets(model, inputs, call, per_vector, features):
+    """(u, grad u [N, *out, k], lap u) by forward-over-forward mode along one feature direction at a
+    time: in every sample at once when the samples are independent; one feature of one sample each
+    (that sample's output row kept) when forward couples the samples."""
+    p = call.fallback_params()
+    N, shape = inputs.shape[0], inputs.shape[1:]
+    d, k = inputs[0].numel(), len(features)
+    x = call.result(inputs)
+
+    def out_fn(xx):
+        return functional_call(model, p, (xx,))
+
+    def both(v):  # (d/dt, d^2/dt^2) of model(x + t v) at t = 0
+        return jvp(lambda xx: jvp(out_fn, (xx,), (v,))[1], (x,), (v,))
+
+    with torch.enable_grad():
+        out, vjp_out = vjp(out_fn, x)
+    coupled = out.dim() == 0 or out.shape[0] != N or reaches_other_rows(lambda u: vjp_out(u)[0], N, out.shape[1:], x)
+    if coupled and (out.dim() == 0 or out.shape[0] != N):
+        raise ValueError(
+            f"laplacian: the model's output of shape {tuple(out.shape)} has no row per sample "
+            f"(inputs hold {N} samples); the Laplacian is taken per sample and output"
+        )
+    grads = out.new_zeros((k,) + tuple(out.shape))
+    lap = torch.zeros_like(out)
+    for start, count in chunks(N, d, k, x.element_size(), coupled, per_vector):
+        first, second = vmap(both)(directions(N, shape, features, x, coupled, start, count))  # [count, N, *out]
+        if coupled:  # direction q: feature q % k of sample q // k, whose output row it adds to
+            q = torch.arange(start, start + count, device=x.device)
+            rows, taken = q // k, torch.arange(count, device=x.device)
+            lap = lap.index_add(0, rows, second[taken, rows])
+            grads = grads.index_put((q % k, rows), first[taken, rows], accumulate=True)
+        else:
+            lap = lap + second.sum(0)
+            grads = torch.cat([grads[:start], first, grads[start + count :]])
+    grad = grads.permute(tuple(range(1, grads.dim())) + (0,))
+    return call.result(out), call.result(grad), call.result(lap)

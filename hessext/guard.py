@@ -209,7 +209,7 @@ class ModelState:
         return False
 
 
-class _Ref:
+class Ref:
     """A key part that compares by identity: weakly held when the object allows it."""
 
     __slots__ = ("_ref", "_obj", "_hash")
@@ -229,7 +229,7 @@ class _Ref:
 
     def __eq__(self, other):
         mine = self.get()
-        return isinstance(other, _Ref) and mine is not None and mine is other.get()
+        return isinstance(other, Ref) and mine is not None and mine is other.get()
 
 
 class Unstable(Exception):
@@ -254,7 +254,7 @@ def _token(value, depth=0):
     if isinstance(
         value, (types.ModuleType, type, types.BuiltinFunctionType, torch.dtype, torch.device, torch.Tensor)
     ) or (callable(value) and _is_torch_code(value) and not isinstance(value, torch.nn.Module)):
-        return _Ref(value)
+        return Ref(value)
     if depth < 4 and isinstance(value, (types.FunctionType, functools.partial, torch.nn.Module, types.MethodType)):
         key, state = loss_key(value, depth + 1)
         if key is not None and state is None:
@@ -280,7 +280,7 @@ def _torch_loss_key(loss_fn):
     settings = tuple((k, v) for k, v in d.items() if k[0] != "_")
     if not all(type(v) in _PRIMITIVES for _, v in settings):
         return None
-    buffers = tuple((k, None if v is None else _Ref(v)) for k, v in d["_buffers"].items())
+    buffers = tuple((k, None if v is None else Ref(v)) for k, v in d["_buffers"].items())
     return ("torch loss", type(loss_fn), settings, buffers)
 
 
@@ -296,7 +296,7 @@ def loss_key(loss_fn, depth=0):
     state re-read on every call (guard.ModelState: attributes, submodules, hooks)."""
     try:
         if _is_torch_code(loss_fn) and not isinstance(loss_fn, torch.nn.Module):  # F.mse_loss, torch.nn.functional
-            return ("torch function", _Ref(loss_fn)), None
+            return ("torch function", Ref(loss_fn)), None
         if isinstance(loss_fn, types.FunctionType):
             return _function_key(loss_fn, depth), None
         if isinstance(loss_fn, functools.partial):
@@ -308,13 +308,13 @@ def loss_key(loss_fn, depth=0):
                 key = _torch_loss_key(loss_fn)
                 if key is not None:
                     return key, None
-            return ("module", _Ref(loss_fn)), ModelState(loss_fn)
+            return ("module", Ref(loss_fn)), ModelState(loss_fn)
         if isinstance(loss_fn, types.MethodType) and isinstance(loss_fn.__self__, torch.nn.Module):
-            return ("method", _function_key(loss_fn.__func__, depth), _Ref(loss_fn.__self__)), ModelState(
+            return ("method", _function_key(loss_fn.__func__, depth), Ref(loss_fn.__self__)), ModelState(
                 loss_fn.__self__
             )
         if isinstance(loss_fn, types.BuiltinFunctionType):
-            return ("torch function", _Ref(loss_fn)), None
+            return ("torch function", Ref(loss_fn)), None
     except Unstable:
         pass
     return None, None

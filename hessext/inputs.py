@@ -263,7 +263,7 @@ def pack_vectors(vectors, names, params):
     found = native.vector_items(vectors, names, params) if native is not None else None
     if found is not None:
         items, K = found
-        return items, K > 0, _restorer(vectors, names)
+        return items, K > 0, restorer(vectors, names)
     ref = params[0]
     if isinstance(vectors, torch.Tensor):
         P = sum(p.numel() for p in params)
@@ -328,10 +328,10 @@ def pack_vectors(vectors, names, params):
                 f"got {tuple(t.shape)}"
             )
 
-    return items, batched, _restorer(vectors, names)
+    return items, batched, restorer(vectors, names)
 
 
-def _restorer(vectors, names):
+def restorer(vectors, names):
     """Per-parameter results -> the container the user's vectors came in."""
     if isinstance(vectors, Mapping):
         return lambda out: dict(zip(names, out))

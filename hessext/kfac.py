@@ -25,7 +25,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from hessext import curvature, hessians, inputs, jets
+from hessext import _route, inputs, jets
 
 __all__ = ["kfac_factors"]
 
@@ -60,7 +60,7 @@ def kfac_factors(model, loss_fn, inputs_, targets) -> Dict[str, Tuple[torch.Tens
         >>> A.shape, B.shape
         (torch.Size([3, 3]), torch.Size([5, 5]))
     """
-    call = curvature.route(model, loss_fn, inputs_, targets, None, "auto")
+    call = _route.route(model, loss_fn, inputs_, targets, None, "auto")
     plan = call.plan
     why = plan.ggn_reason() if call.native else call.why
     if why is not None:
@@ -83,7 +83,7 @@ def kfac_factors(model, loss_fn, inputs_, targets) -> Dict[str, Tuple[torch.Tens
             if l < len(weights) - 1:  # phi'' from jets._derivatives is not needed here
                 a, d = (z, torch.ones_like(z)) if fns[l] is None else jets._derivatives(fns[l], z)[:2]
                 slopes.append(d)
-    _, H = hessians._loss_head(plan, loss_fn, z, targets, out_shape)
+    _, H = _route.loss_head(plan, loss_fn, z, targets, out_shape)
     H = H.detach()
     M = x.shape[0]
     J = torch.eye(C, dtype=x.dtype, device=x.device).expand(M, C, C)  # d f / d z_L

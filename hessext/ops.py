@@ -1,11 +1,11 @@
-"""Thin wrappers over torch.ops.hessext.*, each with its fake (meta) implementation beside it so the
-ops trace under torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h.
-The fakes are registered once the native library has loaded (`available()`).
+"""Calls of torch.ops.hessext.*, with each op's fake (meta) implementation so the ops trace under
+torch.compile. Argument conventions: csrc/hessext.cpp and csrc/stack.h. The fakes are registered once
+the native library has loaded (`available()`).
 
-Each wrapper calls its op with autograd off (the ops have no derivative of their own): while
-torch.compile traces, through torch.ops under no_grad, so that the graph holds the op; otherwise
-through hessext._C's direct entry, the same dispatcher call without torch.ops' parsing of the
-arguments (about 2 us of a small call)."""
+`call` runs an op with autograd off (the ops have no derivative of their own): while torch.compile
+traces, through torch.ops under no_grad, so that the graph holds the op; otherwise through
+hessext._C's direct entry, the same dispatcher call without torch.ops' parsing of the arguments
+(about 2 us of a small call). The jets' ops have wrappers of their own below (their autograd)."""
 
 import torch
 
@@ -14,7 +14,8 @@ from hessext import _native
 _is_compiling = torch.compiler.is_compiling
 
 
-def _call(name, *args):
+def call(name, *args):
+    """The op hessext::<name> on its schema's arguments (csrc/hessext.cpp)."""
     if _is_compiling():
         with torch.no_grad():
             return getattr(torch.ops.hessext, name)(*args)
@@ -32,32 +33,20 @@ def _fake(name):
     return register
 
 
-def hvp(inputs, targets, weights, biases, spec, scale, vectors):
-    """[K, *p.shape] per parameter (stack order): K Hessian-vector products. spec: the plan's
-    (activations, act_params, loss, loss_param)."""
-    return _call("hvp", inputs, targets, weights, biases, *spec, scale, vectors)
-
-
+# hessext::hvp: [K, *p.shape] per parameter (stack order): K Hessian-vector products. spec: the plan's
+# (activations, act_params, loss, loss_param).
 @_fake("hessext::hvp")
 def _hvp_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, vectors):
     return [torch.empty_like(v) for v in vectors]
 
 
-def ggn_vp(inputs, targets, weights, biases, spec, scale, vectors):
-    """[K, *p.shape] per parameter (stack order): K GGN-vector products."""
-    return _call("ggn_vp", inputs, targets, weights, biases, *spec, scale, vectors)
-
-
+# hessext::ggn_vp: [K, *p.shape] per parameter (stack order): K GGN-vector products.
 @_fake("hessext::ggn_vp")
 def _ggn_vp_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, vectors):
     return [torch.empty_like(v) for v in vectors]
 
 
-def diag(inputs, targets, weights, biases, spec, scale, ggn, per_sample):
-    """Per parameter (stack order) the exact Hessian/GGN diagonal, [*p.shape] or [M, *p.shape]."""
-    return _call("diag", inputs, targets, weights, biases, *spec, scale, ggn, per_sample)
-
-
+# hessext::diag: per parameter (stack order) the exact Hessian/GGN diagonal, [*p.shape] or [M, *p.shape].
 @_fake("hessext::diag")
 def _diag_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, ggn, per_sample):
     lead = (inputs.shape[0],) if per_sample else ()
@@ -69,11 +58,7 @@ def _diag_fake(inputs, targets, weights, biases, activations, act_params, loss, 
     return [inputs.new_empty(shape) for shape in shapes]
 
 
-def hessian(inputs, targets, weights, biases, spec, scale, layer_blocks):
-    """[H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks."""
-    return _call("hessian", inputs, targets, weights, biases, *spec, scale, layer_blocks)
-
-
+# hessext::hessian: [H [P, P]] in stack order, or one [P_l, P_l] per layer with layer_blocks.
 @_fake("hessext::hessian")
 def _hessian_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, layer_blocks):
     sizes = [w.numel() + (b.numel() if b is not None else 0) for w, b in zip(weights, biases)]
@@ -81,11 +66,8 @@ def _hessian_fake(inputs, targets, weights, biases, activations, act_params, los
     return [inputs.new_empty(shape) for shape in shapes]
 
 
-def input_derivatives(inputs, targets, weights, biases, spec, scale, mode):
-    """mode 0: Laplacians [M, C]; 1: input-Hessian diagonals [M, d]; 2: input Hessians [M, d, d]."""
-    return _call("input_derivatives", inputs, targets, weights, biases, *spec, scale, mode)
-
-
+# hessext::input_derivatives: mode 0: Laplacians [M, C]; 1: input-Hessian diagonals [M, d]; 2: input Hessians
+# [M, d, d].
 @_fake("hessext::input_derivatives")
 def _input_derivatives_fake(inputs, targets, weights, biases, activations, act_params, loss, loss_param, scale, mode):
     M, d = inputs.shape
@@ -104,7 +86,7 @@ def output_jets(inputs, targets, weights, biases, spec, scale, mode, features, g
     d^2/dx_i dx_j, i <= j). graph: differentiable, its autograd formula the reverse pass
     (output_jets_backward), with the jets it needs saved; else no autograd, nothing saved."""
     if not graph:
-        return _call("output_jets", inputs, targets, weights, biases, *spec, scale, mode, features, False)[0]
+        return call("output_jets", inputs, targets, weights, biases, *spec, scale, mode, features, False)[0]
     if _is_compiling():  # autograd takes a list of tensors only: an absent bias enters as zeros (the same jets)
         biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
         return torch.ops.hessext.output_jets(inputs, targets, weights, biases, *spec, scale, mode, features, True)[0]
@@ -139,7 +121,7 @@ def _output_jets_backward_fake(
 def output_jets_tangent(inputs, targets, weights, biases, spec, features, saved, dW, db):
     """The tangent [k + 2, M, K, C] of the Laplacian's output jet along K weight directions dW [K, *W.shape]
     and db [K, o] (None: none in that bias), from output_jets' saved jets (no autograd)."""
-    return _call("output_jets_tangent", inputs, targets, weights, biases, *spec, 1.0, features, saved, dW, db)
+    return call("output_jets_tangent", inputs, targets, weights, biases, *spec, 1.0, features, saved, dW, db)
 
 
 @_fake("hessext::output_jets_tangent")
@@ -152,7 +134,7 @@ def _output_jets_tangent_fake(
 def output_jets_vjp(inputs, targets, weights, biases, spec, features, saved, grad):
     """[dW_l [K, *W.shape] per layer, then db_l [K, o] per layer with a bias]: the transpose of
     output_jets_tangent for K gradients grad [k + 2, M, K, C] in the Laplacian's output jet."""
-    return _call("output_jets_vjp", inputs, targets, weights, biases, *spec, 1.0, features, saved, grad)
+    return call("output_jets_vjp", inputs, targets, weights, biases, *spec, 1.0, features, saved, grad)
 
 
 @_fake("hessext::output_jets_vjp")
@@ -182,7 +164,7 @@ def _jets_reverse(args, x, targets, weights, biases, saved, grad):
         jet = jets.output_jet(jets.torch_functions(activations, act_params), weights, biases, x, features, mode)
         got = iter(torch.autograd.grad(jet, wanted, grad, create_graph=True, allow_unused=True))
         return [next(got) if t is not None and t.requires_grad else None for t in tensors]
-    found = _call(
+    found = call(
         "output_jets_backward",
         x,
         targets,

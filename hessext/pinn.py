@@ -37,11 +37,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from hessext import jets, ops
+from hessext import fallback, jets, ops
 from hessext._types import Params, PinnLossFn, Tensor, Vectors
 from hessext.compiled import unwrap
-from hessext.curvature import _stack_args, route
-from hessext.hessians import _check_memory, _MODEL_ONLY, _native_stack, check_max_bytes
+from hessext._memory import check as check_memory, check_max_bytes
+from hessext._route import MODEL_ONLY, native_stack, route, stack_args
 from hessext.inputs import check_samples, pack_vectors
 from hessext.operator import columns, scipy_operator
 
@@ -70,7 +70,7 @@ class _StackJets:
 
     def __init__(self, call, x, C, features):
         plan = call.plan
-        self.weights, self.biases = _stack_args(plan, call.tensors)
+        self.weights, self.biases = stack_args(plan, call.tensors)
         self.spec, self.features, self.x = plan.spec, list(features), x
         fns = [a.fn for a in plan.stack.activations]
         k, M, L = len(features), x.shape[0], len(self.weights)
@@ -80,9 +80,7 @@ class _StackJets:
         A0[torch.arange(1, k + 1), :, torch.tensor(features)] = 1
         self.y = x.new_zeros(()).expand(M, C)
         if x.device.type == "cpu":
-            out = ops._call(
-                "output_jets", x, self.y, self.weights, self.biases, *self.spec, 1.0, 0, self.features, True
-            )
+            out = ops.call("output_jets", x, self.y, self.weights, self.biases, *self.spec, 1.0, 0, self.features, True)
             self.saved = out[1:]
             self.Z = [out[1 + 2 * l] for l in range(L - 1)] + [out[0]]
             self.A = [A0] + [out[2 + 2 * l] for l in range(L - 1)]
@@ -273,10 +271,9 @@ def _point_hessians(g, t):
     c = cols * C
     if g is None or not g.requires_grad:  # the loss is linear in the jet (or constant): no curvature
         return t.new_zeros(N, c, c)
-    from hessext.hessians import _probe_rows
 
     directions = torch.eye(c, dtype=t.dtype, device=t.device).reshape(c, cols, 1, C).expand(c, cols, N, C)
-    mask = _probe_rows(N, t)
+    mask = fallback.probe_rows(N, t)
     probe = torch.randn(t.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(t)
     probe = probe * mask[None, :, None].to(t.dtype)
     rows = _batched_backward(g, t, torch.cat([directions, probe[None]]))  # [c + 1, cols, N, C]
@@ -307,12 +304,12 @@ class _Term:
                 f"each term's loss_fn must be a callable (u, grad_u, lap_u, inputs) -> scalar, "
                 f"got {type(loss_fn).__name__}"
             )
-        call = route(model, _MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
+        call = route(model, MODEL_ONLY, inputs, None, params, backend, targets_needed=False)
         check_samples(inputs, "the Gramian")
         N, d = inputs.shape[0], math.prod(inputs.shape[1:])
         features = jets.check_dims(dims, d)
         self.call, self.inputs = call, inputs
-        stack = _native_stack(call, inputs, "the Gramian", model_output=True)
+        stack = native_stack(call, inputs, "the Gramian", model_output=True)
         if stack is not None:
             x, self.out_shape, C = stack
             self.passes = _StackJets(call, x, C, features)
@@ -543,7 +540,7 @@ class GramianOperator:
         rows = sum(t.jet.shape[1] * t.jet.shape[0] * t.jet.shape[2] for t in self._terms)
         widest = max(max(W.numel() for W in t.passes.weights) if t.native else 1 for t in self._terms)
         nbytes = int((rows * self.shape[0] * 2 + extra) * es * 1.2 + rows * widest * es)
-        _check_memory(
+        check_memory(
             f"GramianOperator.{what}() with {rows} point rows x {self.shape[0]} parameters",
             nbytes,
             self._terms[0].inputs,

@@ -47,11 +47,12 @@ class Plan:
             index = {name: j for j, name in enumerate(self.param_names)}
             order = [p for layer in self.stack.layers for p in (layer.weight, layer.bias) if p]
             self.stack_order = [index[p] for p in order]  # stack slot -> named_parameters position
+            self.stack_slot = sorted(range(len(order)), key=self.stack_order.__getitem__)  # its inverse
             self.weight_pos = [index[layer.weight] for layer in self.stack.layers]
             self.bias_pos = [index[layer.bias] if layer.bias else None for layer in self.stack.layers]
             self._shapes = {}
             self.batch_layouts = {}  # (inputs.shape, targets.shape) -> inputs.native_batch's layout
-            self.peaks = {}  # (rows, mode, element size, threads) -> hessians._jet_peak's bytes
+            self.peaks = {}  # (rows, mode, element size, threads) -> _memory.jet_peak's bytes
         if reason is None:  # the kernels' description: (activations, act_params, loss, loss_param)
             acts = self.stack.activations
             self.spec = (
@@ -60,6 +61,9 @@ class Plan:
                 self.loss.kind,
                 self.loss.param,
             )
+            # the native path's targets (csrc/arguments.h batch_tensor): the parameters' dtype (0), or also
+            # class indices (1: cross-entropy), or class indices only (2: NLL)
+            self.target_kind = 2 if self.loss.nll else 1 if self.loss.classes else 0
 
     def ggn_reason(self):
         """Why the GGN of this model and loss is not native, or None: the plan's reason, or the split
@@ -90,14 +94,27 @@ class Plan:
 
 
 class _Entry:
-    __slots__ = ("state", "plans")
+    """A model's state and its plans by loss key; `hot` = (the last loss object, held weakly, its guard
+    or None, its plan) for the losses whose key is their identity and settings (a torch function, a
+    torch loss module): the same loss object again skips computing its key."""
+
+    __slots__ = ("state", "plans", "hot")
 
     def __init__(self, state):
-        self.state, self.plans = state, {}
+        self.state, self.plans, self.hot = state, {}, None
 
 
 def plan(model, loss_fn):
     """The Plan for `model` and `loss_fn` as they are now: cached, re-captured when either changed."""
+    try:  # a model in the cache passed the checks below; the same loss object again: its plan
+        entry = _cache.get(model)
+    except TypeError:  # not weakly referable: not a module
+        entry = None
+    if entry is not None:
+        if not entry.state.matches():
+            entry = None
+        elif (hot := entry.hot) is not None and hot[0].get() is loss_fn and (hot[1] is None or hot[1].matches()):
+            return hot[2]
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
@@ -108,11 +125,15 @@ def plan(model, loss_fn):
         )
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if entry is None:  # not cached, changed, or wrapped (torch.compile's OptimizedModule)
+        entry = _cache.get(model)
+        if entry is not None and not entry.state.matches():
+            entry = None
     key, loss_state = guard.loss_key(loss_fn)
-    entry = _cache.get(model)
-    if key is not None and entry is not None and entry.state.matches():
+    if key is not None and entry is not None:
         found = entry.plans.get(key)
         if found is not None and (found.loss_state is None or found.loss_state.matches()):
+            _remember_hot(entry, key, loss_fn, found)
             return found
     with _lock:
         entry = _cache.get(model)
@@ -128,7 +149,19 @@ def plan(model, loss_fn):
                 if len(entry.plans) >= _CACHE_PER_MODEL and key not in entry.plans:
                     entry.plans.pop(next(iter(entry.plans)))
                 entry.plans[key] = found
+                _remember_hot(entry, key, loss_fn, found)
         return found
+
+
+def _remember_hot(entry, key, loss_fn, found):
+    """Keep (loss_fn, its guard, plan) as the entry's hot loss where its key is its identity and settings:
+    a torch function (identity alone), or a torch loss module (guard.ModelState re-reads its settings,
+    buffers and hooks, as its key does)."""
+    kind = key[0]
+    if kind == "torch function":
+        entry.hot = (guard.Ref(loss_fn), None, found)
+    elif kind == "torch loss":
+        entry.hot = (guard.Ref(loss_fn), guard.ModelState(loss_fn), found)
 
 
 def resolve(model, loss_fn, backend):

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 import torch
 
-from hessext import curvature, hessians, kfac
+from hessext import _memory, curvature, hessians, kfac
 from hessext.plan import plan as _plan
 
 __all__ = ["HessextGGN", "HessextHessian"]
@@ -70,7 +70,7 @@ class HessextGGN(_HessextBackend, CurvlinopsGGN):
     def _dense(self, x, y):
         P = sum(p.numel() for p in self.params_dict.values())
         p = next(iter(self.params_dict.values()))
-        hessians._check_memory(
+        _memory.check(
             f"the dense GGN of {P} parameters", 3 * P * P * p.element_size(), x, None, "use hessian_structure='diag'"
         )
         eye = torch.eye(P, dtype=p.dtype, device=p.device)
