@@ -64,7 +64,7 @@ def jax_product(model, x, f, V):
     else:
         arrays.update(quantity="pinn-gramian-batched", V=V.numpy())
     try:
-        result, timing = External("hessext.bench_jax", arrays).run(1.0)
+        result, timing = External("hessext.bench.jax_worker", arrays).run(1.0)
     except RuntimeError as e:
         return f"JAX failed: {e}"
     K = V.shape[0]

@@ -85,7 +85,8 @@ def jax_step(model, x, f):
     for j, m in enumerate(linears):
         arrays[f"W{j}"], arrays[f"b{j}"] = m.weight, m.bias
     peer = External(
-        "hessext.bench_jax", {k: (t.detach().numpy() if isinstance(t, torch.Tensor) else t) for k, t in arrays.items()}
+        "hessext.bench.jax_worker",
+        {k: (t.detach().numpy() if isinstance(t, torch.Tensor) else t) for k, t in arrays.items()},
     )
     try:
         grad, timing = peer.run(1.0)

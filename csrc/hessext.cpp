@@ -1,4 +1,5 @@
-// Every hessext op schema, in one place, and the pybind11 module that reports build facts.
+// Every hessext op schema, in one place, and the pybind11 module: the ops' direct entries, the per-call
+// checks and the build facts (the entries for tests and benchmarks: testing.cpp).
 // Kernels register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
 // Common arguments (see stack.h): inputs [M, n_0], targets [M, C] (real rows; for cross-entropy the
 // target distribution), weights W_l [n_{l+1}, n_l], biases b_l [n_{l+1}] or None, activations
@@ -11,12 +12,11 @@
 #include <cstring>
 
 #include "arguments.h"
-#include "cpu/elementwise_cpu.h"
 #include "cpu/lanes.h"
 #include "gemm.h"
 #include "guard.h"
 #include "stack.h"
-#include "workspace.h"
+#include "testing.h"
 #ifdef WITH_CUDA
 #include <cuda.h>
 #endif
@@ -210,16 +210,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     }
   });
   m.def("with_cuda", &with_cuda, "whether the CUDA kernels were compiled in");
+  hessext::bind_testing(m);
   m.def("cuda_version", &cuda_version, "CUDA_VERSION the extension was built with, -1 without CUDA");
-  m.def(
-      "set_fused_limits",
-      [](int64_t max_width, int64_t max_work) {
-        const auto old = std::make_pair(hessext::PathChoice::max_width(), hessext::PathChoice::max_work());
-        hessext::PathChoice::max_width() = max_width;
-        hessext::PathChoice::max_work() = max_work;
-        return old;
-      },
-      "set the largest width and sample*vector*parameter work served by the fused kernels; returns the old pair");
   m.def("blas_load", &hessext::blas_load,
         "load a BLAS (OpenBLAS, MKL, BLIS) for the CPU products; returns (its index, '') or (-1, why not)");
   m.def("blas_names", &hessext::blas_names, "the loaded BLAS libraries' names, by index");
@@ -228,45 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the old choice");
   m.def("product_class", &hessext::product_class, py::arg("m"), py::arg("k"), py::arg("n"),
         "0 (narrow) or 1 (wide) for an [m, k] x [k, n] product");
-  m.def("set_row_pieces", &hessext::set_row_pieces,
-        "cut products into row pieces for OpenBLAS's small-matrix path (default on); returns the old setting");
-  m.def("row_pieces_on", &hessext::row_pieces_on, "whether products are cut into row pieces now");
-  m.def("mm", &hessext::mm, "A @ B as the kernels compute it (for tests)");
-  m.def(
-      "mm_into", [](const at::Tensor& C, const at::Tensor& A, const at::Tensor& B) { hessext::mm_into(C, A, B); },
-      "C = A @ B into a given tensor, as the kernels compute it (for benchmarks: no allocation timed)");
-  m.def(
-      "addmm",
-      [](const at::Tensor& bias, const at::Tensor& A, const at::Tensor& B) {
-        at::Tensor C = at::empty({A.size(0), B.size(1)}, A.options());
-        hessext::addmm_into(C, bias, A, B);
-        return C;
-      },
-      "bias + A @ B as the kernels compute it (for tests)");
-  m.def("addmm_", &hessext::addmm_, "C += A @ B in place as the kernels compute it (for tests)");
-  m.def(
-      "activation",
-      [](const at::Tensor& z, int64_t kind, double p0, double p1) {
-        TORCH_CHECK_VALUE(z.device().is_cpu() && z.is_floating_point(), "z must be a floating-point CPU tensor");
-        TORCH_CHECK_VALUE(kind >= 0 && kind < hessext::kNumActs, "kind must be an activations.h row, 0 to ",
-                          hessext::kNumActs - 1, ", got ", kind);
-        const auto act = static_cast<hessext::Act>(kind);
-        at::Tensor a = z.mul(hessext::CpuElementwise::input_scale(act)).contiguous();
-        at::Tensor d = at::empty_like(a), d2 = at::empty_like(a);
-        hessext::CpuElementwise::activation(a, act, p0, p1, d, d2);
-        return std::make_tuple(a, d, d2);
-      },
-      "phi(z), phi'(z), phi''(z) of an activations.h row as the CPU kernels compute them (for tests)");
-  m.def(
-      "table_names",
-      [] {
-        return std::make_pair(std::vector<std::string>(hessext::kActNames, hessext::kActNames + hessext::kNumActs),
-                              std::vector<std::string>(hessext::kLossNames, hessext::kLossNames + hessext::kNumLosses));
-      },
-      "(activation row names, loss row names) in the order of csrc/activations.h and csrc/losses.h");
   m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
-  m.def("workspace_bytes", &hessext::workspace_bytes,
-        "bytes of scratch the calling thread keeps between calls (workspace.h)");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
   bind_direct<Tensors, at::TensorList>(m, "ggn_vp", "hessext::ggn_vp");
   bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");

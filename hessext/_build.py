@@ -19,8 +19,10 @@ def want_cuda():
 
 
 def sources(cuda):
-    """Absolute paths of the sources: the schemas, the CPU kernels and, with cuda, the CUDA kernels."""
-    files = [os.path.join(CSRC, "hessext.cpp")] + sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    """Absolute paths of the sources: the schemas and module, the test entries, the CPU kernels and,
+    with cuda, the CUDA kernels."""
+    files = [os.path.join(CSRC, f) for f in ("hessext.cpp", "testing.cpp")]
+    files += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     if cuda:
         files += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     return files

@@ -208,59 +208,78 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@dataclass(frozen=True)
+class _ActivationRow:
+    """How capture recognises one row of csrc/activations.h: the torch functions (and Tensor methods,
+    which take no arguments) that call it, an argument that selects it among rows sharing a function
+    (name, position, value), its parameters p0, p1 as (name, position, default), whether their values
+    are ones the kernels take, and the torch function with them (None: the identity)."""
+
+    kind: int
+    functions: tuple = ()
+    methods: tuple = ()
+    select: Optional[tuple] = None
+    params: tuple = ()
+    valid: Callable = lambda *p: True
+    fn: Callable = lambda *p: None
+
+
+_ACTIVATION_TABLE = (  # in the kernels' order: _ACTIVATION_TABLE[kind].kind == kind
+    _ActivationRow(IDENTITY),
+    _ActivationRow(TANH, (torch.tanh, F.tanh), ("tanh",), fn=lambda: torch.tanh),
+    _ActivationRow(RELU, (torch.relu, F.relu), ("relu",), fn=lambda: torch.relu),
+    _ActivationRow(
+        LEAKY_RELU,
+        (F.leaky_relu,),
+        params=(("negative_slope", 1, 0.01),),
+        fn=lambda slope: partial(F.leaky_relu, negative_slope=slope),
+    ),
+    _ActivationRow(SIGMOID, (torch.sigmoid, F.sigmoid), ("sigmoid",), fn=lambda: torch.sigmoid),
+    _ActivationRow(SILU, (F.silu,), fn=lambda: F.silu),
+    _ActivationRow(GELU, (F.gelu,), select=("approximate", 1, "none"), fn=lambda: partial(F.gelu, approximate="none")),
+    _ActivationRow(
+        GELU_TANH, (F.gelu,), select=("approximate", 1, "tanh"), fn=lambda: partial(F.gelu, approximate="tanh")
+    ),
+    _ActivationRow(
+        SOFTPLUS,
+        (F.softplus,),
+        params=(("beta", 1, 1.0), ("threshold", 2, 20.0)),
+        valid=lambda beta, threshold: beta != 0,
+        fn=lambda beta, threshold: partial(F.softplus, beta=beta, threshold=threshold),
+    ),
+    _ActivationRow(ELU, (F.elu,), params=(("alpha", 1, 1.0),), fn=lambda alpha: partial(F.elu, alpha=alpha)),
+)
+_BY_FUNCTION, _BY_METHOD = {}, {}
+for _r in _ACTIVATION_TABLE:
+    for _f in _r.functions:
+        _BY_FUNCTION.setdefault(_f, []).append(_r)
+    for _m in _r.methods:
+        _BY_METHOD[_m] = _r
+
+
 def torch_function(kind, p0=0.0, p1=0.0):
     """The torch function of an activations.h row with its parameters (None: the identity)."""
-    return {
-        IDENTITY: None,
-        TANH: torch.tanh,
-        RELU: torch.relu,
-        SIGMOID: torch.sigmoid,
-        SILU: F.silu,
-        LEAKY_RELU: partial(F.leaky_relu, negative_slope=p0),
-        GELU: partial(F.gelu, approximate="none"),
-        GELU_TANH: partial(F.gelu, approximate="tanh"),
-        SOFTPLUS: partial(F.softplus, beta=p0, threshold=p1),
-        ELU: partial(F.elu, alpha=p0),
-    }[kind]
-
-
-def _row(kind, p0=0.0, p1=0.0):
-    return Activation(kind, p0, p1, fn=torch_function(kind, p0, p1))
+    row = _ACTIVATION_TABLE[kind]
+    return row.fn(*(p0, p1)[: len(row.params)])
 
 
 def _activation(node):
     """The Activation row for an activation call node (with the torch function it calls), None if the
     node is none (or has no row)."""
-    target = node.target
     if node.op == "call_method":
-        kind = {"tanh": TANH, "relu": RELU, "sigmoid": SIGMOID}.get(target)
-        return _row(kind) if kind is not None and len(node.args) == 1 and not node.kwargs else None
+        row = _BY_METHOD.get(node.target)
+        ok = row is not None and len(node.args) == 1 and not node.kwargs
+        return Activation(row.kind, fn=row.fn()) if ok else None
     if node.op != "call_function":
         return None
-    simple = {
-        torch.tanh: TANH,
-        F.tanh: TANH,
-        torch.relu: RELU,
-        F.relu: RELU,
-        torch.sigmoid: SIGMOID,
-        F.sigmoid: SIGMOID,
-        F.silu: SILU,
-    }
-    if target in simple:
-        return _row(simple[target])
-    if target is F.leaky_relu:
-        slope = _arg(node, 1, "negative_slope", 0.01)
-        return _row(LEAKY_RELU, float(slope)) if _number(slope) else None
-    if target is F.gelu:
-        kind = {"none": GELU, "tanh": GELU_TANH}.get(_arg(node, 1, "approximate", "none"))
-        return _row(kind) if kind is not None else None
-    if target is F.softplus:
-        beta, threshold = _arg(node, 1, "beta", 1.0), _arg(node, 2, "threshold", 20.0)
-        ok = _number(beta) and _number(threshold) and beta != 0
-        return _row(SOFTPLUS, float(beta), float(threshold)) if ok else None
-    if target is F.elu:
-        alpha = _arg(node, 1, "alpha", 1.0)
-        return _row(ELU, float(alpha)) if _number(alpha) else None
+    for row in _BY_FUNCTION.get(node.target, ()):
+        if row.select is not None and _arg(node, row.select[1], row.select[0], row.select[2]) != row.select[2]:
+            continue
+        values = [_arg(node, pos, name, default) for name, pos, default in row.params]
+        if not all(_number(v) for v in values) or not row.valid(*values):
+            return None
+        values = [float(v) for v in values]
+        return Activation(row.kind, *values, fn=row.fn(*values))
     return None
 
 

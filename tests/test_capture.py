@@ -114,3 +114,39 @@ def test_the_table_codes_agree_with_the_kernels():
         losses.index("huber"),
         losses.index("softmax_cross_entropy"),
     ]
+    assert [row.kind for row in capture._ACTIVATION_TABLE] == list(range(len(activations)))
+
+
+@pytest.mark.parametrize(
+    "act,kind",
+    [
+        (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+        (lambda x: F.gelu(x), "gelu"),
+        (lambda x: F.gelu(x, approximate="bogus"), None),
+        (lambda x: F.softplus(x, 2.0, 5.0), "softplus"),
+        (lambda x: F.softplus(x, beta=0.0), None),
+        (lambda x: F.leaky_relu(x, negative_slope=float("nan")), None),
+        (lambda x: x.tanh(), "tanh"),
+        (lambda x: torch.abs(x), None),
+    ],
+    ids=["gelu-tanh", "gelu", "gelu-bogus", "softplus", "softplus-beta-0", "leaky-nan", "method", "abs"],
+)
+def test_activation_table_recognition(act, kind):
+    """Capture reads each activation call through the one table: the row its function, selector and
+    parameters name, or no row (the fallback, with the reason)."""
+    from hessext import capture
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.b(act(self.a(x)))
+
+    p = hessext.plan(Net(), nn.MSELoss())
+    if kind is None:
+        assert p.backend == "torch.func", p
+    else:
+        assert p.backend == "native", p.reason
+        assert p.stack.activations[0].kind == capture.ACTIVATION_ROWS.index(kind)

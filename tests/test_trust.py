@@ -233,6 +233,32 @@ def test_loss_settings_changed():
     check_now(model, loss, x, y, "sum")
 
 
+def test_same_loss_object_changed_between_calls():
+    """The plan cache recognises the last loss object without recomputing its key; every change to it
+    still shows: its settings, a class weight replaced, a hook, a subclass swapped in."""
+    model = mlp(2, 4, 3)
+    x = batch(2, 3)[0]
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    loss = nn.CrossEntropyLoss()
+    check_now(model, loss, x, y, "plain")
+    loss.label_smoothing = 0.3
+    check_now(model, loss, x, y, "label smoothing")
+    assert hessext.plan(model, loss).backend == "native"
+    loss.weight = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    check_now(model, loss, x, y, "class weight")
+    assert hessext.plan(model, loss).backend == "torch.func"
+    loss.weight = None
+    check_now(model, loss, x, y, "no weight again")
+    assert hessext.plan(model, loss).backend == "native"
+    handle = loss.register_forward_hook(lambda m, i, o: o * 2)
+    check_now(model, loss, x, y, "hook doubling the loss")
+    assert hessext.plan(model, loss).backend == "torch.func"
+    handle.remove()
+    check_now(model, loss, x, y, "hook removed")
+    loss.__class__ = type("Doubled", (nn.CrossEntropyLoss,), {"forward": lambda self, a, b: 2 * F.cross_entropy(a, b)})
+    check_now(model, loss, x, y, "class swapped")
+
+
 # ---- 4. dropout ---------------------------------------------------------------------------------------
 
 

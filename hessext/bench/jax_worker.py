@@ -1,4 +1,4 @@
-"""The JAX peer of `hessext.bench`, run in a process of its own: `python -m hessext.bench_jax IN OUT`.
+"""The JAX peer of `hessext.bench`, run in a process of its own: `python -m hessext.bench.jax_worker IN OUT`.
 
 IN is an .npz written by `hessext.bench` (the quantity, the Tanh MLP's weights and biases in torch's
 layout, the data, the vectors, the timing budget); OUT receives the result (flattened in torch's

@@ -1,0 +1,5 @@
+"""python -m hessext.bench"""
+
+from hessext.bench.cli import main
+
+main()
