@@ -54,21 +54,6 @@ inline std::vector<at::Tensor> pre_activation_hessians(const Stack& s, const For
   return G;
 }
 
-// Parameter offsets in the stack-order flat layout: W_l at woff[l] ([o, i] row-major), b_l at boff[l].
-struct FlatOffsets {
-  std::vector<int64_t> woff, boff;
-  int64_t total = 0;
-  explicit FlatOffsets(const Stack& s, bool per_layer) {
-    for (int64_t l = 0; l < s.L; ++l) {
-      if (per_layer) total = 0;
-      woff.push_back(total);
-      total += s.W[l].numel();
-      boff.push_back(s.b[l].defined() ? total : -1);
-      if (s.b[l].defined()) total += s.W[l].size(0);
-    }
-  }
-};
-
 // Writes a block [o, ibar, p, jbar] (rows: layer l, columns: layer k) into H at the parameter offsets
 // (a bias row or column only where the layer has a bias). The blocks k <= l cover H's lower part once.
 inline void put_block(at::Tensor& H, const at::Tensor& block, const Stack& s, int64_t l, int64_t k, int64_t rw,
@@ -168,7 +153,7 @@ std::vector<at::Tensor> hessian(const Stack& s, bool layer_only, int64_t chunk_e
   const Forward f = forward<E>(s);
   const LossHead head = loss_head<E>(s, f.a[L]);
   const Backward g = backward(s, f, head);
-  const FlatOffsets off(s, layer_only);
+  const SlotLayout off(s, layer_only);
   const bool widen = s.x.scalar_type() == at::kFloat;
   const auto acc_opts = s.x.options().dtype(widen ? at::kDouble : s.x.scalar_type());
   int64_t widest = 1;

@@ -361,18 +361,25 @@ fused::Net<T> make_net(const Stack& s) {
   return net;
 }
 
-// Offsets and sizes of the stack-order parameters in one flat buffer of all of them.
+// Offsets and sizes of the stack-order parameters in one flat buffer of all of them (per_layer: in
+// one buffer per layer, each layer's W_l at 0); per layer, W_l's offset woff[l] and b_l's boff[l]
+// (-1: no bias). The one parameter layout: the products' accumulators, the Hessians' rows and columns,
+// the fused kernels' LayerVectors.
 struct SlotLayout {
-  std::vector<int64_t> offset, numel;
+  std::vector<int64_t> offset, numel, woff, boff;
   int64_t total = 0;
-  explicit SlotLayout(const Stack& s) : offset(s.num_slots), numel(s.num_slots) {
+  explicit SlotLayout(const Stack& s, bool per_layer = false) : offset(s.num_slots), numel(s.num_slots) {
     for (int64_t l = 0; l < s.L; ++l) {
+      if (per_layer) total = 0;
       numel[s.slot_W[l]] = s.W[l].numel();
-      if (s.slot_b[l] >= 0) numel[s.slot_b[l]] = s.W[l].size(0);
-    }
-    for (int64_t j = 0; j < s.num_slots; ++j) {
-      offset[j] = total;
-      total += numel[j];
+      woff.push_back(offset[s.slot_W[l]] = total);
+      total += s.W[l].numel();
+      boff.push_back(s.slot_b[l] >= 0 ? total : -1);
+      if (s.slot_b[l] >= 0) {
+        numel[s.slot_b[l]] = s.W[l].size(0);
+        offset[s.slot_b[l]] = total;
+        total += s.W[l].size(0);
+      }
     }
   }
   // Slot j's accumulator for thread t: the output tensors themselves when there is one thread and
@@ -411,8 +418,8 @@ fused::LayerVectors<T> layer_vectors(const Stack& s, const SlotLayout& layout, c
   for (int64_t l = 0; l < s.L; ++l) {
     lv.V[l] = vt[s.slot_W[l]].data_ptr<T>();
     lv.vb[l] = s.slot_b[l] >= 0 ? vt[s.slot_b[l]].data_ptr<T>() : nullptr;
-    lv.offW[l] = layout.offset[s.slot_W[l]];
-    lv.offb[l] = s.slot_b[l] >= 0 ? layout.offset[s.slot_b[l]] : -1;
+    lv.offW[l] = layout.woff[l];
+    lv.offb[l] = layout.boff[l];
   }
   return lv;
 }

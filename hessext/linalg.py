@@ -59,7 +59,8 @@ class _Op:
         if rademacher:
             bits = torch.randint(0, 2, (self.P, k), generator=generator, dtype=torch.int8)
             return bits.to(dtype=self.dtype, device=self.device).mul_(2).sub_(1)
-        return torch.randn(self.P, k, generator=generator, dtype=torch.float64).to(dtype=self.dtype, device=self.device)
+        drawn = self.dtype if self.dtype in (torch.float32, torch.float64) else torch.float64
+        return torch.randn(self.P, k, generator=generator, dtype=drawn).to(dtype=self.dtype, device=self.device)
 
 
 def _positive_int(value, name):
@@ -86,26 +87,27 @@ def _qr(W):
     scale = W.norm(dim=0).max() if W.shape[1] else W.new_zeros(())
     if W.shape[1] == 0 or not bool(scale > 0):
         return W[:, :0], W.new_zeros(0, W.shape[1])
-    R1, info = torch.linalg.cholesky_ex(W.T @ W, upper=True)
+    R1, info = torch.linalg.cholesky_ex(_mm(W.T, W), upper=True)
     if bool(info == 0) and bool(R1.diagonal().min() > tiny**0.5 * R1.diagonal().max()):
         Wq = torch.linalg.solve_triangular(R1, W, upper=True, left=False)
-        R2 = torch.linalg.cholesky(Wq.T @ Wq, upper=True)
+        R2 = torch.linalg.cholesky(_mm(Wq.T, Wq), upper=True)
         return torch.linalg.solve_triangular(R2, Wq, upper=True, left=False), R2 @ R1
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     keep = S > tiny * S[0]
     return U[:, keep], S[keep, None] * Vh[keep]
 
 
-def _basis_times(Q, C):
-    """Q [P, m] @ C [m, c] for a tall basis stored as rows (Q = Qt.T): on the CPU through hessext's
-    BLAS, which measured 7.9 ms against ATen's 16.2 ms for [269322, 40] x [40, 5] in float64."""
-    if Q.device.type == "cpu" and Q.dtype in (torch.float32, torch.float64):
+def _mm(A, B):
+    """A @ B for the basis's tall-and-thin products (Q^T W, Q C, W^T W, the restart's S^T Q^T): on the
+    CPU through hessext's BLAS, which takes either layout of a transposed view and runs these shapes
+    several times faster than ATen's matmul (docs/internals.md)."""
+    if A.device.type == "cpu" and A.dtype in (torch.float32, torch.float64) and A.dtype == B.dtype:
         from hessext import _native
 
         native = _native.load()
         if native is not None:
-            return native.mm(Q, C)
-    return Q @ C
+            return native.mm(A, B)
+    return A @ B
 
 
 def _orthogonalise(W, Q):
@@ -117,15 +119,15 @@ def _orthogonalise(W, Q):
     C = W.new_zeros(Q.shape[1], W.shape[1])
     if Q.shape[1]:
         first = last = W.norm(dim=0)
-        C = Q.T @ W
-        W = W - _basis_times(Q, C)
+        C = _mm(Q.T, W)
+        W = W - _mm(Q, C)
         for _ in range(2):
             now = W.norm(dim=0)
             if not bool((now < 1e-3 * last).any()):
                 break
             last = now
-            C2 = Q.T @ W
-            W, C = W - _basis_times(Q, C2), C + C2
+            C2 = _mm(Q.T, W)
+            W, C = W - _mm(Q, C2), C + C2
         spent = W.norm(dim=0) <= 1e3 * torch.finfo(W.dtype).eps * first
         if bool(spent.any()):
             W = W.masked_fill(spent, 0)
@@ -214,7 +216,7 @@ def eigsh(
                 break
         if m + W.shape[1] > m_max:  # thick restart
             kept = _select(theta, which, keep)
-            Qt[:keep] = S[:, kept].T @ Qt[:m]
+            Qt[:keep] = _mm(S[:, kept].T, Qt[:m])
             T.zero_()
             T[:keep, :keep] = torch.diag(theta[kept])
             m = keep
@@ -228,7 +230,7 @@ def eigsh(
             RuntimeWarning,
             stacklevel=2,
         )
-    values, vectors = theta[order], (S[:, order].T @ Qt[:m]).T
+    values, vectors = theta[order], _mm(S[:, order].T, Qt[:m]).T
     desc = torch.argsort(values, descending=True)
     return values[desc], vectors[:, desc]
 
@@ -260,7 +262,7 @@ def trace(H, *, samples: int = 100, generator: torch.Generator | None = None, pr
     exact = (Q * op(Q)).sum()
     g = m - 2 * s
     G = op.randn(g, generator, rademacher=True)
-    G = G - Q @ (Q.T @ G)
+    G = G - _mm(Q, _mm(Q.T, G))
     return float(exact + (G * op(G)).sum() / g)
 
 

@@ -17,7 +17,7 @@ namespace {
 template <typename T>
 at::Tensor hessian_fused_cpu(const Stack& s) {
   const fused::Net<T> net = make_net<T>(s);
-  const FlatOffsets off(s, false);
+  const SlotLayout off(s);
   const Forward f = forward<CpuElementwise>(s);
   const ForwardRows<T> rows(net, f);
   const int64_t M = s.M, C = s.width(s.L), P = off.total, L = s.L;
