@@ -111,7 +111,7 @@ def main():
     suffix = (f"_{held}" if held else "") + ("_float32" if DTYPE == torch.float32 else "")
     name = sys.argv[1] if len(sys.argv) > 1 else "speed_cpu" + suffix
     torch.set_num_threads(2)
-    bench.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
+    bench.problems.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []
     for quantity, net, jax_target, compile_target in CASES:
         if only is not None and quantity not in only:
@@ -158,6 +158,8 @@ def main():
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     env = environment()
     env["blas"] = _native.status()["blas"]["name"]
+    if only is not None:
+        rows, notes, env = _merged(name, only, rows, notes, env)
     env["dtype"] = str(DTYPE).replace("torch.", "")
     columns = [
         ("quantity", "quantity", "{}"),
@@ -189,6 +191,29 @@ def main():
             + sorted(set(notes)),
         )
     )
+
+
+def _merged(name, only, rows, notes, env):
+    """With --only: the rows (and notes) of the other quantities kept from the file's last run, in CASES
+    order, under that run's environment, with a note of the re-run's date and commit."""
+    import json
+    import os
+
+    from common import RESULTS
+
+    path = os.path.join(RESULTS, name + ".json")
+    if not os.path.exists(path):
+        return rows, notes, env
+    with open(path) as f:
+        last = json.load(f)
+    kept = [r for r in last["rows"] if r["quantity"] not in only]
+    with open(os.path.join(RESULTS, name + ".md")) as f:
+        old_notes = [line.rstrip("\n") for line in f if line.startswith("- ")]
+    notes = notes + [n for n in old_notes if n.split(" ")[1] not in only and not n.startswith("- Rows of ")]
+    order = [(q, net) for q, net, _, _ in CASES]
+    merged = sorted(kept + rows, key=lambda r: order.index((r["quantity"], r["net"].split(" ")[0])))
+    notes.append(f"- Rows of {', '.join(sorted(only))} re-run on {env['date']} at commit {env['git_commit']}.")
+    return merged, notes, last["environment"]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ jax_worker (the JAX peer, in a process of its own)."""
 from hessext.bench.cli import main, run
 from hessext.bench.methods import METHODS, External, builders
 from hessext.bench.problems import (
-    DENSE_LIMIT,
     PRESETS,
     QUANTITIES,
     RTOL,
@@ -24,7 +23,6 @@ from hessext.bench.report import format_table, markdown, plot
 from hessext.bench.timing import cpu_peak_mb, environment, measure
 
 __all__ = [
-    "DENSE_LIMIT",
     "METHODS",
     "PRESETS",
     "QUANTITIES",
