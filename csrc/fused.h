@@ -288,6 +288,12 @@ HX_HD void diag_sample(const Net<T>& net, bool ggn, const T* a, const T* d, cons
   }
 }
 
+// y[q] += alpha x[q], q < n (x and y do not overlap).
+template <typename T>
+HX_HD void axpy(int64_t n, T alpha, const T* __restrict__ x, T* __restrict__ y) {
+  for (int64_t q = 0; q < n; ++q) y[q] += alpha * x[q];
+}
+
 // The dense Hessian contribution of one sample (hessian.h's decomposition with the sample's G_l and
 // A_{l,k} held whole), added to the blocks k <= l of H [P, P] (stack order; the caller mirrors).
 //   G_{L-1} = H_out (the loss head);  G_{l-1} = D_l W_l^T G_l W_l D_l + diag(d2_l e_l)
@@ -323,17 +329,17 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* d2
     const T* al = a + net.off[l];
     const T* Gl = G + l * W2;
     auto row = [&](int o, int i) { return i < ni ? woff[l] + int64_t(o) * ni + i : boff[l] + o; };
-    for (int o = 0; o < no; ++o)  // H_ll
+    for (int o = 0; o < no; ++o) {  // H_ll: row (o, i) gains abar_l[i] u, u[(p, j)] = G_l[o, p] a_l[j]
+      T* __restrict__ u = B;        // W_l's columns are contiguous in (p, j): one long axpy per row
+      for (int p = 0; p < no; ++p)
+        for (int j = 0; j < ni; ++j) u[p * ni + j] = Gl[o * no + p] * al[j];
       for (int i = 0; i < ib; ++i) {
         T* h = H + row(o, i) * P;
         const T ai = i < ni ? al[i] : T(1);
-        for (int p = 0; p < no; ++p) {
-          const T g = Gl[o * no + p] * ai;
-          T* __restrict__ hw = h + woff[l] + int64_t(p) * ni;
-          for (int j = 0; j < ni; ++j) hw[j] += g * al[j];
-          if (boff[l] >= 0) h[boff[l] + p] += g;
-        }
+        axpy(no * ni, ai, u, h + woff[l]);
+        if (boff[l] >= 0) axpy(no, ai, Gl + o * no, h + boff[l]);
       }
+    }
     if (l == 0) continue;
     const T* GW = GWs + l * W2;   // G_l W_l [o, n_l], from the recurrence
     for (int i = 0; i < ni; ++i)  // A = A_{l,l-1} = D_l
@@ -352,12 +358,14 @@ HX_HD void hessian_sample(const Net<T>& net, const T* a, const T* d, const T* d2
         for (int i = 0; i < ib; ++i) {
           T* h = H + row(o, i) * P;
           const T ai = i < ni ? al[i] : T(1);
-          for (int p = 0; p < np; ++p) {
-            const T c = B[o * np + p] * ai + (i < ni ? dl[o] * A[i * np + p] : T(0));
-            T* __restrict__ hw = h + woff[k] + int64_t(p) * nk;
-            for (int j = 0; j < nk; ++j) hw[j] += c * ak[j];
-            if (boff[k] >= 0) h[boff[k] + p] += c;
+          T* __restrict__ c = An;  // c[p], the row's coefficient of abar_k
+          for (int p = 0; p < np; ++p) c[p] = B[o * np + p] * ai + (i < ni ? dl[o] * A[i * np + p] : T(0));
+          if (nk == 1) {  // W_k's columns (p, 0) are contiguous: one axpy
+            axpy(np, ak[0], c, h + woff[k]);
+          } else {
+            for (int p = 0; p < np; ++p) axpy(nk, c[p], ak, h + woff[k] + int64_t(p) * nk);
           }
+          if (boff[k] >= 0) axpy(np, T(1), c, h + boff[k]);
         }
       if (k > 0) {  // A_{l,k-1} = A_{l,k} W_k D_k: [n_l, n_k]
         for (int i = 0; i < ni; ++i)
