@@ -96,12 +96,13 @@ class Plan:
 class _Entry:
     """A model's state and its plans by loss key; `hot` = (the last loss object, held weakly, its guard
     or None, its plan) for the losses whose key is their identity and settings (a torch function, a
-    torch loss module): the same loss object again skips computing its key."""
+    torch loss module): the same loss object again skips computing its key. `seen`: the last torch
+    loss module not yet hot (weakly), whose guard is built only when it comes back."""
 
-    __slots__ = ("state", "plans", "hot")
+    __slots__ = ("state", "plans", "hot", "seen")
 
     def __init__(self, state):
-        self.state, self.plans, self.hot = state, {}, None
+        self.state, self.plans, self.hot, self.seen = state, {}, None, None
 
 
 def plan(model, loss_fn):
@@ -160,8 +161,12 @@ def _remember_hot(entry, key, loss_fn, found):
     kind = key[0]
     if kind == "torch function":
         entry.hot = (guard.Ref(loss_fn), None, found)
-    elif kind == "torch loss":
-        entry.hot = (guard.Ref(loss_fn), guard.ModelState(loss_fn), found)
+    elif kind == "torch loss":  # its guard (about 10 us to build) once the same object comes back:
+        seen = entry.seen  # a loss module built per call never pays for one
+        if seen is not None and seen.get() is loss_fn:
+            entry.hot = (seen, guard.ModelState(loss_fn), found)
+        else:
+            entry.seen = guard.Ref(loss_fn)
 
 
 def resolve(model, loss_fn, backend):
