@@ -17,7 +17,7 @@ tanh per hidden unit and sample (the faster of ATen's vectorised tanh and sigmoi
   product), the inputs alone through the first (its jet is the identity).
 The dense Hessian has no floor here (its cost is dominated by the P x P output, not by products).
 
-    python benchmarks/speed.py [--isa avx2] [--dtype float32] [--rounds R] [--only hvp,laplacian,...] [name]
+    python benchmarks/speed.py [--isa avx2] [--dtype float32] [--rounds R] [--only hvp,hvp:wide,...] [name]
         ->   benchmarks/results/speed_cpu[_avx2][_float32].{json,md}"""
 
 import torch
@@ -30,6 +30,7 @@ NETS = {
     "pinn": ([2, 50, 50, 50, 1], 1024),
     "[10,64,64,1]": ([10, 64, 64, 1], 256),
     "mnist": ([784, 256, 256, 10], 256),
+    "wide": ([64, 128, 128, 128, 10], 512),
     "taylor": ([50, 768, 768, 512, 512, 1], 256),
 }
 # (quantity, net, JAX target, torch.compile target), as speed ratios (peer time / hessext time)
@@ -38,10 +39,12 @@ CASES = [
     ("hvp", "pinn", 1.25, 1.5),
     ("hvp", "[10,64,64,1]", 1.25, 1.5),
     ("hvp", "mnist", 1.0, 1.5),
+    ("hvp", "wide", 1.0, 1.5),
     ("hvp-batched", "1-16-1", 1.5, None),
     ("hvp-batched", "pinn", 1.25, None),
     ("hvp-batched", "[10,64,64,1]", 1.25, None),
     ("hvp-batched", "mnist", 1.0, None),
+    ("hvp-batched", "wide", 1.0, None),
     ("laplacian", "pinn", 1.25, None),
     ("laplacian", "taylor", 1.0, None),
     ("hessian", "1-16-1", 2.0, None),
@@ -100,7 +103,7 @@ def main():
         ROUNDS = int(sys.argv[j + 1])
         del sys.argv[j : j + 2]
     only = None
-    if "--only" in sys.argv:  # a comma-separated list of quantities (hvp, hvp-batched, laplacian, hessian)
+    if "--only" in sys.argv:  # a comma-separated list of quantities (hvp, ...) or quantity:net (hvp:wide)
         j = sys.argv.index("--only")
         only = set(sys.argv[j + 1].split(","))
         del sys.argv[j : j + 2]
@@ -114,7 +117,7 @@ def main():
     bench.problems.DENSE_LIMIT = 10_000  # jax.hessian and the reference rows on [10,64,64,1] (4929 parameters)
     rows, notes = [], []
     for quantity, net, jax_target, compile_target in CASES:
-        if only is not None and quantity not in only:
+        if only is not None and not _selected(only, quantity, net):
             continue
         widths, N = NETS[net]
         methods = ["hessext", "jax"] + (["torch.compile"] if compile_target or quantity == "hvp-batched" else [])
@@ -193,6 +196,11 @@ def main():
     )
 
 
+def _selected(only, quantity, net):
+    """Whether --only's entries (quantities, or quantity:net pairs) name this case."""
+    return quantity in only or f"{quantity}:{net}" in only
+
+
 def _merged(name, only, rows, notes, env):
     """With --only: the rows (and notes) of the other quantities kept from the file's last run, in CASES
     order, under that run's environment, with a note of the re-run's date and commit."""
@@ -206,10 +214,14 @@ def _merged(name, only, rows, notes, env):
         return rows, notes, env
     with open(path) as f:
         last = json.load(f)
-    kept = [r for r in last["rows"] if r["quantity"] not in only]
+    kept = [r for r in last["rows"] if not _selected(only, r["quantity"], r["net"].split(" ")[0])]
     with open(os.path.join(RESULTS, name + ".md")) as f:
         old_notes = [line.rstrip("\n") for line in f if line.startswith("- ")]
-    notes = notes + [n for n in old_notes if n.split(" ")[1] not in only and not n.startswith("- Rows of ")]
+    notes = notes + [
+        n
+        for n in old_notes
+        if not n.startswith("- Rows of ") and not _selected(only, n.split(" ")[1], n.split(" ")[2].rstrip(":"))
+    ]
     order = [(q, net) for q, net, _, _ in CASES]
     merged = sorted(kept + rows, key=lambda r: order.index((r["quantity"], r["net"].split(" ")[0])))
     notes.append(f"- Rows of {', '.join(sorted(only))} re-run on {env['date']} at commit {env['git_commit']}.")

@@ -6,7 +6,10 @@
 #pragma once
 #include <torch/extension.h>
 
-#include <functional>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/lanes.h"
 
 namespace hessext {
 namespace arguments {
@@ -49,6 +52,47 @@ inline pybind11::object vector_items(pybind11::handle vectors, pybind11::list na
   return pybind11::make_tuple(items, K);
 }
 
+// Whether every entry of every floating-point tensor is finite (the native path's precondition, see
+// hessext/inputs.py). Contiguous CPU tensors in one loop (x - x is 0 for finite x, NaN for inf and
+// NaN; the sums of x - x run in SIMD lanes, compiled for this CPU's vectors by run_simd: a tenth of
+// ATen's isfinite/all/item per tensor). The rest (CUDA tensors above all) as one max-abs reduction
+// each and one read-back for all of them (ATen's per-tensor check syncs twice per tensor): the max
+// propagates NaN and shows inf, and cannot overflow.
+inline bool all_finite(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> maxima;
+  for (const auto& t : tensors) {
+    if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
+    const bool loop =
+        t.device().is_cpu() && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+    if (!loop) {
+      maxima.push_back(at::linalg_vector_norm(t, INFINITY, c10::nullopt, false, at::kDouble));
+      continue;
+    }
+    const bool ok = AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "all_finite", [&] {
+      const scalar_t* p = t.data_ptr<scalar_t>();
+      const int64_t n = t.numel();
+      bool bad = false;
+      constexpr int W = lanes_of<scalar_t>(Simd::AVX2);
+      run_simd([&] {  // x - x summed in W lanes: a NaN in any lane is a non-finite entry
+        using Vec = typename Lanes<scalar_t, W>::Vec;
+        Vec acc{};
+        int64_t j = 0;
+        for (; j + W <= n; j += W) {
+          Vec v;
+          std::memcpy(&v, p + j, sizeof v);
+          acc += v - v;
+        }
+        for (int lane = 0; lane < W; ++lane) bad |= !(acc[lane] == scalar_t(0));
+        for (; j < n; ++j) bad |= !(p[j] - p[j] == scalar_t(0));
+      });
+      return !bad;
+    });
+    if (!ok) return false;
+  }
+  // One device: the callers' batch passed check_batch, which puts inputs and targets on one.
+  return maxima.empty() || std::isfinite(at::stack(maxima).max().item<double>());
+}
+
 // Whether `obj` is a dense CPU tensor on ref's device whose dtype is ref's (kind 0), ref's or an integer
 // type (kind 1: class probabilities or indices), or an integer type (kind 2: NLL's class indices).
 inline const at::Tensor* batch_tensor(PyObject* obj, const at::Tensor& ref, int kind) {
@@ -67,8 +111,7 @@ inline const at::Tensor* batch_tensor(PyObject* obj, const at::Tensor& ref, int 
 // Else None (the Python checks decide: an error, CUDA, or a case they accept differently).
 inline pybind11::object native_arguments(pybind11::handle inputs, pybind11::handle targets, const at::Tensor& ref,
                                          int target_kind, pybind11::handle vectors, pybind11::list names,
-                                         const std::vector<at::Tensor>& params,
-                                         const std::function<bool(const std::vector<at::Tensor>&)>& all_finite) {
+                                         const std::vector<at::Tensor>& params) {
   const at::Tensor* x = batch_tensor(inputs.ptr(), ref, 0);
   if (x == nullptr || x->dim() == 0 || x->size(0) == 0) return pybind11::none();
   std::vector<at::Tensor> batch{*x};

@@ -1,5 +1,5 @@
 // Every hessext op schema, in one place, and the pybind11 module: the ops' direct entries, the per-call
-// checks and the build facts (the entries for tests and benchmarks: testing.cpp).
+// checks (arguments.h) and the build facts (the entries for tests and benchmarks: testing.cpp).
 // Kernels register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
 // Common arguments (see stack.h): inputs [M, n_0], targets [M, C] (real rows; for cross-entropy the
 // target distribution), weights W_l [n_{l+1}, n_l], biases b_l [n_{l+1}] or None, activations
@@ -8,8 +8,6 @@
 // parameter lists are in stack order W_0, b_0, W_1, ...
 #include <torch/extension.h>
 #include <torch/version.h>
-
-#include <cstring>
 
 #include "arguments.h"
 #include "cpu/lanes.h"
@@ -81,47 +79,6 @@ bool with_cuda() {
 #else
   return false;
 #endif
-}
-
-// Whether every entry of every floating-point tensor is finite (the native path's precondition, see
-// hessext/inputs.py). Contiguous CPU tensors in one loop (x - x is 0 for finite x, NaN for inf and
-// NaN; the sums of x - x run in SIMD lanes, compiled for this CPU's vectors by run_simd: a tenth of
-// ATen's isfinite/all/item per tensor). The rest (CUDA tensors above all) as one max-abs reduction
-// each and one read-back for all of them (ATen's per-tensor check syncs twice per tensor): the max
-// propagates NaN and shows inf, and cannot overflow.
-bool all_finite(const std::vector<at::Tensor>& tensors) {
-  std::vector<at::Tensor> maxima;
-  for (const auto& t : tensors) {
-    if (!at::isFloatingType(t.scalar_type()) || t.numel() == 0) continue;
-    const bool loop =
-        t.device().is_cpu() && t.is_contiguous() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
-    if (!loop) {
-      maxima.push_back(at::linalg_vector_norm(t, INFINITY, c10::nullopt, false, at::kDouble));
-      continue;
-    }
-    const bool ok = AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "all_finite", [&] {
-      const scalar_t* p = t.data_ptr<scalar_t>();
-      const int64_t n = t.numel();
-      bool bad = false;
-      constexpr int W = hessext::lanes_of<scalar_t>(hessext::Simd::AVX2);
-      hessext::run_simd([&] {  // x - x summed in W lanes: a NaN in any lane is a non-finite entry
-        using Vec = typename hessext::Lanes<scalar_t, W>::Vec;
-        Vec acc{};
-        int64_t j = 0;
-        for (; j + W <= n; j += W) {
-          Vec v;
-          std::memcpy(&v, p + j, sizeof v);
-          acc += v - v;
-        }
-        for (int lane = 0; lane < W; ++lane) bad |= !(acc[lane] == scalar_t(0));
-        for (; j < n; ++j) bad |= !(p[j] - p[j] == scalar_t(0));
-      });
-      return !bad;
-    });
-    if (!ok) return false;
-  }
-  // One device: the callers' batch passed check_batch, which puts inputs and targets on one.
-  return maxima.empty() || std::isfinite(at::stack(maxima).max().item<double>());
 }
 
 // Direct entries: hessext._C.<op>(...) makes the same dispatcher call as torch.ops.hessext.<op>(...)
@@ -220,7 +177,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the old choice");
   m.def("product_class", &hessext::product_class, py::arg("m"), py::arg("k"), py::arg("n"),
         "0 (narrow) or 1 (wide) for an [m, k] x [k, n] product");
-  m.def("all_finite", &all_finite, "whether every entry of every floating-point tensor is finite");
+  m.def("all_finite", &hessext::arguments::all_finite, "whether every entry of every floating-point tensor is finite");
   bind_direct<Tensors, at::TensorList>(m, "hvp", "hessext::hvp");
   bind_direct<Tensors, at::TensorList>(m, "ggn_vp", "hessext::ggn_vp");
   bind_direct<Tensors, bool, bool>(m, "diag", "hessext::diag");
@@ -257,8 +214,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "native_arguments",
       [](py::handle inputs, py::handle targets, const at::Tensor& ref, int target_kind, py::handle vectors,
          py::list names, const std::vector<at::Tensor>& params) {
-        return hessext::arguments::native_arguments(inputs, targets, ref, target_kind, vectors, names, params,
-                                                    all_finite);
+        return hessext::arguments::native_arguments(inputs, targets, ref, target_kind, vectors, names, params);
       },
       "the native path's batch checks, finiteness and vectors in one call: (finite, (items, K) or None) or None "
       "(csrc/arguments.h)");

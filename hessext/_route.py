@@ -363,11 +363,10 @@ def hessian(model, loss_fn, inputs, targets, params, backend, output, blocks, ma
     names = plan.param_names
     result = {names[j]: {} for j in call.sel}
     for m, o in zip(mats, order):
-        starts = torch.tensor([0] + [sizes[j] for j in o]).cumsum(0).tolist()
-        for a, ja in enumerate(o):
-            for b, jb in enumerate(o):
-                block = m[starts[a] : starts[a + 1], starts[b] : starts[b + 1]]
-                result[names[ja]][names[jb]] = block.reshape(tensors[ja].shape + tensors[jb].shape)
+        widths = [sizes[j] for j in o]
+        for ja, rows in zip(o, m.split(widths, 0)):  # views: each block a reshaped slice of m
+            for jb, block in zip(o, rows.split(widths, 1)):
+                result[names[ja]][names[jb]] = block.view(tensors[ja].shape + tensors[jb].shape)
     return {n: {k: result[n][k] for k in result if k in result[n]} for n in result}
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 import hessext
 from hessext import _native, fallback
-from tests.cases import RTOL, assert_close, build_stack
+from tests.cases import RTOL, assert_close, build_stack, reference_hessian
 
 C = _native.load()
 SIMD = ["baseline", "avx2", "avx512"][: ["baseline", "avx2", "avx512"].index(C.simd()) + 1] if C else []
@@ -107,6 +107,33 @@ def test_instruction_sets_agree(loss, simd):
     for isa in SIMD[1:]:
         for k in v:
             assert_close(answers[isa][k], answers["baseline"][k], 1e-13, f"{k}: {isa} against baseline")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("n", [1, 9, 100])
+def test_dense_hessian_per_instruction_set(loss, n, simd):
+    """The fused dense Hessian's per-sample loops, compiled per instruction set, against the float64
+    torch.func Hessian (RTOL), in float64 and float32, one and two threads."""
+    model, x, y, _, _ = problem(loss, n, True, seed=40 + n)
+    loss_fn = LOSSES[loss]()
+    ref = reference_hessian(model, loss_fn, x, y)
+    assert hessext.plan(model, loss_fn).backend == "native"
+    before = torch.get_num_threads()
+    try:
+        for dtype in (torch.float64, torch.float32):
+            m, xd = model.to(dtype), x.to(dtype)
+            yd = y if loss == "ce" else y.to(dtype)
+            for isa in SIMD:
+                simd(isa)
+                for nt in (1, 2):
+                    torch.set_num_threads(nt)
+                    H = hessext.hessian(m, loss_fn, xd, yd, output="matrix", backend="native")
+                    what = f"{loss}, N={n}, {dtype}, {isa}, {nt} threads"
+                    assert torch.equal(H, H.T), what
+                    assert_close(H, ref, RTOL[dtype], what)
+            model.double()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_simd_refuses_unknown_names(simd):

@@ -343,43 +343,35 @@ struct CpuElementwise {
     });
   }
 
-  // The R-forward step on contiguous rows: po = pd * r, r and po [M, K, w] (po may be r), pd [M, w]
-  // broadcast over k. With pb [K, w] (the vectors' bias components): first r += pb (kept in r where po
-  // is another buffer), in the same pass.
+  // The R-forward step on contiguous rows: po = pd * (r + pb), r and po [M, K, w] (po may be r), pd
+  // [M, w] broadcast over k, pb [K, w] (the vectors' bias components) or null. r itself is left
+  // without pb where po is another buffer (r_residual_rows adds it back): one stream written, not two.
   template <typename T>
-  static void r_scale_rows(T* po, T* r, const T* pd, const T* pb, int64_t M, int64_t K, int64_t w) {
+  static void r_scale_rows(T* po, const T* r, const T* pd, const T* pb, int64_t M, int64_t K, int64_t w) {
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
       run_simd([&] {
         for (int64_t m = lo; m < hi; ++m)
           for (int64_t k = 0; k < K; ++k) {
-            T* rrow = r + (m * K + k) * w;
+            const T* rrow = r + (m * K + k) * w;
             T* orow = po + (m * K + k) * w;
             const T* __restrict__ drow = pd + m * w;
             if (!pb) {
               for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * rrow[j];
-            } else if (orow == rrow) {
-              const T* __restrict__ brow = pb + k * w;
-              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * (rrow[j] + brow[j]);
             } else {
               const T* __restrict__ brow = pb + k * w;
-              T* __restrict__ rr = rrow;
-              T* __restrict__ oo = orow;
-              for (int64_t j = 0; j < w; ++j) {
-                const T t = rr[j] + brow[j];
-                rr[j] = t;
-                oo[j] = drow[j] * t;
-              }
+              for (int64_t j = 0; j < w; ++j) orow[j] = drow[j] * (rrow[j] + brow[j]);
             }
           }
       });
     });
   }
 
-  // The R-backward step on contiguous rows: Re -> Rdelta = d * Re + (d2 * e) * Rz in place (d2 e, the
-  // residual coefficient), r = Re and prz = Rz [M, K, w], pd, pd2, pe [M, w] broadcast over k.
+  // The R-backward step on contiguous rows: Re -> Rdelta = d * Re + (d2 * e) * (Rz + pb) in place (d2 e,
+  // the residual coefficient), r = Re and prz = Rz [M, K, w] (without the bias components pb [K, w],
+  // or null, that r_scale_rows added on the way), pd, pd2, pe [M, w] broadcast over k.
   template <typename T>
-  static void r_residual_rows(T* r, const T* pd, const T* pd2, const T* pe, const T* prz, int64_t M, int64_t K,
-                              int64_t w) {
+  static void r_residual_rows(T* r, const T* pd, const T* pd2, const T* pe, const T* prz, const T* pb, int64_t M,
+                              int64_t K, int64_t w) {
     at::parallel_for(0, M, std::max<int64_t>(1, 4096 / (K * w)), [&](int64_t lo, int64_t hi) {
       run_simd([&] {
         for (int64_t m = lo; m < hi; ++m)
@@ -387,7 +379,12 @@ struct CpuElementwise {
             T* __restrict__ row = r + (m * K + k) * w;
             const T* __restrict__ rzrow = prz + (m * K + k) * w;
             const T* __restrict__ drow = pd + m * w, * __restrict__ d2row = pd2 + m * w, * __restrict__ erow = pe + m * w;
-            for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
+            if (!pb) {
+              for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * rzrow[j];
+            } else {
+              const T* __restrict__ brow = pb + k * w;
+              for (int64_t j = 0; j < w; ++j) row[j] = drow[j] * row[j] + d2row[j] * erow[j] * (rzrow[j] + brow[j]);
+            }
           }
       });
     });

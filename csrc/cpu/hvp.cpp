@@ -182,7 +182,8 @@ std::vector<at::Tensor> hvp_lanes_cpu(const Stack& s, at::TensorList vectors, co
 // multiply-adds, not by memory, and the chunks' shorter sums over samples cost more than they save, so
 // they run whole.
 //   buffers: Rz_l [rows, K, n_{l+1}] per layer (Ra_{l+1} in place where phi is not curved, else
-//   Ra_{l+1} beside it, Rz_l kept for the residual), and two [rows, K, max width] for Re.
+//   Ra_{l+1} beside it, Rz_l kept for the residual without the bias components that the residual
+//   step adds back), and two [rows, K, max width] for Re.
 template <typename T, bool GGN>
 void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, const std::vector<at::Tensor>& out) {
   const int64_t L = s.L, K = vectors[s.slot_W[0]].numel() / s.W[0].numel(), maxw = s.max_width();
@@ -208,6 +209,7 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
     const auto take = [&](int64_t n) { return std::exchange(next, next + n); };
 
     std::vector<T*> Rz(L), Ra(L, nullptr), Rzs(L, nullptr);
+    std::vector<const T*> Rzb(L, nullptr);  // the bias components Rzs[l] is without (r_scale_rows)
     for (int64_t l = 0; l < L; ++l) {
       const int64_t i = s.width(l), o = s.width(l + 1);
       const T* V = ptr(vt[s.slot_W[l]]);
@@ -224,6 +226,7 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
       const T* d = at_rows(f.d[l + 1], o);
       if (!GGN && s.curved_after(l)) {
         Rzs[l + 1] = Z;
+        Rzb[l + 1] = vb;
         Ra[l + 1] = take(M * K * o);
         CpuElementwise::r_scale_rows<T>(Ra[l + 1], Z, d, vb, M, K, o);
       } else {
@@ -256,8 +259,8 @@ void hvp_rows(const Stack& s, const SharedPasses& sh, at::TensorList vectors, co
           gemm<T>(rows_of(delta, M, o), rows_of(V + k * o * i, o, i), rows_of(Re + k * i, M, i, K * i), 1, 0);
       gemm<T>(rows_of(Rdelta, M * K, o), rows_of(ptr(s.W[l]), o, i), rows_of(Re, M * K, i), 1, GGN ? 0 : 1);
       if (Rzs[l]) {
-        CpuElementwise::r_residual_rows<T>(Re, at_rows(f.d[l], i), at_rows(f.d2[l], i), at_rows(g.e[l], i), Rzs[l], M,
-                                           K, i);
+        CpuElementwise::r_residual_rows<T>(Re, at_rows(f.d[l], i), at_rows(f.d2[l], i), at_rows(g.e[l], i), Rzs[l],
+                                           Rzb[l], M, K, i);
       } else if (f.d[l].defined()) {
         CpuElementwise::r_scale_rows<T>(Re, Re, at_rows(f.d[l], i), nullptr, M, K, i);
       }
