@@ -112,8 +112,9 @@ def test_instruction_sets_agree(loss, simd):
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("n", [1, 9, 100])
 def test_dense_hessian_per_instruction_set(loss, n, simd):
-    """The fused dense Hessian's per-sample loops, compiled per instruction set, against the float64
-    torch.func Hessian (RTOL), in float64 and float32, one and two threads."""
+    """The dense Hessian (the fused per-sample path for N = 1 and 9, the GEMM path for N = 100), its
+    activation passes compiled for each instruction set, against the float64 torch.func Hessian (RTOL),
+    in float64 and float32, on one and two threads."""
     model, x, y, _, _ = problem(loss, n, True, seed=40 + n)
     loss_fn = LOSSES[loss]()
     ref = reference_hessian(model, loss_fn, x, y)

@@ -7,16 +7,13 @@
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
-#include "cpu/lanes.h"
 #include "cpu/row_blocks.h"
 
 namespace hessext {
 namespace {
 
 // Narrow stacks, small M P^2: one batched forward pass, then fused::hessian_sample per sample, samples
-// split over threads with one [P, P] accumulator each, each thread's loop compiled for this CPU's
-// vectors (run_simd: its G recurrence, G W products and row additions are loops over widths); then the
-// mirror and symmetrisation of hessian.h.
+// split over threads with one [P, P] accumulator each; then the mirror and symmetrisation of hessian.h.
 template <typename T>
 at::Tensor hessian_fused_cpu(const Stack& s) {
   const fused::Net<T> net = make_net<T>(s);
@@ -32,16 +29,14 @@ at::Tensor hessian_fused_cpu(const Stack& s) {
     std::vector<T> scratch(fused::Sample<T>::size(net) + (2 * L + 3) * W2);
     const fused::Sample<T> smp(net, scratch.data());
     T *G = smp.end(net), *GWs = G + L * W2, *A = GWs + L * W2, *An = A + W2, *B = An + W2;
-    run_simd([&] {
-      for (int64_t t = t0; t < t1; ++t)
-        for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
-          rows.load(net, m, smp);
-          fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
-          fused::backward(net, smp.d, smp.delta, smp.e);
-          fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B,
-                                off.woff.data(), off.boff.data(), P, acc.data_ptr<T>() + t * P * P);
-        }
-    });
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t m = t * M / nt; m < (t + 1) * M / nt; ++m) {
+        rows.load(net, m, smp);
+        fused::loss(net, smp.a, y + m * C, smp.delta, smp.head);
+        fused::backward(net, smp.d, smp.delta, smp.e);
+        fused::hessian_sample(net, smp.a, smp.d, smp.d2, smp.delta, smp.e, smp.head, G, GWs, A, An, B, off.woff.data(),
+                              off.boff.data(), P, acc.data_ptr<T>() + t * P * P);
+      }
   });
   at::Tensor H = nt == 1 ? acc[0] : acc.sum(0);
   symmetrize_from_lower(H, s);
