@@ -94,6 +94,7 @@ def floor_s(quantity, widths, N):
 def main():
     """`python benchmarks/speed.py [--isa avx2] [--rounds R] [name]`: results/<name>.{json,md} (default
     speed_cpu, or speed_cpu_avx2 held to AVX2: common.hold_isa)."""
+    import re
     import sys
 
     global ROUNDS, DTYPE, HELD
@@ -105,7 +106,7 @@ def main():
     only = None
     if "--only" in sys.argv:  # a comma-separated list of quantities (hvp, ...) or quantity:net (hvp:wide)
         j = sys.argv.index("--only")
-        only = set(sys.argv[j + 1].split(","))
+        only = set(re.split(r",(?![^\[]*\])", sys.argv[j + 1]))  # commas inside a net's [...] stay
         del sys.argv[j : j + 2]
     if "--dtype" in sys.argv:
         j = sys.argv.index("--dtype")
@@ -220,7 +221,7 @@ def _merged(name, only, rows, notes, env):
     notes = notes + [
         n
         for n in old_notes
-        if not n.startswith("- Rows of ") and not _selected(only, n.split(" ")[1], n.split(" ")[2].rstrip(":"))
+        if n.startswith("- Rows of ") or not _selected(only, n.split(" ")[1], n.split(" ")[2].rstrip(":"))
     ]
     order = [(q, net) for q, net, _, _ in CASES]
     merged = sorted(kept + rows, key=lambda r: order.index((r["quantity"], r["net"].split(" ")[0])))
