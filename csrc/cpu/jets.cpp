@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "cpu/elementwise_cpu.h"
+#include "cpu/row_blocks.h"
 
 namespace hessext {
 namespace {
@@ -42,13 +43,23 @@ JetMode checked_mode(int64_t mode) {
 }
 
 // [jet [1 + k + q, M, C]] or, with save, [jet, Z_0, A_1, ..., Z_{L-2}, A_{L-1}] (output_jet's saved jets).
+// Without save, each thread runs the pass for its block of samples (row_blocks.h: its products
+// single-threaded, no fork and join per product and activation step).
 std::vector<at::Tensor> output_jets_cpu(HX_STACK_PARAMS, int64_t mode, at::IntArrayRef features, bool save) {
   const Stack s(HX_STACK_ARGS);
   const JetMode jm = checked_mode(mode);
   const std::vector<int64_t> chosen = checked_features(s, features);
+  if (!save) {
+    const int64_t d = static_cast<int64_t>(chosen.size()), cols = 1 + d + jet_channels(jm, d);
+    int64_t per_sample = 0;
+    for (int64_t l = 0; l < s.L; ++l) per_sample += s.width(l) * s.width(l + 1) * cols;
+    const auto block = [&](const Stack& part) {  // the scratch's jet, as a tensor of its own
+      return output_jet<CpuElementwise>(part, jm, &chosen).clone();
+    };
+    return {cat_over_row_blocks(s, s.M * per_sample, block, 1)};
+  }
   std::vector<at::Tensor> saved;
-  at::Tensor jet = output_jet<CpuElementwise>(s, jm, &chosen, save ? &saved : nullptr);
-  if (!save) return {jet.clone()};  // the scratch's jet, as a tensor of its own
+  at::Tensor jet = output_jet<CpuElementwise>(s, jm, &chosen, &saved);
   saved.insert(saved.begin(), jet);
   return saved;
 }

@@ -77,13 +77,14 @@ std::vector<at::Tensor> sum_over_row_blocks(const Stack& s, int64_t work, Run&& 
   return parts[0];
 }
 
-// run(block) for blocks of s's samples, one per thread, for results with one row per sample ([M, ...]):
-// the blocks' results stacked in row order. Nothing is summed, so every block size pays.
+// run(block) for blocks of s's samples, one per thread, for results with one entry per sample along
+// `dim` ([M, ...], or the jets' [channels, M, C] with dim 1): the blocks' results joined in row order.
+// Nothing is summed, so every block size pays.
 template <class Run>
-at::Tensor cat_over_row_blocks(const Stack& s, int64_t work, Run&& run) {
+at::Tensor cat_over_row_blocks(const Stack& s, int64_t work, Run&& run, int64_t dim = 0) {
   const int64_t nt = std::min(threads_for(work), s.M / kMinBlockRows);
   if (nt <= 1 || at::in_parallel_region()) return run(s);
-  return at::cat(run_row_blocks(s, nt, run), 0);
+  return at::cat(run_row_blocks(s, nt, run), dim);
 }
 
 }  // namespace hessext
