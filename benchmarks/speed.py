@@ -204,7 +204,8 @@ def _selected(only, quantity, net):
 
 def _merged(name, only, rows, notes, env):
     """With --only: the rows (and notes) of the other quantities kept from the file's last run, in CASES
-    order, under that run's environment, with a note of the re-run's date and commit."""
+    order, under that run's environment, with a note of the re-run's date, commit, instruction set and
+    product rate."""
     import json
     import os
 
@@ -225,7 +226,11 @@ def _merged(name, only, rows, notes, env):
     ]
     order = [(q, net) for q, net, _, _ in CASES]
     merged = sorted(kept + rows, key=lambda r: order.index((r["quantity"], r["net"].split(" ")[0])))
-    notes.append(f"- Rows of {', '.join(sorted(only))} re-run on {env['date']} at commit {env['git_commit']}.")
+    rate = f", float64 products at {env['product_gflops']:.1f} GFLOP/s" if env.get("product_gflops") else ""
+    notes.append(
+        f"- Rows of {', '.join(sorted(only))} re-run on {env['date']} at commit {env['git_commit']} "
+        f"({env.get('isa') or 'unknown'} instructions{rate})."
+    )
     return merged, notes, last["environment"]
 
 

@@ -312,11 +312,9 @@ inline InputDerivativesPlan input_derivatives_plan(const Stack& s, int64_t mode)
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (Laplacian), 1 (diagonal) or 2 (full), got ", mode);
   const JetMode jm = static_cast<JetMode>(mode);
   const int64_t d = s.width(0), q = jet_channels(jm, d);
-  int64_t jets = 0, back = s.width(1) * s.width(1) * d;
-  for (int64_t l = 0; l < s.L; ++l) {
-    jets += s.width(l) * s.width(l + 1) * (1 + d + q);
-    if (l > 0) back += 2 * s.width(l) * s.width(l + 1) * s.width(l + 1);
-  }
+  const int64_t jets = jet_multiply_adds(s, 1 + d + q);
+  int64_t back = s.width(1) * s.width(1) * d;
+  for (int64_t l = 1; l < s.L; ++l) back += 2 * s.width(l) * s.width(l + 1) * s.width(l + 1);
   const bool use_back = jm != JetMode::Laplacian && back < jets;
   return {jm, use_back, use_back ? back : jets};
 }

@@ -36,6 +36,13 @@ inline std::vector<std::pair<int64_t, int64_t>> jet_pairs(JetMode mode, int64_t 
   return pairs;
 }
 
+// output_jet's multiply-adds per sample, cols = 1 + d + q channels through every layer.
+inline int64_t jet_multiply_adds(const Stack& s, int64_t cols) {
+  int64_t work = 0;
+  for (int64_t l = 0; l < s.L; ++l) work += s.width(l) * s.width(l + 1) * cols;
+  return work;
+}
+
 // The feature indices as a tensor on the stack's device.
 inline at::Tensor feature_index(const Stack& s, const std::vector<int64_t>& features) {
   return at::tensor(features, at::TensorOptions().dtype(at::kLong)).to(s.x.device());

@@ -1,6 +1,15 @@
 import pytest
+import torch
 
 import hessext
+
+
+@pytest.fixture
+def threads():
+    """torch.set_num_threads, with the count before the test restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=["fused", "gemm"])

@@ -84,7 +84,7 @@ def test_float32_and_no_graph_without_grad():
 
 
 @pytest.mark.parametrize("dims", [None, [1]])
-def test_row_blocks_per_thread(dims):
+def test_row_blocks_per_thread(dims, threads):
     """Without a graph the CPU kernels run each thread's block of samples on its own (csrc/cpu/jets.cpp):
     N = 601 over 1, 2 and 3 threads (uneven blocks) gives the torch.func values, in float64 (1e-10
     relative) and float32 (1e-4), for the Laplacian and the value-gradient-Laplacian triple."""
@@ -92,23 +92,19 @@ def test_row_blocks_per_thread(dims):
     model = nn.Sequential(nn.Linear(3, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 2)).double()
     x = torch.randn(601, 3, dtype=torch.float64)
     ref = reference(model, x, dims or [0, 1, 2])
-    before = torch.get_num_threads()
-    try:
-        for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
-            m, xd = model.to(dtype), x.to(dtype)
-            for nt in (1, 2, 3):
-                torch.set_num_threads(nt)
-                with torch.no_grad():
-                    lap = hessext.laplacian(m, xd, dims=dims, backend="native")
-                    triple = hessext.value_gradient_laplacian(m, xd, dims=dims, backend="native")
-                what = f"{dtype}, {nt} threads, dims={dims}"
-                assert lap.shape == (601, 2), what
-                assert_close(lap.double(), ref[2], rtol, what)
-                for a, b in zip(triple, ref):
-                    assert_close(a.double(), b.detach(), rtol, what + ", triple")
-            model.double()
-    finally:
-        torch.set_num_threads(before)
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        m, xd = model.to(dtype), x.to(dtype)
+        for nt in (1, 2, 3):
+            threads(nt)
+            with torch.no_grad():
+                lap = hessext.laplacian(m, xd, dims=dims, backend="native")
+                triple = hessext.value_gradient_laplacian(m, xd, dims=dims, backend="native")
+            what = f"{dtype}, {nt} threads, dims={dims}"
+            assert lap.shape == (601, 2), what
+            assert_close(lap.double(), ref[2], rtol, what)
+            for a, b in zip(triple, ref):
+                assert_close(a.double(), b.detach(), rtol, what + ", triple")
+        model.double()
 
 
 def test_gradcheck():

@@ -55,13 +55,6 @@ def simd():
     C.simd(before)
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 17, 100])
 @pytest.mark.parametrize("bias", [True, False])
@@ -111,30 +104,26 @@ def test_instruction_sets_agree(loss, simd):
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("n", [1, 9, 100])
-def test_dense_hessian_per_instruction_set(loss, n, simd):
-    """The dense Hessian (the fused per-sample path for N = 1 and 9, the GEMM path for N = 100), its
-    activation passes compiled for each instruction set, against the float64 torch.func Hessian (RTOL),
-    in float64 and float32, on one and two threads."""
+def test_dense_hessian_per_instruction_set(loss, n, path, simd, threads):
+    """The dense Hessian through both paths (the fused per-sample loops, the GEMMs), its activation
+    passes compiled for each instruction set, against the float64 torch.func Hessian (RTOL), in float64
+    and float32, on one and two threads."""
     model, x, y, _, _ = problem(loss, n, True, seed=40 + n)
     loss_fn = LOSSES[loss]()
     ref = reference_hessian(model, loss_fn, x, y)
     assert hessext.plan(model, loss_fn).backend == "native"
-    before = torch.get_num_threads()
-    try:
-        for dtype in (torch.float64, torch.float32):
-            m, xd = model.to(dtype), x.to(dtype)
-            yd = y if loss == "ce" else y.to(dtype)
-            for isa in SIMD:
-                simd(isa)
-                for nt in (1, 2):
-                    torch.set_num_threads(nt)
-                    H = hessext.hessian(m, loss_fn, xd, yd, output="matrix", backend="native")
-                    what = f"{loss}, N={n}, {dtype}, {isa}, {nt} threads"
-                    assert torch.equal(H, H.T), what
-                    assert_close(H, ref, RTOL[dtype], what)
-            model.double()
-    finally:
-        torch.set_num_threads(before)
+    for dtype in (torch.float64, torch.float32):
+        m, xd = model.to(dtype), x.to(dtype)
+        yd = y if loss == "ce" else y.to(dtype)
+        for isa in SIMD:
+            simd(isa)
+            for nt in (1, 2):
+                threads(nt)
+                H = hessext.hessian(m, loss_fn, xd, yd, output="matrix", backend="native")
+                what = f"{loss}, N={n}, {path}, {dtype}, {isa}, {nt} threads"
+                assert torch.equal(H, H.T), what
+                assert_close(H, ref, RTOL[dtype], what)
+        model.double()
 
 
 def test_simd_refuses_unknown_names(simd):

@@ -50,9 +50,8 @@ std::vector<at::Tensor> output_jets_cpu(HX_STACK_PARAMS, int64_t mode, at::IntAr
   const JetMode jm = checked_mode(mode);
   const std::vector<int64_t> chosen = checked_features(s, features);
   if (!save) {
-    const int64_t d = static_cast<int64_t>(chosen.size()), cols = 1 + d + jet_channels(jm, d);
-    int64_t per_sample = 0;
-    for (int64_t l = 0; l < s.L; ++l) per_sample += s.width(l) * s.width(l + 1) * cols;
+    const int64_t d = static_cast<int64_t>(chosen.size());
+    const int64_t per_sample = jet_multiply_adds(s, 1 + d + jet_channels(jm, d));
     const auto block = [&](const Stack& part) {  // the scratch's jet, as a tensor of its own
       return output_jet<CpuElementwise>(part, jm, &chosen).clone();
     };
