@@ -11,13 +11,11 @@
 
 namespace hessext {
 
-// tanh (of the doubled input) or sigmoid through exp_clamped, in double for either T.
+// tanh (of the doubled input) or sigmoid through exp_cpu.h, in T's own arithmetic.
 template <typename T, Act kind, bool second>
 void of_exp(T* __restrict__ a, T* __restrict__ d1, T* __restrict__ d2, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const double y = static_cast<double>(a[j]);
-    const T v = kind == Act::Tanh ? static_cast<T>(1.0 - 2.0 / (1.0 + exp_clamped(y)))
-                                  : static_cast<T>(1.0 / (1.0 + exp_clamped(-y)));
+    const T v = kind == Act::Tanh ? tanh_of_doubled(a[j]) : sigmoid_of_exp(a[j]);
     T first, curv;
     act_derivatives_of_value(kind, v, first, curv);
     a[j] = v;
