@@ -142,7 +142,9 @@ void jet_derivatives(Act kind, double p0, double p1, const T* z, const T* a, T* 
 }
 
 // The reverse of the jet activation step (CpuElementwise::jet_activation_backward) over samples
-// [lo, hi) of G, Z, A [1 + k + q, M, O] (channel stride n = M O), in tiles of rows that stay in L1.
+// [lo, hi) of G, Z, A [1 + k + q, M, O] (channel stride n = M O), in tiles of about 512 elements, so that
+// the tile's five buffers (phi', phi'', phi''', the dot and the sum of squares, 20 kB in float64) stay in L1
+// while G, Z and A stream past them.
 template <typename T>
 struct JetReverse {
   T* G;
@@ -154,7 +156,7 @@ struct JetReverse {
   const std::vector<std::pair<int64_t, int64_t>>& pairs;
 
   void run(int64_t lo, int64_t hi) const {
-    const int64_t n = M * O, rows = std::max<int64_t>(1, 2048 / O);
+    const int64_t n = M * O, rows = std::max<int64_t>(1, 512 / O);
     std::vector<T> buffer(5 * rows * O);
     for (int64_t r0 = lo; r0 < hi; r0 += rows) {
       const int64_t t0 = r0 * O, len = std::min(rows, hi - r0) * O;
