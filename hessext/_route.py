@@ -584,11 +584,10 @@ def _input_jets(model, inputs, dims, params, backend, max_bytes, what):
         x, out_shape, C = stack
         jet = stack_jet(call, x, C, 0, features, graph)
         k = len(features)
-        return (
-            jet[0].reshape(out_shape),
-            jet[1 : 1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)),
-            jet[1 + k].reshape(out_shape),
-        )
+        lap = jet[1 + k].reshape(out_shape)
+        if what == "laplacian":  # no views of u and grad u for the caller to drop (nor their graph nodes)
+            return None, None, lap
+        return jet[0].reshape(out_shape), jet[1 : 1 + k].permute(1, 2, 0).reshape(tuple(out_shape) + (k,)), lap
     per_vector = fallback.HVP_GRAPHS * fallback.graph_bytes(model, None, inputs, None, call.fallback_params())
     _memory.check(
         f"hessext.{what} of {N} samples x {d} features",
